@@ -1,0 +1,1 @@
+"""benchmarker: perplexity, latency and consistency against the version being replaced."""

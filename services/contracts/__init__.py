@@ -1,0 +1,1 @@
+"""Contracts shared by every service: events, subjects, policy."""

@@ -1,0 +1,449 @@
+"""Every event and command that travels on the bus: the single source of truth for schemas/."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+SCHEMA_VERSION = 1
+
+# Names travel as subject tokens (see subjects.py), so they are restricted to what a token may hold
+# once `/` and `.` are mapped. Hugging Face style names such as `org/model-7b.v2` are accepted.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Any URI scheme is admitted by the contract (s3://, gs://, hf://, file://) or a plain path; which
+# schemes a stage can read is the stage's business and it reports the ones it cannot.
+LOCATION_PATTERN = r"^(?:[A-Za-z][A-Za-z0-9+.-]*://.+|/.*|\./.*|[^:]+)$"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    """Base of every message: frozen, strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = Field(
+        default=SCHEMA_VERSION,
+        description="Version of this message's schema; bumped on any breaking change.",
+    )
+
+
+class ModelRef(Message):
+    """One version of one model and where its files are."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name, e.g. `org/chat-7b`.")
+    version: str = Field(pattern=VERSION_PATTERN, description="Version label, e.g. `2024-06-01`.")
+    location: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=LOCATION_PATTERN,
+        description="Local path now; object-store (`s3://`) and hub (`hf://`) URIs are admitted.",
+    )
+
+
+class TargetHardware(Message):
+    """What the model must fit and run on."""
+
+    gpu_memory_gb: float = Field(default=24.0, gt=0, le=4096, description="GPU memory in GiB.")
+    context_length: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Context to serve; default: the model's."
+    )
+    batch_size: int = Field(default=1, ge=1, le=65_536)
+    dtype: Literal["float32", "float16", "bfloat16", "int8", "int4"] | None = Field(
+        default=None, description="Serving dtype; default: the model config's."
+    )
+    gpu_count: int = Field(default=1, ge=1, le=1024)
+
+
+class Requester(Message):
+    """Who asked for a deployment, and from which system."""
+
+    user: str = Field(default="unknown", max_length=200)
+    system: str = Field(default="cli", max_length=200, description="e.g. `cli`, `github-actions`.")
+    team: str | None = Field(default=None, max_length=200)
+
+
+class NotifyTarget(Message):
+    """Where outcomes of one deployment are announced, in addition to the policy's channels."""
+
+    slack_channel: str | None = Field(default=None, max_length=200)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+
+
+DeploymentId = Annotated[str, Field(pattern=DEPLOYMENT_ID_PATTERN)]
+
+
+class Event(Message):
+    """Fields common to every deployment event."""
+
+    deployment_id: DeploymentId
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    occurred_at: datetime = Field(default_factory=utc_now)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("occurred_at must carry a time zone (UTC)")
+        return value
+
+
+class DeploymentRequested(Event):
+    """A system asks for a model version to go through the pipeline."""
+
+    type: Literal["DeploymentRequested"] = "DeploymentRequested"
+    location: str = Field(min_length=1, max_length=4096, pattern=LOCATION_PATTERN)
+    expected_sha256: dict[str, Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(
+        default_factory=dict, description="Expected digest per file, relative to `location`."
+    )
+    model_class: str = Field(
+        default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Policy class."
+    )
+    stable: ModelRef | None = Field(default=None, description="The version this one replaces.")
+    target: TargetHardware = Field(default_factory=TargetHardware)
+    policy_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Partial policy (same keys as the policy file's `defaults`) for this one.",
+    )
+    requested_by: Requester = Field(default_factory=Requester)
+    notify: NotifyTarget = Field(default_factory=NotifyTarget)
+
+
+class Status(StrEnum):
+    """Result of one check or one stage."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    DEGRADED = "degraded"
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+
+class CheckResult(Message):
+    """One check: its status, why, the number behind it and how long it took."""
+
+    name: str
+    status: Status
+    reason: str = ""
+    value: float | None = None
+    threshold: float | None = None
+    unit: str | None = None
+    duration_ms: float = Field(default=0.0, ge=0)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageReport(Message):
+    """What one stage concluded."""
+
+    stage: Literal["validation", "benchmark", "canary"]
+    status: Status
+    reason: str = ""
+    checks: tuple[CheckResult, ...] = ()
+    duration_ms: float = Field(default=0.0, ge=0)
+    service: str = Field(default="", description="Instance that produced the report.")
+
+    @property
+    def blocks(self) -> bool:
+        return self.status in (Status.FAILED, Status.ERROR)
+
+
+class ValidationCompleted(Event):
+    """The validator finished (or skipped) its checks."""
+
+    type: Literal["ValidationCompleted"] = "ValidationCompleted"
+    report: StageReport
+    request: DeploymentRequested
+
+    @property
+    def stages(self) -> tuple[StageReport, ...]:
+        return (self.report,)
+
+
+class BenchmarkCompleted(Event):
+    """The benchmarker finished (or skipped) its measurements."""
+
+    type: Literal["BenchmarkCompleted"] = "BenchmarkCompleted"
+    report: StageReport
+    request: DeploymentRequested
+    earlier: tuple[StageReport, ...] = Field(default=(), description="Reports of earlier stages.")
+    device: str | None = Field(default=None, description="Device the benchmark ran on.")
+
+    @property
+    def stages(self) -> tuple[StageReport, ...]:
+        return (*self.earlier, self.report)
+
+
+class CanaryStepStarted(Event):
+    """Traffic moved to a new canary weight."""
+
+    type: Literal["CanaryStepStarted"] = "CanaryStepStarted"
+    step_index: int = Field(ge=0)
+    weight: float = Field(ge=0, le=100)
+    duration_s: float = Field(ge=0)
+
+
+class RoleMeasurement(Message):
+    """Request metrics of one role (stable or canary) in one window."""
+
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class CanaryAnalysed(Event):
+    """One analysis of the canary against the stable version."""
+
+    type: Literal["CanaryAnalysed"] = "CanaryAnalysed"
+    step_index: int = Field(ge=0)
+    window_start: datetime
+    window_end: datetime
+    canary: RoleMeasurement
+    stable: RoleMeasurement
+    verdict: Literal["healthy", "unhealthy", "insufficient_data", "no_data"]
+    reason: str = ""
+
+
+# ---- outcomes: the events any system may subscribe to ---------------------------------------
+
+
+class Outcome(Event):
+    """Fields common to outcome events."""
+
+    stages: tuple[StageReport, ...] = Field(
+        default=(), description="Every stage's report so far, skipped ones included."
+    )
+    reasons: tuple[str, ...] = Field(default=(), description="Human-readable reasons.")
+    requested_by: Requester = Field(default_factory=Requester)
+    metrics_url: str | None = None
+
+
+class DeploymentBlocked(Outcome):
+    """A stage failed and policy blocks: the version never receives traffic."""
+
+    type: Literal["DeploymentBlocked"] = "DeploymentBlocked"
+    stage: Literal["validation", "benchmark"]
+
+
+class DeploymentDegraded(Outcome):
+    """Benchmarks failed; the deployment proceeds (policy `on_failure: degrade`)."""
+
+    type: Literal["DeploymentDegraded"] = "DeploymentDegraded"
+    failed_checks: tuple[CheckResult, ...] = ()
+
+
+class DeploymentPromoted(Outcome):
+    """The version is now the stable one, taking all traffic."""
+
+    type: Literal["DeploymentPromoted"] = "DeploymentPromoted"
+    previous_version: str | None = None
+    promoted_by: Literal["pipeline", "manual"] = "pipeline"
+
+
+class DeploymentRolledBack(Outcome):
+    """The canary was taken out of traffic."""
+
+    type: Literal["DeploymentRolledBack"] = "DeploymentRolledBack"
+    trigger: Literal["error_rate", "latency", "inconclusive", "manual", "superseded"]
+    step_index: int | None = None
+    canary: RoleMeasurement | None = None
+    stable: RoleMeasurement | None = None
+    threshold: float | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+
+
+class DeploymentFailed(Outcome):
+    """The pipeline could not finish for a reason that is not the model's fault."""
+
+    type: Literal["DeploymentFailed"] = "DeploymentFailed"
+    stage: str
+    error: str
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+class Command(Event):
+    """A person or system asks the controller to act on a running deployment."""
+
+    requested_by: Requester = Field(default_factory=Requester)
+    reason: str = Field(default="", max_length=2000)
+
+
+class PromoteDeployment(Command):
+    """Skip the remaining canary steps and promote now."""
+
+    type: Literal["PromoteDeployment"] = "PromoteDeployment"
+
+
+class AbortDeployment(Command):
+    """Roll back now."""
+
+    type: Literal["AbortDeployment"] = "AbortDeployment"
+
+
+class PauseDeployment(Command):
+    """Hold the rollout at its current weight."""
+
+    type: Literal["PauseDeployment"] = "PauseDeployment"
+
+
+class ResumeDeployment(Command):
+    """Continue a paused rollout."""
+
+    type: Literal["ResumeDeployment"] = "ResumeDeployment"
+
+
+# ---- data plane and failures -------------------------------------------------------------------
+
+
+class RequestRecord(Message):
+    """One proxied inference request, as any gateway reports it."""
+
+    ts: datetime
+    deployment_id: str = Field(max_length=64)
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    role: Literal["stable", "canary"]
+    latency_ms: float = Field(ge=0)
+    ttfb_ms: float | None = Field(default=None, ge=0)
+    status: int = Field(ge=0, le=999, description="HTTP status; 0 when no response came back.")
+    error_kind: str | None = Field(
+        default=None, max_length=64, description="e.g. `timeout`, `connect`, `http_5xx`."
+    )
+
+
+class RequestMetricsBatch(Message):
+    """A batch of request records; `batch_id` makes a redelivered batch harmless."""
+
+    type: Literal["RequestMetricsBatch"] = "RequestMetricsBatch"
+    batch_id: str = Field(min_length=8, max_length=128)
+    source: str = Field(max_length=200, description="Gateway instance that measured them.")
+    records: tuple[RequestRecord, ...] = Field(max_length=100_000)
+
+
+class RouteTarget(Message):
+    """One upstream version behind a route."""
+
+    deployment_id: str | None = None
+    version: str = Field(pattern=VERSION_PATTERN)
+    location: str | None = None
+    upstream: str | None = Field(default=None, description="Inference server URL, if known.")
+
+
+class Route(Message):
+    """Value of a model's key in the route-weights KV bucket; routers apply it on change."""
+
+    type: Literal["Route"] = "Route"
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    stable: RouteTarget | None = None
+    canary: RouteTarget | None = None
+    canary_weight: float = Field(default=0.0, ge=0, le=100, description="Percent, fractional ok.")
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class DeadLetter(Message):
+    """A message a service could not take, with the original payload and why."""
+
+    type: Literal["DeadLetter"] = "DeadLetter"
+    service: str
+    subject: str
+    reason: str
+    payload_text: str | None = Field(default=None, description="Original payload, if UTF-8.")
+    payload_b64: str | None = Field(default=None, description="Original payload, if not UTF-8.")
+    headers: dict[str, str] = Field(default_factory=dict)
+    delivery_attempt: int | None = None
+    received_at: datetime = Field(default_factory=utc_now)
+
+
+DeploymentEvent = Annotated[
+    DeploymentRequested
+    | ValidationCompleted
+    | BenchmarkCompleted
+    | CanaryStepStarted
+    | CanaryAnalysed
+    | DeploymentBlocked
+    | DeploymentDegraded
+    | DeploymentPromoted
+    | DeploymentRolledBack
+    | DeploymentFailed
+    | PromoteDeployment
+    | AbortDeployment
+    | PauseDeployment
+    | ResumeDeployment,
+    Field(discriminator="type"),
+]
+"""Any message of the events stream, told apart by its `type`."""
+
+DEPLOYMENT_EVENT: TypeAdapter[DeploymentEvent] = TypeAdapter(DeploymentEvent)
+
+AnyOutcome = Annotated[
+    DeploymentBlocked
+    | DeploymentDegraded
+    | DeploymentPromoted
+    | DeploymentRolledBack
+    | DeploymentFailed,
+    Field(discriminator="type"),
+]
+ANY_OUTCOME: TypeAdapter[AnyOutcome] = TypeAdapter(AnyOutcome)
+
+AnyCommand = Annotated[
+    PromoteDeployment | AbortDeployment | PauseDeployment | ResumeDeployment,
+    Field(discriminator="type"),
+]
+ANY_COMMAND: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)
+
+OUTCOME_TYPES: tuple[type[Outcome], ...] = (
+    DeploymentBlocked,
+    DeploymentDegraded,
+    DeploymentPromoted,
+    DeploymentRolledBack,
+    DeploymentFailed,
+)
+TERMINAL_TYPES: tuple[type[Outcome], ...] = (
+    DeploymentBlocked,
+    DeploymentPromoted,
+    DeploymentRolledBack,
+    DeploymentFailed,
+)
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    DeploymentRequested,
+    ValidationCompleted,
+    BenchmarkCompleted,
+    CanaryStepStarted,
+    CanaryAnalysed,
+    *OUTCOME_TYPES,
+    PromoteDeployment,
+    AbortDeployment,
+    PauseDeployment,
+    ResumeDeployment,
+    RequestMetricsBatch,
+    Route,
+    DeadLetter,
+)
+
+
+def new_deployment_id(now: datetime | None = None) -> str:
+    """A sortable, subject-safe id: `d-20261125T174501-3f9a1c`."""
+    import secrets
+
+    stamp = (now or utc_now()).strftime("%Y%m%dT%H%M%S")
+    return f"d-{stamp}-{secrets.token_hex(3)}"
+
+
+def is_valid_deployment_id(value: str) -> bool:
+    return re.fullmatch(DEPLOYMENT_ID_PATTERN, value) is not None

@@ -1,0 +1,242 @@
+"""The deployment policy: defaults, per-team and per-model overrides, per-deployment overrides.
+
+Resolution order, later wins: built-in defaults < the file's `defaults` < `teams.<team>` <
+`models.<model>` < the request's `policy_overrides`. Overrides are partial documents merged key by
+key; lists (canary steps) are replaced whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class PolicyError(ValueError):
+    """A policy file or override that cannot be used; the message names file, key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ValidationChecks(_Strict):
+    format: bool = True
+    checksum: bool = True
+    structure: bool = True
+    unsafe_code: bool = True
+    secrets: bool = True
+    vram_fit: bool = True
+
+
+class ValidationPolicy(_Strict):
+    enabled: bool = True
+    budget_s: float = Field(default=2.0, gt=0, description="Time budget for all checks.")
+    checks: ValidationChecks = ValidationChecks()
+    vram_overhead_fraction: float = Field(default=0.10, ge=0, le=1)
+
+
+class LatencyThresholds(_Strict):
+    ttft_p95_ms: float = Field(default=500.0, gt=0, description="Time to first token, p95.")
+    per_token_p95_ms: float = Field(default=100.0, gt=0)
+    generation_p95_ms: float = Field(default=5000.0, gt=0, description="Fixed generation, p95.")
+
+
+class BenchmarkPolicy(_Strict):
+    enabled: bool = True
+    on_failure: Literal["degrade", "block"] = "degrade"
+    max_perplexity_increase: float = Field(default=0.05, ge=0, description="0.05 = +5%.")
+    eval_dataset: str = "builtin:preflight-eval-v1"
+    max_length: int = Field(default=256, ge=8)
+    stride: int = Field(default=128, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    consistency_prompts: int = Field(default=50, ge=1, le=1000)
+    temperature: float = Field(default=0.0, ge=0)
+    compare_outputs_with_stable: bool = False
+    latency_runs: int = Field(default=10, ge=1)
+    latency_warmup_runs: int = Field(default=2, ge=0)
+    perplexity: bool = True
+    latency: bool = True
+    consistency: bool = True
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> BenchmarkPolicy:
+        if self.stride > self.max_length:
+            raise ValueError(f"stride ({self.stride}) must not exceed max_length ({self.max_length})")
+        return self
+
+
+class CanaryStep(_Strict):
+    weight: float = Field(gt=0, lt=100, description="Percent of requests to the canary.")
+    duration_s: float = Field(gt=0)
+
+
+class CanaryThresholds(_Strict):
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="0.01 = 1%.")
+    max_p95_increase: float = Field(default=0.20, ge=0, description="0.20 = +20% vs stable.")
+
+
+class CanaryPolicy(_Strict):
+    enabled: bool = True
+    steps: tuple[CanaryStep, ...] = (
+        CanaryStep(weight=5, duration_s=180),
+        CanaryStep(weight=50, duration_s=120),
+    )
+    thresholds: CanaryThresholds = CanaryThresholds()
+    analysis_interval_s: float = Field(default=5.0, gt=0)
+    min_canary_requests: int = Field(default=50, ge=1)
+    max_step_extension_s: float = Field(default=300.0, ge=0)
+    bake_s: float = Field(default=0.0, ge=0, description="Watch time after promotion.")
+    on_new_version: Literal["queue", "supersede"] = "queue"
+
+    @model_validator(mode="after")
+    def _increasing(self) -> CanaryPolicy:
+        weights = [s.weight for s in self.steps]
+        if weights != sorted(weights):
+            raise ValueError(f"canary step weights must not decrease, got {weights}")
+        return self
+
+
+class ModelClassPolicy(_Strict):
+    """Thresholds that depend on the kind of model (a small classifier is not a 70B chat model)."""
+
+    latency: LatencyThresholds = LatencyThresholds()
+    canary: CanaryThresholds | None = None
+
+
+class NotifyPolicy(_Strict):
+    slack_channel: str | None = None
+    webhook_url: str | None = None
+    on: tuple[Literal["blocked", "degraded", "rolled_back", "promoted", "failed"], ...] = (
+        "blocked",
+        "degraded",
+        "rolled_back",
+        "promoted",
+        "failed",
+    )
+
+
+def _default_classes() -> dict[str, ModelClassPolicy]:
+    return {
+        "default": ModelClassPolicy(),
+        "small": ModelClassPolicy(
+            latency=LatencyThresholds(ttft_p95_ms=100, per_token_p95_ms=20, generation_p95_ms=1000)
+        ),
+        "large": ModelClassPolicy(
+            latency=LatencyThresholds(ttft_p95_ms=2000, per_token_p95_ms=200, generation_p95_ms=20000)
+        ),
+    }
+
+
+class Policy(_Strict):
+    """The effective policy of one deployment."""
+
+    validation: ValidationPolicy = ValidationPolicy()
+    benchmark: BenchmarkPolicy = BenchmarkPolicy()
+    canary: CanaryPolicy = CanaryPolicy()
+    model_classes: dict[str, ModelClassPolicy] = Field(default_factory=_default_classes)
+    notify: NotifyPolicy = NotifyPolicy()
+
+    def model_class(self, name: str) -> ModelClassPolicy:
+        """The class's thresholds; an unknown class is an error, not a silent default."""
+        try:
+            return self.model_classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.model_classes))
+            raise PolicyError(f"unknown model class {name!r} (known: {known})") from None
+
+    def canary_thresholds(self, model_class: str) -> CanaryThresholds:
+        return self.model_class(model_class).canary or self.canary.thresholds
+
+
+class PolicyFile(_Strict):
+    """The YAML file: defaults plus overrides per team and per model (partial documents)."""
+
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    teams: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    source: str = Field(default="<built-in>", exclude=True)
+
+    def resolve(
+        self,
+        *,
+        model: str,
+        team: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Policy:
+        layers: list[tuple[str, Mapping[str, Any]]] = [(f"{self.source}: defaults", self.defaults)]
+        if team and team in self.teams:
+            layers.append((f"{self.source}: teams.{team}", self.teams[team]))
+        if model in self.models:
+            layers.append((f"{self.source}: models.{model}", self.models[model]))
+        if overrides:
+            layers.append(("deployment policy_overrides", overrides))
+        merged: dict[str, Any] = {}
+        for where, layer in layers:
+            merged = _merge(merged, dict(layer))
+            _validate(merged, where)  # fail at the layer that broke it, so the error names it
+        return _validate(merged, layers[-1][0])
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(document: Mapping[str, Any], where: str) -> Policy:
+    try:
+        return Policy.model_validate(document)
+    except ValidationError as exc:
+        raise PolicyError(_describe(exc, where)) from None
+
+
+def _describe(exc: ValidationError, where: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        problems.append(f"{where}: {key}: {err['msg']}")
+    return "; ".join(problems)
+
+
+DEFAULT_POLICY_RESOURCE = "default_policy.yaml"
+
+
+def load_policy_file(path: Path | None) -> PolicyFile:
+    """Read and check a policy file (`None`: the built-in default file)."""
+    if path is None:
+        text = resources.files("services.contracts").joinpath(DEFAULT_POLICY_RESOURCE).read_text()
+        source = f"<built-in {DEFAULT_POLICY_RESOURCE}>"
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+        source = str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise PolicyError(f"{source}:{at} not valid YAML: {exc}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        policy_file = PolicyFile.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise PolicyError(_describe(exc, source)) from None
+    policy_file.resolve(model="")  # check the defaults layer now, not at the first deployment
+    for team in policy_file.teams:
+        policy_file.resolve(model="", team=team)
+    for model in policy_file.models:
+        policy_file.resolve(model=model)
+    return policy_file

@@ -1,0 +1,99 @@
+"""Subject, stream, consumer and KV bucket names: the one place the bus topology is spelled.
+
+Deployment subjects all have five tokens, so one wildcard selects any slice of them:
+
+    preflight.<kind>.<model>.<deployment_id>.<name>
+
+    kind   stage | outcome | command
+    model  the model name with every `.` written `%2E` (subject tokens cannot hold dots)
+
+    preflight.outcome.>                      every outcome of every model
+    preflight.outcome.<model>.>              every outcome of one model
+    preflight.*.*.<deployment_id>.*          everything about one deployment
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+PREFIX: Final = "preflight"
+
+EVENTS_STREAM: Final = "PREFLIGHT_EVENTS"
+METRICS_STREAM: Final = "PREFLIGHT_METRICS"
+DEADLETTER_STREAM: Final = "PREFLIGHT_DEADLETTER"
+
+ROUTES_BUCKET: Final = "preflight_routes"
+ROLLOUTS_BUCKET: Final = "preflight_rollouts"
+
+StageName = Literal["requested", "validated", "benchmarked", "canary_step", "canary_analysed"]
+OutcomeName = Literal["blocked", "degraded", "promoted", "rolled_back", "failed"]
+CommandName = Literal["promote", "abort", "pause", "resume"]
+
+STAGE_SUBJECTS: Final = f"{PREFIX}.stage.>"
+OUTCOME_SUBJECTS: Final = f"{PREFIX}.outcome.>"
+COMMAND_SUBJECTS: Final = f"{PREFIX}.command.>"
+METRICS_SUBJECTS: Final = f"{PREFIX}.metrics.>"
+DEADLETTER_SUBJECTS: Final = f"{PREFIX}.deadletter.>"
+
+# Durable consumer per service; every instance of one service shares it (a work queue).
+VALIDATOR_DURABLE: Final = "validator"
+BENCHMARKER_DURABLE: Final = "benchmarker"
+CONTROLLER_DURABLE: Final = "canary-controller"
+CONTROLLER_COMMANDS_DURABLE: Final = "canary-controller-commands"
+NOTIFIER_DURABLE: Final = "notifier"
+INGEST_DURABLE: Final = "metrics-ingest"
+
+
+def model_token(model: str) -> str:
+    """The subject token of a model name (lossless: names never contain `%`)."""
+    if not model or any(c in model for c in " \t\r\n*>%"):
+        raise ValueError(f"model name {model!r} cannot be used in a subject")
+    return model.replace(".", "%2E")
+
+
+def model_from_token(token: str) -> str:
+    return token.replace("%2E", ".")
+
+
+def stage(model: str, deployment_id: str, name: StageName) -> str:
+    return f"{PREFIX}.stage.{model_token(model)}.{deployment_id}.{name}"
+
+
+def outcome(model: str, deployment_id: str, name: OutcomeName) -> str:
+    return f"{PREFIX}.outcome.{model_token(model)}.{deployment_id}.{name}"
+
+
+def command(model: str, deployment_id: str, name: CommandName) -> str:
+    return f"{PREFIX}.command.{model_token(model)}.{deployment_id}.{name}"
+
+
+def model_outcomes(model: str) -> str:
+    """Wildcard for every outcome of one model."""
+    return f"{PREFIX}.outcome.{model_token(model)}.>"
+
+
+def deployment_events(deployment_id: str) -> str:
+    """Wildcard for every event and command of one deployment."""
+    return f"{PREFIX}.*.*.{deployment_id}.*"
+
+
+def model_events(model: str) -> str:
+    return f"{PREFIX}.*.{model_token(model)}.*.*"
+
+
+def stage_filter(name: StageName) -> str:
+    """Wildcard a stage's consumer filters on, e.g. every `requested` event."""
+    return f"{PREFIX}.stage.*.*.{name}"
+
+
+def metrics(source: str) -> str:
+    return f"{PREFIX}.metrics.{source.replace('.', '_')}"
+
+
+def deadletter(service: str) -> str:
+    return f"{PREFIX}.deadletter.{service}"
+
+
+def message_id(deployment_id: str, event: str, step: int | str | None = None) -> str:
+    """JetStream `Nats-Msg-Id`: a republish or redelivered handler publishes the same id."""
+    return f"{deployment_id}:{event}" if step is None else f"{deployment_id}:{event}:{step}"

@@ -1,0 +1,1 @@
+"""notifier: tells people what happened, with the numbers and a link."""

@@ -1,0 +1,1 @@
+"""router: the data plane that splits traffic between stable and canary."""

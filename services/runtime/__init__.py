@@ -1,0 +1,1 @@
+"""Runtime pieces every service shares: settings, bus topology, dead letters, processes."""

@@ -1,0 +1,243 @@
+"""NATS connection, idempotent JetStream topology, event encoding and reading back history."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoServersError
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from services.contracts import subjects
+from services.contracts.events import DEPLOYMENT_EVENT, DeploymentEvent, Event
+from services.contracts.routing import message_id_for, subject_for
+from services.runtime.settings import Settings
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+CONTENT_TYPE = {"content-type": "application/json"}
+
+
+class BusUnavailable(RuntimeError):
+    """No NATS server answers at the configured URL."""
+
+
+def how_to_start(url: str) -> str:
+    return (
+        f"no NATS server answers at {url}. Start the embedded stack with `preflight up` "
+        "(or set PREFLIGHT_NATS_URL to your NATS server)."
+    )
+
+
+async def connect(
+    settings: Settings, name: str, *, timeout: float = 2.0, reconnect: bool = False
+) -> NATS:
+    """Connect or raise `BusUnavailable` with a one-line explanation.
+
+    `reconnect=True` is for long-lived service connections that should ride out a server restart.
+    """
+    servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
+    options: dict[str, Any] = {}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        pw = settings.nats_password
+        options["password"] = pw.get_secret_value() if pw else ""
+
+    async def quiet(_: Exception) -> None:
+        """nats-py prints every failed attempt; we report once, below."""
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                servers,
+                name=name,
+                connect_timeout=timeout,
+                allow_reconnect=reconnect,
+                max_reconnect_attempts=-1 if reconnect else 1,
+                error_cb=quiet,
+                **options,
+            ),
+            timeout=timeout * 2,
+        )
+    except (NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
+        raise BusUnavailable(how_to_start(settings.nats_url)) from exc
+
+
+# ---- topology ---------------------------------------------------------------------------------
+
+_DAY = 86400.0
+
+
+def stream_configs(settings: Settings) -> list[api.StreamConfig]:
+    return [
+        api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            description="Deployment events, outcomes and commands (the pipeline's history).",
+            subjects=[subjects.STAGE_SUBJECTS, subjects.OUTCOME_SUBJECTS, subjects.COMMAND_SUBJECTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            duplicate_window=settings.events_duplicate_window_s,
+            max_age=settings.events_max_age_days * _DAY,
+            max_msg_size=1024 * 1024,
+            discard=api.DiscardPolicy.OLD,
+        ),
+        api.StreamConfig(
+            name=subjects.METRICS_STREAM,
+            description="Request-metric batches from routers and gateways.",
+            subjects=[subjects.METRICS_SUBJECTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            duplicate_window=120.0,
+            max_age=settings.metrics_max_age_s,
+            max_bytes=settings.metrics_max_bytes,
+            max_msg_size=8 * 1024 * 1024,
+            discard=api.DiscardPolicy.OLD,
+        ),
+        api.StreamConfig(
+            name=subjects.DEADLETTER_STREAM,
+            description="Messages a service could not take, with the reason.",
+            subjects=[subjects.DEADLETTER_SUBJECTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=30 * _DAY,
+            max_msg_size=9 * 1024 * 1024,
+        ),
+    ]
+
+
+def consumer_config(
+    durable: str, filter_subjects: Sequence[str], settings: Settings
+) -> api.ConsumerConfig:
+    """A durable pull consumer: survives restarts, shared by every instance of a service."""
+    return api.ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        filter_subjects=list(filter_subjects),
+        max_ack_pending=1000,
+    )
+
+
+# (stream, durable, filter subjects) of every service consumer.
+CONSUMERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (subjects.EVENTS_STREAM, subjects.VALIDATOR_DURABLE, (subjects.stage_filter("requested"),)),
+    (subjects.EVENTS_STREAM, subjects.BENCHMARKER_DURABLE, (subjects.stage_filter("validated"),)),
+    (
+        subjects.EVENTS_STREAM,
+        subjects.CONTROLLER_DURABLE,
+        (subjects.stage_filter("benchmarked"),),
+    ),
+    (subjects.EVENTS_STREAM, subjects.CONTROLLER_COMMANDS_DURABLE, (subjects.COMMAND_SUBJECTS,)),
+    (subjects.EVENTS_STREAM, subjects.NOTIFIER_DURABLE, (subjects.OUTCOME_SUBJECTS,)),
+    (subjects.METRICS_STREAM, subjects.INGEST_DURABLE, (subjects.METRICS_SUBJECTS,)),
+)
+
+
+def consumer_filters(durable: str) -> tuple[str, tuple[str, ...]]:
+    for stream, name, filters in CONSUMERS:
+        if name == durable:
+            return stream, filters
+    raise KeyError(durable)
+
+
+async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update streams, KV buckets and durable consumers; safe to run at every start."""
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            # Exists with another configuration (an upgrade changed a limit): bring it up to date.
+            await js.update_stream(config)
+    for bucket, description, history in (
+        (subjects.ROUTES_BUCKET, "Canary weight per model route; routers watch it.", 5),
+        (subjects.ROLLOUTS_BUCKET, "Rollout state per deployment; the controller's truth.", 10),
+    ):
+        try:
+            await js.key_value(bucket)
+        except (NotFoundError, nats.js.errors.BucketNotFoundError):
+            await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=bucket,
+                    description=description,
+                    history=history,
+                    storage=api.StorageType.FILE,
+                )
+            )
+    for stream, durable, filters in CONSUMERS:
+        config = consumer_config(durable, filters, settings)
+        try:
+            await js.add_consumer(stream, config)
+        except BadRequestError:
+            with contextlib.suppress(BadRequestError):
+                await js.add_consumer(stream, config)  # a concurrent start created it first
+
+
+# ---- events on the wire -----------------------------------------------------------------------
+
+
+def encode(event: Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def headers_for(event: Event, nonce: str | None = None) -> dict[str, str]:
+    return {MSG_ID_HEADER: message_id_for(event, nonce), **CONTENT_TYPE}
+
+
+async def publish_event(js: JetStreamContext, event: Event, nonce: str | None = None) -> api.PubAck:
+    """Publish one event to the events stream with its dedup id (plain nats-py path)."""
+    return await js.publish(
+        subject_for(event),
+        encode(event),
+        stream=subjects.EVENTS_STREAM,
+        headers=headers_for(event, nonce),
+    )
+
+
+async def read_history(js: JetStreamContext, filter_subject: str) -> list[DeploymentEvent]:
+    """Every event in the events stream matching a filter, oldest first."""
+    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=filter_subject)
+    total = sum((info.state.subjects or {}).values())
+    if total == 0:
+        return []
+    events: list[DeploymentEvent] = []
+    async for event in follow(js, filter_subject, stop_when_caught_up=True):
+        events.append(event)
+    return events
+
+
+async def follow(
+    js: JetStreamContext,
+    filter_subject: str,
+    *,
+    stop_when_caught_up: bool = False,
+) -> AsyncIterator[DeploymentEvent]:
+    """Events matching a filter from the start of the stream, then live ones as they come.
+
+    Messages that do not parse are skipped here (readers are not the place to dead-letter them;
+    the consuming service already did).
+    """
+    sub = await js.subscribe(
+        filter_subject,
+        stream=subjects.EVENTS_STREAM,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+            pending = msg.metadata.num_pending
+            try:
+                yield DEPLOYMENT_EVENT.validate_json(msg.data)
+            except ValueError:
+                pass
+            if stop_when_caught_up and pending == 0:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -1,0 +1,36 @@
+"""The services `preflight service run NAME` knows, and how to build each."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Final
+
+from services.runtime.service import ServiceApp
+from services.runtime.settings import Settings
+
+SERVICES: Final[dict[str, str]] = {
+    "validator": "services.validator.app",
+    "benchmarker": "services.benchmarker.app",
+    "canary-controller": "services.canary_controller.app",
+    "notifier": "services.notifier.app",
+    "router": "services.router.app",
+}
+
+
+class ServiceNotBuilt(RuntimeError):
+    """The service exists in the design but its issue has not landed."""
+
+
+def build(name: str, settings: Settings) -> ServiceApp:
+    if name not in SERVICES:
+        raise KeyError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+    module = importlib.import_module(SERVICES[name])
+    not_built = getattr(module, "NOT_BUILT", None)
+    if not_built:
+        raise ServiceNotBuilt(not_built)
+    service: ServiceApp = module.build(settings)
+    return service
+
+
+def is_built(name: str) -> bool:
+    return getattr(importlib.import_module(SERVICES[name]), "NOT_BUILT", None) is None

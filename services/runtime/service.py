@@ -1,0 +1,207 @@
+"""What every service app shares: the broker, durable consumers, dead letters, event publishing."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.annotations import NatsMessage
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from services.contracts import subjects
+from services.contracts.events import DeadLetter, Event
+from services.contracts.policy import PolicyFile, load_policy_file
+from services.contracts.routing import subject_for
+from services.runtime import bus
+from services.runtime.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
+
+log = logging.getLogger("preflight")
+
+
+class EventSink(Protocol):
+    """Where a handler's resulting events go (the bus in services, a list in unit tests)."""
+
+    async def publish_event(self, event: Event) -> None: ...
+
+
+@dataclass
+class BrokerSink:
+    """Publishes events to the events stream through the service's FastStream broker."""
+
+    broker: NatsBroker
+
+    async def publish_event(self, event: Event) -> None:
+        await self.broker.publish(
+            bus.encode(event),
+            subject_for(event),
+            headers=bus.headers_for(event),
+            stream=subjects.EVENTS_STREAM,
+        )
+
+
+def make_dead_letter(
+    *,
+    service: str,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None,
+    reason: str,
+    attempt: int | None,
+) -> DeadLetter:
+    try:
+        text: str | None = payload.decode("utf-8")
+        b64 = None
+    except UnicodeDecodeError:
+        text, b64 = None, base64.b64encode(payload).decode()
+    return DeadLetter(
+        service=service,
+        subject=subject,
+        reason=reason[:4000],
+        payload_text=text,
+        payload_b64=b64,
+        headers={k: str(v) for k, v in (headers or {}).items()},
+        delivery_attempt=attempt,
+    )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{exc.title} does not validate: " + "; ".join(parts)
+
+
+@dataclass
+class ServiceApp:
+    """A FastStream app plus what the runner and tests need to know about it."""
+
+    name: str
+    settings: Settings
+    broker: NatsBroker
+    app: FastStream
+    sink: EventSink
+    policy_file: PolicyFile
+    listening: dict[str, str] = field(default_factory=dict)
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        await self.broker.publish(
+            letter.model_dump_json().encode(),
+            subjects.deadletter(letter.service),
+            headers=dict(bus.CONTENT_TYPE),
+            stream=subjects.DEADLETTER_STREAM,
+        )
+
+    def consume(
+        self, durable: str, model: type[M] | TypeAdapter[M]
+    ) -> Callable[[Callable[[M], Awaitable[None]]], Callable[[M], Awaitable[None]]]:
+        """Register `fn` on a durable pull consumer; bad payloads and repeated failures dead-letter.
+
+        The handler's own exceptions are retried with backoff (nak with delay) until the
+        consumer's `max_deliver`; the last attempt goes to the dead-letter stream instead of
+        vanishing.
+        """
+        stream, filters = bus.consumer_filters(durable)
+        config = bus.consumer_config(durable, filters, self.settings)
+        parse: Callable[[bytes], M] = (
+            model.validate_json if isinstance(model, TypeAdapter) else model.model_validate_json
+        )
+
+        def register(fn: Callable[[M], Awaitable[None]]) -> Callable[[M], Awaitable[None]]:
+            @self.broker.subscriber(
+                filters[0],
+                stream=JStream(stream, declare=False),
+                durable=durable,
+                config=config,
+                pull_sub=PullSub(batch_size=10, timeout=1.0),
+                ack_policy=AckPolicy.MANUAL,
+                title=f"{self.name}:{durable}",
+            )
+            async def handler(msg: NatsMessage) -> None:
+                await self._handle(msg, parse, fn)
+
+            return fn
+
+        return register
+
+    async def _handle(
+        self, msg: Any, parse: Callable[[bytes], M], fn: Callable[[M], Awaitable[None]]
+    ) -> None:
+        raw = msg.raw_message
+        metadata = getattr(raw, "metadata", None)
+        attempt: int | None = getattr(metadata, "num_delivered", None)
+        subject = str(getattr(raw, "subject", "") or msg.path.get("subject", ""))
+        headers = dict(msg.headers or {})
+        body: bytes = msg.body
+        try:
+            event = parse(body)
+        except ValidationError as exc:
+            await self._reject(subject, body, headers, describe_validation_error(exc), attempt)
+            await msg.ack()
+            return
+        try:
+            await fn(event)
+        except Exception as exc:
+            if attempt is not None and attempt >= self.settings.max_deliver:
+                log.exception("%s: giving up on %s after %d attempts", self.name, subject, attempt)
+                reason = f"handler failed on attempt {attempt}: {type(exc).__name__}: {exc}"
+                await self._reject(subject, body, headers, reason, attempt)
+                await msg.ack()
+                return
+            log.exception("%s: handler failed on %s (attempt %s); will retry", self.name, subject, attempt)
+            await msg.nack(delay=min(30.0, 0.5 * 2 ** ((attempt or 1) - 1)))
+            return
+        await msg.ack()
+
+    async def _reject(
+        self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None
+    ) -> None:
+        log.warning("%s: dead-lettering message on %s: %s", self.name, subject, reason)
+        await self.dead_letter(
+            make_dead_letter(
+                service=self.name,
+                subject=subject,
+                payload=body,
+                headers=headers,
+                reason=reason,
+                attempt=attempt,
+            )
+        )
+
+
+def build_service(name: str, settings: Settings, *, policy_file: PolicyFile | None = None) -> ServiceApp:
+    """The broker and app of one service; its module adds handlers with `consume`."""
+    logger = logging.getLogger(f"preflight.{name}")
+    broker = NatsBroker(
+        [s.strip() for s in settings.nats_url.split(",")],
+        name=f"preflight-{name}-{settings.instance}",
+        logger=logger,
+        log_level=logging.DEBUG,  # per-message logs at DEBUG: they halve throughput at INFO
+        max_reconnect_attempts=-1,
+        graceful_timeout=30.0,
+    )
+    service = ServiceApp(
+        name=name,
+        settings=settings,
+        broker=broker,
+        app=FastStream(broker, logger=logger),
+        sink=BrokerSink(broker),
+        policy_file=policy_file or load_policy_file(settings.policy_file),
+    )
+
+    async def topology() -> None:
+        nc = await bus.connect(settings, f"preflight-{name}-topology")
+        try:
+            await bus.ensure_topology(nc.jetstream(), settings)
+        finally:
+            await nc.close()
+
+    service.app.on_startup(topology)
+    return service

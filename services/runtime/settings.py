@@ -1,0 +1,54 @@
+"""Settings read once from the environment (`PREFLIGHT_*`) at the edge and passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_instance() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every knob of every service; `PREFLIGHT_NATS_URL` sets `nats_url`, and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFLIGHT_", frozen=True, extra="ignore")
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    data_dir: Path = Field(default=Path(".preflight"), description="Embedded stack state.")
+    policy_file: Path | None = Field(default=None, description="Policy YAML; default: built-in.")
+    clickhouse_url: str = Field(
+        default="chdb",
+        description="`chdb` for the embedded engine under data_dir, or http(s)://user:pass@host:port/db.",
+    )
+    clickhouse_path: Path | None = Field(default=None, description="chDB data path override.")
+    metrics_table: str = "request_metrics"
+    metrics_ttl_days: int = Field(default=30, ge=1)
+    metrics_url_template: str = Field(
+        default="http://127.0.0.1:8470/deployments/{deployment_id}",
+        description="Link sent with outcomes; {deployment_id}, {model}, {from_ms}, {to_ms}.",
+    )
+    slack_token: SecretStr | None = None
+    slack_webhook_url: SecretStr | None = None
+    slack_base_url: str | None = None
+    instance: str = Field(default_factory=_default_instance)
+    log_level: str = "INFO"
+    events_duplicate_window_s: float = Field(default=3600.0, gt=0)
+    events_max_age_days: float = Field(default=90.0, gt=0)
+    metrics_max_age_s: float = Field(default=86400.0, gt=0)
+    metrics_max_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_deliver: int = Field(default=5, ge=1, description="Deliveries before a dead letter.")
+    ack_wait_s: float = Field(default=60.0, gt=0)
+    stack_host: str = "127.0.0.1"
+    stack_nats_port: int = Field(default=-1, description="-1: a free port.")
+    stack_http_port: int = Field(default=8470, ge=0, le=65535)
+
+    def chdb_path(self) -> Path:
+        return self.clickhouse_path or (self.data_dir / "clickhouse")

@@ -1,0 +1,1 @@
+"""validator: pre-deploy checks on the model files, before anything is loaded."""
