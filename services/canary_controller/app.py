@@ -27,6 +27,7 @@ from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
 
 NAME = "canary-controller"
+ROLLOUTS_BUILT = False  # traffic shifting arrives with issue #6
 log = logging.getLogger(f"preflight.{NAME}")
 
 

@@ -77,6 +77,11 @@ def deployment_events(deployment_id: str) -> str:
     return f"{PREFIX}.*.*.{deployment_id}.*"
 
 
+def request_of(deployment_id: str) -> str:
+    """The one `requested` event of a deployment, whatever its model."""
+    return f"{PREFIX}.stage.*.{deployment_id}.requested"
+
+
 def model_events(model: str) -> str:
     return f"{PREFIX}.*.{model_token(model)}.*.*"
 

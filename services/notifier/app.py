@@ -29,7 +29,8 @@ def render_console(outcome: Outcome) -> str:
     lines = [f"[preflight] {kind}: {outcome.model} {outcome.version} ({outcome.deployment_id})"]
     lines += [f"  - {reason}" for reason in outcome.reasons]
     for stage in outcome.stages:
-        lines.append(f"  {stage.stage}: {stage.status.value}{' - ' + stage.reason if stage.reason else ''}")
+        why = stage.reason.removeprefix(f"{stage.status.value}: ")
+        lines.append(f"  {stage.stage}: {stage.status.value}{' - ' + why if why else ''}")
     who = outcome.requested_by
     lines.append(f"  requested by {who.user} via {who.system}")
     if outcome.metrics_url:

@@ -142,9 +142,12 @@ def promoted_without_canary(
     request = benchmarked.request
     stages = (*benchmarked.stages, canary)
     skipped = [s for s in stages if s.status == Status.SKIPPED]
-    reasons = ["promoted without canary traffic analysis"] + [
-        f"{s.stage} {s.reason}" for s in skipped
-    ]
+    reasons = ["promoted without canary traffic analysis"]
+    if skipped:
+        reasons.append(
+            "stages that did not run: "
+            + ", ".join(f"{s.stage} ({s.reason.removeprefix('skipped: ')})" for s in skipped)
+        )
     return DeploymentPromoted(
         **_ids(request),
         stages=stages,

@@ -29,41 +29,46 @@ def spawn(
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     cwd: Path | None = None,
+    stdout_to_terminal: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a child in its own process group that is signalled if we die."""
-    out: IO[bytes] | int = subprocess.DEVNULL
+    """Start a child in its own process group that is signalled if we die.
+
+    Its stderr (logs) goes to `log`; its stdout too, unless `stdout_to_terminal`.
+    """
+    err: IO[bytes] | int = subprocess.DEVNULL
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        out = log.open("ab")
+        err = log.open("ab")
+    out: IO[bytes] | int | None = None if stdout_to_terminal else err
     preexec: Callable[[], None] = _die_with_parent
     try:
         return subprocess.Popen(
             list(argv),
             env=dict(env) if env is not None else None,
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=err,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
             preexec_fn=preexec,
             start_new_session=True,
         )
     finally:
-        if not isinstance(out, int):
-            out.close()
+        if not isinstance(err, int):
+            err.close()
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     """SIGTERM, wait, then SIGKILL the whole group; returns the exit status."""
     if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+        signal_group(proc, signal.SIGTERM)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
     return proc.wait()
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Final
 
+from services.contracts import subjects
 from services.runtime.service import ServiceApp
 from services.runtime.settings import Settings
 
@@ -34,3 +35,21 @@ def build(name: str, settings: Settings) -> ServiceApp:
 
 def is_built(name: str) -> bool:
     return getattr(importlib.import_module(SERVICES[name]), "NOT_BUILT", None) is None
+
+
+def not_built_reason(name: str) -> str:
+    reason: str = getattr(importlib.import_module(SERVICES[name]), "NOT_BUILT", "")
+    return reason
+
+
+_CONSUMERS: Final[dict[str, str]] = {
+    "validator": subjects.VALIDATOR_DURABLE,
+    "benchmarker": subjects.BENCHMARKER_DURABLE,
+    "canary-controller": subjects.CONTROLLER_DURABLE,
+    "notifier": subjects.NOTIFIER_DURABLE,
+}
+
+
+def consumer_of(name: str) -> str | None:
+    """The durable consumer whose pull requests show that a service is taking work."""
+    return _CONSUMERS.get(name)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from faststream import AckPolicy, FastStream
+from nats import errors as nats_errors
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -69,6 +70,14 @@ def make_dead_letter(
         headers={k: str(v) for k, v in (headers or {}).items()},
         delivery_attempt=attempt,
     )
+
+
+def delivery_attempt(raw: Any) -> int | None:
+    """Which delivery of a JetStream message this is; None for core NATS (and in-memory tests)."""
+    try:
+        return int(raw.metadata.num_delivered)
+    except (AttributeError, TypeError, ValueError, nats_errors.NotJSMessageError):
+        return None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -135,8 +144,7 @@ class ServiceApp:
         self, msg: Any, parse: Callable[[bytes], M], fn: Callable[[M], Awaitable[None]]
     ) -> None:
         raw = msg.raw_message
-        metadata = getattr(raw, "metadata", None)
-        attempt: int | None = getattr(metadata, "num_delivered", None)
+        attempt = delivery_attempt(raw)
         subject = str(getattr(raw, "subject", "") or msg.path.get("subject", ""))
         headers = dict(msg.headers or {})
         body: bytes = msg.body

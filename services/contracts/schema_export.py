@@ -1,0 +1,211 @@
+"""Generate schemas/: one JSON Schema per message and an AsyncAPI 3 document of the bus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic.json_schema import models_json_schema
+
+from services import __version__
+from services.contracts import subjects
+from services.contracts.events import ALL_MESSAGES, SCHEMA_VERSION, Message
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+ASYNCAPI_FILE = "asyncapi.yaml"
+
+# channel id -> (address, message names, description)
+_CHANNELS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    (
+        "deploymentRequested",
+        "preflight.stage.{model}.{deployment_id}.requested",
+        ("DeploymentRequested",),
+        "Ask for a model version to go through the pipeline. Publish here to deploy.",
+    ),
+    (
+        "validationCompleted",
+        "preflight.stage.{model}.{deployment_id}.validated",
+        ("ValidationCompleted",),
+        "The validator's report.",
+    ),
+    (
+        "benchmarkCompleted",
+        "preflight.stage.{model}.{deployment_id}.benchmarked",
+        ("BenchmarkCompleted",),
+        "The benchmarker's report.",
+    ),
+    (
+        "canaryStepStarted",
+        "preflight.stage.{model}.{deployment_id}.canary_step",
+        ("CanaryStepStarted",),
+        "Traffic moved to a new canary weight.",
+    ),
+    (
+        "canaryAnalysed",
+        "preflight.stage.{model}.{deployment_id}.canary_analysed",
+        ("CanaryAnalysed",),
+        "One analysis of canary against stable.",
+    ),
+    (
+        "outcomes",
+        "preflight.outcome.{model}.{deployment_id}.{outcome}",
+        (
+            "DeploymentBlocked",
+            "DeploymentDegraded",
+            "DeploymentPromoted",
+            "DeploymentRolledBack",
+            "DeploymentFailed",
+        ),
+        "Outcomes. Subscribe to `preflight.outcome.>` for all, `preflight.outcome.{model}.>` "
+        "for one model. {outcome} is one of blocked, degraded, promoted, rolled_back, failed.",
+    ),
+    (
+        "commands",
+        "preflight.command.{model}.{deployment_id}.{command}",
+        ("PromoteDeployment", "AbortDeployment", "PauseDeployment", "ResumeDeployment"),
+        "Manual control of a running rollout. {command} is promote, abort, pause or resume.",
+    ),
+    (
+        "requestMetrics",
+        "preflight.metrics.{source}",
+        ("RequestMetricsBatch",),
+        "Request-metric batches from any inference gateway.",
+    ),
+    (
+        "deadLetters",
+        "preflight.deadletter.{service}",
+        ("DeadLetter",),
+        "Messages a service could not take, with the original payload and the reason.",
+    ),
+)
+
+_PARAMETERS = {
+    "model": "Model name with every `.` written `%2E`, e.g. `org/chat-7b%2Ev2`.",
+    "deployment_id": "Deployment id, `[A-Za-z0-9][A-Za-z0-9_-]{2,63}`.",
+    "outcome": "blocked | degraded | promoted | rolled_back | failed",
+    "command": "promote | abort | pause | resume",
+    "source": "Gateway instance name (dots replaced by `_`).",
+    "service": "Name of the service that dead-lettered the message.",
+}
+
+
+def message_schema(model: type[Message]) -> dict[str, Any]:
+    schema = model.model_json_schema(mode="validation")
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": f"urn:preflight:schema:v{SCHEMA_VERSION}:{model.__name__}",
+        **schema,
+    }
+
+
+def asyncapi_document() -> dict[str, Any]:
+    _, combined = models_json_schema(
+        [(m, "validation") for m in ALL_MESSAGES],
+        ref_template="#/components/schemas/{model}",
+    )
+    component_schemas = combined.get("$defs", {})
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for channel_id, address, names, description in _CHANNELS:
+        params = [p for p in _PARAMETERS if "{" + p + "}" in address]
+        channels[channel_id] = {
+            "address": address,
+            "description": description,
+            "parameters": {p: {"description": _PARAMETERS[p]} for p in params},
+            "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in names},
+        }
+        operations[f"publish_{channel_id}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel_id}"},
+        }
+        operations[f"receive_{channel_id}"] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{channel_id}"},
+        }
+    messages = {
+        m.__name__: {
+            "name": m.__name__,
+            "title": m.__name__,
+            "summary": (m.__doc__ or "").strip().splitlines()[0],
+            "contentType": "application/json",
+            "payload": {"$ref": f"#/components/schemas/{m.__name__}"},
+            "headers": {
+                "type": "object",
+                "properties": {
+                    "Nats-Msg-Id": {
+                        "type": "string",
+                        "description": (
+                            "JetStream dedup id: `{deployment_id}:{event}` or "
+                            "`{deployment_id}:{event}:{step}`; commands add a nonce."
+                        ),
+                    }
+                },
+            },
+        }
+        for m in ALL_MESSAGES
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "preflight deployment bus",
+            "version": __version__,
+            "description": (
+                "Events, outcomes and commands of the preflight pipeline on NATS JetStream. "
+                f"Stream `{subjects.EVENTS_STREAM}` holds stage, outcome and command subjects "
+                f"(file storage, dedup window); `{subjects.METRICS_STREAM}` request metrics; "
+                f"`{subjects.DEADLETTER_STREAM}` dead letters. KV buckets: "
+                f"`{subjects.ROUTES_BUCKET}` (key: model name, value: Route), "
+                f"`{subjects.ROLLOUTS_BUCKET}` (rollout state)."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "embedded": {
+                "host": "127.0.0.1:4222",
+                "protocol": "nats",
+                "description": "`preflight up` prints the actual port.",
+            }
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": component_schemas},
+    }
+
+
+def render() -> dict[str, str]:
+    """File name -> content of everything in schemas/."""
+    files = {
+        f"{m.__name__}.json": json.dumps(message_schema(m), indent=2, sort_keys=True) + "\n"
+        for m in ALL_MESSAGES
+    }
+    files[ASYNCAPI_FILE] = yaml.safe_dump(asyncapi_document(), sort_keys=False, width=100)
+    return files
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in render().items():
+        path = directory / name
+        path.write_text(content, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def stale(directory: Path) -> list[str]:
+    """Names of files in `directory` that differ from what the contracts generate."""
+    expected = render()
+    problems = []
+    for name, content in expected.items():
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+        elif path.read_text(encoding="utf-8") != content:
+            problems.append(f"{name}: differs from the contracts")
+    known = set(expected)
+    for path in sorted(directory.glob("*")):
+        if path.is_file() and path.name not in known and path.name != "README.md":
+            problems.append(f"{path.name}: not generated by the contracts (remove it)")
+    return problems

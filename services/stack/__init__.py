@@ -1,0 +1,1 @@
+"""The embedded stack (`preflight up`), the demo and the `preflight` CLI."""

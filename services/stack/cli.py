@@ -1,0 +1,514 @@
+"""The `preflight` command line: for people at a terminal and for CI jobs (exit codes, --json)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+
+from services.contracts import subjects
+from services.contracts.events import (
+    AbortDeployment,
+    Command,
+    DeploymentEvent,
+    DeploymentPromoted,
+    DeploymentRequested,
+    ModelRef,
+    NotifyTarget,
+    PauseDeployment,
+    PromoteDeployment,
+    Requester,
+    ResumeDeployment,
+    TargetHardware,
+    is_valid_deployment_id,
+    new_deployment_id,
+)
+from services.contracts.policy import PolicyError, load_policy_file
+from services.runtime import bus, registry
+from services.runtime.settings import Settings
+from services.stack import render
+
+app = typer.Typer(
+    name="preflight",
+    help="Gate ML model deployments: validate, benchmark, canary, notify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+service_app = typer.Typer(help="Run one service in this process.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1  # the deployment or check did not pass
+EXIT_USAGE = 2  # bad input, or the bus cannot be reached
+EXIT_NOT_BUILT = 3  # the stage does not exist yet
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_settings(data_dir: Path | None = None) -> Settings:
+    """Settings from the environment; the NATS URL of a running embedded stack if none is set."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fail(f"bad PREFLIGHT_* setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    if "PREFLIGHT_NATS_URL" not in os.environ:
+        from services.stack.supervisor import read_stack_file
+
+        running = read_stack_file(settings.data_dir)
+        if running:
+            settings = settings.model_copy(update={"nats_url": running["nats_url"]})
+    return settings
+
+
+def run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    except bus.BusUnavailable as exc:
+        fail(str(exc))
+
+
+async def _connected(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    nc = await bus.connect(settings, "preflight-cli")
+    try:
+        return await fn(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Embedded stack directory [env PREFLIGHT_DATA_DIR]."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+# ---- the stack ------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    data_dir: DataDir = None,
+    nats_port: Annotated[int | None, typer.Option(help="NATS port; default: a free one.")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy YAML for every service.")] = None,
+) -> None:
+    """Start the embedded stack (nats-server, ClickHouse engine, every service) until Ctrl-C."""
+    from services.stack.supervisor import Stack, StackError
+
+    settings = load_settings(data_dir)
+    update: dict[str, Any] = {}
+    if nats_port is not None:
+        update["stack_nats_port"] = nats_port
+    if policy is not None:
+        update["policy_file"] = policy
+    settings = settings.model_copy(update=update)
+    try:
+        load_policy_file(settings.policy_file)
+    except PolicyError as exc:
+        fail(str(exc))
+    stack = Stack(settings, say=lambda line: out.print(line, highlight=False))
+    stopping = False
+
+    def on_signal(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    out.print(f"[bold]preflight[/bold] embedded stack in {settings.data_dir.resolve()}")
+    try:
+        stack.start()
+        stack.wait_ready()
+        out.print(
+            f"[green]ready[/green]: PREFLIGHT_NATS_URL={stack.nats.url if stack.nats else '?'} "
+            "— deploy with `preflight deploy PATH --model NAME --version V`; Ctrl-C stops."
+        )
+        while not stopping:
+            stack.check_children()
+            time.sleep(0.5)
+    except StackError as exc:
+        stack.stop()
+        fail(str(exc), EXIT_FAILED)
+    out.print("stopping...")
+    stack.stop()
+    out.print("stopped; nothing left running")
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    keep: Annotated[bool, typer.Option(help="Keep the data directory's history.")] = True,
+) -> None:
+    """Start the stack, send a real sample deployment through the pipeline, show it, stop."""
+    from services.stack.demo import run_demo
+
+    settings = load_settings(data_dir or Path(".preflight/demo"))
+    raise typer.Exit(run_demo(settings, out))
+
+
+# ---- deployments ----------------------------------------------------------------------------
+
+
+def _parse_expected(values: list[str]) -> dict[str, str]:
+    expected: dict[str, str] = {}
+    for item in values:
+        name, sep, digest = item.partition("=")
+        if not sep:
+            fail(f"--sha256 takes FILE=HEX, got {item!r}")
+        expected[name] = digest.lower()
+    return expected
+
+
+@app.command()
+def deploy(
+    location: Annotated[str, typer.Argument(help="Model directory or URI.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
+    version: Annotated[str, typer.Option("--version", "-v", help="Version label.")],
+    stable: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help="Version and location this one replaces: --stable V0 PATH0."),
+    ] = None,
+    model_class: Annotated[str, typer.Option("--class", help="Policy model class.")] = "default",
+    policy: Annotated[
+        Path | None, typer.Option(help="YAML with policy overrides for this deployment.")
+    ] = None,
+    sha256: Annotated[
+        list[str] | None, typer.Option(help="Expected digest, FILE=HEX; repeatable.")
+    ] = None,
+    gpu_memory_gb: Annotated[float, typer.Option(help="Target GPU memory, GiB.")] = 24.0,
+    context_length: Annotated[int | None, typer.Option(help="Context to serve.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Serving batch size.")] = 1,
+    team: Annotated[str | None, typer.Option(help="Team (selects policy overrides).")] = None,
+    user: Annotated[str | None, typer.Option(help="Who asks; default $USER.")] = None,
+    system: Annotated[str, typer.Option(help="Which system asks.")] = "cli",
+    slack_channel: Annotated[str | None, typer.Option(help="Also notify this channel.")] = None,
+    deployment_id: Annotated[str | None, typer.Option("--id", help="Reuse an id (retries).")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow it; exit 0 only if promoted.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 3600.0,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Publish a deployment request and print its id (with --wait: follow it to its outcome)."""
+    settings = load_settings(data_dir)
+    overrides: dict[str, Any] = {}
+    if policy is not None:
+        try:
+            overrides = yaml.safe_load(policy.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            fail(f"{policy}: cannot read policy overrides: {exc}")
+        if not isinstance(overrides, dict):
+            fail(f"{policy}: policy overrides must be a mapping")
+    if deployment_id is not None and not is_valid_deployment_id(deployment_id):
+        fail(f"--id {deployment_id!r} must match [A-Za-z0-9][A-Za-z0-9_-]{{2,63}}")
+    if "://" not in location:
+        path = Path(location)
+        if not path.exists():
+            fail(f"{location}: no such file or directory")
+        location = str(path.resolve())
+    try:
+        request = DeploymentRequested(
+            deployment_id=deployment_id or new_deployment_id(),
+            model=model,
+            version=version,
+            location=location,
+            expected_sha256=_parse_expected(sha256 or []),
+            model_class=model_class,
+            stable=ModelRef(name=model, version=stable[0], location=stable[1]) if stable else None,
+            target=TargetHardware(
+                gpu_memory_gb=gpu_memory_gb, context_length=context_length, batch_size=batch_size
+            ),
+            policy_overrides=overrides,
+            requested_by=Requester(
+                user=user or os.environ.get("USER", "unknown"), system=system, team=team
+            ),
+            notify=NotifyTarget(slack_channel=slack_channel),
+        )
+        load_policy_file(settings.policy_file).resolve(
+            model=model, team=team, overrides=overrides
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid request: {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except PolicyError as exc:
+        fail(str(exc))
+
+    async def send(js: Any) -> Any:
+        return await bus.publish_event(js, request)
+
+    ack = run_async(lambda: _connected(settings, send))
+    if as_json and not wait:
+        print(json.dumps({"deployment_id": request.deployment_id, "duplicate": bool(ack.duplicate)}))
+    elif not as_json:
+        note = " (already requested: deduplicated)" if ack.duplicate else ""
+        out.print(f"{request.deployment_id}{note}", highlight=False)
+    if wait:
+        raise typer.Exit(_watch(settings, request.deployment_id, timeout, as_json))
+
+
+def _watch(settings: Settings, deployment_id: str, timeout: float, as_json: bool) -> int:
+    async def follow(js: Any) -> DeploymentEvent | None:
+        async for event in bus.follow(js, subjects.deployment_events(deployment_id)):
+            if as_json:
+                print(event.model_dump_json(), flush=True)
+            else:
+                out.print(render.describe(event), highlight=False)
+            if isinstance(event, render.TERMINAL):
+                return event
+        return None
+
+    async def bounded() -> DeploymentEvent | None:
+        return await asyncio.wait_for(_connected(settings, follow), timeout)
+
+    try:
+        final = run_async(bounded)
+    except TimeoutError:
+        fail(f"{deployment_id}: no outcome within {timeout:g} s", EXIT_FAILED)
+    if isinstance(final, DeploymentPromoted):
+        return 0
+    if final is not None and not as_json:
+        err.print(f"{deployment_id}: {final.type}: {'; '.join(final.reasons)}", highlight=False)
+    return EXIT_FAILED
+
+
+@app.command()
+def watch(
+    deployment_id: Annotated[str, typer.Argument(help="Deployment id.")],
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Follow one deployment live, stage by stage, until its outcome (exit 0 if promoted)."""
+    _check_id(deployment_id)
+    raise typer.Exit(_watch(load_settings(data_dir), deployment_id, timeout, as_json))
+
+
+def _check_id(deployment_id: str) -> None:
+    if not is_valid_deployment_id(deployment_id):
+        fail(f"{deployment_id!r} is not a deployment id")
+
+
+async def _history(settings: Settings, filter_subject: str) -> list[DeploymentEvent]:
+    return await _connected(settings, lambda js: bus.read_history(js, filter_subject))
+
+
+@app.command()
+def status(
+    deployment_id: Annotated[str | None, typer.Argument(help="One deployment; default all.")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent deployments to show.")] = 20,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Where deployments stand, read from the event stream."""
+    settings = load_settings(data_dir)
+    if deployment_id:
+        _check_id(deployment_id)
+        events = run_async(lambda: _history(settings, subjects.deployment_events(deployment_id)))
+        if not events:
+            fail(f"no deployment {deployment_id} in the event stream", EXIT_FAILED)
+        if as_json:
+            print(json.dumps([json.loads(e.model_dump_json()) for e in events], indent=2))
+            return
+        for event in events:
+            out.print(render.describe(event), highlight=False)
+        return
+    events = run_async(lambda: _history(settings, f"{subjects.PREFIX}.*.*.*.*"))
+    _print_summaries(list(render.summarise(events).values())[-limit:], as_json, "deployments")
+
+
+@app.command()
+def history(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Only this model.")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent deployments to show.")] = 50,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Past deployments and their outcomes, oldest first."""
+    settings = load_settings(data_dir)
+    try:
+        filt = subjects.model_events(model) if model else f"{subjects.PREFIX}.*.*.*.*"
+    except ValueError as exc:
+        fail(str(exc))
+    events = run_async(lambda: _history(settings, filt))
+    title = f"history of {model}" if model else "history"
+    _print_summaries(list(render.summarise(events).values())[-limit:], as_json, title)
+
+
+def _print_summaries(rows: list[render.DeploymentSummary], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+    elif not rows:
+        out.print("no deployments yet")
+    else:
+        out.print(render.summary_table(rows, title))
+
+
+def _command(
+    kind: type[Command], deployment_id: str, reason: str, user: str | None, data_dir: Path | None
+) -> None:
+    _check_id(deployment_id)
+    settings = load_settings(data_dir)
+
+    async def send(js: Any) -> str:
+        events = await bus.read_history(js, subjects.request_of(deployment_id))
+        requested = [e for e in events if isinstance(e, DeploymentRequested)]
+        if not requested:
+            return ""
+        first = requested[0]
+        command = kind(
+            deployment_id=deployment_id,
+            model=first.model,
+            version=first.version,
+            requested_by=Requester(user=user or os.environ.get("USER", "unknown"), system="cli"),
+            reason=reason,
+        )
+        await bus.publish_event(js, command, nonce=secrets.token_hex(4))
+        return first.model
+
+    model = run_async(lambda: _connected(settings, send))
+    if not model:
+        fail(f"no deployment {deployment_id} in the event stream", EXIT_FAILED)
+    out.print(f"{kind.__name__} sent for {deployment_id} ({model}); recorded in the event stream")
+    from services.canary_controller.app import ROLLOUTS_BUILT
+
+    if not ROLLOUTS_BUILT:
+        err.print("note: the canary stage is not built yet (issue #6): no rollout will act on it")
+
+
+Reason = Annotated[str, typer.Option(help="Why; recorded with the command.")]
+User = Annotated[str | None, typer.Option(help="Who; default $USER.")]
+IdArg = Annotated[str, typer.Argument(help="Deployment id.")]
+
+
+@app.command()
+def promote(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+    """Skip the remaining canary steps and promote now."""
+    _command(PromoteDeployment, deployment_id, reason, user, data_dir)
+
+
+@app.command()
+def abort(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+    """Roll the canary back now."""
+    _command(AbortDeployment, deployment_id, reason, user, data_dir)
+
+
+@app.command()
+def pause(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+    """Hold a rollout at its current weight."""
+    _command(PauseDeployment, deployment_id, reason, user, data_dir)
+
+
+@app.command()
+def resume(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+    """Continue a paused rollout."""
+    _command(ResumeDeployment, deployment_id, reason, user, data_dir)
+
+
+# ---- stages run locally -------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="Model file or directory.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the validator's checks locally, without the bus (exit non-zero on failure)."""
+    _not_built("validation", as_json)
+
+
+@app.command()
+def benchmark(
+    path: Annotated[Path, typer.Argument(help="Model directory.")],
+    baseline: Annotated[Path | None, typer.Option(help="The version it replaces.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the benchmarks locally against a baseline, without the bus."""
+    _not_built("benchmark", as_json)
+
+
+def _not_built(stage: str, as_json: bool) -> NoReturn:
+    from services.runtime.pipeline import STAGE_ISSUES
+
+    message = f"{stage}: not built yet (issue #{STAGE_ISSUES[stage]}); nothing was checked"
+    if as_json:
+        print(json.dumps({"stage": stage, "status": "not_built", "reason": message}))
+    else:
+        err.print(message)
+    raise typer.Exit(EXIT_NOT_BUILT)
+
+
+# ---- services and contracts ---------------------------------------------------------------
+
+
+@service_app.command("run")
+def service_run(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(registry.SERVICES)}.")],
+) -> None:
+    """Run one service until SIGTERM or Ctrl-C."""
+    from services.stack.runner import run_service
+
+    if name not in registry.SERVICES:
+        fail(f"unknown service {name!r}; known: {', '.join(registry.SERVICES)}")
+    if not registry.is_built(name):
+        fail(registry.not_built_reason(name), EXIT_NOT_BUILT)
+    try:
+        run_service(name, load_settings())
+    except (bus.BusUnavailable, PolicyError) as exc:
+        fail(str(exc))
+
+
+@service_app.command("list")
+def service_list() -> None:
+    """The services and whether each is built."""
+    for name in registry.SERVICES:
+        state = "built" if registry.is_built(name) else registry.not_built_reason(name)
+        out.print(f"{name:<18} {state}", highlight=False)
+
+
+@app.command()
+def schemas(
+    check: Annotated[bool, typer.Option(help="Fail if schemas/ is stale.")] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="Output directory.")] = Path("schemas"),
+) -> None:
+    """Write (or check) schemas/: JSON Schema per message and the AsyncAPI document."""
+    from services.contracts import schema_export
+
+    if check:
+        problems = schema_export.stale(directory)
+        if problems:
+            fail("schemas/ is stale, run `preflight schemas`: " + "; ".join(problems), EXIT_FAILED)
+        out.print(f"{directory} is up to date")
+        return
+    written = schema_export.write(directory)
+    out.print(f"wrote {len(written)} files to {directory}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`make demo`: the embedded stack and a real deployment of a generated model, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from services.contracts import subjects
+from services.contracts.events import (
+    DeploymentEvent,
+    DeploymentPromoted,
+    DeploymentRequested,
+    ModelRef,
+    Requester,
+    new_deployment_id,
+)
+from services.runtime import bus
+from services.runtime.settings import Settings
+from services.stack import render
+from services.stack.samples import MANIFEST, write_sample_model
+from services.stack.supervisor import Stack, StackError
+
+MODEL = "sample-gpt"
+
+
+def _expected_digests(model_dir: Path) -> dict[str, str]:
+    import json
+
+    digests: dict[str, str] = json.loads((model_dir / MANIFEST).read_text())
+    return digests
+
+
+async def _deploy_and_follow(
+    settings: Settings, request: DeploymentRequested, console: Console, timeout: float
+) -> list[DeploymentEvent]:
+    nc = await bus.connect(settings, "preflight-demo")
+    seen: list[DeploymentEvent] = []
+    try:
+        js = nc.jetstream()
+        await bus.publish_event(js, request)
+
+        async def follow() -> None:
+            async for event in bus.follow(js, subjects.deployment_events(request.deployment_id)):
+                seen.append(event)
+                console.print("  " + render.describe(event), highlight=False)
+                if isinstance(event, render.TERMINAL):
+                    return
+
+        await asyncio.wait_for(follow(), timeout)
+    finally:
+        await nc.close()
+    return seen
+
+
+def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> int:
+    """Returns the exit status: 0 when the deployment reached its expected outcome."""
+    started = time.monotonic()
+    data_dir = settings.data_dir.resolve()
+    console.rule("[bold]preflight demo")
+    console.print(f"1/4 generating sample models in {data_dir / 'models'}")
+    stable_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v1", name=MODEL, seed=1)
+    new_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v2", name=MODEL, seed=2)
+    console.print(f"    {stable_dir.name} (stable) and {new_dir.name} (new): GPT-2-shaped, safetensors")
+
+    console.print("2/4 starting the embedded stack")
+    stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
+    try:
+        stack.start()
+        stack.wait_ready()
+        assert stack.nats is not None
+        service_settings = settings.model_copy(update={"nats_url": stack.nats.url})
+        request = DeploymentRequested(
+            deployment_id=new_deployment_id(),
+            model=MODEL,
+            version="v2",
+            location=str(new_dir),
+            expected_sha256=_expected_digests(new_dir),
+            stable=ModelRef(name=MODEL, version="v1", location=str(stable_dir)),
+            requested_by=Requester(user="demo", system="make demo"),
+        )
+        console.print(f"3/4 deploying {MODEL} v2 (replacing v1) as {request.deployment_id}")
+        events = asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
+        stack.check_children()
+    except (StackError, bus.BusUnavailable, TimeoutError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc or type(exc).__name__}")
+        console.print(f"    logs: {data_dir / 'logs'}")
+        return 1
+    finally:
+        console.print("4/4 stopping the stack")
+        stack.stop()
+
+    summaries = list(render.summarise(events).values())
+    console.print(render.summary_table(summaries, title="demo outcome"))
+    final = events[-1] if events else None
+    not_built = [
+        r for e in events if isinstance(e, DeploymentPromoted) for r in e.stages if "not built" in r.reason
+    ]
+    if not_built:
+        console.print(
+            "[yellow]note:[/yellow] "
+            + ", ".join(f"{r.stage} ({r.reason.removeprefix('skipped: ')})" for r in not_built)
+            + " - these stages did not check anything."
+        )
+    console.print(f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running")
+    return 0 if isinstance(final, DeploymentPromoted) else 1

@@ -1,0 +1,152 @@
+"""How events read to a person: one line per event, a table per deployment (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rich.table import Table
+
+from services.contracts.events import (
+    BenchmarkCompleted,
+    CanaryAnalysed,
+    CanaryStepStarted,
+    Command,
+    DeploymentBlocked,
+    DeploymentDegraded,
+    DeploymentEvent,
+    DeploymentFailed,
+    DeploymentPromoted,
+    DeploymentRequested,
+    DeploymentRolledBack,
+    Outcome,
+    StageReport,
+    Status,
+    ValidationCompleted,
+)
+
+_STYLE = {
+    Status.PASSED: "green",
+    Status.SKIPPED: "yellow",
+    Status.DEGRADED: "dark_orange",
+    Status.FAILED: "red",
+    Status.ERROR: "red",
+}
+
+
+def stage_line(report: StageReport) -> str:
+    style = _STYLE[report.status]
+    text = f"{report.stage}: [{style}]{report.status.value}[/{style}]"
+    if report.reason and not report.reason.startswith(report.status.value):
+        text += f" - {report.reason}"
+    elif report.reason:
+        text += report.reason[len(report.status.value) :]
+    failed = [c for c in report.checks if c.status in (Status.FAILED, Status.ERROR, Status.DEGRADED)]
+    for check in failed:
+        text += f"\n      {check.name}: {check.status.value} - {check.reason}"
+    return text
+
+
+def describe(event: DeploymentEvent) -> str:
+    """One line (Rich markup) saying what happened."""
+    when = event.occurred_at.strftime("%H:%M:%S")
+    head = f"[dim]{when}[/dim] "
+    match event:
+        case DeploymentRequested():
+            who = event.requested_by
+            stable = f", replacing {event.stable.version}" if event.stable else ""
+            return (
+                f"{head}requested {event.model} {event.version} from {event.location}"
+                f"{stable} (by {who.user} via {who.system})"
+            )
+        case ValidationCompleted() | BenchmarkCompleted():
+            return head + stage_line(event.report)
+        case CanaryStepStarted():
+            return f"{head}canary step {event.step_index + 1}: {event.weight:g}% for {event.duration_s:g} s"
+        case CanaryAnalysed():
+            return f"{head}canary analysed: {event.verdict} {event.reason}"
+        case DeploymentPromoted():
+            return f"{head}[bold green]PROMOTED[/bold green] {event.model} {event.version}" + _why(event)
+        case DeploymentDegraded():
+            return f"{head}[bold dark_orange]DEGRADED[/bold dark_orange]" + _why(event)
+        case DeploymentBlocked():
+            return f"{head}[bold red]BLOCKED[/bold red] by {event.stage}" + _why(event)
+        case DeploymentRolledBack():
+            return f"{head}[bold red]ROLLED BACK[/bold red] ({event.trigger})" + _why(event)
+        case DeploymentFailed():
+            return f"{head}[bold red]FAILED[/bold red] in {event.stage}: {event.error}"
+        case Command():
+            return f"{head}command {event.type} by {event.requested_by.user}: {event.reason}"
+    return f"{head}{event.type}"  # pragma: no cover - every type is matched above
+
+
+def _why(outcome: Outcome) -> str:
+    text = "".join(f"\n      {reason}" for reason in outcome.reasons)
+    if outcome.metrics_url:
+        text += f"\n      metrics: {outcome.metrics_url}"
+    return text
+
+
+TERMINAL = (DeploymentBlocked, DeploymentPromoted, DeploymentRolledBack, DeploymentFailed)
+
+
+@dataclass
+class DeploymentSummary:
+    """What the event stream says about one deployment."""
+
+    deployment_id: str
+    model: str = ""
+    version: str = ""
+    requested_at: str = ""
+    stages: dict[str, str] = field(default_factory=dict)
+    outcome: str = "in progress"
+    degraded: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome != "in progress"
+
+
+def summarise(events: Iterable[DeploymentEvent]) -> dict[str, DeploymentSummary]:
+    out: dict[str, DeploymentSummary] = {}
+    for event in events:
+        s = out.setdefault(event.deployment_id, DeploymentSummary(event.deployment_id))
+        s.model, s.version = event.model, event.version
+        if isinstance(event, DeploymentRequested):
+            s.requested_at = event.occurred_at.strftime("%Y-%m-%d %H:%M:%S")
+        if isinstance(event, ValidationCompleted | BenchmarkCompleted):
+            s.stages[event.report.stage] = event.report.status.value
+        if isinstance(event, DeploymentDegraded):
+            s.degraded = True
+        if isinstance(event, TERMINAL):
+            s.outcome = {
+                DeploymentBlocked: "blocked",
+                DeploymentPromoted: "promoted",
+                DeploymentRolledBack: "rolled back",
+                DeploymentFailed: "failed",
+            }[type(event)]
+            s.reasons = list(event.reasons)
+            for report in event.stages:
+                s.stages[report.stage] = report.status.value
+    return out
+
+
+def summary_table(summaries: Sequence[DeploymentSummary], title: str = "deployments") -> Table:
+    table = Table(title=title)
+    table.add_column("deployment", no_wrap=True)
+    for column in ("model", "version", "validation", "benchmark", "canary", "outcome"):
+        table.add_column(column, overflow="fold")
+    for s in summaries:
+        outcome = s.outcome + (" (degraded)" if s.degraded else "")
+        style = {"promoted": "green", "in progress": "yellow"}.get(s.outcome, "red")
+        table.add_row(
+            s.deployment_id,
+            s.model,
+            s.version,
+            s.stages.get("validation", "-"),
+            s.stages.get("benchmark", "-"),
+            s.stages.get("canary", "-"),
+            f"[{style}]{outcome}[/{style}]",
+        )
+    return table

@@ -1,0 +1,29 @@
+"""`preflight service run NAME`: one service in this process until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.runtime import registry
+from services.runtime.settings import Settings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # FastStream logs every message at INFO through the broker logger; keep that off hot paths.
+    logging.getLogger("faststream").setLevel(logging.WARNING)
+
+
+def run_service(name: str, settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    svc = registry.build(name, settings)
+    logging.getLogger("preflight").info(
+        "%s starting (instance %s, NATS %s)", name, settings.instance, settings.nats_url
+    )
+    asyncio.run(svc.app.run(log_level=logging.getLevelName(settings.log_level.upper())))

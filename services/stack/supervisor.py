@@ -1,0 +1,243 @@
+"""The embedded stack: nats-server, the ClickHouse engine and every built service, supervised.
+
+Each service is its own process (`preflight service run NAME`), as in production. Children are
+started in their own process groups with a parent-death signal, so even a SIGKILLed supervisor
+leaves nothing behind; a clean stop terminates services first, then nats-server with
+`--signal term` so JetStream flushes its store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from services.runtime import bus, processes, registry
+from services.runtime.nats_server import NatsServer
+from services.runtime.settings import Settings
+
+STACK_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+
+Say = Callable[[str], None]
+
+
+class StackError(RuntimeError):
+    """The stack cannot start (data directory in use, server not ready, ...)."""
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    started_at: float
+    restarts: list[float] = field(default_factory=list)
+
+
+def read_stack_file(data_dir: Path) -> dict[str, Any] | None:
+    """What a running `preflight up` on this data directory published, if it is alive."""
+    path = data_dir / STACK_FILE
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not processes.pid_alive(int(info.get("pid", -1))):
+        return None
+    return info
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    say: Say = print
+    services: tuple[str, ...] = tuple(registry.SERVICES)
+    notices_to_terminal: bool = True
+    nats: NatsServer | None = None
+    children: dict[str, Child] = field(default_factory=dict)
+    _lock: IO[str] | None = None
+    _stopping: bool = False
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir.resolve()
+
+    # ---- start --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._start_nats()
+            self._ensure_topology()
+            for name in self.services:
+                if not registry.is_built(name):
+                    self.say(f"  {name:<18} not started: {registry.not_built_reason(name)}")
+                    continue
+                self._spawn(name)
+            self._write_stack_file()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _take_lock(self) -> None:
+        lock = (self.data_dir / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            other = read_stack_file(self.data_dir) or {}
+            raise StackError(
+                f"another `preflight up` (pid {other.get('pid', '?')}) is using {self.data_dir}; "
+                "stop it first or pass a different --data-dir"
+            ) from None
+        self._lock = lock
+
+    def _start_nats(self) -> None:
+        self.nats = NatsServer(
+            self.data_dir / "nats", host=self.settings.stack_host, port=self.settings.stack_nats_port
+        ).start()
+        self.say(f"  {'nats-server':<18} {self.nats.url}  (JetStream store {self.nats.root / 'store'})")
+        self.say(f"  {'nats monitoring':<18} {self.nats.monitor_url}")
+
+    def _service_settings(self) -> Settings:
+        assert self.nats is not None
+        return self.settings.model_copy(update={"nats_url": self.nats.url})
+
+    def _ensure_topology(self) -> None:
+        settings = self._service_settings()
+
+        async def ensure() -> None:
+            nc = await bus.connect(settings, "preflight-stack")
+            try:
+                await bus.ensure_topology(nc.jetstream(), settings)
+            finally:
+                await nc.close()
+
+        asyncio.run(ensure())
+
+    def _env(self, name: str) -> dict[str, str]:
+        settings = self._service_settings()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
+        env |= {
+            "PREFLIGHT_NATS_URL": settings.nats_url,
+            "PREFLIGHT_DATA_DIR": str(self.data_dir),
+            "PREFLIGHT_INSTANCE": f"{name}-embedded",
+            "PREFLIGHT_LOG_LEVEL": settings.log_level,
+            "PREFLIGHT_CLICKHOUSE_URL": settings.clickhouse_url,
+            "PREFLIGHT_METRICS_URL_TEMPLATE": settings.metrics_url_template,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if settings.policy_file is not None:
+            env["PREFLIGHT_POLICY_FILE"] = str(settings.policy_file.resolve())
+        for secret in ("slack_token", "slack_webhook_url"):
+            value = getattr(settings, secret)
+            if value is not None:
+                env[f"PREFLIGHT_{secret.upper()}"] = value.get_secret_value()
+        return env
+
+    def _spawn(self, name: str) -> None:
+        log = self.data_dir / "logs" / f"{name}.log"
+        proc = processes.spawn(
+            [sys.executable, "-m", "services.stack.cli", "service", "run", name],
+            env=self._env(name),
+            log=log,
+            stdout_to_terminal=self.notices_to_terminal and name == "notifier",
+        )
+        previous = self.children.get(name)
+        child = Child(name, proc, log, time.monotonic())
+        if previous is not None:
+            child.restarts = previous.restarts
+        self.children[name] = child
+        extra = " (owns the ClickHouse engine: chDB)" if name == "canary-controller" else ""
+        if previous is None:
+            self.say(f"  {name:<18} pid {proc.pid}, log {log}{extra}")
+
+    def _write_stack_file(self) -> None:
+        assert self.nats is not None
+        info = {
+            "pid": os.getpid(),
+            "nats_url": self.nats.url,
+            "nats_monitor_url": self.nats.monitor_url,
+            "clickhouse": str(self.settings.chdb_path().resolve())
+            if self.settings.clickhouse_url == "chdb"
+            else self.settings.clickhouse_url,
+            "services": {c.name: c.proc.pid for c in self.children.values()},
+            "started_at": time.time(),
+        }
+        (self.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    # ---- supervise ----------------------------------------------------------------------------
+
+    def check_children(self) -> None:
+        """Restart a service that died, with a limit so a crash loop is reported, not hidden."""
+        if self._stopping:
+            return
+        for name, child in list(self.children.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+            if len(child.restarts) > 5:
+                raise StackError(
+                    f"{name} exited {len(child.restarts)} times in a minute (last status {code}); "
+                    f"see {child.log}"
+                )
+            self.say(f"  {name} exited with status {code}; restarting (log {child.log})")
+            self._spawn(name)
+            self._write_stack_file()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until every service's durable consumer has a puller (they are consuming)."""
+        settings = self._service_settings()
+        wanted = {
+            registry.consumer_of(name) for name in self.children if registry.consumer_of(name)
+        }
+
+        async def ready() -> bool:
+            nc = await bus.connect(settings, "preflight-stack-ready")
+            try:
+                js = nc.jetstream()
+                for durable in wanted:
+                    stream, _ = bus.consumer_filters(durable)
+                    info = await js.consumer_info(stream, durable)
+                    if not info.num_waiting:
+                        return False
+                return True
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_children()
+            if asyncio.run(ready()):
+                return
+            time.sleep(0.2)
+        raise StackError(f"services not consuming within {timeout} s; see {self.data_dir / 'logs'}")
+
+    # ---- stop ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping = True
+        for child in self.children.values():
+            if child.proc.poll() is None:
+                processes.signal_group(child.proc, signal.SIGTERM)
+        for child in self.children.values():
+            processes.terminate(child.proc, timeout=15)
+        if self.nats is not None:
+            self.nats.stop()
+        (self.data_dir / STACK_FILE).unlink(missing_ok=True)
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None

@@ -1,0 +1,200 @@
+"""The spine on a real nats-server with JetStream: topology, dedup, durability, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from faststream.nats import TestApp
+from nats.js import JetStreamContext
+
+from services.contracts import subjects
+from services.contracts.events import (
+    BenchmarkCompleted,
+    DeploymentPromoted,
+    DeploymentRequested,
+    Route,
+    ValidationCompleted,
+)
+from services.runtime import bus, registry
+from services.runtime.service import ServiceApp
+from services.runtime.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def request(deployment_id: str, model: str = "org/m.v2") -> DeploymentRequested:
+    return DeploymentRequested(
+        deployment_id=deployment_id, model=model, version="2", location="/models/m"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(*apps: ServiceApp) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        for svc in apps:
+            await stack.enter_async_context(TestApp(svc.app))
+        yield
+
+
+async def collect(
+    js: JetStreamContext, filter_subject: str, count: int, timeout: float = 10.0
+) -> list[Any]:
+    events: list[Any] = []
+
+    async def take() -> None:
+        async for event in bus.follow(js, filter_subject):
+            events.append(event)
+            if len(events) == count:
+                return
+
+    await asyncio.wait_for(take(), timeout)
+    return events
+
+
+async def stream_count(js: JetStreamContext, filter_subject: str, stream: str) -> int:
+    info = await js.stream_info(stream, subjects_filter=filter_subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_topology_is_idempotent_and_follows_config_changes(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    await bus.ensure_topology(js, settings)  # the fixture already ran it once
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    assert getattr(info.config.storage, "value", info.config.storage) == "file"
+    assert info.config.duplicate_window == settings.events_duplicate_window_s
+    changed = settings.model_copy(update={"events_duplicate_window_s": 600.0, "max_deliver": 7})
+    await bus.ensure_topology(js, changed)
+    assert (await js.stream_info(subjects.EVENTS_STREAM)).config.duplicate_window == 600.0
+    consumer = await js.consumer_info(subjects.EVENTS_STREAM, subjects.VALIDATOR_DURABLE)
+    assert consumer.config.max_deliver == 7
+    for bucket in (subjects.ROUTES_BUCKET, subjects.ROLLOUTS_BUCKET):
+        status = await (await js.key_value(bucket)).status()
+        assert status.bucket == bucket
+    names = {c.name for c in await js.consumers_info(subjects.EVENTS_STREAM)}
+    assert {subjects.VALIDATOR_DURABLE, subjects.BENCHMARKER_DURABLE, subjects.NOTIFIER_DURABLE} <= names
+
+
+async def test_a_deployment_travels_the_pipeline_to_an_outcome(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    apps = [registry.build(n, settings) for n in ("validator", "benchmarker", "canary-controller")]
+    async with running(*apps):
+        await bus.publish_event(js, request("d-flow"))
+        events = await collect(js, subjects.deployment_events("d-flow"), 4)
+    assert [type(e) for e in events] == [
+        DeploymentRequested,
+        ValidationCompleted,
+        BenchmarkCompleted,
+        DeploymentPromoted,
+    ]
+    promoted = events[-1]
+    assert all(s.status.value == "skipped" for s in promoted.stages)
+    kv = await js.key_value(subjects.ROUTES_BUCKET)
+    entry = await kv.get("org/m.v2")
+    route = Route.model_validate_json(entry.value or b"")
+    assert route.stable is not None and route.stable.version == "2"
+    assert route.canary_weight == 0
+
+
+async def test_republishing_a_request_is_harmless(js: JetStreamContext, settings: Settings) -> None:
+    first = await bus.publish_event(js, request("d-dup"))
+    again = await bus.publish_event(js, request("d-dup"))
+    assert again.duplicate and again.seq == first.seq
+    async with running(registry.build("validator", settings)):
+        await collect(js, subjects.stage("org/m.v2", "d-dup", "validated"), 1)
+        await asyncio.sleep(0.5)  # give a second, wrong, ValidationCompleted time to appear
+    assert await stream_count(js, subjects.deployment_events("d-dup"), subjects.EVENTS_STREAM) == 2
+
+
+async def test_a_service_that_was_down_catches_up(js: JetStreamContext, settings: Settings) -> None:
+    for i in range(3):
+        await bus.publish_event(js, request(f"d-late{i}"))
+    async with running(registry.build("validator", settings)):
+        done = await collect(js, subjects.stage_filter("validated"), 3)
+    assert sorted(e.deployment_id for e in done) == ["d-late0", "d-late1", "d-late2"]
+
+
+async def test_instances_of_one_service_split_the_work_exactly_once(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    instances = [
+        registry.build("validator", settings.model_copy(update={"instance": f"v{i}"}))
+        for i in range(2)
+    ]
+    n = 40
+    async with running(*instances):
+        await asyncio.gather(*(bus.publish_event(js, request(f"d-q{i:02d}")) for i in range(n)))
+        done = await collect(js, subjects.stage_filter("validated"), n, timeout=20)
+        await asyncio.sleep(0.5)
+    ids = [e.deployment_id for e in done]
+    assert sorted(ids) == [f"d-q{i:02d}" for i in range(n)]
+    total = await stream_count(js, subjects.stage_filter("validated"), subjects.EVENTS_STREAM)
+    assert total == n, "a request was handled twice"
+    workers = {e.report.service for e in done}
+    assert workers == {"v0", "v1"}, f"one instance took everything: {workers}"
+
+
+async def dead_letters(js: JetStreamContext, count: int) -> list[dict[str, Any]]:
+    sub = await js.subscribe(
+        subjects.DEADLETTER_SUBJECTS, stream=subjects.DEADLETTER_STREAM, ordered_consumer=True
+    )
+    try:
+        return [json.loads((await sub.next_msg(timeout=10)).data) for _ in range(count)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_malformed_events_are_dead_lettered_and_the_service_goes_on(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    async with running(registry.build("validator", settings)):
+        await js.publish(
+            "preflight.stage.m.d-bad.requested", b'{"model": 1}', stream=subjects.EVENTS_STREAM
+        )
+        await bus.publish_event(js, request("d-good"))
+        [letter] = await dead_letters(js, 1)
+        [done] = await collect(js, subjects.stage_filter("validated"), 1)
+    assert letter["service"] == "validator"
+    assert letter["subject"] == "preflight.stage.m.d-bad.requested"
+    assert letter["payload_text"] == '{"model": 1}'
+    assert "deployment_id: Field required" in letter["reason"]
+    assert done.deployment_id == "d-good"
+
+
+async def test_a_handler_that_keeps_failing_is_retried_then_dead_lettered(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def broken(*args: Any) -> Any:
+        calls.append("x")
+        raise RuntimeError("disk on fire")
+
+    from services.validator import app as validator_app
+
+    monkeypatch.setattr(validator_app, "run_checks", broken)
+    handle: Callable[..., Any] = validator_app.handle_requested
+    assert handle is not None
+    async with running(registry.build("validator", settings)):
+        await bus.publish_event(js, request("d-fail"))
+        [letter] = await dead_letters(js, 1)
+    assert len(calls) == settings.max_deliver
+    assert letter["delivery_attempt"] == settings.max_deliver
+    assert "RuntimeError: disk on fire" in letter["reason"]
+    assert json.loads(letter["payload_text"])["deployment_id"] == "d-fail"
+
+
+async def test_history_reads_back_one_deployment_and_one_model(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    await bus.publish_event(js, request("d-h1", model="alpha"))
+    await bus.publish_event(js, request("d-h2", model="beta.v1"))
+    assert [e.deployment_id for e in await bus.read_history(js, subjects.deployment_events("d-h1"))] == ["d-h1"]
+    assert [e.model for e in await bus.read_history(js, subjects.model_events("beta.v1"))] == ["beta.v1"]
+    assert await bus.read_history(js, subjects.deployment_events("d-none")) == []

@@ -1,0 +1,152 @@
+"""Events, subjects and message ids: the contract other systems build on."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import ValidationError
+
+from services.contracts import subjects
+from services.contracts.events import (
+    ALL_MESSAGES,
+    ANY_OUTCOME,
+    DEPLOYMENT_EVENT,
+    CanaryStepStarted,
+    DeploymentPromoted,
+    DeploymentRequested,
+    Message,
+    PromoteDeployment,
+    new_deployment_id,
+)
+from services.contracts.routing import message_id_for, subject_for
+
+
+def request(**overrides: object) -> DeploymentRequested:
+    fields: dict[str, object] = {
+        "deployment_id": "d-1",
+        "model": "org/chat-7b.v2",
+        "version": "2024.06",
+        "location": "/models/chat",
+    }
+    fields.update(overrides)
+    return DeploymentRequested.model_validate(fields)
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard semantics: `*` one token, `>` one or more trailing tokens."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def test_messages_are_frozen_strict_and_versioned() -> None:
+    event = request()
+    with pytest.raises(ValidationError):
+        event.version = "3"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        request(surprise=1)
+    assert event.schema_version == 1
+    for model in ALL_MESSAGES:
+        assert issubclass(model, Message)
+        assert model.model_config.get("frozen") and model.model_config.get("extra") == "forbid"
+
+
+@pytest.mark.parametrize(
+    "location", ["/models/chat", "./rel/dir", "s3://bucket/key", "hf://org/model", "gs://b/m"]
+)
+def test_location_admits_paths_and_uris(location: str) -> None:
+    assert request(location=location).location == location
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model", "has space"),
+        ("model", "star*"),
+        ("model", "gt>"),
+        ("deployment_id", "a.b"),
+        ("deployment_id", "x"),
+        ("version", ""),
+        ("location", ""),
+    ],
+)
+def test_fields_that_would_break_subjects_are_rejected(field: str, value: str) -> None:
+    with pytest.raises(ValidationError):
+        request(**{field: value})
+
+
+def test_expected_digests_must_be_sha256_hex() -> None:
+    assert request(expected_sha256={"model.safetensors": "a" * 64}).expected_sha256
+    with pytest.raises(ValidationError):
+        request(expected_sha256={"model.safetensors": "not-a-digest"})
+
+
+def test_naive_timestamps_are_rejected() -> None:
+    with pytest.raises(ValidationError, match="time zone"):
+        request(occurred_at=datetime(2026, 1, 1))  # noqa: DTZ001 - the point of the test
+
+
+def test_round_trip_through_the_discriminated_union() -> None:
+    original = request()
+    parsed = DEPLOYMENT_EVENT.validate_json(original.model_dump_json())
+    assert parsed == original
+    promoted = DeploymentPromoted(deployment_id="d-1", model="m", version="1")
+    assert isinstance(ANY_OUTCOME.validate_json(promoted.model_dump_json()), DeploymentPromoted)
+
+
+def test_one_wildcard_takes_all_outcomes_or_one_models() -> None:
+    mine = subjects.outcome("org/chat-7b.v2", "d-1", "promoted")
+    other = subjects.outcome("org/chat-7b", "d-2", "blocked")
+    stage = subjects.stage("org/chat-7b.v2", "d-1", "validated")
+    assert matches(subjects.OUTCOME_SUBJECTS, mine) and matches(subjects.OUTCOME_SUBJECTS, other)
+    assert not matches(subjects.OUTCOME_SUBJECTS, stage)
+    assert matches(subjects.model_outcomes("org/chat-7b.v2"), mine)
+    assert not matches(subjects.model_outcomes("org/chat-7b.v2"), other)
+    assert matches(subjects.deployment_events("d-1"), mine)
+    assert matches(subjects.deployment_events("d-1"), stage)
+    assert not matches(subjects.deployment_events("d-1"), other)
+
+
+def test_model_token_is_lossless_and_a_single_token() -> None:
+    for name in ("org/chat-7b.v2", "a.b.c", "plain"):
+        token = subjects.model_token(name)
+        assert "." not in token
+        assert subjects.model_from_token(token) == name
+    with pytest.raises(ValueError, match="cannot be used"):
+        subjects.model_token("bad name")
+
+
+def test_every_subject_has_five_tokens() -> None:
+    event = request()
+    for subject in (
+        subject_for(event),
+        subjects.outcome(event.model, "d-1", "rolled_back"),
+        subjects.command(event.model, "d-1", "abort"),
+    ):
+        assert len(subject.split(".")) == 5
+
+
+def test_message_ids_make_republishing_harmless() -> None:
+    assert message_id_for(request()) == message_id_for(request()) == "d-1:requested"
+    step = CanaryStepStarted(
+        deployment_id="d-1", model="m", version="1", step_index=1, weight=50, duration_s=120
+    )
+    assert message_id_for(step) == "d-1:canary_step:1"
+    command = PromoteDeployment(deployment_id="d-1", model="m", version="1")
+    with pytest.raises(ValueError, match="nonce"):
+        message_id_for(command)
+    assert message_id_for(command, "ab12") == "d-1:promote:ab12"
+
+
+def test_deployment_ids_are_valid_and_sortable() -> None:
+    first = new_deployment_id(datetime(2026, 1, 1, tzinfo=UTC))
+    second = new_deployment_id(datetime(2026, 1, 2, tzinfo=UTC))
+    assert re.fullmatch(r"d-\d{8}T\d{6}-[0-9a-f]{6}", first)
+    assert first < second
+    assert request(deployment_id=first).deployment_id == first

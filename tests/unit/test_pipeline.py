@@ -1,0 +1,113 @@
+"""The pure rules that move a deployment between stages."""
+
+from __future__ import annotations
+
+from services.benchmarker.app import handle_validated
+from services.canary_controller.app import handle_benchmarked
+from services.contracts.events import (
+    BenchmarkCompleted,
+    CheckResult,
+    DeploymentBlocked,
+    DeploymentDegraded,
+    DeploymentFailed,
+    DeploymentPromoted,
+    DeploymentRequested,
+    StageReport,
+    Status,
+    ValidationCompleted,
+)
+from services.contracts.policy import PolicyFile
+from services.runtime import pipeline
+from services.runtime.settings import Settings
+from services.validator.app import handle_requested
+
+REQUEST = DeploymentRequested(deployment_id="d-1", model="m", version="2", location="/m")
+
+
+def failed_validation() -> StageReport:
+    return StageReport(
+        stage="validation",
+        status=Status.FAILED,
+        checks=(CheckResult(name="checksum", status=Status.FAILED, reason="model.safetensors differs"),),
+    )
+
+
+def degraded_benchmark() -> StageReport:
+    check = CheckResult(
+        name="perplexity", status=Status.FAILED, reason="up 12%", value=0.12, threshold=0.05
+    )
+    return StageReport(stage="benchmark", status=Status.DEGRADED, checks=(check,))
+
+
+def test_a_stage_that_is_not_built_is_skipped_never_passed() -> None:
+    for stage in pipeline.STAGE_ISSUES:
+        report = pipeline.not_built(stage)
+        assert report.status is Status.SKIPPED
+        assert "not built yet" in report.reason
+        assert not report.blocks
+
+
+def test_validator_publishes_completed_with_skipped_report_today() -> None:
+    [event] = handle_requested(REQUEST, PolicyFile(), "v-1")
+    assert isinstance(event, ValidationCompleted)
+    assert event.report.status is Status.SKIPPED and event.report.service == "v-1"
+
+
+def test_a_disabled_stage_says_disabled_by_policy() -> None:
+    request = REQUEST.model_copy(update={"policy_overrides": {"validation": {"enabled": False}}})
+    [event] = handle_requested(request, PolicyFile(), "v-1")
+    assert isinstance(event, ValidationCompleted)
+    assert event.report.reason == "skipped: disabled by policy"
+
+
+def test_a_bad_policy_override_fails_the_deployment_with_the_reason() -> None:
+    request = REQUEST.model_copy(update={"policy_overrides": {"canary": {"bogus": 1}}})
+    [event] = handle_requested(request, PolicyFile(), "v-1")
+    assert isinstance(event, DeploymentFailed)
+    assert "canary.bogus" in event.error
+
+
+def test_failed_validation_blocks_and_names_the_check() -> None:
+    completed, blocked = pipeline.after_validation(REQUEST, failed_validation())
+    assert isinstance(blocked, DeploymentBlocked) and blocked.stage == "validation"
+    assert blocked.reasons == ("checksum: model.safetensors differs",)
+    assert handle_validated(completed, PolicyFile(), "b-1") == []  # type: ignore[arg-type]
+
+
+def test_degraded_benchmark_notifies_and_proceeds_by_default() -> None:
+    validated = ValidationCompleted(
+        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+    )
+    policy = PolicyFile().resolve(model="m")
+    events = pipeline.after_benchmark(validated, degraded_benchmark(), policy)
+    assert [type(e) for e in events] == [BenchmarkCompleted, DeploymentDegraded]
+    degraded = events[1]
+    assert isinstance(degraded, DeploymentDegraded)
+    assert degraded.reasons == ("perplexity: 0.12 against threshold 0.05",)
+    assert pipeline.proceeds_to_canary(events[0], policy)  # type: ignore[arg-type]
+
+
+def test_degraded_benchmark_blocks_when_policy_says_block() -> None:
+    validated = ValidationCompleted(
+        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+    )
+    policy = PolicyFile().resolve(model="m", overrides={"benchmark": {"on_failure": "block"}})
+    events = pipeline.after_benchmark(validated, degraded_benchmark(), policy)
+    assert [type(e) for e in events] == [BenchmarkCompleted, DeploymentDegraded, DeploymentBlocked]
+    benchmarked = events[0]
+    assert isinstance(benchmarked, BenchmarkCompleted)
+    assert not pipeline.proceeds_to_canary(benchmarked, policy)
+
+
+def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
+    validated = ValidationCompleted(
+        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+    )
+    [benchmarked] = handle_validated(validated, PolicyFile(), "b-1")
+    assert isinstance(benchmarked, BenchmarkCompleted)
+    [promoted] = handle_benchmarked(benchmarked, PolicyFile(), Settings(instance="c-1"))
+    assert isinstance(promoted, DeploymentPromoted)
+    assert [s.stage for s in promoted.stages] == ["validation", "benchmark", "canary"]
+    assert all(s.status is Status.SKIPPED for s in promoted.stages)
+    assert "stages that did not run" in promoted.reasons[1]
+    assert promoted.metrics_url is not None and "d-1" in promoted.metrics_url
