@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from nats.js import JetStreamContext
 
 from services.runtime import bus
 from services.runtime.nats_server import NatsServer
@@ -34,7 +35,7 @@ def settings(tmp_path: Path, nats_server: NatsServer) -> Settings:
 
 
 @pytest.fixture
-async def js(settings: Settings) -> AsyncIterator[bus.JetStreamContext]:
+async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
     nc = await bus.connect(settings, "test-client")
     jetstream = nc.jetstream()
     await bus.ensure_topology(jetstream, settings)

@@ -32,7 +32,7 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = Field(
-        default=SCHEMA_VERSION,
+        default=1,
         description="Version of this message's schema; bumped on any breaking change.",
     )
 

@@ -66,7 +66,9 @@ class BenchmarkPolicy(_Strict):
     @model_validator(mode="after")
     def _stride_fits(self) -> BenchmarkPolicy:
         if self.stride > self.max_length:
-            raise ValueError(f"stride ({self.stride}) must not exceed max_length ({self.max_length})")
+            raise ValueError(
+                f"stride ({self.stride}) must not exceed max_length ({self.max_length})"
+            )
         return self
 
 
@@ -127,7 +129,9 @@ def _default_classes() -> dict[str, ModelClassPolicy]:
             latency=LatencyThresholds(ttft_p95_ms=100, per_token_p95_ms=20, generation_p95_ms=1000)
         ),
         "large": ModelClassPolicy(
-            latency=LatencyThresholds(ttft_p95_ms=2000, per_token_p95_ms=200, generation_p95_ms=20000)
+            latency=LatencyThresholds(
+                ttft_p95_ms=2000, per_token_p95_ms=200, generation_p95_ms=20000
+            )
         ),
     }
 

@@ -77,7 +77,11 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
         api.StreamConfig(
             name=subjects.EVENTS_STREAM,
             description="Deployment events, outcomes and commands (the pipeline's history).",
-            subjects=[subjects.STAGE_SUBJECTS, subjects.OUTCOME_SUBJECTS, subjects.COMMAND_SUBJECTS],
+            subjects=[
+                subjects.STAGE_SUBJECTS,
+                subjects.OUTCOME_SUBJECTS,
+                subjects.COMMAND_SUBJECTS,
+            ],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             duplicate_window=settings.events_duplicate_window_s,
@@ -170,12 +174,12 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
                 )
             )
     for stream, durable, filters in CONSUMERS:
-        config = consumer_config(durable, filters, settings)
+        consumer = consumer_config(durable, filters, settings)
         try:
-            await js.add_consumer(stream, config)
+            await js.add_consumer(stream, consumer)
         except BadRequestError:
             with contextlib.suppress(BadRequestError):
-                await js.add_consumer(stream, config)  # a concurrent start created it first
+                await js.add_consumer(stream, consumer)  # a concurrent start created it first
 
 
 # ---- events on the wire -----------------------------------------------------------------------
@@ -211,6 +215,13 @@ async def read_history(js: JetStreamContext, filter_subject: str) -> list[Deploy
     return events
 
 
+def _parse(data: bytes) -> DeploymentEvent | None:
+    try:
+        return DEPLOYMENT_EVENT.validate_json(data)
+    except ValueError:
+        return None
+
+
 async def follow(
     js: JetStreamContext,
     filter_subject: str,
@@ -230,12 +241,11 @@ async def follow(
     )
     try:
         while True:
-            msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+            msg = await sub.next_msg(timeout=None)
             pending = msg.metadata.num_pending
-            try:
-                yield DEPLOYMENT_EVENT.validate_json(msg.data)
-            except ValueError:
-                pass
+            event = _parse(msg.data)
+            if event is not None:
+                yield event
             if stop_when_caught_up and pending == 0:
                 return
     finally:

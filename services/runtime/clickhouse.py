@@ -1,4 +1,4 @@
-"""ClickHouse through clickhouse-connect: chDB in-process (embedded, tests) or a server over HTTP."""
+"""ClickHouse through clickhouse-connect: chDB in-process (embedded, tests) or HTTP server."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ STAGE_ISSUES = {"validation": 3, "benchmark": 4, "canary": 6}
 def not_built(stage: str, service: str = "") -> StageReport:
     """An honest placeholder: the stage did not run, and says so (never `passed`)."""
     return StageReport(
-        stage=stage,  # type: ignore[arg-type]
+        stage=stage,
         status=Status.SKIPPED,
         reason=f"skipped: not built yet (issue #{STAGE_ISSUES[stage]})",
         service=service,
@@ -33,7 +33,7 @@ def not_built(stage: str, service: str = "") -> StageReport:
 
 def disabled(stage: str, service: str = "") -> StageReport:
     return StageReport(
-        stage=stage,  # type: ignore[arg-type]
+        stage=stage,
         status=Status.SKIPPED,
         reason="skipped: disabled by policy",
         service=service,
@@ -54,7 +54,9 @@ def _ids(request: DeploymentRequested) -> dict[str, str]:
     }
 
 
-def policy_failure(request: DeploymentRequested, stage: str, error: PolicyError) -> DeploymentFailed:
+def policy_failure(
+    request: DeploymentRequested, stage: str, error: PolicyError
+) -> DeploymentFailed:
     return DeploymentFailed(
         **_ids(request),
         stage=stage,
@@ -104,9 +106,9 @@ def after_benchmark(
     events: list[Event] = [done]
     if report.status in (Status.DEGRADED, Status.FAILED):
         failed = tuple(c for c in report.checks if c.status in (Status.FAILED, Status.DEGRADED))
-        reasons = tuple(
-            f"{c.name}: {c.value} against threshold {c.threshold}" for c in failed
-        ) or (report.reason,)
+        reasons = tuple(f"{c.name}: {c.value} against threshold {c.threshold}" for c in failed) or (
+            report.reason,
+        )
         events.append(
             DeploymentDegraded(
                 **_ids(request),

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from faststream import AckPolicy, FastStream
-from nats import errors as nats_errors
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
+from nats import errors as nats_errors
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from services.contracts import subjects
@@ -163,7 +163,9 @@ class ServiceApp:
                 await self._reject(subject, body, headers, reason, attempt)
                 await msg.ack()
                 return
-            log.exception("%s: handler failed on %s (attempt %s); will retry", self.name, subject, attempt)
+            log.exception(
+                "%s: handler failed on %s (attempt %s); will retry", self.name, subject, attempt
+            )
             await msg.nack(delay=min(30.0, 0.5 * 2 ** ((attempt or 1) - 1)))
             return
         await msg.ack()
@@ -184,7 +186,9 @@ class ServiceApp:
         )
 
 
-def build_service(name: str, settings: Settings, *, policy_file: PolicyFile | None = None) -> ServiceApp:
+def build_service(
+    name: str, settings: Settings, *, policy_file: PolicyFile | None = None
+) -> ServiceApp:
     """The broker and app of one service; its module adds handlers with `consume`."""
     logger = logging.getLogger(f"preflight.{name}")
     broker = NatsBroker(

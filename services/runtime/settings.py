@@ -19,7 +19,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PREFLIGHT_", frozen=True, extra="ignore")
 
-    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated."
+    )
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     data_dir: Path = Field(default=Path(".preflight"), description="Embedded stack state.")

@@ -203,7 +203,9 @@ def deploy(
     user: Annotated[str | None, typer.Option(help="Who asks; default $USER.")] = None,
     system: Annotated[str, typer.Option(help="Which system asks.")] = "cli",
     slack_channel: Annotated[str | None, typer.Option(help="Also notify this channel.")] = None,
-    deployment_id: Annotated[str | None, typer.Option("--id", help="Reuse an id (retries).")] = None,
+    deployment_id: Annotated[
+        str | None, typer.Option("--id", help="Reuse an id (retries).")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow it; exit 0 only if promoted.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 3600.0,
     data_dir: DataDir = None,
@@ -244,9 +246,7 @@ def deploy(
             ),
             notify=NotifyTarget(slack_channel=slack_channel),
         )
-        load_policy_file(settings.policy_file).resolve(
-            model=model, team=team, overrides=overrides
-        )
+        load_policy_file(settings.policy_file).resolve(model=model, team=team, overrides=overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"invalid request: {'.'.join(map(str, first['loc']))}: {first['msg']}")
@@ -258,7 +258,9 @@ def deploy(
 
     ack = run_async(lambda: _connected(settings, send))
     if as_json and not wait:
-        print(json.dumps({"deployment_id": request.deployment_id, "duplicate": bool(ack.duplicate)}))
+        print(
+            json.dumps({"deployment_id": request.deployment_id, "duplicate": bool(ack.duplicate)})
+        )
     elif not as_json:
         note = " (already requested: deduplicated)" if ack.duplicate else ""
         out.print(f"{request.deployment_id}{note}", highlight=False)
@@ -286,7 +288,7 @@ def _watch(settings: Settings, deployment_id: str, timeout: float, as_json: bool
         fail(f"{deployment_id}: no outcome within {timeout:g} s", EXIT_FAILED)
     if isinstance(final, DeploymentPromoted):
         return 0
-    if final is not None and not as_json:
+    if isinstance(final, render.TERMINAL) and not as_json:
         err.print(f"{deployment_id}: {final.type}: {'; '.join(final.reasons)}", highlight=False)
     return EXIT_FAILED
 
@@ -314,7 +316,9 @@ async def _history(settings: Settings, filter_subject: str) -> list[DeploymentEv
 
 @app.command()
 def status(
-    deployment_id: Annotated[str | None, typer.Argument(help="One deployment; default all.")] = None,
+    deployment_id: Annotated[
+        str | None, typer.Argument(help="One deployment; default all.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Most recent deployments to show.")] = 20,
     data_dir: DataDir = None,
     as_json: JsonFlag = False,
@@ -401,25 +405,33 @@ IdArg = Annotated[str, typer.Argument(help="Deployment id.")]
 
 
 @app.command()
-def promote(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+def promote(
+    deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None
+) -> None:
     """Skip the remaining canary steps and promote now."""
     _command(PromoteDeployment, deployment_id, reason, user, data_dir)
 
 
 @app.command()
-def abort(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+def abort(
+    deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None
+) -> None:
     """Roll the canary back now."""
     _command(AbortDeployment, deployment_id, reason, user, data_dir)
 
 
 @app.command()
-def pause(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+def pause(
+    deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None
+) -> None:
     """Hold a rollout at its current weight."""
     _command(PauseDeployment, deployment_id, reason, user, data_dir)
 
 
 @app.command()
-def resume(deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None) -> None:
+def resume(
+    deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None
+) -> None:
     """Continue a paused rollout."""
     _command(ResumeDeployment, deployment_id, reason, user, data_dir)
 

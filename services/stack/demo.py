@@ -63,7 +63,9 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
     console.print(f"1/4 generating sample models in {data_dir / 'models'}")
     stable_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v1", name=MODEL, seed=1)
     new_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v2", name=MODEL, seed=2)
-    console.print(f"    {stable_dir.name} (stable) and {new_dir.name} (new): GPT-2-shaped, safetensors")
+    console.print(
+        f"    {stable_dir.name} (stable) and {new_dir.name} (new): GPT-2-shaped, safetensors"
+    )
 
     console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
@@ -96,7 +98,11 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
     console.print(render.summary_table(summaries, title="demo outcome"))
     final = events[-1] if events else None
     not_built = [
-        r for e in events if isinstance(e, DeploymentPromoted) for r in e.stages if "not built" in r.reason
+        r
+        for e in events
+        if isinstance(e, DeploymentPromoted)
+        for r in e.stages
+        if "not built" in r.reason
     ]
     if not_built:
         console.print(
@@ -104,5 +110,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
             + ", ".join(f"{r.stage} ({r.reason.removeprefix('skipped: ')})" for r in not_built)
             + " - these stages did not check anything."
         )
-    console.print(f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running")
+    console.print(
+        f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
+    )
     return 0 if isinstance(final, DeploymentPromoted) else 1

@@ -41,7 +41,9 @@ def stage_line(report: StageReport) -> str:
         text += f" - {report.reason}"
     elif report.reason:
         text += report.reason[len(report.status.value) :]
-    failed = [c for c in report.checks if c.status in (Status.FAILED, Status.ERROR, Status.DEGRADED)]
+    failed = [
+        c for c in report.checks if c.status in (Status.FAILED, Status.ERROR, Status.DEGRADED)
+    ]
     for check in failed:
         text += f"\n      {check.name}: {check.status.value} - {check.reason}"
     return text
@@ -62,11 +64,14 @@ def describe(event: DeploymentEvent) -> str:
         case ValidationCompleted() | BenchmarkCompleted():
             return head + stage_line(event.report)
         case CanaryStepStarted():
-            return f"{head}canary step {event.step_index + 1}: {event.weight:g}% for {event.duration_s:g} s"
+            step = event.step_index + 1
+            return f"{head}canary step {step}: {event.weight:g}% for {event.duration_s:g} s"
         case CanaryAnalysed():
             return f"{head}canary analysed: {event.verdict} {event.reason}"
         case DeploymentPromoted():
-            return f"{head}[bold green]PROMOTED[/bold green] {event.model} {event.version}" + _why(event)
+            return f"{head}[bold green]PROMOTED[/bold green] {event.model} {event.version}" + _why(
+                event
+            )
         case DeploymentDegraded():
             return f"{head}[bold dark_orange]DEGRADED[/bold dark_orange]" + _why(event)
         case DeploymentBlocked():

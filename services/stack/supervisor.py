@@ -104,9 +104,13 @@ class Stack:
 
     def _start_nats(self) -> None:
         self.nats = NatsServer(
-            self.data_dir / "nats", host=self.settings.stack_host, port=self.settings.stack_nats_port
+            self.data_dir / "nats",
+            host=self.settings.stack_host,
+            port=self.settings.stack_nats_port,
         ).start()
-        self.say(f"  {'nats-server':<18} {self.nats.url}  (JetStream store {self.nats.root / 'store'})")
+        self.say(
+            f"  {'nats-server':<18} {self.nats.url}  (JetStream store {self.nats.root / 'store'})"
+        )
         self.say(f"  {'nats monitoring':<18} {self.nats.monitor_url}")
 
     def _service_settings(self) -> Settings:
@@ -200,9 +204,7 @@ class Stack:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until every service's durable consumer has a puller (they are consuming)."""
         settings = self._service_settings()
-        wanted = {
-            registry.consumer_of(name) for name in self.children if registry.consumer_of(name)
-        }
+        wanted = {d for d in map(registry.consumer_of, self.children) if d is not None}
 
         async def ready() -> bool:
             nc = await bus.connect(settings, "preflight-stack-ready")

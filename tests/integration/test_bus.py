@@ -77,7 +77,11 @@ async def test_topology_is_idempotent_and_follows_config_changes(
         status = await (await js.key_value(bucket)).status()
         assert status.bucket == bucket
     names = {c.name for c in await js.consumers_info(subjects.EVENTS_STREAM)}
-    assert {subjects.VALIDATOR_DURABLE, subjects.BENCHMARKER_DURABLE, subjects.NOTIFIER_DURABLE} <= names
+    assert {
+        subjects.VALIDATOR_DURABLE,
+        subjects.BENCHMARKER_DURABLE,
+        subjects.NOTIFIER_DURABLE,
+    } <= names
 
 
 async def test_a_deployment_travels_the_pipeline_to_an_outcome(
@@ -195,6 +199,10 @@ async def test_history_reads_back_one_deployment_and_one_model(
 ) -> None:
     await bus.publish_event(js, request("d-h1", model="alpha"))
     await bus.publish_event(js, request("d-h2", model="beta.v1"))
-    assert [e.deployment_id for e in await bus.read_history(js, subjects.deployment_events("d-h1"))] == ["d-h1"]
-    assert [e.model for e in await bus.read_history(js, subjects.model_events("beta.v1"))] == ["beta.v1"]
+    assert [
+        e.deployment_id for e in await bus.read_history(js, subjects.deployment_events("d-h1"))
+    ] == ["d-h1"]
+    assert [e.model for e in await bus.read_history(js, subjects.model_events("beta.v1"))] == [
+        "beta.v1"
+    ]
     assert await bus.read_history(js, subjects.deployment_events("d-none")) == []

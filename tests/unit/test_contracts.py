@@ -89,7 +89,7 @@ def test_expected_digests_must_be_sha256_hex() -> None:
 
 def test_naive_timestamps_are_rejected() -> None:
     with pytest.raises(ValidationError, match="time zone"):
-        request(occurred_at=datetime(2026, 1, 1))  # noqa: DTZ001 - the point of the test
+        request(occurred_at=datetime(2026, 1, 1))  # naive on purpose
 
 
 def test_round_trip_through_the_discriminated_union() -> None:

@@ -28,7 +28,9 @@ def failed_validation() -> StageReport:
     return StageReport(
         stage="validation",
         status=Status.FAILED,
-        checks=(CheckResult(name="checksum", status=Status.FAILED, reason="model.safetensors differs"),),
+        checks=(
+            CheckResult(name="checksum", status=Status.FAILED, reason="model.safetensors differs"),
+        ),
     )
 
 
@@ -76,7 +78,11 @@ def test_failed_validation_blocks_and_names_the_check() -> None:
 
 def test_degraded_benchmark_notifies_and_proceeds_by_default() -> None:
     validated = ValidationCompleted(
-        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+        deployment_id="d-1",
+        model="m",
+        version="2",
+        report=pipeline.not_built("validation"),
+        request=REQUEST,
     )
     policy = PolicyFile().resolve(model="m")
     events = pipeline.after_benchmark(validated, degraded_benchmark(), policy)
@@ -89,7 +95,11 @@ def test_degraded_benchmark_notifies_and_proceeds_by_default() -> None:
 
 def test_degraded_benchmark_blocks_when_policy_says_block() -> None:
     validated = ValidationCompleted(
-        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+        deployment_id="d-1",
+        model="m",
+        version="2",
+        report=pipeline.not_built("validation"),
+        request=REQUEST,
     )
     policy = PolicyFile().resolve(model="m", overrides={"benchmark": {"on_failure": "block"}})
     events = pipeline.after_benchmark(validated, degraded_benchmark(), policy)
@@ -101,7 +111,11 @@ def test_degraded_benchmark_blocks_when_policy_says_block() -> None:
 
 def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
     validated = ValidationCompleted(
-        deployment_id="d-1", model="m", version="2", report=pipeline.not_built("validation"), request=REQUEST
+        deployment_id="d-1",
+        model="m",
+        version="2",
+        report=pipeline.not_built("validation"),
+        request=REQUEST,
     )
     [benchmarked] = handle_validated(validated, PolicyFile(), "b-1")
     assert isinstance(benchmarked, BenchmarkCompleted)

@@ -86,7 +86,7 @@ def test_a_bad_team_override_names_the_team(tmp_path: Path) -> None:
 
 
 def test_a_bad_deployment_override_says_so() -> None:
-    with pytest.raises(PolicyError, match="deployment policy_overrides: benchmark.stride"):
+    with pytest.raises(PolicyError, match=r"deployment policy_overrides: benchmark\.stride"):
         PolicyFile().resolve(model="m", overrides={"benchmark": {"stride": 0}})
 
 
@@ -104,7 +104,14 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     ("override", "why"),
     [
         ({"benchmark": {"stride": 512, "max_length": 256}}, "must not exceed max_length"),
-        ({"canary": {"steps": [{"weight": 50, "duration_s": 1}, {"weight": 5, "duration_s": 1}]}}, "must not decrease"),
+        (
+            {
+                "canary": {
+                    "steps": [{"weight": 50, "duration_s": 1}, {"weight": 5, "duration_s": 1}]
+                }
+            },
+            "must not decrease",
+        ),
         ({"canary": {"steps": [{"weight": 100, "duration_s": 1}]}}, "less than 100"),
     ],
 )

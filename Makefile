@@ -1,0 +1,59 @@
+# preflight: `make demo` runs the embedded stack and a real deployment; `make test` runs everything.
+# Both install what they need into .venv from this repository's own files.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo up test lint typecheck unit integration e2e schemas bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install preflight with its dev tools
+
+demo: $(STAMP) ## Start the embedded stack, deploy a generated sample model, show the outcome, stop
+	$(BIN)/preflight demo
+
+up: $(STAMP) ## Run the embedded stack until Ctrl-C
+	$(BIN)/preflight up
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict over services, tests and bench
+	$(BIN)/mypy
+
+schemas: $(STAMP) ## Regenerate schemas/ from the contracts
+	$(BIN)/preflight schemas
+
+unit: $(STAMP) ## Unit and component tests only (no servers)
+	$(BIN)/pytest tests/unit tests/component -q
+
+integration: $(STAMP) ## Tests on a real nats-server and chDB
+	$(BIN)/pytest tests/integration -q
+
+e2e: $(STAMP) ## The embedded stack end to end
+	$(BIN)/pytest tests/e2e -q
+
+test: $(STAMP) ## Lint, type checks, schema freshness and the whole suite
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/preflight schemas --check
+	$(BIN)/pytest -q
+
+bench: $(STAMP) ## Run the benchmark scripts (figures for docs/benchmarks.md)
+	$(BIN)/python bench/bus_hop.py
+
+clean: ## Remove the venv, caches and the embedded stack's data
+	rm -rf $(VENV) .preflight .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,237 @@
+"""The whole embedded stack as a user runs it: `preflight up` in its own process.
+
+The client here is plain nats-py plus the files in schemas/: what a system written in another
+language would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import nats
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS = ROOT / "schemas"
+CLI = [sys.executable, "-m", "services.stack.cli"]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
+
+
+class RunningStack:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.log = data_dir.parent / f"up-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*CLI, "up", "--data-dir", str(data_dir)],
+            env=clean_env(),
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.info = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"preflight up exited: {self.log.read_text()}")
+            if "ready" in self.log.read_text():
+                info: dict[str, Any] = json.loads((self.data_dir / "stack.json").read_text())
+                return info
+            time.sleep(0.1)
+        raise AssertionError(f"preflight up not ready: {self.log.read_text()}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *self.info["services"].values(), nats_pid(self.data_dir)]
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def nats_pid(data_dir: Path) -> int:
+    return int((data_dir / "nats" / "run" / "nats.pid").read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[RunningStack]:
+    running = RunningStack(tmp_path / "data")
+    try:
+        yield running
+    finally:
+        if running.proc.poll() is None:
+            running.stop()
+
+
+def subject_from(address: str, **params: str) -> str:
+    for key, value in params.items():
+        address = address.replace("{" + key + "}", value)
+    assert "{" not in address, address
+    return address
+
+
+async def deploy_and_read_outcome(nats_url: str, deployment_id: str) -> dict[str, Any]:
+    asyncapi = yaml.safe_load((SCHEMAS / "asyncapi.yaml").read_text())
+    request = {
+        "type": "DeploymentRequested",
+        "deployment_id": deployment_id,
+        "model": "sample-gpt",
+        "version": "v2",
+        "location": "/models/sample-gpt-v2",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "requested_by": {"user": "e2e", "system": "plain-nats-client"},
+    }
+    jsonschema.validate(request, json.loads((SCHEMAS / "DeploymentRequested.json").read_text()))
+    subject = subject_from(
+        asyncapi["channels"]["deploymentRequested"]["address"],
+        model="sample-gpt",
+        deployment_id=deployment_id,
+    )
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        outcomes = await nc.subscribe("preflight.outcome.sample-gpt.>")  # one model's outcomes
+        await js.publish(
+            subject, json.dumps(request).encode(), headers={"Nats-Msg-Id": f"{deployment_id}:requested"}
+        )
+        msg = await outcomes.next_msg(timeout=30)
+        outcome: dict[str, Any] = json.loads(msg.data)
+    finally:
+        await nc.close()
+    schema = json.loads((SCHEMAS / f"{outcome['type']}.json").read_text())
+    jsonschema.validate(outcome, schema)
+    return outcome
+
+
+def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args, "--data-dir", str(data_dir)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_plain_client_deploys_from_schemas_and_reads_the_outcome(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    outcome = asyncio.run(deploy_and_read_outcome(stack.info["nats_url"], "d-e2e-1"))
+    assert outcome["type"] == "DeploymentPromoted"
+    assert outcome["deployment_id"] == "d-e2e-1"
+    assert [s["status"] for s in outcome["stages"]] == ["skipped", "skipped", "skipped"]
+    assert all("not built yet" in s["reason"] for s in outcome["stages"])
+
+    status = cli("status", "d-e2e-1", data_dir=stack.data_dir)
+    assert status.returncode == 0, status.stderr
+    assert "PROMOTED" in status.stdout
+
+    pids = stack.pids
+    assert stack.stop() == 0
+    assert wait_gone(pids) == [], "preflight up left processes behind"
+    assert "stopped; nothing left running" in stack.log.read_text()
+
+    again = RunningStack(stack.data_dir)  # same data directory: history is kept
+    try:
+        history = cli("history", "--model", "sample-gpt", "--json", data_dir=stack.data_dir)
+        assert history.returncode == 0, history.stderr
+        rows = json.loads(history.stdout)
+        assert [(r["deployment_id"], r["outcome"]) for r in rows] == [("d-e2e-1", "promoted")]
+    finally:
+        pids = again.pids
+        again.stop()
+    assert wait_gone(pids) == []
+
+
+def test_a_killed_supervisor_leaves_nothing_behind(stack: RunningStack) -> None:
+    pids = stack.pids
+    stack.stop(signal.SIGKILL)
+    assert wait_gone(pids) == [], "children outlived a SIGKILLed `preflight up`"
+
+
+def test_a_second_stack_on_the_same_data_dir_is_refused(stack: RunningStack) -> None:
+    second = subprocess.run(
+        [*CLI, "up", "--data-dir", str(stack.data_dir)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode != 0
+    assert f"another `preflight up` (pid {stack.proc.pid})" in second.stderr
+
+
+def test_cli_deploy_wait_promote_and_status(stack: RunningStack, tmp_path: Path) -> None:
+    from services.stack.samples import write_sample_model
+
+    model_dir = write_sample_model(tmp_path / "model")
+    deployed = cli(
+        "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7",
+        "--stable", "6", str(model_dir), "--id", "d-cli-1", "--wait",
+        data_dir=stack.data_dir,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "d-cli-1" in deployed.stdout
+    assert "PROMOTED" in deployed.stdout
+    assert "not built yet (issue #3)" in deployed.stdout
+
+    again = cli(
+        "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7", "--id", "d-cli-1",
+        data_dir=stack.data_dir,
+    )  # fmt: skip
+    assert "deduplicated" in again.stdout
+
+    promoted = cli("promote", "d-cli-1", "--reason", "looks good", data_dir=stack.data_dir)
+    assert promoted.returncode == 0, promoted.stderr
+    assert "PromoteDeployment sent" in promoted.stdout
+    assert "not built yet (issue #6)" in promoted.stderr
+    status = cli("status", "d-cli-1", data_dir=stack.data_dir)
+    assert "command PromoteDeployment by" in status.stdout
+    assert "looks good" in status.stdout
+
+    listing = cli("status", "--json", data_dir=stack.data_dir)
+    rows = json.loads(listing.stdout)
+    assert [r["outcome"] for r in rows if r["deployment_id"] == "d-cli-1"] == ["promoted"]
+
+    missing = cli("promote", "d-nope-1", data_dir=stack.data_dir)
+    assert missing.returncode == 1
+    assert "no deployment d-nope-1" in missing.stderr
