@@ -129,7 +129,9 @@ async def deploy_and_read_outcome(nats_url: str, deployment_id: str) -> dict[str
         js = nc.jetstream()
         outcomes = await nc.subscribe("preflight.outcome.sample-gpt.>")  # one model's outcomes
         await js.publish(
-            subject, json.dumps(request).encode(), headers={"Nats-Msg-Id": f"{deployment_id}:requested"}
+            subject,
+            json.dumps(request).encode(),
+            headers={"Nats-Msg-Id": f"{deployment_id}:requested"},
         )
         msg = await outcomes.next_msg(timeout=30)
         outcome: dict[str, Any] = json.loads(msg.data)
