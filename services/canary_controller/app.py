@@ -31,7 +31,10 @@ ROLLOUTS_BUILT = False  # traffic shifting arrives with issue #6
 log = logging.getLogger(f"preflight.{NAME}")
 
 
-def metrics_url(settings: Settings, deployment_id: str, model: str) -> str:
+def metrics_url(settings: Settings, deployment_id: str, model: str) -> str | None:
+    """The link sent with outcomes; none until a metrics page or dashboard is configured."""
+    if not settings.metrics_url_template:
+        return None
     values = {"deployment_id": deployment_id, "model": model, "from_ms": "", "to_ms": ""}
     try:
         return settings.metrics_url_template.format_map(values)
@@ -75,7 +78,7 @@ def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     state: dict[str, Any] = {}
 
-    @svc.app.after_startup
+    @svc.app.on_startup  # before consuming: a ready controller has its metrics store open
     async def open_metrics_store() -> None:
         def create() -> Any:
             client = clickhouse.open_client(settings)

@@ -33,9 +33,13 @@ class Settings(BaseSettings):
     clickhouse_path: Path | None = Field(default=None, description="chDB data path override.")
     metrics_table: str = "request_metrics"
     metrics_ttl_days: int = Field(default=30, ge=1)
-    metrics_url_template: str = Field(
-        default="http://127.0.0.1:8470/deployments/{deployment_id}",
-        description="Link sent with outcomes; {deployment_id}, {model}, {from_ms}, {to_ms}.",
+    metrics_url_template: str | None = Field(
+        default=None,
+        description=(
+            "Link sent with outcomes, e.g. a Grafana dashboard URL with {deployment_id}, "
+            "{model}, {from_ms}, {to_ms}. Unset: outcomes carry no link (the embedded stack's "
+            "own metrics page arrives with issue #6)."
+        ),
     )
     slack_token: SecretStr | None = None
     slack_webhook_url: SecretStr | None = None

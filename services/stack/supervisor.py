@@ -138,9 +138,10 @@ class Stack:
             "PREFLIGHT_INSTANCE": f"{name}-embedded",
             "PREFLIGHT_LOG_LEVEL": settings.log_level,
             "PREFLIGHT_CLICKHOUSE_URL": settings.clickhouse_url,
-            "PREFLIGHT_METRICS_URL_TEMPLATE": settings.metrics_url_template,
             "PYTHONUNBUFFERED": "1",
         }
+        if settings.metrics_url_template:
+            env["PREFLIGHT_METRICS_URL_TEMPLATE"] = settings.metrics_url_template
         if settings.policy_file is not None:
             env["PREFLIGHT_POLICY_FILE"] = str(settings.policy_file.resolve())
         for secret in ("slack_token", "slack_webhook_url"):
@@ -162,7 +163,14 @@ class Stack:
         if previous is not None:
             child.restarts = previous.restarts
         self.children[name] = child
-        extra = " (owns the ClickHouse engine: chDB)" if name == "canary-controller" else ""
+        extra = ""
+        if name == "canary-controller":
+            where = (
+                f"chDB at {self.settings.chdb_path().resolve()}"
+                if self.settings.clickhouse_url == "chdb"
+                else "ClickHouse server"
+            )
+            extra = f"\n  {'':<18} owns the request-metrics store: {where}"
         if previous is None:
             self.say(f"  {name:<18} pid {proc.pid}, log {log}{extra}")
 

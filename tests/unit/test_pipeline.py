@@ -119,9 +119,15 @@ def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
     )
     [benchmarked] = handle_validated(validated, PolicyFile(), "b-1")
     assert isinstance(benchmarked, BenchmarkCompleted)
-    [promoted] = handle_benchmarked(benchmarked, PolicyFile(), Settings(instance="c-1"))
+    settings = Settings(
+        instance="c-1", metrics_url_template="https://grafana/d/x?var-id={deployment_id}"
+    )
+    [promoted] = handle_benchmarked(benchmarked, PolicyFile(), settings)
     assert isinstance(promoted, DeploymentPromoted)
     assert [s.stage for s in promoted.stages] == ["validation", "benchmark", "canary"]
     assert all(s.status is Status.SKIPPED for s in promoted.stages)
     assert "stages that did not run" in promoted.reasons[1]
-    assert promoted.metrics_url is not None and "d-1" in promoted.metrics_url
+    assert promoted.metrics_url == "https://grafana/d/x?var-id=d-1"
+    [unlinked] = handle_benchmarked(benchmarked, PolicyFile(), Settings(instance="c-1"))
+    assert isinstance(unlinked, DeploymentPromoted)
+    assert unlinked.metrics_url is None
