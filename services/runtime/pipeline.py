@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from services.contracts.events import (
     BenchmarkCompleted,
     DeploymentBlocked,
@@ -16,12 +18,12 @@ from services.contracts.events import (
 )
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 
-Stage = str
+StageName = Literal["validation", "benchmark", "canary"]
 
-STAGE_ISSUES = {"validation": 3, "benchmark": 4, "canary": 6}
+STAGE_ISSUES: dict[StageName, int] = {"validation": 3, "benchmark": 4, "canary": 6}
 
 
-def not_built(stage: str, service: str = "") -> StageReport:
+def not_built(stage: StageName, service: str = "") -> StageReport:
     """An honest placeholder: the stage did not run, and says so (never `passed`)."""
     return StageReport(
         stage=stage,
@@ -31,7 +33,7 @@ def not_built(stage: str, service: str = "") -> StageReport:
     )
 
 
-def disabled(stage: str, service: str = "") -> StageReport:
+def disabled(stage: StageName, service: str = "") -> StageReport:
     return StageReport(
         stage=stage,
         status=Status.SKIPPED,
@@ -148,7 +150,7 @@ def promoted_without_canary(
     if skipped:
         reasons.append(
             "stages that did not run: "
-            + ", ".join(f"{s.stage} ({s.reason.removeprefix('skipped: ')})" for s in skipped)
+            + "; ".join(f"{s.stage}: {s.reason.removeprefix('skipped: ')}" for s in skipped)
         )
     return DeploymentPromoted(
         **_ids(request),

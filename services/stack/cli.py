@@ -37,6 +37,7 @@ from services.contracts.events import (
 )
 from services.contracts.policy import PolicyError, load_policy_file
 from services.runtime import bus, registry
+from services.runtime.pipeline import STAGE_ISSUES, StageName
 from services.runtime.settings import Settings
 from services.stack import render
 
@@ -50,8 +51,9 @@ app = typer.Typer(
 service_app = typer.Typer(help="Run one service in this process.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
 
-out = Console()
-err = Console(stderr=True)
+# Wide enough for tables in CI logs and pipes; a terminal keeps its own width.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 T = TypeVar("T")
 
@@ -458,8 +460,7 @@ def benchmark(
     _not_built("benchmark", as_json)
 
 
-def _not_built(stage: str, as_json: bool) -> NoReturn:
-    from services.runtime.pipeline import STAGE_ISSUES
+def _not_built(stage: StageName, as_json: bool) -> NoReturn:
 
     message = f"{stage}: not built yet (issue #{STAGE_ISSUES[stage]}); nothing was checked"
     if as_json:

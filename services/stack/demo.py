@@ -106,9 +106,8 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
     ]
     if not_built:
         console.print(
-            "[yellow]note:[/yellow] "
-            + ", ".join(f"{r.stage} ({r.reason.removeprefix('skipped: ')})" for r in not_built)
-            + " - these stages did not check anything."
+            "[yellow]note:[/yellow] not built yet, so nothing was checked by: "
+            + ", ".join(r.stage for r in not_built)
         )
     console.print(
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
