@@ -13,6 +13,14 @@ from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 
 
+@pytest.fixture(scope="session")
+def sample_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small, real Hugging Face-style model (config.json, safetensors, manifest)."""
+    from services.stack.samples import write_sample_model
+
+    return write_sample_model(tmp_path_factory.mktemp("models") / "sample-gpt")
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server with JetStream (random port, temp store): ~40 ms to start."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable
@@ -154,6 +155,7 @@ class ServiceApp:
             await self._reject(subject, body, headers, describe_validation_error(exc), attempt)
             await msg.ack()
             return
+        heartbeat = asyncio.create_task(self._keep_alive(msg)) if attempt is not None else None
         try:
             await fn(event)
         except Exception as exc:
@@ -168,7 +170,22 @@ class ServiceApp:
             )
             await msg.nack(delay=min(30.0, 0.5 * 2 ** ((attempt or 1) - 1)))
             return
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
         await msg.ack()
+
+    async def _keep_alive(self, msg: Any) -> None:
+        """Long work (hashing, benchmarks) tells JetStream it is still in progress, so the
+        message is not redelivered to another instance; a killed worker stops doing this and
+        its message is redelivered after `ack_wait`."""
+        interval = max(self.settings.ack_wait_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception:  # the connection may be gone; the ack at the end will tell
+                log.debug("%s: in-progress ack failed", self.name, exc_info=True)
 
     async def _reject(
         self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None

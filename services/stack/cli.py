@@ -178,6 +178,8 @@ def _parse_expected(values: list[str]) -> dict[str, str]:
         name, sep, digest = item.partition("=")
         if not sep:
             fail(f"--sha256 takes FILE=HEX, got {item!r}")
+        if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            fail(f"--sha256 {name}: {digest!r} is not a sha256 hex digest")
         expected[name] = digest.lower()
     return expected
 
@@ -215,14 +217,7 @@ def deploy(
 ) -> None:
     """Publish a deployment request and print its id (with --wait: follow it to its outcome)."""
     settings = load_settings(data_dir)
-    overrides: dict[str, Any] = {}
-    if policy is not None:
-        try:
-            overrides = yaml.safe_load(policy.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            fail(f"{policy}: cannot read policy overrides: {exc}")
-        if not isinstance(overrides, dict):
-            fail(f"{policy}: policy overrides must be a mapping")
+    overrides = _read_overrides(policy)
     if deployment_id is not None and not is_valid_deployment_id(deployment_id):
         fail(f"--id {deployment_id!r} must match [A-Za-z0-9][A-Za-z0-9_-]{{2,63}}")
     if "://" not in location:
@@ -444,10 +439,78 @@ def resume(
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="Model file or directory.")],
+    sha256: Annotated[
+        list[str] | None, typer.Option(help="Expected digest, FILE=HEX; repeatable.")
+    ] = None,
+    gpu_memory_gb: Annotated[float, typer.Option(help="Target GPU memory, GiB.")] = 24.0,
+    gpu_count: Annotated[int, typer.Option(help="GPUs the model is sharded over.")] = 1,
+    context_length: Annotated[int | None, typer.Option(help="Context to serve.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Serving batch size.")] = 1,
+    dtype: Annotated[
+        str | None, typer.Option(help="Serving dtype (float16, bfloat16, ...).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model name (policy overrides).")
+    ] = "",
+    team: Annotated[str | None, typer.Option(help="Team (policy overrides).")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="YAML with policy overrides for this run.")
+    ] = None,
+    data_dir: DataDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the validator's checks locally, without the bus (exit non-zero on failure)."""
-    _not_built("validation", as_json)
+    """Run the validator's checks locally, without the bus (exit 1 on failure): for your own CI."""
+    from services.validator.app import digest_cache_path
+    from services.validator.checks.checksum import DigestCache
+    from services.validator.validate import validate as run_validation
+
+    settings = load_settings(data_dir)
+    try:
+        target = TargetHardware(
+            gpu_memory_gb=gpu_memory_gb,
+            gpu_count=gpu_count,
+            context_length=context_length,
+            batch_size=batch_size,
+            dtype=dtype,  # validated by pydantic just here
+        )
+        resolved = load_policy_file(settings.policy_file).resolve(
+            model=model, team=team, overrides=_read_overrides(policy)
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid target: {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except PolicyError as exc:
+        fail(str(exc))
+    cache = DigestCache(digest_cache_path(settings))
+    try:
+        report = run_validation(
+            str(path),
+            policy=resolved.validation,
+            expected_sha256=_parse_expected(sha256 or []),
+            target=target,
+            digest_cache=cache,
+            service="cli",
+        )
+    finally:
+        cache.close()
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        out.print(render.report_table(report, title=f"validation of {path}"))
+        out.print(render.stage_line(report), highlight=False)
+    raise typer.Exit(EXIT_FAILED if report.blocks else 0)
+
+
+def _read_overrides(policy: Path | None) -> dict[str, Any]:
+    if policy is None:
+        return {}
+    try:
+        overrides = yaml.safe_load(policy.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"{policy}: cannot read policy overrides: {exc}")
+    if not isinstance(overrides, dict):
+        fail(f"{policy}: policy overrides must be a mapping")
+    return overrides
 
 
 @app.command()

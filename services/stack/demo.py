@@ -55,37 +55,61 @@ async def _deploy_and_follow(
     return seen
 
 
+def write_corrupted_upload(directory: Path) -> Path:
+    """A sample model whose weights changed after its manifest was written."""
+    write_sample_model(directory, name=MODEL, seed=3)
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10
+    weights.write_bytes(bytes(data))
+    return directory
+
+
+# (version, expected outcome) of each deployment the demo sends, in order.
+SCENARIOS = (("v2", "promoted"), ("v3", "blocked"))
+
+
 def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> int:
-    """Returns the exit status: 0 when the deployment reached its expected outcome."""
+    """Returns the exit status: 0 when every deployment reached its expected outcome."""
     started = time.monotonic()
     data_dir = settings.data_dir.resolve()
+    models = data_dir / "models"
     console.rule("[bold]preflight demo")
-    console.print(f"1/4 generating sample models in {data_dir / 'models'}")
-    stable_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v1", name=MODEL, seed=1)
-    new_dir = write_sample_model(data_dir / "models" / f"{MODEL}-v2", name=MODEL, seed=2)
+    console.print(f"1/4 generating sample models in {models}")
+    stable_dir = write_sample_model(models / f"{MODEL}-v1", name=MODEL, seed=1)
+    dirs = {
+        "v2": write_sample_model(models / f"{MODEL}-v2", name=MODEL, seed=2),
+        "v3": write_corrupted_upload(models / f"{MODEL}-v3"),
+    }
     console.print(
-        f"    {stable_dir.name} (stable) and {new_dir.name} (new): GPT-2-shaped, safetensors"
+        "    v1 (stable), v2 (healthy), v3 (one bit flipped after its manifest was written: "
+        "a corrupted upload); GPT-2-shaped, safetensors"
     )
 
     console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
+    events: list[DeploymentEvent] = []
     try:
         stack.start()
         stack.wait_ready()
         assert stack.nats is not None
         service_settings = settings.model_copy(update={"nats_url": stack.nats.url})
-        request = DeploymentRequested(
-            deployment_id=new_deployment_id(),
-            model=MODEL,
-            version="v2",
-            location=str(new_dir),
-            expected_sha256=_expected_digests(new_dir),
-            stable=ModelRef(name=MODEL, version="v1", location=str(stable_dir)),
-            requested_by=Requester(user="demo", system="make demo"),
-        )
-        console.print(f"3/4 deploying {MODEL} v2 (replacing v1) as {request.deployment_id}")
-        events = asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
-        stack.check_children()
+        for version, expected in SCENARIOS:
+            request = DeploymentRequested(
+                deployment_id=new_deployment_id(),
+                model=MODEL,
+                version=version,
+                location=str(dirs[version]),
+                expected_sha256=_expected_digests(dirs[version]),
+                stable=ModelRef(name=MODEL, version="v1", location=str(stable_dir)),
+                requested_by=Requester(user="demo", system="make demo"),
+            )
+            console.print(
+                f"3/4 deploying {MODEL} {version} (replacing v1) as {request.deployment_id}, "
+                f"expected: {expected}"
+            )
+            events += asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
+            stack.check_children()
     except (StackError, bus.BusUnavailable, TimeoutError) as exc:
         console.print(f"[red]demo failed:[/red] {exc or type(exc).__name__}")
         console.print(f"    logs: {data_dir / 'logs'}")
@@ -96,20 +120,25 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
 
     summaries = list(render.summarise(events).values())
     console.print(render.summary_table(summaries, title="demo outcome"))
-    final = events[-1] if events else None
-    not_built = [
-        r
-        for e in events
-        if isinstance(e, DeploymentPromoted)
-        for r in e.stages
-        if "not built" in r.reason
-    ]
+    not_built = sorted(
+        {
+            r.stage
+            for e in events
+            if isinstance(e, DeploymentPromoted)
+            for r in e.stages
+            if "not built" in r.reason
+        }
+    )
     if not_built:
         console.print(
             "[yellow]note:[/yellow] not built yet, so nothing was checked by: "
-            + ", ".join(r.stage for r in not_built)
+            + ", ".join(not_built)
         )
     console.print(
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
     )
-    return 0 if isinstance(final, DeploymentPromoted) else 1
+    outcomes = [s.outcome for s in summaries]
+    if outcomes != [expected for _, expected in SCENARIOS]:
+        console.print(f"[red]unexpected outcomes:[/red] {outcomes}")
+        return 1
+    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from rich.markup import escape
 from rich.table import Table
 
 from services.contracts.events import (
@@ -38,14 +39,14 @@ def stage_line(report: StageReport) -> str:
     style = _STYLE[report.status]
     text = f"{report.stage}: [{style}]{report.status.value}[/{style}]"
     if report.reason and not report.reason.startswith(report.status.value):
-        text += f" - {report.reason}"
+        text += f" - {escape(report.reason)}"
     elif report.reason:
-        text += report.reason[len(report.status.value) :]
+        text += escape(report.reason[len(report.status.value) :])
     failed = [
         c for c in report.checks if c.status in (Status.FAILED, Status.ERROR, Status.DEGRADED)
     ]
     for check in failed:
-        text += f"\n      {check.name}: {check.status.value} - {check.reason}"
+        text += f"\n      {check.name}: {check.status.value} - {escape(check.reason)}"
     return text
 
 
@@ -86,10 +87,28 @@ def describe(event: DeploymentEvent) -> str:
 
 
 def _why(outcome: Outcome) -> str:
-    text = "".join(f"\n      {reason}" for reason in outcome.reasons)
+    text = "".join(f"\n      {escape(reason)}" for reason in outcome.reasons)
     if outcome.metrics_url:
         text += f"\n      metrics: {outcome.metrics_url}"
     return text
+
+
+def report_table(report: StageReport, title: str) -> Table:
+    """One row per check: status, time, and why."""
+    table = Table(title=title)
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("ms", justify="right", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for check in report.checks:
+        style = _STYLE[check.status]
+        table.add_row(
+            check.name,
+            f"[{style}]{check.status.value}[/{style}]",
+            f"{check.duration_ms:.1f}",
+            escape(check.reason),
+        )
+    return table
 
 
 TERMINAL = (DeploymentBlocked, DeploymentPromoted, DeploymentRolledBack, DeploymentFailed)

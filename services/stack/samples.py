@@ -81,3 +81,105 @@ def write_sample_model(
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     (directory / MANIFEST).write_text(json.dumps({"model.safetensors": digest}, indent=2) + "\n")
     return directory
+
+
+def _safetensors_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, int]:
+    """A real safetensors header for (name, dtype, shape) tensors laid out back to back."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape in tensors:
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads headers to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw, offset
+
+
+def llama_tensors(
+    *, layers: int, hidden: int, intermediate: int, vocab: int, kv_heads: int, heads: int
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    head_dim = hidden // heads
+    out: list[tuple[str, str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", "BF16", (vocab, hidden))
+    ]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", "BF16", (hidden,)),
+            (f"{p}.self_attn.q_proj.weight", "BF16", (hidden, hidden)),
+            (f"{p}.self_attn.k_proj.weight", "BF16", (kv_heads * head_dim, hidden)),
+            (f"{p}.self_attn.v_proj.weight", "BF16", (kv_heads * head_dim, hidden)),
+            (f"{p}.self_attn.o_proj.weight", "BF16", (hidden, hidden)),
+            (f"{p}.post_attention_layernorm.weight", "BF16", (hidden,)),
+            (f"{p}.mlp.gate_proj.weight", "BF16", (intermediate, hidden)),
+            (f"{p}.mlp.up_proj.weight", "BF16", (intermediate, hidden)),
+            (f"{p}.mlp.down_proj.weight", "BF16", (hidden, intermediate)),
+        ]
+    out += [("model.norm.weight", "BF16", (hidden,)), ("lm_head.weight", "BF16", (vocab, hidden))]
+    return out
+
+
+def write_sparse_sharded_model(
+    directory: Path,
+    *,
+    layers: int = 32,
+    hidden: int = 4096,
+    intermediate: int = 11008,
+    vocab: int = 32000,
+    heads: int = 32,
+    kv_heads: int = 32,
+    shards: int = 3,
+    max_position_embeddings: int = 4096,
+) -> Path:
+    """A Llama-7B-shaped sharded safetensors directory with real headers and sparse data.
+
+    Each shard's data section is a hole (`truncate`), so ~13 GB of weights cost no disk and
+    header-only checks see exactly what they would on a real upload.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = llama_tensors(
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        vocab=vocab,
+        kv_heads=kv_heads,
+        heads=heads,
+    )
+    per_shard = -(-len(tensors) // shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s in range(shards):
+        chunk = tensors[s * per_shard : (s + 1) * per_shard]
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        header, data_size = _safetensors_header(chunk, {"format": "pt"})
+        path = directory / name
+        with path.open("wb") as fh:
+            fh.write(header)
+            fh.truncate(len(header) + data_size)
+        weight_map |= {t[0]: name for t in chunk}
+        total += data_size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_position_embeddings,
+        "torch_dtype": "bfloat16",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "README.md").write_text("# llama-7b-shaped\n\nSparse sample for header checks.\n")
+    return directory

@@ -2,39 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from services.contracts import subjects
 from services.contracts.events import DeploymentRequested, Event, StageReport
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
+from services.validator.checks.checksum import DigestCache
+from services.validator.validate import validate
 
 NAME = "validator"
 
 
-def run_checks(request: DeploymentRequested, policy: Policy, instance: str) -> StageReport:
-    """The validation stage. Its checks arrive with issue #3; until then it says so."""
-    if not policy.validation.enabled:
-        return pipeline.disabled("validation", instance)
-    return pipeline.not_built("validation", instance)
+def digest_cache_path(settings: Settings) -> Path:
+    return settings.data_dir / "cache" / "digests.sqlite"
+
+
+def run_checks(
+    request: DeploymentRequested,
+    policy: Policy,
+    instance: str,
+    cache: DigestCache | None = None,
+) -> StageReport:
+    """The validation stage: every enabled check over the request's files."""
+    return validate(
+        request.location,
+        policy=policy.validation,
+        expected_sha256=request.expected_sha256,
+        target=request.target,
+        digest_cache=cache,
+        service=instance,
+    )
 
 
 def handle_requested(
-    request: DeploymentRequested, policy_file: PolicyFile, instance: str
+    request: DeploymentRequested,
+    policy_file: PolicyFile,
+    instance: str,
+    cache: DigestCache | None = None,
 ) -> list[Event]:
     try:
         policy = pipeline.resolve_policy(policy_file, request)
     except PolicyError as exc:
         return [pipeline.policy_failure(request, "validation", exc)]
-    return pipeline.after_validation(request, run_checks(request, policy, instance))
+    return pipeline.after_validation(request, run_checks(request, policy, instance, cache))
 
 
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
+    cache = DigestCache(digest_cache_path(settings))
 
     @svc.consume(subjects.VALIDATOR_DURABLE, DeploymentRequested)
     async def on_requested(request: DeploymentRequested) -> None:
-        for event in handle_requested(request, svc.policy_file, settings.instance):
+        # Checks read files and hash: off the event loop, so acks and heartbeats keep flowing.
+        events = await asyncio.to_thread(
+            handle_requested, request, svc.policy_file, settings.instance, cache
+        )
+        for event in events:
             await svc.sink.publish_event(event)
 
+    svc.app.after_shutdown(cache.close)
     return svc

@@ -39,7 +39,8 @@ async def test_validator_publishes_validation_completed() -> None:
     assert len(completed) == 1
     event = completed[0]
     assert event["type"] == "ValidationCompleted"
-    assert event["report"]["status"] == "skipped"
+    assert event["report"]["status"] == "failed"  # /m does not exist: fail closed
+    assert "/m: no such file or directory" in event["report"]["reason"]
     assert event["request"]["deployment_id"] == "d-1"
 
 

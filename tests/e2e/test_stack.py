@@ -107,14 +107,16 @@ def subject_from(address: str, **params: str) -> str:
     return address
 
 
-async def deploy_and_read_outcome(nats_url: str, deployment_id: str) -> dict[str, Any]:
+async def deploy_and_read_outcome(
+    nats_url: str, deployment_id: str, location: Path
+) -> dict[str, Any]:
     asyncapi = yaml.safe_load((SCHEMAS / "asyncapi.yaml").read_text())
     request = {
         "type": "DeploymentRequested",
         "deployment_id": deployment_id,
         "model": "sample-gpt",
         "version": "v2",
-        "location": "/models/sample-gpt-v2",
+        "location": str(location),
         "occurred_at": datetime.now(UTC).isoformat(),
         "requested_by": {"user": "e2e", "system": "plain-nats-client"},
     }
@@ -156,11 +158,14 @@ def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_a_plain_client_deploys_from_schemas_and_reads_the_outcome(
     stack: RunningStack, tmp_path: Path
 ) -> None:
-    outcome = asyncio.run(deploy_and_read_outcome(stack.info["nats_url"], "d-e2e-1"))
+    from services.stack.samples import write_sample_model
+
+    model = write_sample_model(tmp_path / "sample-gpt-v2")
+    outcome = asyncio.run(deploy_and_read_outcome(stack.info["nats_url"], "d-e2e-1", model))
     assert outcome["type"] == "DeploymentPromoted"
     assert outcome["deployment_id"] == "d-e2e-1"
-    assert [s["status"] for s in outcome["stages"]] == ["skipped", "skipped", "skipped"]
-    assert all("not built yet" in s["reason"] for s in outcome["stages"])
+    assert [s["status"] for s in outcome["stages"]] == ["passed", "skipped", "skipped"]
+    assert all("not built yet" in s["reason"] for s in outcome["stages"][1:])
 
     status = cli("status", "d-e2e-1", data_dir=stack.data_dir)
     assert status.returncode == 0, status.stderr
@@ -214,7 +219,8 @@ def test_cli_deploy_wait_promote_and_status(stack: RunningStack, tmp_path: Path)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "d-cli-1" in deployed.stdout
     assert "PROMOTED" in deployed.stdout
-    assert "not built yet (issue #3)" in deployed.stdout
+    assert "validation: passed" in deployed.stdout
+    assert "not built yet (issue #4)" in deployed.stdout
 
     again = cli(
         "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7", "--id", "d-cli-1",

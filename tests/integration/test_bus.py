@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,9 +28,11 @@ from services.runtime.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-def request(deployment_id: str, model: str = "org/m.v2") -> DeploymentRequested:
+def request(
+    deployment_id: str, model: str = "org/m.v2", location: str = "/models/none"
+) -> DeploymentRequested:
     return DeploymentRequested(
-        deployment_id=deployment_id, model=model, version="2", location="/models/m"
+        deployment_id=deployment_id, model=model, version="2", location=location
     )
 
 
@@ -85,11 +88,11 @@ async def test_topology_is_idempotent_and_follows_config_changes(
 
 
 async def test_a_deployment_travels_the_pipeline_to_an_outcome(
-    js: JetStreamContext, settings: Settings
+    js: JetStreamContext, settings: Settings, sample_model: Path
 ) -> None:
     apps = [registry.build(n, settings) for n in ("validator", "benchmarker", "canary-controller")]
     async with running(*apps):
-        await bus.publish_event(js, request("d-flow"))
+        await bus.publish_event(js, request("d-flow", location=str(sample_model)))
         events = await collect(js, subjects.deployment_events("d-flow"), 4)
     assert [type(e) for e in events] == [
         DeploymentRequested,
@@ -98,7 +101,7 @@ async def test_a_deployment_travels_the_pipeline_to_an_outcome(
         DeploymentPromoted,
     ]
     promoted = events[-1]
-    assert all(s.status.value == "skipped" for s in promoted.stages)
+    assert [s.status.value for s in promoted.stages] == ["passed", "skipped", "skipped"]
     kv = await js.key_value(subjects.ROUTES_BUCKET)
     entry = await kv.get("org/m.v2")
     route = Route.model_validate_json(entry.value or b"")
@@ -113,7 +116,9 @@ async def test_republishing_a_request_is_harmless(js: JetStreamContext, settings
     async with running(registry.build("validator", settings)):
         await collect(js, subjects.stage("org/m.v2", "d-dup", "validated"), 1)
         await asyncio.sleep(0.5)  # give a second, wrong, ValidationCompleted time to appear
-    assert await stream_count(js, subjects.deployment_events("d-dup"), subjects.EVENTS_STREAM) == 2
+    for name in ("requested", "validated"):
+        subject = subjects.stage("org/m.v2", "d-dup", name)  # type: ignore[arg-type]
+        assert await stream_count(js, subject, subjects.EVENTS_STREAM) == 1, name
 
 
 async def test_a_service_that_was_down_catches_up(js: JetStreamContext, settings: Settings) -> None:
@@ -206,3 +211,35 @@ async def test_history_reads_back_one_deployment_and_one_model(
         "beta.v1"
     ]
     assert await bus.read_history(js, subjects.deployment_events("d-none")) == []
+
+
+async def test_a_corrupted_upload_is_blocked_by_the_validator(
+    js: JetStreamContext, settings: Settings, tmp_path: Path
+) -> None:
+    from services.contracts.events import DeploymentBlocked
+    from services.stack.samples import write_sample_model
+
+    model = write_sample_model(tmp_path / "model")
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # a single flipped bit: what a bad upload looks like
+    weights.write_bytes(bytes(data))
+    # No controller here: chDB allows one engine path per process, and the flow test has it.
+    apps = [registry.build(n, settings) for n in ("validator", "benchmarker")]
+    async with running(*apps):
+        await bus.publish_event(js, request("d-corrupt", location=str(model)))
+        events = await collect(js, subjects.deployment_events("d-corrupt"), 3)
+        await asyncio.sleep(0.5)  # nothing may follow a block
+    assert [type(e) for e in events] == [
+        DeploymentRequested,
+        ValidationCompleted,
+        DeploymentBlocked,
+    ]
+    blocked = events[-1]
+    assert blocked.reasons == (
+        "checksum: model.safetensors: sha256 mismatch (corrupted or altered)",
+    )
+    report = events[1].report
+    assert {c.name: c.status.value for c in report.checks}["checksum"] == "failed"
+    total = await stream_count(js, subjects.deployment_events("d-corrupt"), subjects.EVENTS_STREAM)
+    assert total == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,10 @@ def test_no_nats_says_how_to_start_the_stack() -> None:
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize(("command", "issue"), [("validate", "#3"), ("benchmark", "#4")])
-def test_stages_not_built_say_so_and_exit_non_zero(
-    command: str, issue: str, tmp_path: Path
-) -> None:
-    result = runner.invoke(app, [command, str(tmp_path)])
+def test_benchmark_is_not_built_yet_and_says_so(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["benchmark", str(tmp_path)])
     assert result.exit_code == EXIT_NOT_BUILT
-    assert f"not built yet (issue {issue}); nothing was checked" in result.stderr
+    assert "not built yet (issue #4); nothing was checked" in result.stderr
 
 
 def test_deploy_rejects_a_missing_path_before_touching_the_bus(tmp_path: Path) -> None:
@@ -81,3 +79,29 @@ def test_schemas_check_passes_on_the_committed_directory() -> None:
     schemas = Path(__file__).resolve().parents[2] / "schemas"
     result = runner.invoke(app, ["schemas", "--check", "--dir", str(schemas)])
     assert result.exit_code == 0, result.output
+
+
+def test_validate_passes_a_sound_model_and_prints_every_check(sample_model: Path) -> None:
+    result = runner.invoke(app, ["validate", str(sample_model)])
+    assert result.exit_code == 0, result.output
+    for name in ("format", "checksum", "structure", "unsafe_code", "secrets", "vram_fit"):
+        assert name in result.stdout
+    assert "validation: passed" in result.stdout
+
+
+def test_validate_exits_1_and_names_the_file_on_a_bad_digest(sample_model: Path) -> None:
+    result = runner.invoke(
+        app, ["validate", str(sample_model), "--sha256", f"model.safetensors={'0' * 64}", "--json"]
+    )
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "failed"
+    assert "model.safetensors: request digest differs" in report["reason"]
+
+
+def test_validate_takes_the_target_hardware(sample_model: Path) -> None:
+    result = runner.invoke(app, ["validate", str(sample_model), "--gpu-memory-gb", "0.1", "--json"])
+    assert result.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["vram_fit"]["status"] == "failed"
+    assert "does not fit" in checks["vram_fit"]["reason"]

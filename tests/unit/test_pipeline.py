@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.benchmarker.app import handle_validated
 from services.canary_controller.app import handle_benchmarked
 from services.contracts.events import (
@@ -49,10 +51,22 @@ def test_a_stage_that_is_not_built_is_skipped_never_passed() -> None:
         assert not report.blocks
 
 
-def test_validator_publishes_completed_with_skipped_report_today() -> None:
-    [event] = handle_requested(REQUEST, PolicyFile(), "v-1")
+def test_validator_passes_a_sound_model(sample_model: Path) -> None:
+    request = REQUEST.model_copy(update={"location": str(sample_model)})
+    [event] = handle_requested(request, PolicyFile(), "v-1")
     assert isinstance(event, ValidationCompleted)
-    assert event.report.status is Status.SKIPPED and event.report.service == "v-1"
+    assert event.report.status is Status.PASSED, event.report.reason
+    assert event.report.service == "v-1"
+    assert [c.name for c in event.report.checks] == [
+        "format", "checksum", "structure", "unsafe_code", "secrets", "vram_fit"
+    ]  # fmt: skip
+
+
+def test_validator_blocks_what_it_cannot_find() -> None:
+    completed, blocked = handle_requested(REQUEST, PolicyFile(), "v-1")
+    assert isinstance(completed, ValidationCompleted)
+    assert isinstance(blocked, DeploymentBlocked)
+    assert "/m: no such file or directory" in blocked.reasons[0]
 
 
 def test_a_disabled_stage_says_disabled_by_policy() -> None:

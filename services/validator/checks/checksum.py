@@ -1,0 +1,255 @@
+"""Check: sha256 of every weight file against the request's digests or the model's manifest.
+
+Files are hashed in parallel (hashlib releases the GIL on large updates) with large reads.
+Verified digests are cached by (path, size, mtime, ctime, inode, device): re-validating an
+unchanged model hashes nothing, and any change to a file's key makes its entry useless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.contracts.events import CheckResult, Status
+from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.inventory import Inventory, ModelFile
+
+NAME = "checksum"
+READ_SIZE = 8 * 1024 * 1024
+MANIFEST_NAMES = ("preflight-manifest.json", "SHA256SUMS", "sha256sums.txt")
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """Identity of a file's content as the file system reports it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileKey:
+        st = path.stat()
+        return cls(
+            str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+        )
+
+
+class DigestCache:
+    """sqlite-backed cache of digests we computed ourselves; safe across processes."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, "
+            "ctime_ns INTEGER, inode INTEGER, device INTEGER, sha256 TEXT NOT NULL, "
+            "hashed_at REAL NOT NULL, PRIMARY KEY (path, size, mtime_ns, ctime_ns, inode, device))"
+        )
+        self._db.commit()
+
+    def get(self, key: FileKey) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=? AND ctime_ns=? "
+                "AND inode=? AND device=?",
+                (key.path, key.size, key.mtime_ns, key.ctime_ns, key.inode, key.device),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def put(self, key: FileKey, digest: str) -> None:
+        with self._lock:
+            # One entry per path: an older key for the same path can never be valid again.
+            self._db.execute("DELETE FROM digests WHERE path=?", (key.path,))
+            self._db.execute(
+                "INSERT INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.path,
+                    key.size,
+                    key.mtime_ns,
+                    key.ctime_ns,
+                    key.inode,
+                    key.device,
+                    digest,
+                    time.time(),
+                ),
+            )
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def sha256_file(path: Path, read_size: int = READ_SIZE) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(read_size)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Hashed:
+    rel: str
+    digest: str
+    cached: bool
+    size: int
+
+
+def hash_files(
+    files: list[ModelFile], cache: DigestCache | None, workers: int | None = None
+) -> list[Hashed]:
+    """Digest every file, from the cache when its key is unchanged, else by reading it."""
+
+    def one(f: ModelFile) -> Hashed:
+        key = FileKey.of(f.path)
+        if cache is not None and (known := cache.get(key)) is not None:
+            return Hashed(f.rel, known, True, f.size)
+        digest = sha256_file(f.path)
+        if cache is not None and FileKey.of(f.path) == key:  # unchanged while we read it
+            cache.put(key, digest)
+        return Hashed(f.rel, digest, False, f.size)
+
+    if len(files) <= 1:
+        return [one(f) for f in files]
+    n = workers or min(len(files), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sha256") as pool:
+        return list(pool.map(one, files))
+
+
+def read_manifest(inv: Inventory) -> tuple[dict[str, str], str | None, list[str]]:
+    """Expected digests shipped in the model directory: (digests, manifest name, problems)."""
+    for name in MANIFEST_NAMES:
+        entry = inv.named(name)
+        if entry is None:
+            continue
+        try:
+            text = entry.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return {}, name, [f"{name}: unreadable: {exc}"]
+        if name.endswith(".json"):
+            try:
+                raw = json.loads(text)
+            except ValueError as exc:
+                return {}, name, [f"{name}: not valid JSON: {exc}"]
+            digests = raw.get("files", raw) if isinstance(raw, dict) else None
+            if not isinstance(digests, dict):
+                return {}, name, [f"{name}: expected an object of file -> sha256"]
+            return {str(k): str(v).lower() for k, v in digests.items()}, name, []
+        digests = {}
+        for line in text.splitlines():
+            parts = line.strip().split(maxsplit=1)
+            if len(parts) == 2:
+                digests[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()
+        return digests, name, []
+    return {}, None, []
+
+
+# Measured on the reference machines (FIELD-NOTES): OpenSSL sha256 runs ~1.5 GB/s per core.
+SHA256_BYTES_PER_S_PER_CORE = 1.5e9
+
+
+def _estimate_seconds(files: list[ModelFile], ctx: CheckContext) -> tuple[float, int, bool] | None:
+    """(seconds, uncached bytes, over budget) before hashing, so a slow check says so."""
+    cache = ctx.digest_cache
+    uncached = [f for f in files if cache is None or cache.get(FileKey.of(f.path)) is None]
+    if not uncached:
+        return None
+    total = sum(f.size for f in uncached)
+    cores = min(len(uncached), ctx.hash_workers or os.cpu_count() or 1)
+    # Parallel files help up to the core count; one big file is hashed by one core.
+    seconds = max(
+        total / (SHA256_BYTES_PER_S_PER_CORE * cores),
+        max(f.size for f in uncached) / SHA256_BYTES_PER_S_PER_CORE,
+    )
+    over = ctx.deadline is not None and time.perf_counter() + seconds > ctx.deadline
+    return seconds, total, over
+
+
+def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
+    started = time.perf_counter()
+    manifest, manifest_name, problems = read_manifest(inv)
+    expected = dict(manifest)
+    for rel, digest in ctx.expected_sha256.items():
+        if rel in manifest and manifest[rel] != digest:
+            problems.append(f"{rel}: request digest differs from {manifest_name}")
+        expected[rel] = digest
+    if not expected and not problems:
+        return result(
+            NAME,
+            Status.SKIPPED,
+            "no expected digests: pass them in the request (--sha256) or ship "
+            "preflight-manifest.json or SHA256SUMS with the model",
+            started=started,
+        )
+    weights = inv.weights
+    by_rel = {f.rel: f for f in inv.files}
+    to_hash = []
+    for rel in sorted(expected):
+        if rel not in by_rel:
+            problems.append(f"{rel}: listed with a digest but missing")
+        else:
+            to_hash.append(by_rel[rel])
+    uncovered = [f.rel for f in weights if f.rel not in expected]
+    problems += [f"{rel}: weight file without an expected digest" for rel in uncovered]
+    estimate = _estimate_seconds(to_hash, ctx)
+    hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
+    mismatched = [h.rel for h in hashed if h.digest != expected[h.rel]]
+    problems += [f"{rel}: sha256 mismatch (corrupted or altered)" for rel in mismatched]
+    hashed_bytes = sum(h.size for h in hashed if not h.cached)
+    elapsed = time.perf_counter() - started
+    details: dict[str, Any] = {
+        "files": {
+            h.rel: {"sha256": h.digest, "cached": h.cached, "matches": h.digest == expected[h.rel]}
+            for h in hashed
+        },
+        "source": "request" if ctx.expected_sha256 else manifest_name,
+        "hashed_bytes": hashed_bytes,
+        "cached_files": sum(h.cached for h in hashed),
+    }
+    throughput = hashed_bytes / elapsed / 1e9 if elapsed > 0 and hashed_bytes else None
+    if throughput is not None:
+        details["gb_per_s"] = round(throughput, 3)
+    over = ""
+    if estimate is not None:
+        details["estimated_s"] = round(estimate[0], 3)
+        if estimate[2]:
+            over = (
+                f"; hashing {estimate[1] / 1e9:.2f} GB uncached was estimated at "
+                f"{estimate[0]:.1f} s, over the validation budget (the digest cache makes "
+                "the next run free)"
+            )
+    if problems:
+        reason = summarise_findings(problems) + over
+        return result(NAME, Status.FAILED, reason, started=started, details=details)
+    cached = details["cached_files"]
+    reason = (
+        f"{len(hashed)} files match ({cached} from the digest cache, "
+        f"{hashed_bytes / 1e9:.2f} GB hashed){over}"
+    )
+    return result(
+        NAME,
+        Status.PASSED,
+        reason,
+        started=started,
+        value=hashed_bytes,
+        unit="bytes",
+        details=details,
+    )

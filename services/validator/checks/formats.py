@@ -1,0 +1,81 @@
+"""Check: every file is a format we recognise by content, and there are weights to deploy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+
+from services.contracts.events import CheckResult, Status
+from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.headers import HeaderError, parsed_headers
+from services.validator.checks.inventory import Inventory, Kind
+
+NAME = "format"
+
+
+def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
+    """Reclassify files that ONNX models reference as external data; report bad references."""
+    problems: list[str] = []
+    headers = parsed_headers(ctx.shared)
+    by_rel = {f.rel: i for i, f in enumerate(inv.files)}
+    for model in inv.of(Kind.ONNX):
+        parsed = headers.onnx(model.path)
+        if isinstance(parsed, HeaderError):
+            continue  # the structure check reports it
+        base = PurePosixPath(model.rel).parent
+        for location, _, _ in parsed.external:
+            ref = PurePosixPath(location)
+            if ref.is_absolute() or ".." in ref.parts:
+                problems.append(
+                    f"{model.rel}: external data {location!r} escapes the model directory"
+                )
+                continue
+            rel = (base / ref).as_posix()
+            if rel in by_rel:
+                i = by_rel[rel]
+                inv.files[i] = replace(
+                    inv.files[i],
+                    kind=Kind.ONNX_EXTERNAL_DATA,
+                    detail=f"external data of {model.rel}",
+                )
+            else:
+                problems.append(f"{model.rel}: external data file {rel} is missing")
+    return problems
+
+
+def check_format(inv: Inventory, ctx: CheckContext) -> CheckResult:
+    started = time.perf_counter()
+    findings = list(inv.problems)
+    findings += resolve_external_data(inv, ctx)
+    for f in inv.of(Kind.UNKNOWN):
+        findings.append(f"{f.rel}: unsupported or unrecognisable ({f.detail})")
+    for f in inv.of(Kind.ZIP):
+        findings.append(
+            f"{f.rel}: a zip that is neither a PyTorch nor a Keras archive ({f.detail})"
+        )
+    saved_models = inv.of(Kind.TF_SAVED_MODEL)
+    for sm in saved_models:
+        variables = Path(sm.rel).parent / "variables"
+        if not any(Path(f.rel).parent == variables for f in inv.of(Kind.TF_VARIABLES_INDEX)):
+            findings.append(f"{sm.rel}: SavedModel without variables/variables.index")
+    weights = inv.weights
+    if not weights:
+        findings.append(
+            "no model weights found (safetensors, PyTorch, ONNX, TensorFlow, Keras or GGUF)"
+        )
+    formats = sorted({f.kind.value for f in weights})
+    details = {
+        "files": {
+            f.rel: {"kind": f.kind.value, "size": f.size, "found": f.detail} for f in inv.files
+        },
+        "formats": formats,
+    }
+    if findings:
+        return result(
+            NAME, Status.FAILED, summarise_findings(findings), started=started, details=details
+        )
+    reason = f"{len(inv.files)} files; weights: {', '.join(formats)}"
+    if inv.config is not None:
+        reason += "; Hugging Face layout (config.json)"
+    return result(NAME, Status.PASSED, reason, started=started, details=details)

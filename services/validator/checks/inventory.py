@@ -1,0 +1,255 @@
+"""What is in a model location, found by content (magic bytes and structure), never by extension."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+# Enough bytes to recognise every supported format from its start.
+SNIFF_BYTES = 64
+# The safetensors format refuses headers over 100 MB; we do too.
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# Small text files we parse as JSON (config, tokenizer config, index); bigger ones are not config.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+# A directory walk stops here: a model directory is not a file system.
+MAX_FILES = 10_000
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class Kind(StrEnum):
+    """What a file is, by content."""
+
+    SAFETENSORS = "safetensors"
+    SAFETENSORS_INDEX = "safetensors-index"
+    PYTORCH_ZIP = "pytorch-zip"
+    PICKLE = "pickle"
+    NUMPY = "numpy"
+    ONNX = "onnx"
+    ONNX_EXTERNAL_DATA = "onnx-external-data"
+    TF_SAVED_MODEL = "tf-saved-model"
+    TF_VARIABLES_INDEX = "tf-variables-index"
+    TF_VARIABLES_DATA = "tf-variables-data"
+    KERAS_H5 = "keras-h5"
+    KERAS_ZIP = "keras-zip"
+    ZIP = "zip"
+    GGUF = "gguf"
+    CONFIG = "config-json"
+    JSON = "json"
+    TEXT = "text"
+    PYTHON = "python"
+    UNKNOWN = "unknown"
+
+
+WEIGHT_KINDS = frozenset(
+    {
+        Kind.SAFETENSORS,
+        Kind.PYTORCH_ZIP,
+        Kind.PICKLE,
+        Kind.NUMPY,
+        Kind.ONNX,
+        Kind.ONNX_EXTERNAL_DATA,
+        Kind.TF_SAVED_MODEL,
+        Kind.TF_VARIABLES_INDEX,
+        Kind.TF_VARIABLES_DATA,
+        Kind.KERAS_H5,
+        Kind.KERAS_ZIP,
+        Kind.GGUF,
+    }
+)
+"""Files whose bytes are the model: they need checksums and count toward VRAM."""
+
+# Files a model directory commonly carries that are not weights; recognised by name because
+# their content is free text or JSON (their content is still scanned for secrets).
+TEXT_NAMES = frozenset(
+    {"readme.md", "license", "license.md", "license.txt", "notice", "tokenizer.model", "merges.txt",
+     "vocab.txt", "sentencepiece.bpe.model", "spiece.model", ".gitattributes"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a model, with what its content says it is."""
+
+    path: Path
+    rel: str
+    size: int
+    kind: Kind
+    detail: str = ""
+
+    @property
+    def is_weights(self) -> bool:
+        return self.kind in WEIGHT_KINDS
+
+
+@dataclass
+class Inventory:
+    """Every file under a model location, classified; plus what could not be read and why."""
+
+    root: Path
+    is_dir: bool
+    files: list[ModelFile] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    def of(self, *kinds: Kind) -> list[ModelFile]:
+        return [f for f in self.files if f.kind in kinds]
+
+    def named(self, rel: str) -> ModelFile | None:
+        return next((f for f in self.files if f.rel == rel), None)
+
+    @property
+    def weights(self) -> list[ModelFile]:
+        return [f for f in self.files if f.is_weights]
+
+
+class LocationError(ValueError):
+    """The location cannot be inspected at all (missing, unsupported scheme)."""
+
+
+def local_path(location: str) -> Path:
+    """A local path from a request's location; other schemes are reported, not guessed."""
+    if "://" in location:
+        scheme = location.split("://", 1)[0]
+        if scheme != "file":
+            raise LocationError(
+                f"location scheme {scheme}:// is not supported yet; use a local path"
+            )
+        location = location.split("://", 1)[1]
+    path = Path(location)
+    if not path.exists():
+        raise LocationError(f"{location}: no such file or directory")
+    return path
+
+
+def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
+    """Classify one file by its first bytes (and, where a format has no magic, its structure)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as exc:
+        return Kind.UNKNOWN, f"unreadable: {exc.strerror}"
+    lower = name.lower()
+    if head.startswith(b"GGUF"):
+        return Kind.GGUF, "GGUF magic"
+    if head.startswith(HDF5_SIGNATURE):
+        return Kind.KERAS_H5, "HDF5 signature"
+    if head.startswith(b"\x93NUMPY"):
+        return Kind.NUMPY, "numpy .npy magic"
+    if head.startswith(ZIP_MAGICS):
+        return _sniff_zip(path)
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= min(SAFETENSORS_MAX_HEADER, size - 8) and head[8:9] == b"{":
+            return Kind.SAFETENSORS, f"safetensors header of {header_len} bytes"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return Kind.PICKLE, f"pickle protocol {head[1]}"
+    if head[:1] in (b"(", b"]", b"}", b"c") and lower.endswith(
+        (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
+    ):
+        return Kind.PICKLE, "pickle protocol 0/1"  # old protocols have no header; name is the hint
+    if lower == "saved_model.pb" or lower == "saved_model.pbtxt":
+        return Kind.TF_SAVED_MODEL, "TensorFlow SavedModel graph"
+    if lower.endswith("variables.index") and _leveldb_footer(path, size):
+        return Kind.TF_VARIABLES_INDEX, "TensorFlow checkpoint index (table footer magic)"
+    if ".data-" in lower and "-of-" in lower:
+        return Kind.TF_VARIABLES_DATA, "TensorFlow checkpoint shard"
+    if _looks_like_onnx(head):
+        return Kind.ONNX, "ONNX ModelProto (ir_version field)"
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"[") and size <= MAX_JSON_BYTES:
+        if lower.endswith("safetensors.index.json"):
+            return Kind.SAFETENSORS_INDEX, "safetensors shard index"
+        if lower == "config.json":
+            return Kind.CONFIG, "model config"
+        return Kind.JSON, "JSON"
+    if lower.endswith(".py"):
+        return Kind.PYTHON, "Python source"
+    if lower in TEXT_NAMES or lower.endswith((".md", ".txt", ".yaml", ".yml", ".jinja")):
+        return Kind.TEXT, "text"
+    return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
+
+
+def _sniff_zip(path: Path) -> tuple[Kind, str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()[:MAX_FILES]
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return Kind.ZIP, f"zip that does not open: {exc}"
+    if any(n.endswith("data.pkl") for n in names):
+        return Kind.PYTORCH_ZIP, "PyTorch zip (data.pkl)"
+    if "config.json" in names and any(
+        n.endswith(".weights.h5") or n == "model.weights.h5" for n in names
+    ):
+        return Kind.KERAS_ZIP, "Keras v3 archive"
+    if "config.json" in names and "metadata.json" in names:
+        return Kind.KERAS_ZIP, "Keras v3 archive"
+    return Kind.ZIP, f"zip with {len(names)} entries"
+
+
+def _leveldb_footer(path: Path, size: int) -> bool:
+    if size < 48:
+        return False
+    with path.open("rb") as fh:
+        fh.seek(size - 8)
+        return fh.read(8) == bytes.fromhex("57fb808b247547db")
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """ModelProto starts with ir_version (field 1, varint, tag 0x08), a small positive number,
+    followed by another known top-level field tag."""
+    if len(head) < 4 or head[0] != 0x08 or not (1 <= head[1] <= 20):
+        return False
+    return head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72)
+
+
+def build_inventory(location: str) -> Inventory:
+    """Walk a file or directory (no symlink following) and classify every file."""
+    root = local_path(location)
+    if root.is_file():
+        inv = Inventory(root=root.parent, is_dir=False)
+        _add(inv, root, root.name)
+        return inv
+    inv = Inventory(root=root, is_dir=True)
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".git"))
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            count += 1
+            if count > MAX_FILES:
+                inv.problems.append(f"more than {MAX_FILES} files; stopped listing")
+                return inv
+            if full.is_symlink():
+                target = os.readlink(full)
+                resolved = full.resolve()
+                if not resolved.is_relative_to(root.resolve()):
+                    inv.problems.append(f"{rel}: symlink pointing outside the model ({target})")
+                    continue
+            _add(inv, full, rel)
+    config = inv.named("config.json")
+    if config is not None:
+        try:
+            loaded = json.loads(config.path.read_text(encoding="utf-8"))
+            inv.config = loaded if isinstance(loaded, dict) else None
+        except (OSError, ValueError) as exc:
+            inv.problems.append(f"config.json: not valid JSON: {exc}")
+    return inv
+
+
+def _add(inv: Inventory, path: Path, rel: str) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        inv.problems.append(f"{rel}: cannot stat: {exc.strerror}")
+        return
+    kind, detail = sniff(path, size, path.name)
+    inv.files.append(ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail))

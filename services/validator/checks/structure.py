@@ -1,0 +1,243 @@
+"""Check: files are structurally sound, from headers only (no tensor data is read)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zipfile
+from pathlib import PurePosixPath
+from typing import Any
+
+from services.contracts.events import CheckResult, Status
+from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.headers import (
+    HeaderError,
+    ParsedHeaders,
+    SafetensorsHeader,
+    check_protobuf,
+    parsed_headers,
+)
+from services.validator.checks.inventory import Inventory, Kind, ModelFile
+
+NAME = "structure"
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
+_EMBEDDING_NAMES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+    "token_embd.weight",
+)
+
+
+def check_structure(inv: Inventory, ctx: CheckContext) -> CheckResult:
+    started = time.perf_counter()
+    headers = parsed_headers(ctx.shared)
+    findings: list[str] = []
+    tensors: dict[str, tuple[int, ...]] = {}
+    checked = 0
+    for f in inv.files:
+        found: list[str] = []
+        if f.kind is Kind.SAFETENSORS:
+            found = _safetensors(f, headers, tensors)
+        elif f.kind is Kind.SAFETENSORS_INDEX:
+            found = _shard_index(f, inv, headers)
+        elif f.kind is Kind.GGUF:
+            found = _gguf(f, headers, tensors)
+        elif f.kind is Kind.ONNX:
+            found = _onnx(f, inv, headers)
+        elif f.kind is Kind.TF_SAVED_MODEL:
+            found = _saved_model(f, inv)
+        elif f.kind in (Kind.PYTORCH_ZIP, Kind.KERAS_ZIP):
+            found = _zip(f)
+        elif f.kind is Kind.KERAS_H5:
+            found = _h5(f)
+        else:
+            continue
+        checked += 1
+        findings += [f"{f.rel}: {problem}" for problem in found]
+    if inv.config is not None and tensors:
+        findings += [f"config.json: {p}" for p in _config_consistency(inv.config, tensors)]
+    details = {"files_checked": checked, "tensors": len(tensors)}
+    if findings:
+        return result(
+            NAME,
+            Status.FAILED,
+            summarise_findings(findings),
+            started=started,
+            details=details | {"findings": findings},
+        )
+    if checked == 0:
+        return result(
+            NAME,
+            Status.SKIPPED,
+            "no weight files with a structure to check",
+            started=started,
+            details=details,
+        )
+    reason = f"{checked} files, {len(tensors)} tensors: headers consistent"
+    return result(NAME, Status.PASSED, reason, started=started, details=details)
+
+
+def _safetensors(
+    f: ModelFile, headers: ParsedHeaders, tensors: dict[str, tuple[int, ...]]
+) -> list[str]:
+    parsed = headers.safetensors(f.path)
+    if isinstance(parsed, HeaderError):
+        return [str(parsed)]
+    for name, tensor in parsed.tensors.items():
+        tensors[name] = tensor.shape
+    return list(parsed.problems)
+
+
+def _shard_index(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[str]:
+    try:
+        index = json.loads(f.path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"not a usable shard index: {exc}"]
+    problems: list[str] = []
+    base = PurePosixPath(f.rel).parent
+    shards: dict[str, SafetensorsHeader | None] = {}
+    missing_by_shard: dict[str, int] = {}
+    for tensor, shard in weight_map.items():
+        rel = (base / str(shard)).as_posix()
+        if rel not in shards:
+            entry = inv.named(rel)
+            if entry is None:
+                problems.append(f"shard {shard} is missing")
+                shards[rel] = None
+            else:
+                parsed = headers.safetensors(entry.path)
+                shards[rel] = None if isinstance(parsed, HeaderError) else parsed
+        header = shards[rel]
+        if header is not None and tensor not in header.tensors:
+            missing_by_shard[str(shard)] = missing_by_shard.get(str(shard), 0) + 1
+            if missing_by_shard[str(shard)] <= 3:
+                problems.append(f"{tensor} is not in its shard {shard}")
+    for shard, count in missing_by_shard.items():
+        if count > 3:
+            problems.append(f"{count - 3} more tensors missing from {shard}")
+    return problems
+
+
+def _gguf(f: ModelFile, headers: ParsedHeaders, tensors: dict[str, tuple[int, ...]]) -> list[str]:
+    parsed = headers.gguf(f.path)
+    if isinstance(parsed, HeaderError):
+        return [str(parsed)]
+    for t in parsed.tensors:
+        tensors[t.name] = tuple(reversed(t.dims))  # GGUF lists dims fastest-first
+    return list(parsed.problems)
+
+
+def _onnx(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[str]:
+    parsed = headers.onnx(f.path)
+    if isinstance(parsed, HeaderError):
+        return [str(parsed)]
+    problems = []
+    base = PurePosixPath(f.rel).parent
+    for location, offset, length in parsed.external:
+        entry = inv.named((base / location).as_posix())
+        if entry is None:
+            continue  # the format check names missing or escaping references
+        end = offset + (length if length is not None else 0)
+        if end > entry.size:
+            problems.append(
+                f"external data {location} [{offset}, {end}) runs past its {entry.size}-byte file"
+            )
+    return problems
+
+
+def _saved_model(f: ModelFile, inv: Inventory) -> list[str]:
+    if f.path.name.endswith(".pbtxt"):
+        return []
+    try:
+        problems = check_protobuf(f.path, {2: "meta_graphs"})
+    except HeaderError as exc:
+        return [f"saved_model.pb is not valid protobuf: {exc}"]
+    variables = PurePosixPath(f.rel).parent / "variables"
+    shards = [
+        g for g in inv.files if PurePosixPath(g.rel).parent == variables and ".data-" in g.rel
+    ]
+    expected: set[str] = set()
+    for shard in shards:
+        match = re.search(r"\.data-(\d+)-of-(\d+)$", shard.rel)
+        if match:
+            total = int(match.group(2))
+            expected |= {f"{i:05d}-of-{total:05d}" for i in range(total)}
+    present = {re.sub(r"^.*\.data-", "", s.rel) for s in shards}
+    problems += [f"variables shard {name} is missing" for name in sorted(expected - present)]
+    return problems
+
+
+def _zip(f: ModelFile) -> list[str]:
+    try:
+        with zipfile.ZipFile(f.path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        return [f"archive does not open (truncated?): {exc}"]
+    if f.kind is Kind.PYTORCH_ZIP:
+        prefix = next(n for n in names if n.endswith("data.pkl")).rsplit("data.pkl", 1)[0]
+        if not any(n in (f"{prefix}version", f"{prefix}.data/version") for n in names):
+            return ["PyTorch archive without a version record"]
+    elif f.kind is Kind.KERAS_ZIP:
+        try:
+            with zipfile.ZipFile(f.path) as zf:
+                json.loads(zf.read("config.json")[: 64 * 1024 * 1024])
+        except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+            return [f"Keras archive config.json unreadable: {exc}"]
+    return []
+
+
+def _h5(f: ModelFile) -> list[str]:
+    try:
+        import h5py
+
+        with h5py.File(f.path, "r") as h5:
+            list(h5.attrs.keys())
+            list(h5.keys())
+    except ImportError:
+        return []
+    except Exception as exc:  # h5py raises many kinds on a damaged file
+        return [f"HDF5 file does not open: {exc}"]
+    return []
+
+
+def _first(config: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    nested = config.get("text_config")
+    if isinstance(nested, dict):
+        return _first(nested, *keys)
+    return None
+
+
+def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ...]]) -> list[str]:
+    """config.json must describe the tensors that ship with it."""
+    problems = []
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    vocab = _first(config, "vocab_size", "n_vocab")
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    embedding = next(
+        (shape for name, shape in tensors.items() if name.endswith(_EMBEDDING_NAMES)), None
+    )
+    if embedding is not None and len(embedding) == 2:
+        rows, cols = embedding
+        if hidden is not None and cols != hidden:
+            problems.append(f"hidden size {hidden} but the embedding is {rows} x {cols}")
+        if vocab is not None and rows != vocab:
+            problems.append(f"vocab_size {vocab} but the embedding has {rows} rows")
+    indices = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
+    if layers is not None and indices:
+        found = max(indices) + 1
+        if found != layers or len(indices) != found:
+            problems.append(
+                f"{layers} layers in config, tensors for {len(indices)} (max index {found - 1})"
+            )
+    return problems

@@ -1,0 +1,147 @@
+"""Run every enabled check over a model location and turn the results into a StageReport."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from services.contracts.events import CheckResult, StageReport, Status, TargetHardware
+from services.contracts.policy import ValidationPolicy
+from services.validator.checks.base import Check, CheckContext
+from services.validator.checks.checksum import DigestCache, check_checksum
+from services.validator.checks.formats import check_format
+from services.validator.checks.headers import HeaderError, parsed_headers
+from services.validator.checks.inventory import Inventory, Kind, LocationError, build_inventory
+from services.validator.checks.secrets import check_secrets
+from services.validator.checks.structure import check_structure
+from services.validator.checks.unsafe_code import check_unsafe_code
+from services.validator.checks.vram import check_vram
+
+log = logging.getLogger("preflight.validator")
+
+# (policy switch, check): the order in which they run; the format check also resolves what
+# later checks rely on (ONNX external data).
+CHECKS: tuple[tuple[str, Check], ...] = (
+    ("format", check_format),
+    ("checksum", check_checksum),
+    ("structure", check_structure),
+    ("unsafe_code", check_unsafe_code),
+    ("secrets", lambda inv, ctx: check_secrets(inv, ctx, extra_texts=metadata_texts(inv, ctx))),
+    ("vram_fit", check_vram),
+)
+
+
+def metadata_texts(inv: Inventory, ctx: CheckContext) -> Iterator[tuple[str, str]]:
+    """Free text inside weight headers (GGUF strings, safetensors __metadata__) for the
+    secrets scan."""
+    headers = parsed_headers(ctx.shared)
+    for f in inv.of(Kind.GGUF):
+        gg = headers.gguf(f.path)
+        if not isinstance(gg, HeaderError):
+            for key, text in gg.strings():
+                yield f"{f.rel} (GGUF metadata {key})", text
+    for f in inv.of(Kind.SAFETENSORS):
+        st = headers.safetensors(f.path)
+        if not isinstance(st, HeaderError):
+            for key, text in st.metadata.items():
+                yield f"{f.rel} (__metadata__ {key})", text
+
+
+def _run(name: str, check: Check, inv: Inventory, ctx: CheckContext) -> CheckResult:
+    started = time.perf_counter()
+    try:
+        return check(inv, ctx)
+    except Exception as exc:  # a check must never take the service down
+        log.exception("check %s crashed", name)
+        return CheckResult(
+            name=name,
+            status=Status.ERROR,
+            reason=f"check crashed: {type(exc).__name__}: {exc}",
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+
+
+def validate(
+    location: str,
+    *,
+    policy: ValidationPolicy | None = None,
+    expected_sha256: dict[str, str] | None = None,
+    target: TargetHardware | None = None,
+    digest_cache: DigestCache | None = None,
+    service: str = "",
+) -> StageReport:
+    """Every enabled check, each with status, reason and duration; never raises on bad input."""
+    policy = policy or ValidationPolicy()
+    started = time.perf_counter()
+    if not policy.enabled:
+        return StageReport(
+            stage="validation",
+            status=Status.SKIPPED,
+            reason="skipped: disabled by policy",
+            service=service,
+        )
+    try:
+        inv = build_inventory(location)
+    except LocationError as exc:
+        check = CheckResult(name="format", status=Status.FAILED, reason=str(exc))
+        return StageReport(
+            stage="validation",
+            status=Status.FAILED,
+            reason=str(exc),
+            checks=(check,),
+            service=service,
+        )
+    ctx = CheckContext(
+        expected_sha256=dict(expected_sha256 or {}),
+        target=target or TargetHardware(),
+        policy=policy,
+        digest_cache=digest_cache,
+        deadline=started + policy.budget_s,
+    )
+    switches = policy.checks.model_dump()
+    results: list[CheckResult] = []
+    for name, run_check in CHECKS:
+        if not switches.get(name, True):
+            results.append(
+                CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
+            )
+            continue
+        results.append(_run(name, run_check, inv, ctx))
+    elapsed = time.perf_counter() - started
+    return _report(results, elapsed, policy.budget_s, service, inv.root)
+
+
+def _report(
+    results: list[CheckResult], elapsed: float, budget: float, service: str, root: Path
+) -> StageReport:
+    failed = [r for r in results if r.status in (Status.FAILED, Status.ERROR)]
+    passed = [r for r in results if r.status is Status.PASSED]
+    skipped = [r for r in results if r.status is Status.SKIPPED]
+    if failed:
+        status = Status.FAILED
+        reason = "; ".join(f"{r.name}: {r.reason}" for r in failed)
+    elif not passed:
+        status = Status.SKIPPED
+        reason = "skipped: every check is disabled or had nothing to check"
+    else:
+        status = Status.PASSED
+        reason = f"{len(passed)} checks passed"
+        if skipped:
+            reason += ", skipped: " + ", ".join(f"{r.name} ({r.reason})" for r in skipped)
+    reason += f"; {elapsed:.2f} s"
+    if elapsed > budget:
+        slowest = max(results, key=lambda r: r.duration_ms)
+        reason += (
+            f", over the {budget:g} s budget (slowest: {slowest.name} "
+            f"{slowest.duration_ms / 1000:.2f} s)"
+        )
+    return StageReport(
+        stage="validation",
+        status=status,
+        reason=reason,
+        checks=tuple(results),
+        duration_ms=round(elapsed * 1000, 3),
+        service=service,
+    )

@@ -1,0 +1,698 @@
+"""Hostile and benign model files for the unsafe-code check and for benchmarking scanners.
+
+Each writer puts one model (a file, or a directory for multi-file models) under `directory`,
+creating it, and returns its path. A payload, if it ever runs, creates `marker(directory)`:
+a test proves a payload never ran by that file's absence. Pickles are written opcode by opcode
+where the point is their exact bytes, with `pickle.dumps` where the point is what real tools
+write.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import marshal
+import math
+import os
+import pickle
+import shlex
+import stat
+import struct
+import tarfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.stack.samples import write_sample_model
+
+MARKER = "PWNED"
+
+Writer = Callable[[Path], Path]
+
+
+def marker(directory: Path) -> Path:
+    """The file a payload creates if it runs."""
+    return directory / MARKER
+
+
+def payload_command(directory: Path) -> str:
+    return f"touch {shlex.quote(str(marker(directory)))}"
+
+
+# --- Pickle opcodes ------------------------------------------------------------------------
+
+
+def op_str(text: str) -> bytes:
+    """BINUNICODE: a string as protocol 2 (and torch.save) writes it."""
+    data = text.encode("utf-8")
+    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
+
+
+def op_short_str(text: str) -> bytes:
+    """SHORT_BINUNICODE: a short string as protocol 4+ writes it."""
+    data = text.encode("utf-8")
+    return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+
+
+def op_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return pickle.BININT1 + bytes([value])
+    return pickle.BININT + struct.pack("<i", value)
+
+
+def op_tuple(*items: bytes) -> bytes:
+    return pickle.MARK + b"".join(items) + pickle.TUPLE
+
+
+def op_global(module: str, name: str) -> bytes:
+    """GLOBAL, as protocols 0-2 (and torch.save) import."""
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def op_stack_global(module: str, name: str) -> bytes:
+    """STACK_GLOBAL, as protocols 4-5 import."""
+    return op_short_str(module) + op_short_str(name) + pickle.STACK_GLOBAL
+
+
+def op_call(func: bytes, *args: bytes) -> bytes:
+    return func + op_tuple(*args) + pickle.REDUCE
+
+
+def whole_pickle(body: bytes, protocol: int = 2) -> bytes:
+    return pickle.PROTO + bytes([protocol]) + body + pickle.STOP
+
+
+def os_system_pickle(directory: Path) -> bytes:
+    """The classic: GLOBAL os.system, called with a shell command."""
+    return whole_pickle(op_call(op_global("os", "system"), op_str(payload_command(directory))))
+
+
+def state_dict_body(shapes: Mapping[str, tuple[int, ...]], *, legacy: bool) -> bytes:
+    """An OrderedDict of float32 tensors as torch.save pickles it (protocol 2): each tensor is
+    _rebuild_tensor_v2 of a persistent storage id, the storage's bytes kept outside the pickle."""
+    ordered_dict = op_call(op_global("collections", "OrderedDict"))
+    body = ordered_dict + pickle.MARK
+    for key, (name, shape) in enumerate(shapes.items()):
+        numel = math.prod(shape)
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        storage = [op_str("storage"), op_global("torch", "FloatStorage"), op_str(str(key))]
+        storage += [op_str("cpu"), op_int(numel)] + ([pickle.NONE] if legacy else [])
+        body += op_str(name) + op_call(
+            op_global("torch._utils", "_rebuild_tensor_v2"),
+            op_tuple(*storage) + pickle.BINPERSID,
+            op_int(0),
+            op_tuple(*map(op_int, shape)),
+            op_tuple(*map(op_int, strides)),
+            pickle.NEWFALSE,
+            ordered_dict,
+        )
+    return body + pickle.SETITEMS
+
+
+SHAPES = {"embed.weight": (8, 4), "embed.bias": (4,)}
+
+
+def torch_zip(path: Path, data_pkl: bytes, *entries: tuple[str, bytes]) -> Path:
+    """torch.save's zip layout: <archive>/data.pkl, byteorder, data/<key>, version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # duplicate names, on purpose
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        for name, data in entries:
+            zf.writestr(name, data)
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+def tensor_records() -> list[tuple[str, bytes]]:
+    return [
+        (f"archive/data/{key}", bytes(4 * math.prod(shape)))
+        for key, shape in enumerate(SHAPES.values())
+    ]
+
+
+# --- Benign --------------------------------------------------------------------------------
+
+
+def write_handmade_torch_zip(directory: Path) -> Path:
+    """A torch.save state dict without torch: same zip layout, same pickle."""
+    data_pkl = whole_pickle(state_dict_body(SHAPES, legacy=False))
+    return torch_zip(directory / "model.pt", data_pkl, *tensor_records())
+
+
+def _legacy_torch_file(path: Path, state_dict_pickle: bytes, *, sys_info: bytes = b"") -> Path:
+    """The pre-1.6 torch.save format: magic number, protocol version, sys info, the object and
+    its storage keys (five pickles), then each storage's raw bytes."""
+    magic = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+    info = {"protocol_version": 1001, "little_endian": True,
+            "type_sizes": {"short": 2, "int": 4, "long": 4}}  # fmt: skip
+    keys = pickle.dumps([str(key) for key in range(len(SHAPES))], protocol=2)
+    raw = b"".join(
+        struct.pack("<q", math.prod(s)) + bytes(4 * math.prod(s)) for s in SHAPES.values()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        fh.write(whole_pickle(pickle.LONG1 + bytes([len(magic)]) + magic))
+        fh.write(whole_pickle(pickle.BININT2 + struct.pack("<H", 1001)))
+        fh.write(sys_info or pickle.dumps(info, protocol=2))
+        fh.write(state_dict_pickle + keys + raw)
+    return path
+
+
+def write_handmade_torch_legacy(directory: Path) -> Path:
+    body = whole_pickle(state_dict_body(SHAPES, legacy=True))
+    return _legacy_torch_file(directory / "pytorch_model.bin", body)
+
+
+def write_torch_zip_state_dict(directory: Path) -> Path:
+    """What torch.save writes today (needs torch)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    layer = torch.nn.Linear(4, 3)
+    state = layer.state_dict() | {"half": torch.ones(2, dtype=torch.float16)}
+    state |= {"bf16": torch.ones(2, dtype=torch.bfloat16), "steps": torch.tensor(3)}
+    torch.save(state, directory / "model.pt")
+    return directory / "model.pt"
+
+
+def write_torch_legacy_state_dict(directory: Path) -> Path:
+    """torch.save's pre-1.6 format, still written on request (needs torch)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pytorch_model.bin"
+    torch.save(torch.nn.Linear(4, 3).state_dict(), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _arrays() -> dict[str, Any]:
+    return {
+        "weights": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "scale": np.float64(0.5),
+        "dtype": np.dtype("int8"),
+        "ids": {1, 2, 3},
+        "raw": b"\x00\x01",
+        "complex": 1 + 2j,
+    }
+
+
+def write_numpy_pickle_protocol2(directory: Path) -> Path:
+    """Arrays as old tools pickle them: _reconstruct, and bytes via _codecs.encode."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "arrays.pkl"
+    path.write_bytes(pickle.dumps(_arrays(), protocol=2))
+    return path
+
+
+def write_numpy_pickle_protocol5(directory: Path) -> Path:
+    """Arrays as Python 3.8+ pickles them by default (protocol 5: _frombuffer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "arrays.pkl"
+    path.write_bytes(pickle.dumps(_arrays(), protocol=5))
+    return path
+
+
+def write_numpy_pickle_large(directory: Path) -> Path:
+    """An array bigger than the scanner reads into memory: its bytes are skipped, not read."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "big.pkl"
+    path.write_bytes(pickle.dumps({"w": np.ones(400_000, dtype=np.float32)}, protocol=4))
+    return path
+
+
+def write_safetensors_dir(directory: Path) -> Path:
+    return write_sample_model(directory / "model", layers=1, hidden=16, heads=2, vocab=32)
+
+
+def write_numpy_arrays(directory: Path) -> Path:
+    """A plain .npy and a compressed .npz (a zip of .npy files)."""
+    model = directory / "arrays"
+    model.mkdir(parents=True, exist_ok=True)
+    np.save(model / "embedding.npy", np.ones((4, 4), dtype=np.float16))
+    np.savez_compressed(model / "layers.npz", w=np.zeros((8, 8)), b=np.arange(8))
+    return model
+
+
+def _keras_layer(class_name: str, config: dict[str, Any], module: str = "keras.layers") -> Any:
+    return {"module": module, "class_name": class_name, "config": config, "registered_name": None}
+
+
+def keras_model(*layers: Any) -> Any:
+    """A Keras 3 Sequential model's config.json."""
+    input_layer = _keras_layer("InputLayer", {"batch_shape": [None, 4], "name": "input"})
+    loss = {
+        "module": "keras.src.losses.losses", "class_name": "function",
+        "config": "mean_squared_error", "registered_name": "mean_squared_error",
+    }  # fmt: skip
+    return {
+        "module": "keras",
+        "class_name": "Sequential",
+        "config": {"name": "sequential", "layers": [input_layer, *layers]},
+        "registered_name": None,
+        "build_config": {"input_shape": [None, 4]},
+        "compile_config": {"optimizer": "adam", "loss": loss},
+    }
+
+
+def dense(activation: Any = "relu") -> Any:
+    initializer = _keras_layer("GlorotUniform", {"seed": None}, module="keras.initializers")
+    config = {"name": "dense", "units": 2, "activation": activation}
+    return _keras_layer("Dense", config | {"kernel_initializer": initializer})
+
+
+def _lambda_code() -> str:
+    code = compile("lambda x: x", "<lambda>", "eval")
+    return base64.b64encode(marshal.dumps(code)).decode()
+
+
+def _h5_bytes() -> bytes:
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.create_group("layers")
+    return buffer.getvalue()
+
+
+def keras_zip(path: Path, config: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.6.0"}))
+        zf.writestr("config.json", json.dumps(config))
+        zf.writestr("model.weights.h5", _h5_bytes())
+    return path
+
+
+def write_keras_zip(directory: Path) -> Path:
+    return keras_zip(directory / "model.keras", keras_model(dense()))
+
+
+def _keras_h5(path: Path, config: Any) -> Path:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.15.0"
+        h5.attrs["backend"] = "tensorflow"
+        h5.create_group("model_weights")
+    return path
+
+
+def _keras2_model(*layers: Any) -> Any:
+    first = {"class_name": "Dense", "config": {"name": "dense", "units": 2, "activation": "relu"}}
+    return {
+        "class_name": "Sequential",
+        "config": {"name": "sequential", "layers": [first, *layers]},
+    }
+
+
+def write_keras_h5(directory: Path) -> Path:
+    return _keras_h5(directory / "model.h5", _keras2_model())
+
+
+# --- Hostile: pickles ----------------------------------------------------------------------
+
+
+def write_reduce_os_system(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(os_system_pickle(directory))
+    return path
+
+
+class _RunsShell:
+    """What an attacker pickles: an object whose __reduce__ is a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (self.command,)
+
+
+def write_reduce_os_system_pickled(directory: Path) -> Path:
+    """The same payload as pickle.dumps writes it (protocol 5: STACK_GLOBAL posix.system)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(pickle.dumps({"model": _RunsShell(payload_command(directory))}, protocol=5))
+    return path
+
+
+def write_torch_zip_payload(directory: Path) -> Path:
+    """A torch.save-shaped zip whose data.pkl runs a command (torch.load(weights_only=False))."""
+    return torch_zip(directory / "pytorch_model.bin", os_system_pickle(directory))
+
+
+def write_zip_duplicate_data_pkl(directory: Path) -> Path:
+    """Two data.pkl entries, the first one hostile. zipfile and torch 2.13 read the last copy
+    (benign); a reader that takes the first one runs the payload."""
+    benign = whole_pickle(state_dict_body(SHAPES, legacy=False))
+    return torch_zip(
+        directory / "model.pt",
+        os_system_pickle(directory),
+        ("archive/data.pkl", benign),
+        *tensor_records(),
+    )
+
+
+def write_memo_stack_global(directory: Path) -> Path:
+    """STACK_GLOBAL whose module and name come from the memo, not from string opcodes."""
+    body = op_short_str("os") + pickle.MEMOIZE + op_short_str("system") + pickle.MEMOIZE
+    body += pickle.BINGET + b"\x00" + pickle.BINGET + b"\x01" + pickle.STACK_GLOBAL
+    body += op_tuple(op_short_str(payload_command(directory))) + pickle.REDUCE
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(whole_pickle(body, protocol=4))
+    return path
+
+
+def write_memo_across_pickles(directory: Path) -> Path:
+    """The legacy torch format loads five pickles, each with a fresh memo. Here the third (sys
+    info, which torch ignores) memoises decoy strings; the fourth memoises 'os' and 'system'
+    and reads them back by index. A scanner that keeps one memo across pickles resolves those
+    indices to the decoys and sees torch._utils._rebuild_tensor_v2."""
+    decoys = op_short_str("torch._utils") + pickle.MEMOIZE + op_short_str("_rebuild_tensor_v2")
+    sys_info = whole_pickle(decoys + pickle.MEMOIZE + pickle.POP + pickle.POP + pickle.EMPTY_DICT)
+    body = op_short_str("os") + pickle.MEMOIZE + op_short_str("system") + pickle.MEMOIZE
+    body += pickle.BINGET + b"\x00" + pickle.BINGET + b"\x01" + pickle.STACK_GLOBAL
+    body += op_tuple(op_short_str(payload_command(directory))) + pickle.REDUCE
+    payload = whole_pickle(body, protocol=4)
+    return _legacy_torch_file(directory / "model.pkl", payload, sys_info=sys_info)
+
+
+def _import_chain(directory: Path, getter: tuple[str, str]) -> bytes:
+    """getattr(importlib.import_module('os'), 'system')(command), with `getter` as getattr."""
+    module = op_call(op_stack_global("importlib", "import_module"), op_short_str("os"))
+    system = op_call(op_stack_global(*getter), module, op_short_str("system"))
+    return whole_pickle(op_call(system, op_short_str(payload_command(directory))), protocol=4)
+
+
+def write_importlib_getattr_chain(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(_import_chain(directory, ("builtins", "getattr")))
+    return path
+
+
+def write_importlib_getattr_static_chain(directory: Path) -> Path:
+    """Both imports are in picklescan's 'suspicious' tier, which it does not count."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(_import_chain(directory, ("inspect", "getattr_static")))
+    return path
+
+
+def write_payload_then_broken_tail(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(os_system_pickle(directory) + b"\xff\xfe not a pickle")
+    return path
+
+
+def write_benign_then_garbage(directory: Path) -> Path:
+    """A harmless pickle and then bytes that are not one: a scanner must not call this clean."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4) + b"\x00garbage")
+    return path
+
+
+def write_truncated_payload(directory: Path) -> Path:
+    """No STOP: pickle.load runs the call, then fails on the missing end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(os_system_pickle(directory)[:-1])
+    return path
+
+
+def write_pickle_zip_polyglot(directory: Path) -> Path:
+    """A pickle with a zip appended: pickle.load reads the pickle at the start, zip readers the
+    archive at the end; a scanner that asks "is this a zip?" first scans only the zip."""
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("data.pkl", pickle.dumps({"weights": [1.0]}, protocol=2))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(os_system_pickle(directory) + archive.getvalue())
+    return path
+
+
+def write_protocol0_unknown_extension(directory: Path) -> Path:
+    """Protocol 0 has no header; with an extension no loader claims, only content tells."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "weights.dat"
+    command = payload_command(directory).encode()
+    path.write_bytes(b"cos\nsystem\n(V" + command + b"\ntR.")
+    return path
+
+
+# --- Hostile: numpy ------------------------------------------------------------------------
+
+
+def write_object_npy(directory: Path) -> Path:
+    """Harmless objects, but numpy.load must unpickle them (allow_pickle=True)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "objects.npy"
+    np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return path
+
+
+def write_object_npy_payload(directory: Path) -> Path:
+    """A .npy header of dtype object followed by a command-running pickle."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "embedding.npy"
+    header = {"descr": "|O", "fortran_order": False, "shape": (1,)}
+    with path.open("wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(os_system_pickle(directory))
+    return path
+
+
+def write_npz_object_array(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "arrays.npz"
+    np.savez(path, ok=np.zeros(3), objs=np.array([{"a": 1}], dtype=object))
+    return path
+
+
+# --- Hostile: archives ---------------------------------------------------------------------
+
+
+def write_zip_path_traversal(directory: Path) -> Path:
+    """A torch zip that, once unzipped, writes ../evil.py next to the model directory."""
+    entry = ("../evil.py", "import os\nos.system('id')\n")
+    return torch_zip(
+        directory / "model.pt",
+        whole_pickle(state_dict_body(SHAPES, legacy=False)),
+        *tensor_records(),
+        (entry[0], entry[1].encode()),
+    )
+
+
+def write_zip_absolute_path(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "weights.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("weights.bin", bytes(16))
+        zf.writestr(zipfile.ZipInfo("/etc/cron.d/evil"), "* * * * * root id\n")
+    return path
+
+
+def write_zip_symlink(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "weights.zip"
+    link = zipfile.ZipInfo("weights.bin")
+    link.create_system = 3  # Unix: external_attr carries the mode
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(link, "/etc/passwd")
+    return path
+
+
+_BOMB_CHUNK = 16 * 1024 * 1024
+
+
+@lru_cache(maxsize=4)
+def _deflated_zeros(chunks: int) -> tuple[bytes, int]:
+    """`chunks` x 16 MiB of zeros, deflated (~16 KB per chunk), and its CRC-32. Deflating 16 MiB
+    once and repeating it is valid: a full flush ends each copy on a byte boundary with no
+    back-reference across it. 1 GiB takes ~0.3 s, once per process."""
+    zeros = bytes(_BOMB_CHUNK)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    segment = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    final_block = zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+    crc = 0
+    for _ in range(chunks):
+        crc = zlib.crc32(zeros, crc)
+    return segment * chunks + final_block, crc
+
+
+def _deflated_zip(path: Path, entries: list[tuple[str, int]]) -> Path:
+    """A zip of (name, chunks of 16 MiB zeros) entries, written record by record, because
+    zipfile would deflate every byte itself."""
+    date = (1 << 5) | 1  # 1980-01-01
+    body, directory = b"", b""
+    for name, chunks in entries:
+        data, crc = _deflated_zeros(chunks)
+        size, encoded = chunks * _BOMB_CHUNK, name.encode()
+        fields = (zipfile.ZIP_DEFLATED, 0, date, crc, len(data), size, len(encoded))
+        directory += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, *fields,
+                                 0, 0, 0, 0, 0, len(body)) + encoded  # fmt: skip
+        body += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, *fields, 0) + encoded + data
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(directory), len(body), 0
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body + directory + end)
+    return path
+
+
+def write_zip_bomb(directory: Path) -> Path:
+    """A real zip bomb: one entry that inflates to 1 GiB from ~1 MB."""
+    return _deflated_zip(directory / "weights.zip", [("weights.bin", 64)])
+
+
+def write_zip_bomb_many_entries(directory: Path) -> Path:
+    """80 entries of 16 MiB each: none alarming alone, 1.25 GiB from ~1.3 MB together."""
+    return _deflated_zip(directory / "shards.zip", [(f"shard-{i}.bin", 1) for i in range(80)])
+
+
+def write_legacy_tar_checkpoint(directory: Path) -> Path:
+    """torch.load(weights_only=False) still reads the pre-2018 tar format and unpickles it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pt"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (
+            ("sys_info", pickle.dumps({}, 2)),
+            ("pickle", os_system_pickle(directory)),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# --- Hostile: Keras, configs, source -------------------------------------------------------
+
+
+def _lambda_layer(keras3: bool) -> Any:
+    if keras3:
+        function = {"class_name": "__lambda__", "config": {"value": [_lambda_code(), None, None]}}
+        return _keras_layer("Lambda", {"name": "lambda", "function": function})
+    config = {"name": "lambda", "function": [_lambda_code(), None, None]}
+    return {"class_name": "Lambda", "config": config | {"function_type": "lambda"}}
+
+
+def write_keras_lambda_zip(directory: Path) -> Path:
+    return keras_zip(directory / "model.keras", keras_model(dense(), _lambda_layer(True)))
+
+
+def write_keras_module_reference_zip(directory: Path) -> Path:
+    """A Dense layer whose activation is os.system: Keras imports the module to find it."""
+    activation = {"module": "os", "class_name": "function", "config": "system"}
+    return keras_zip(directory / "model.keras", keras_model(dense(activation)))
+
+
+def write_keras_lambda_h5(directory: Path) -> Path:
+    return _keras_h5(directory / "model.h5", _keras2_model(_lambda_layer(False)))
+
+
+def write_saved_model_keras_lambda(directory: Path) -> Path:
+    model = directory / "saved_model"
+    (model / "variables").mkdir(parents=True, exist_ok=True)
+    (model / "saved_model.pb").write_bytes(b"\x08\x01")
+    layer = json.dumps({"class_name": "Lambda", "config": {"name": "lambda"}}).encode()
+    (model / "keras_metadata.pb").write_bytes(b"\x0a" + bytes([len(layer)]) + layer)
+    return model
+
+
+def _model_with_config(directory: Path, **extra: Any) -> Path:
+    model = write_safetensors_dir(directory)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | extra, indent=2))
+    return model
+
+
+def write_config_trust_remote_code(directory: Path) -> Path:
+    return _model_with_config(directory, trust_remote_code=True)
+
+
+def write_config_auto_map(directory: Path) -> Path:
+    return _model_with_config(directory, auto_map={"AutoModel": "modeling_x.XModel"})
+
+
+def write_tokenizer_config_auto_map(directory: Path) -> Path:
+    model = write_safetensors_dir(directory)
+    tokenizer = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return model
+
+
+def write_python_file(directory: Path) -> Path:
+    model = write_safetensors_dir(directory)
+    (model / "modeling_x.py").write_text("import os\n\nos.system('id')\n")
+    return model
+
+
+# --- Registries ----------------------------------------------------------------------------
+
+BENIGN: dict[str, Writer] = {
+    "handmade_torch_zip": write_handmade_torch_zip,
+    "handmade_torch_legacy": write_handmade_torch_legacy,
+    "numpy_pickle_protocol2": write_numpy_pickle_protocol2,
+    "numpy_pickle_protocol5": write_numpy_pickle_protocol5,
+    "numpy_pickle_large": write_numpy_pickle_large,
+    "safetensors_dir": write_safetensors_dir,
+    "numpy_arrays": write_numpy_arrays,
+    "keras_zip": write_keras_zip,
+    "keras_h5": write_keras_h5,
+}
+if importlib.util.find_spec("torch") is not None:
+    BENIGN |= {
+        "torch_zip_state_dict": write_torch_zip_state_dict,
+        "torch_legacy_state_dict": write_torch_legacy_state_dict,
+    }
+
+HOSTILE: dict[str, Writer] = {
+    "reduce_os_system": write_reduce_os_system,
+    "reduce_os_system_pickled": write_reduce_os_system_pickled,
+    "torch_zip_payload": write_torch_zip_payload,
+    "zip_duplicate_data_pkl": write_zip_duplicate_data_pkl,
+    "memo_stack_global": write_memo_stack_global,
+    "memo_across_pickles": write_memo_across_pickles,
+    "importlib_getattr_chain": write_importlib_getattr_chain,
+    "importlib_getattr_static_chain": write_importlib_getattr_static_chain,
+    "payload_then_broken_tail": write_payload_then_broken_tail,
+    "benign_then_garbage": write_benign_then_garbage,
+    "truncated_payload": write_truncated_payload,
+    "pickle_zip_polyglot": write_pickle_zip_polyglot,
+    "protocol0_unknown_extension": write_protocol0_unknown_extension,
+    "object_npy": write_object_npy,
+    "object_npy_payload": write_object_npy_payload,
+    "npz_object_array": write_npz_object_array,
+    "zip_path_traversal": write_zip_path_traversal,
+    "zip_absolute_path": write_zip_absolute_path,
+    "zip_symlink": write_zip_symlink,
+    "zip_bomb": write_zip_bomb,
+    "zip_bomb_many_entries": write_zip_bomb_many_entries,
+    "legacy_tar_checkpoint": write_legacy_tar_checkpoint,
+    "keras_lambda_zip": write_keras_lambda_zip,
+    "keras_module_reference_zip": write_keras_module_reference_zip,
+    "keras_lambda_h5": write_keras_lambda_h5,
+    "saved_model_keras_lambda": write_saved_model_keras_lambda,
+    "config_trust_remote_code": write_config_trust_remote_code,
+    "config_auto_map": write_config_auto_map,
+    "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
+    "python_file": write_python_file,
+}

@@ -1,0 +1,255 @@
+"""Format detection by content and header-only structural checks, on real and broken files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from services.contracts.events import Status
+from services.stack.samples import write_sparse_sharded_model
+from services.validator.checks.base import CheckContext
+from services.validator.checks.formats import check_format
+from services.validator.checks.headers import GGML_TYPES, read_gguf
+from services.validator.checks.inventory import Kind, build_inventory
+from services.validator.checks.structure import check_structure
+from tests.unit.validator import formats
+
+
+def run(directory: Path) -> tuple[Status, str, Status, str]:
+    inv = build_inventory(str(directory))
+    ctx = CheckContext()
+    fmt = check_format(inv, ctx)
+    st = check_structure(inv, ctx)
+    return fmt.status, fmt.reason, st.status, st.reason
+
+
+def kinds(directory: Path) -> dict[str, Kind]:
+    return {f.rel: f.kind for f in build_inventory(str(directory)).files}
+
+
+@pytest.mark.parametrize(
+    ("writer", "expected"),
+    [
+        (
+            formats.write_hf_safetensors,
+            {"model.safetensors": Kind.SAFETENSORS, "config.json": Kind.CONFIG},
+        ),
+        (formats.write_gguf, {"model.gguf": Kind.GGUF}),
+        (lambda d: formats.write_onnx(d, external=False), {"model.onnx": Kind.ONNX}),
+        (lambda d: formats.write_onnx(d, external=True), {"model.onnx": Kind.ONNX}),
+        (
+            formats.write_saved_model,
+            {
+                "saved_model.pb": Kind.TF_SAVED_MODEL,
+                "variables/variables.index": Kind.TF_VARIABLES_INDEX,
+            },
+        ),
+        (formats.write_keras_h5, {"model.h5": Kind.KERAS_H5}),
+        (formats.write_keras_zip, {"model.keras": Kind.KERAS_ZIP}),
+    ],
+)
+def test_every_supported_format_is_recognised_and_sound(
+    tmp_path: Path, writer: object, expected: dict[str, Kind]
+) -> None:
+    writer(tmp_path)  # type: ignore[operator]
+    found = kinds(tmp_path)
+    for rel, kind in expected.items():
+        assert found[rel] is kind
+    fmt, fmt_reason, st, st_reason = run(tmp_path)
+    assert fmt is Status.PASSED, fmt_reason
+    assert st in (Status.PASSED, Status.SKIPPED), st_reason
+
+
+def test_format_is_found_by_content_not_extension(tmp_path: Path) -> None:
+    formats.write_hf_safetensors(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "weights.bin")
+    formats.write_gguf(tmp_path / "g")
+    (tmp_path / "g" / "model.gguf").rename(tmp_path / "g" / "model.safetensors")
+    assert kinds(tmp_path / "m")["weights.bin"] is Kind.SAFETENSORS
+    assert kinds(tmp_path / "g")["model.safetensors"] is Kind.GGUF
+
+
+def test_onnx_external_data_is_tied_to_its_model(tmp_path: Path) -> None:
+    formats.write_onnx(tmp_path, external=True)
+    inv = build_inventory(str(tmp_path))
+    assert check_format(inv, CheckContext()).status is Status.PASSED
+    assert inv.named("weights.bin") is not None
+    assert inv.named("weights.bin").kind is Kind.ONNX_EXTERNAL_DATA  # type: ignore[union-attr]
+
+
+def test_missing_onnx_external_data_fails(tmp_path: Path) -> None:
+    formats.write_onnx(tmp_path, external=True)
+    (tmp_path / "weights.bin").unlink()
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.FAILED
+    assert "external data file weights.bin is missing" in reason
+
+
+def test_truncated_onnx_external_data_fails(tmp_path: Path) -> None:
+    formats.write_onnx(tmp_path, external=True)
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * 100)
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "runs past its 100-byte file" in reason
+
+
+def test_an_unrecognisable_file_fails_with_what_was_found(tmp_path: Path) -> None:
+    formats.write_hf_safetensors(tmp_path)
+    (tmp_path / "blob.dat").write_bytes(b"\xde\xad\xbe\xef" * 8)
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.FAILED
+    assert "blob.dat: unsupported or unrecognisable" in reason
+    assert "de ad be ef" in reason
+
+
+def test_a_directory_without_weights_fails(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.FAILED
+    assert "no model weights found" in reason
+
+
+def test_sparse_7b_sharded_directory_passes_header_checks(tmp_path: Path) -> None:
+    write_sparse_sharded_model(tmp_path)
+    fmt, _, st, reason = run(tmp_path)
+    assert (fmt, st) == (Status.PASSED, Status.PASSED), reason
+    assert "291 tensors" in reason
+    assert sum(p.stat().st_blocks for p in tmp_path.iterdir()) * 512 < 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncate", "truncated: tensors need"),
+        ("lie", "bytes but its offsets span"),
+        ("oversized", "exceeds the format's 100 MB limit"),
+        ("past_end", "runs past the end"),
+        ("hole", "hole of 16 bytes before b"),
+        ("overlap", "b overlaps the tensor before it"),
+        ("not_json", "header is not valid JSON"),
+        ("bad_dtype", "unknown dtype 'F7'"),
+    ],
+)
+def test_broken_safetensors_are_caught(tmp_path: Path, damage: str, expected: str) -> None:
+    path = tmp_path / "model.safetensors"
+    a = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+    b = {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}
+    if damage == "truncate":
+        formats.write_safetensors_raw(path, {"a": a, "b": b}, b"\x00" * 20)
+    elif damage == "lie":
+        formats.write_safetensors_raw(path, {"a": {**a, "shape": [8]}, "b": b}, b"\x00" * 32)
+    elif damage == "oversized":
+        formats.write_safetensors_raw(path, {"a": a}, b"\x00" * 16, declared_len=200 * 1024 * 1024)
+    elif damage == "past_end":
+        formats.write_safetensors_raw(path, {"a": a}, b"\x00" * 16, declared_len=10_000)
+    elif damage == "hole":
+        formats.write_safetensors_raw(
+            path, {"a": a, "b": {**b, "data_offsets": [32, 48]}}, b"\x00" * 48
+        )
+    elif damage == "overlap":
+        formats.write_safetensors_raw(
+            path, {"a": a, "b": {**b, "data_offsets": [8, 24]}}, b"\x00" * 24
+        )
+    elif damage == "not_json":
+        path.write_bytes((12).to_bytes(8, "little") + b"{not json!!}" + b"\x00" * 8)
+    elif damage == "bad_dtype":
+        formats.write_safetensors_raw(path, {"a": {**a, "dtype": "F7"}}, b"\x00" * 16)
+    inv = build_inventory(str(tmp_path))
+    if inv.files[0].kind is not Kind.SAFETENSORS:  # too broken to be recognised at all
+        result = check_format(inv, CheckContext())
+        assert result.status is Status.FAILED
+        return
+    result = check_structure(inv, CheckContext())
+    assert result.status is Status.FAILED
+    assert expected in result.reason
+
+
+def test_shard_index_naming_a_tensor_its_shard_lacks_fails(tmp_path: Path) -> None:
+    write_sparse_sharded_model(
+        tmp_path, layers=2, hidden=64, intermediate=128, vocab=100, heads=4, kv_heads=4, shards=2
+    )
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+    index["weight_map"]["lm_head.weight"] = "model-00003-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert (
+        "model.layers.9.mlp.up_proj.weight is not in its shard model-00001-of-00002.safetensors"
+        in reason
+    )
+    assert "shard model-00003-of-00002.safetensors is missing" in reason
+
+
+def test_config_that_disagrees_with_the_tensors_fails(tmp_path: Path) -> None:
+    write_sparse_sharded_model(
+        tmp_path, layers=2, hidden=64, intermediate=128, vocab=100, heads=4, kv_heads=4, shards=1
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config |= {"hidden_size": 128, "vocab_size": 50, "num_hidden_layers": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "hidden size 128 but the embedding is 100 x 64" in reason
+    assert "vocab_size 50 but the embedding has 100 rows" in reason
+    assert "3 layers in config, tensors for 2" in reason
+
+
+def test_truncated_gguf_is_caught(tmp_path: Path) -> None:
+    formats.write_gguf(tmp_path, truncate_by=1000)
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "truncated" in reason
+
+
+def test_gguf_header_is_read_like_gguf_py_writes_it(tmp_path: Path) -> None:
+    import gguf
+
+    path = formats.write_gguf(tmp_path)
+    header = read_gguf(path)
+    assert header.architecture == "llama"
+    assert header.arch_value("block_count") == 2
+    assert [t.name for t in header.tensors][:1] == ["token_embd.weight"]
+    assert header.tensors[0].nbytes == 128 * 64 * 4
+    assert header.problems == []
+    for ggml_type, (name, block, size) in GGML_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)] == (block, size), name
+
+
+def test_gguf_with_a_lying_tensor_count_is_refused(tmp_path: Path) -> None:
+    path = formats.write_gguf(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[8:16] = (2**40).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "implausible counts" in reason
+
+
+def test_saved_model_with_a_missing_variables_shard_fails(tmp_path: Path) -> None:
+    formats.write_saved_model(tmp_path, shards=2, drop_shard=1)
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "variables shard 00001-of-00002 is missing" in reason
+
+
+def test_truncated_pytorch_style_zip_fails(tmp_path: Path) -> None:
+    formats.write_keras_zip(tmp_path)
+    path = tmp_path / "model.keras"
+    path.write_bytes(path.read_bytes()[:-40])
+    fmt, freason, st, sreason = run(tmp_path)
+    assert Status.FAILED in (fmt, st), (freason, sreason)
+
+
+def test_symlink_out_of_the_model_is_reported(tmp_path: Path) -> None:
+    formats.write_hf_safetensors(tmp_path / "m")
+    (tmp_path / "secret.txt").write_text("x")
+    (tmp_path / "m" / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    fmt, reason, _, _ = run(tmp_path / "m")
+    assert fmt is Status.FAILED
+    assert "symlink pointing outside the model" in reason
+    shutil.rmtree(tmp_path / "m")

@@ -1,0 +1,102 @@
+"""The validation stage as a whole: every check reported with status, reason and time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.contracts.events import Status, TargetHardware
+from services.contracts.policy import PolicyFile
+from services.stack.samples import write_sample_model
+from services.validator.checks.checksum import DigestCache
+from services.validator.validate import CHECKS, validate
+
+
+def test_a_sound_model_passes_every_check_within_budget(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    report = validate(str(model), service="t")
+    assert report.status is Status.PASSED, report.reason
+    assert [c.name for c in report.checks] == [name for name, _ in CHECKS]
+    assert all(c.status is Status.PASSED for c in report.checks), [c.reason for c in report.checks]
+    assert all(c.duration_ms >= 0 for c in report.checks)
+    assert report.duration_ms < 2000
+    assert "6 checks passed" in report.reason
+
+
+def test_a_failure_blocks_and_names_the_check(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    (model / "README.md").write_text("token: hf_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z" + "\n")
+    report = validate(str(model))
+    assert report.status is Status.FAILED
+    assert report.blocks
+    assert report.reason.startswith("secrets: ")
+    assert "hf_aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z" not in report.model_dump_json()
+
+
+def test_checks_switched_off_in_policy_are_skipped_and_say_so(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    policy = PolicyFile().resolve(
+        model="m", overrides={"validation": {"checks": {"secrets": False, "vram_fit": False}}}
+    )
+    report = validate(str(model), policy=policy.validation)
+    by_name = {c.name: c for c in report.checks}
+    assert by_name["secrets"].status is Status.SKIPPED
+    assert by_name["secrets"].reason == "disabled by policy"
+    assert report.status is Status.PASSED
+    assert "skipped: secrets (disabled by policy), vram_fit (disabled by policy)" in report.reason
+
+
+def test_whole_stage_switched_off_is_skipped() -> None:
+    policy = PolicyFile().resolve(model="m", overrides={"validation": {"enabled": False}})
+    report = validate("/does/not/matter", policy=policy.validation)
+    assert report.status is Status.SKIPPED
+    assert report.reason == "skipped: disabled by policy"
+
+
+def test_unsupported_location_scheme_fails_closed() -> None:
+    report = validate("s3://bucket/model")
+    assert report.status is Status.FAILED
+    assert "s3:// is not supported yet" in report.reason
+
+
+def test_a_model_too_big_for_the_target_is_blocked(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    report = validate(str(model), target=TargetHardware(gpu_memory_gb=0.25))
+    assert report.status is Status.FAILED
+    assert "vram_fit: does not fit" in report.reason
+
+
+def test_over_budget_is_reported(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    policy = PolicyFile().resolve(model="m", overrides={"validation": {"budget_s": 0.000001}})
+    report = validate(str(model), policy=policy.validation)
+    assert "over the 1e-06 s budget" in report.reason
+
+
+def test_revalidating_an_unchanged_model_hashes_nothing(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "m")
+    cache = DigestCache(tmp_path / "digests.sqlite")
+    validate(str(model), digest_cache=cache)
+    report = validate(str(model), digest_cache=cache)
+    checksum = next(c for c in report.checks if c.name == "checksum")
+    assert checksum.details["hashed_bytes"] == 0
+    assert checksum.details["cached_files"] == 1
+    cache.close()
+
+
+def test_secrets_in_safetensors_metadata_are_found(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    leaked = "ghp_" + "Zx8Kq2Lm4Np6Rt8Vw0Yb2Dc4Ef6Gh8Jk0Mn2P"
+    save_file(
+        {"w": np.zeros(4, np.float32)},
+        str(tmp_path / "model.safetensors"),
+        metadata={"notes": f"push with {leaked}"},
+    )
+    report = validate(str(tmp_path))
+    secrets = next(c for c in report.checks if c.name == "secrets")
+    assert secrets.status is Status.FAILED
+    assert "__metadata__ notes" in secrets.reason
+    assert leaked not in report.model_dump_json()
+    assert json.loads(report.model_dump_json())["status"] == "failed"
