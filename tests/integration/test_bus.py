@@ -117,7 +117,7 @@ async def test_republishing_a_request_is_harmless(js: JetStreamContext, settings
         await collect(js, subjects.stage("org/m.v2", "d-dup", "validated"), 1)
         await asyncio.sleep(0.5)  # give a second, wrong, ValidationCompleted time to appear
     for name in ("requested", "validated"):
-        subject = subjects.stage("org/m.v2", "d-dup", name)  # type: ignore[arg-type]
+        subject = subjects.stage("org/m.v2", "d-dup", name)
         assert await stream_count(js, subject, subjects.EVENTS_STREAM) == 1, name
 
 

@@ -110,8 +110,9 @@ MAX_PICKLES_PER_STREAM = 16
 # raw tensor bytes that are not pickles.
 _TORCH_LEGACY_PICKLES = 5
 _TORCH_MAGIC = (b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19", b"119547037146038801333356")
-# A zip member smaller than this is read into memory to parse (fast); bigger ones are streamed.
-IN_MEMORY_MEMBER_BYTES = 64 * 1024 * 1024
+# A pickle file or zip member up to this size is read into memory to parse (fast); bigger ones
+# are streamed through a window that skips big values.
+IN_MEMORY_BYTES = 64 * 1024 * 1024
 
 # Archives. Loaders trust the sizes an archive declares; so do we, since zipfile never
 # inflates past them. A torch or Keras archive is stored or lightly deflated (ratio near 1).
@@ -320,12 +321,12 @@ def _scan_pickles(raw: IO[bytes], start: int, end: int) -> _PickleScan:
             scan.limit = f"more than {MAX_PICKLES_PER_STREAM} pickles back to back"
             break
         try:
-            stop, error = _delimit(_Window(raw, pos, end, budget), budget)
+            stop, error = _delimit(_reader(raw, pos, end, budget), budget)
         except _ScanLimit as exc:
             scan.limit = str(exc)
             break
         try:
-            found = _list_globals(_Window(raw, pos, stop, None), multiple_pickles=True)
+            found = _list_globals(_reader(raw, pos, stop, None), multiple_pickles=True)
         except GenOpsError as exc:  # only when the pickle is broken: globals before the break
             found = exc.globals or set()
             error = error or str(exc)
@@ -350,18 +351,30 @@ def _scan_pickles(raw: IO[bytes], start: int, end: int) -> _PickleScan:
     return scan
 
 
-def _delimit(window: _Window, budget: _Budget) -> tuple[int, str | None]:
-    """Where the pickle starting at the window ends, or where and why it breaks."""
+def _reader(raw: IO[bytes], start: int, end: int, budget: _Budget | None) -> IO[bytes]:
+    """The bytes [start, end) to parse. In memory (a zip member, a small file) a plain BytesIO
+    is ~2x faster to parse than a _Window and needs none of its limits."""
+    if isinstance(raw, io.BytesIO):
+        with raw.getbuffer() as view:
+            if end == len(view) and budget is not None:
+                raw.seek(start)
+                return raw  # parsing stops at the pickle's STOP
+            return io.BytesIO(view[start:end])
+    return cast(IO[bytes], _Window(raw, start, end, budget))  # it only reads, tells and seeks
+
+
+def _delimit(reader: IO[bytes], budget: _Budget) -> tuple[int, str | None]:
+    """Where the pickle starting at the reader's position ends, or where and why it breaks."""
     try:
-        for _ in pickletools.genops(cast(IO[bytes], window)):  # it only reads, tells and seeks
+        for _ in pickletools.genops(reader):
             budget.ops -= 1
             if budget.ops < 0:
                 raise _ScanLimit(f"more than {MAX_PICKLE_OPS:,} opcodes")
     except _ScanLimit:
         raise
     except Exception as exc:  # pickletools raises ValueError mostly, others on odd input
-        return window.tell(), str(exc) or type(exc).__name__
-    return window.tell(), None
+        return reader.tell(), str(exc) or type(exc).__name__
+    return reader.tell(), None
 
 
 def _is_torch_legacy(raw: IO[bytes], start: int, stop: int) -> bool:
@@ -400,6 +413,9 @@ def _stream_size(raw: IO[bytes]) -> int:
 
 def _scan_pickle_file(mf: ModelFile) -> list[_Issue]:
     with mf.path.open("rb") as raw:
+        if mf.size <= IN_MEMORY_BYTES:
+            data = io.BytesIO(raw.read(IN_MEMORY_BYTES + 1))
+            return _pickle_issues(_scan_pickles(data, 0, len(data.getbuffer())))
         return _pickle_issues(_scan_pickles(raw, 0, _stream_size(raw)))
 
 
@@ -544,7 +560,7 @@ def _member_issues(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind) -> li
                 return _npy_issues(member, where)
             if not (named_pickle or _looks_like_pickle(head)):
                 return []
-            if info.file_size <= IN_MEMORY_MEMBER_BYTES:
+            if info.file_size <= IN_MEMORY_BYTES:
                 member.seek(0)
                 data = io.BytesIO(member.read())
                 scan = _scan_pickles(data, 0, len(data.getbuffer()))
