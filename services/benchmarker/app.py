@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from services.benchmarker.run import ResultStore, run_benchmarks
 from services.contracts import subjects
-from services.contracts.events import Event, StageReport, ValidationCompleted
-from services.contracts.policy import Policy, PolicyError, PolicyFile
+from services.contracts.events import Event, ValidationCompleted
+from services.contracts.policy import PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
@@ -12,32 +15,47 @@ from services.runtime.settings import Settings
 NAME = "benchmarker"
 
 
-def run_benchmarks(validated: ValidationCompleted, policy: Policy, instance: str) -> StageReport:
-    """The benchmark stage. Its measurements arrive with issue #4; until then it says so."""
-    if not policy.benchmark.enabled:
-        return pipeline.disabled("benchmark", instance)
-    return pipeline.not_built("benchmark", instance)
+def result_store(settings: Settings) -> ResultStore:
+    return ResultStore(settings.data_dir / "cache" / "perplexity.json")
 
 
 def handle_validated(
-    validated: ValidationCompleted, policy_file: PolicyFile, instance: str
+    validated: ValidationCompleted,
+    policy_file: PolicyFile,
+    instance: str,
+    store: ResultStore | None = None,
 ) -> list[Event]:
     if not pipeline.should_benchmark(validated):
         return []  # the validator already published DeploymentBlocked
+    request = validated.request
     try:
-        policy = pipeline.resolve_policy(policy_file, validated.request)
+        policy = pipeline.resolve_policy(policy_file, request)
     except PolicyError as exc:
-        return [pipeline.policy_failure(validated.request, "benchmark", exc)]
-    report = run_benchmarks(validated, policy, instance)
-    return pipeline.after_benchmark(validated, report, policy, device=None)
+        return [pipeline.policy_failure(request, "benchmark", exc)]
+    report, device = run_benchmarks(
+        request.location,
+        request.stable.location if request.stable else None,
+        policy,
+        model_class=request.model_class,
+        store=store,
+        service=instance,
+    )
+    return pipeline.after_benchmark(validated, report, policy, device=device)
 
 
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
+    store = result_store(settings)
 
-    @svc.consume(subjects.BENCHMARKER_DURABLE, ValidationCompleted)
+    @svc.consume(subjects.BENCHMARKER_DURABLE, ValidationCompleted, one_at_a_time=True)
     async def on_validated(validated: ValidationCompleted) -> None:
-        for event in handle_validated(validated, svc.policy_file, settings.instance):
+        # Minutes of model work: off the event loop; the consumer base keeps the message alive
+        # with in-progress acks and acks only at the end, so a killed benchmarker's deployment
+        # is redelivered to another one.
+        events = await asyncio.to_thread(
+            handle_validated, validated, svc.policy_file, settings.instance, store
+        )
+        for event in events:
             await svc.sink.publish_event(event)
 
     return svc

@@ -108,9 +108,7 @@ def after_benchmark(
     events: list[Event] = [done]
     if report.status in (Status.DEGRADED, Status.FAILED):
         failed = tuple(c for c in report.checks if c.status in (Status.FAILED, Status.DEGRADED))
-        reasons = tuple(f"{c.name}: {c.value} against threshold {c.threshold}" for c in failed) or (
-            report.reason,
-        )
+        reasons = tuple(f"{c.name}: {c.reason}" for c in failed) or (report.reason,)
         events.append(
             DeploymentDegraded(
                 **_ids(request),

@@ -110,9 +110,16 @@ class ServiceApp:
         )
 
     def consume(
-        self, durable: str, model: type[M] | TypeAdapter[M]
+        self,
+        durable: str,
+        model: type[M] | TypeAdapter[M],
+        *,
+        one_at_a_time: bool = False,
     ) -> Callable[[Callable[[M], Awaitable[None]]], Callable[[M], Awaitable[None]]]:
         """Register `fn` on a durable pull consumer; bad payloads and repeated failures dead-letter.
+
+        `one_at_a_time`: pull and handle a single message per instance (heavy work such as
+        benchmarks: other instances take the rest, and measurements do not share the machine).
 
         The handler's own exceptions are retried with backoff (nak with delay) until the
         consumer's `max_deliver`; the last attempt goes to the dead-letter stream instead of
@@ -130,7 +137,7 @@ class ServiceApp:
                 stream=JStream(stream, declare=False),
                 durable=durable,
                 config=config,
-                pull_sub=PullSub(batch_size=10, timeout=1.0),
+                pull_sub=PullSub(batch_size=1 if one_at_a_time else 10, timeout=1.0),
                 ack_policy=AckPolicy.MANUAL,
                 title=f"{self.name}:{durable}",
             )

@@ -31,13 +31,13 @@ from services.contracts.events import (
     PromoteDeployment,
     Requester,
     ResumeDeployment,
+    Status,
     TargetHardware,
     is_valid_deployment_id,
     new_deployment_id,
 )
 from services.contracts.policy import PolicyError, load_policy_file
 from services.runtime import bus, registry
-from services.runtime.pipeline import STAGE_ISSUES, StageName
 from services.runtime.settings import Settings
 from services.stack import render
 
@@ -160,7 +160,6 @@ def up(
 @app.command()
 def demo(
     data_dir: DataDir = None,
-    keep: Annotated[bool, typer.Option(help="Keep the data directory's history.")] = True,
 ) -> None:
     """Start the stack, send a real sample deployment through the pipeline, show it, stop."""
     from services.stack.demo import run_demo
@@ -515,22 +514,58 @@ def _read_overrides(policy: Path | None) -> dict[str, Any]:
 
 @app.command()
 def benchmark(
-    path: Annotated[Path, typer.Argument(help="Model directory.")],
-    baseline: Annotated[Path | None, typer.Option(help="The version it replaces.")] = None,
+    path: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    baseline: Annotated[
+        Path | None, typer.Option(help="The version it replaces, measured under the same config.")
+    ] = None,
+    model_class: Annotated[str, typer.Option("--class", help="Policy model class.")] = "default",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model name (policy overrides).")
+    ] = "",
+    team: Annotated[str | None, typer.Option(help="Team (policy overrides).")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="YAML with policy overrides for this run.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda; default: cuda if present.")
+    ] = None,
+    data_dir: DataDir = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the benchmarks locally against a baseline, without the bus."""
-    _not_built("benchmark", as_json)
+    """Run the benchmarks locally against a baseline: exit 1 when degraded, 2 when it cannot run."""
+    from services.benchmarker.app import result_store
+    from services.benchmarker.run import run_benchmarks
 
-
-def _not_built(stage: StageName, as_json: bool) -> NoReturn:
-
-    message = f"{stage}: not built yet (issue #{STAGE_ISSUES[stage]}); nothing was checked"
+    settings = load_settings(data_dir)
+    try:
+        resolved = load_policy_file(settings.policy_file).resolve(
+            model=model, team=team, overrides=_read_overrides(policy)
+        )
+    except PolicyError as exc:
+        fail(str(exc))
+    if not as_json:
+        err.print(f"benchmarking {path}" + (f" against {baseline}" if baseline else "") + " ...")
+    report, device_name = run_benchmarks(
+        str(path),
+        str(baseline) if baseline else None,
+        resolved,
+        model_class=model_class,
+        store=result_store(settings),
+        device=device,
+        service="cli",
+    )
     if as_json:
-        print(json.dumps({"stage": stage, "status": "not_built", "reason": message}))
+        print(
+            json.dumps(
+                {"device": device_name, "report": json.loads(report.model_dump_json())}, indent=2
+            )
+        )
     else:
-        err.print(message)
-    raise typer.Exit(EXIT_NOT_BUILT)
+        out.print(render.report_table(report, title=f"benchmark of {path} on {device_name or '-'}"))
+        out.print(render.stage_line(report), highlight=False)
+    if report.status is Status.ERROR:
+        raise typer.Exit(EXIT_USAGE)
+    raise typer.Exit(EXIT_FAILED if report.status is Status.DEGRADED else 0)
 
 
 # ---- services and contracts ---------------------------------------------------------------

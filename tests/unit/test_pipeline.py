@@ -103,7 +103,7 @@ def test_degraded_benchmark_notifies_and_proceeds_by_default() -> None:
     assert [type(e) for e in events] == [BenchmarkCompleted, DeploymentDegraded]
     degraded = events[1]
     assert isinstance(degraded, DeploymentDegraded)
-    assert degraded.reasons == ("perplexity: 0.12 against threshold 0.05",)
+    assert degraded.reasons == ("perplexity: up 12%",)
     assert pipeline.proceeds_to_canary(events[0], policy)  # type: ignore[arg-type]
 
 

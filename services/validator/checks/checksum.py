@@ -127,8 +127,10 @@ def hash_files(
             cache.put(key, digest)
         return Hashed(f.rel, digest, False, f.size)
 
-    if len(files) <= 1:
-        return [one(f) for f in files]
+    if len(files) <= 1 or (
+        cache is not None and all(cache.get(FileKey.of(f.path)) is not None for f in files)
+    ):
+        return [one(f) for f in files]  # nothing to hash in parallel: skip the pool
     n = workers or min(len(files), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sha256") as pool:
         return list(pool.map(one, files))

@@ -1,0 +1,368 @@
+"""The benchmark stage: load, measure against the previous version, and give a verdict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from services.benchmarker import consistency, latency, loading, perplexity
+from services.contracts.events import CheckResult, StageReport, Status
+from services.contracts.policy import BenchmarkPolicy, LatencyThresholds, Policy
+
+log = logging.getLogger("preflight.benchmarker")
+
+# Bumped whenever a change to measurement code could change a stored perplexity.
+MEASUREMENT_VERSION = 1
+_FINGERPRINT_SKIP = {"README.md", "preflight-manifest.json"}
+
+
+def model_fingerprint(path: Path) -> str:
+    """Digest of every file that defines the model (weights, config, tokenizer)."""
+    from services.validator.checks.checksum import sha256_file
+
+    outer = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel in _FINGERPRINT_SKIP:
+            continue
+        outer.update(f"{rel}\0{sha256_file(file)}\0".encode())
+    return outer.hexdigest()
+
+
+class ResultStore:
+    """Stored perplexities, reused only when every part of the measurement config matches."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self._load().get(key)
+        return found if isinstance(found, dict) else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        data = self._load()
+        data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".perplexity-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves half a file
+
+
+def _config_key(fingerprint: str, config: dict[str, Any]) -> str:
+    blob = json.dumps({"model": fingerprint, **config}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check(name: str, status: Status, reason: str, started: float, **extra: Any) -> CheckResult:
+    return CheckResult(
+        name=name,
+        status=status,
+        reason=reason,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        **extra,
+    )
+
+
+def _tokenizer_signature(loaded: Any) -> str:
+    vocab = loaded.tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+
+
+def _measure_perplexity(
+    loaded: Any, policy: BenchmarkPolicy, store: ResultStore | None, fingerprint: str | None
+) -> tuple[perplexity.PerplexityResult, dict[str, Any], bool]:
+    from services.benchmarker.corpus import load_eval_text
+
+    text = load_eval_text(policy.eval_dataset)
+    config = {
+        "dataset": text.name,
+        "dataset_sha256": text.sha256,
+        "max_length": policy.max_length,
+        "stride": policy.stride,
+        "dtype": loaded.dtype,
+        "device_type": loaded.device.split(":")[0],
+        "measurement_version": MEASUREMENT_VERSION,
+    }
+    key = _config_key(fingerprint, config) if fingerprint and store else None
+    if key and store and (stored := store.get(key)) is not None:
+        return perplexity.PerplexityResult(**stored), config, True
+    result = perplexity.sliding_window_perplexity(
+        loaded, text.text, max_length=policy.max_length, stride=policy.stride
+    )
+    if key and store:
+        store.put(key, asdict(result))
+    return result, config, False
+
+
+def perplexity_check(
+    candidate: Any,
+    baseline: Any | None,
+    policy: BenchmarkPolicy,
+    store: ResultStore | None,
+) -> CheckResult:
+    started = time.perf_counter()
+    cand, config, _ = _measure_perplexity(candidate, policy, None, None)
+    details: dict[str, Any] = {"config": config, "candidate": asdict(cand)}
+    if baseline is None:
+        return _check(
+            "perplexity",
+            Status.SKIPPED,
+            f"perplexity {cand.perplexity:.3f} ({cand.bits_per_byte:.4f} bits/byte); no previous "
+            "version to compare against",
+            started,
+            value=cand.perplexity,
+            details=details,
+        )
+    fingerprint = model_fingerprint(baseline.path) if store else None
+    base, _, reused = _measure_perplexity(baseline, policy, store, fingerprint)
+    same_tokenizer = _tokenizer_signature(candidate) == _tokenizer_signature(baseline)
+    if same_tokenizer:
+        metric, c, b = "token perplexity", cand.perplexity, base.perplexity
+    else:
+        metric, c, b = (
+            "byte perplexity (tokenizers differ)",
+            cand.byte_perplexity,
+            base.byte_perplexity,
+        )
+    increase = c / b - 1
+    details |= {
+        "baseline": asdict(base),
+        "baseline_reused_from_store": reused,
+        "compared": metric,
+        "increase": increase,
+    }
+    threshold = policy.max_perplexity_increase
+    text = (
+        f"{metric} {c:.3f} vs {b:.3f} for the previous version ({increase:+.1%}, limit "
+        f"+{threshold:.0%}); max_length {cand.max_length}, stride {cand.stride}, {config['dtype']}"
+    )
+    status = Status.FAILED if increase > threshold else Status.PASSED
+    return _check(
+        "perplexity",
+        status,
+        text,
+        started,
+        value=round(increase, 6),
+        threshold=threshold,
+        unit="relative",
+        details=details,
+    )
+
+
+def latency_check(
+    loaded: Any, policy: BenchmarkPolicy, thresholds: LatencyThresholds, model_class: str
+) -> CheckResult:
+    started = time.perf_counter()
+    result = latency.measure_latency(
+        loaded, runs=policy.latency_runs, warmup_runs=policy.latency_warmup_runs
+    )
+    measured = {
+        "ttft_p95_ms": result.ttft_ms.p95,
+        "per_token_p95_ms": result.per_token_ms.p95,
+        "generation_p95_ms": result.generation_ms.p95,
+    }
+    limits = thresholds.model_dump()
+    over = [(k, v, limits[k]) for k, v in measured.items() if v > limits[k]]
+    details = {
+        "ttft_ms": asdict(result.ttft_ms),
+        "per_token_ms": asdict(result.per_token_ms),
+        "generation_ms": asdict(result.generation_ms),
+        "runs": result.runs,
+        "warmup_runs": result.warmup_runs,
+        "new_tokens": result.new_tokens,
+        "model_class": model_class,
+        "thresholds": limits,
+    }
+    summary = (
+        f"p95 ttft {result.ttft_ms.p95:.1f} ms, per token {result.per_token_ms.p95:.2f} ms, "
+        f"{result.new_tokens} tokens {result.generation_ms.p95:.1f} ms over {result.runs} runs "
+        f"({result.warmup_runs} warm-up excluded), class {model_class}"
+    )
+    if over:
+        _, value, limit = over[0]
+        why = "; ".join(f"{k} {v:.1f} > {lim:g}" for k, v, lim in over)
+        return _check(
+            "latency",
+            Status.FAILED,
+            f"{why} ({summary})",
+            started,
+            value=round(value, 3),
+            threshold=limit,
+            unit="ms",
+            details=details,
+        )
+    return _check("latency", Status.PASSED, summary, started, details=details)
+
+
+def consistency_check(loaded: Any, prompts: list[str]) -> tuple[CheckResult, list[list[int]]]:
+    started = time.perf_counter()
+    result, outputs = consistency.check_consistency(loaded, prompts)
+    details = {
+        "prompts": result.prompts,
+        "identical": result.identical,
+        "divergences": [asdict(d) for d in result.divergences],
+        "settings": result.settings,
+    }
+    text = f"{result.identical}/{result.prompts} prompts identical across two greedy runs"
+    if result.divergences:
+        where = ", ".join(
+            f"prompt {d.prompt_index} at token {d.first_diverging_token}"
+            for d in result.divergences[:5]
+        )
+        return _check(
+            "consistency",
+            Status.FAILED,
+            f"{text}; diverged: {where}",
+            started,
+            value=result.identical,
+            threshold=result.prompts,
+            details=details,
+        ), outputs
+    return _check(
+        "consistency",
+        Status.PASSED,
+        text,
+        started,
+        value=result.identical,
+        threshold=result.prompts,
+        details=details,
+    ), outputs
+
+
+def versus_stable_check(outputs: list[list[int]], baseline: Any, prompts: list[str]) -> CheckResult:
+    started = time.perf_counter()
+    stable = consistency.greedy_outputs(baseline, prompts)
+    result = consistency.compare_runs(outputs, stable, {"against": "previous version"})
+    text = f"{result.identical}/{result.prompts} prompts identical to the previous version"
+    status = Status.PASSED if not result.divergences else Status.FAILED
+    details = {"divergences": [asdict(d) for d in result.divergences]}
+    return _check(
+        "consistency_vs_stable",
+        status,
+        text,
+        started,
+        value=result.identical,
+        threshold=result.prompts,
+        details=details,
+    )
+
+
+def could_not_run(reason: str, service: str, started: float) -> StageReport:
+    return StageReport(
+        stage="benchmark",
+        status=Status.ERROR,
+        reason=f"could not run: {reason}",
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        service=service,
+    )
+
+
+def run_benchmarks(
+    location: str,
+    baseline_location: str | None,
+    policy: Policy,
+    *,
+    model_class: str = "default",
+    store: ResultStore | None = None,
+    device: str | None = None,
+    service: str = "",
+) -> tuple[StageReport, str | None]:
+    """(report, device description). Never raises on a bad model: that is a result."""
+    started = time.perf_counter()
+    bench = policy.benchmark
+    if not bench.enabled:
+        return StageReport(
+            stage="benchmark",
+            status=Status.SKIPPED,
+            reason="skipped: disabled by policy",
+            service=service,
+        ), None
+    try:
+        thresholds = policy.model_class(model_class).latency
+    except ValueError as exc:
+        return could_not_run(str(exc), service, started), None
+    try:
+        candidate = loading.load_model(location, dtype=bench.dtype, device=device)
+    except loading.LoadError as exc:
+        return could_not_run(str(exc), service, started), None
+    device_name = loading.describe_device(candidate.device)
+    baseline = None
+    checks: list[CheckResult] = []
+    if baseline_location:
+        try:
+            baseline = loading.load_model(
+                baseline_location, dtype=candidate.dtype, device=candidate.device
+            )
+        except loading.LoadError as exc:
+            checks.append(
+                CheckResult(name="baseline", status=Status.ERROR, reason=f"previous version: {exc}")
+            )
+    from services.benchmarker.corpus import load_prompts
+
+    prompts = load_prompts()[: bench.consistency_prompts]
+    steps: list[tuple[str, bool, Any]] = [
+        (
+            "perplexity",
+            bench.perplexity,
+            lambda: perplexity_check(candidate, baseline, bench, store),
+        ),
+        (
+            "latency",
+            bench.latency,
+            lambda: latency_check(candidate, bench, thresholds, model_class),
+        ),
+    ]
+    for name, enabled, measure in steps:
+        checks.append(
+            measure()
+            if enabled
+            else CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
+        )
+    if bench.consistency:
+        check, outputs = consistency_check(candidate, prompts)
+        checks.append(check)
+        if bench.compare_outputs_with_stable and baseline is not None:
+            checks.append(versus_stable_check(outputs, baseline, prompts))
+    else:
+        checks.append(
+            CheckResult(name="consistency", status=Status.SKIPPED, reason="disabled by policy")
+        )
+    return _verdict(checks, started, service, device_name), device_name
+
+
+def _verdict(checks: list[CheckResult], started: float, service: str, device: str) -> StageReport:
+    failed = [c for c in checks if c.status is Status.FAILED]
+    ran = [c for c in checks if c.status in (Status.PASSED, Status.FAILED)]
+    elapsed = time.perf_counter() - started
+    if failed:
+        status = Status.DEGRADED
+        reason = "; ".join(f"{c.name}: {c.reason}" for c in failed)
+    elif not ran:
+        status = Status.ERROR
+        reason = "could not run: " + "; ".join(f"{c.name}: {c.reason}" for c in checks)
+    else:
+        status = Status.PASSED
+        reason = ", ".join(f"{c.name} {c.status.value}" for c in checks)
+    return StageReport(
+        stage="benchmark",
+        status=status,
+        reason=f"{reason}; {elapsed:.1f} s on {device}",
+        checks=tuple(checks),
+        duration_ms=round(elapsed * 1000, 3),
+        service=service,
+    )

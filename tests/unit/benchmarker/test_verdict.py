@@ -1,0 +1,78 @@
+"""Pure parts of the benchmarker: divergence, quantiles and the verdict."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.benchmarker.consistency import compare_runs, first_divergence
+from services.benchmarker.latency import Percentiles
+from services.benchmarker.run import _verdict
+from services.contracts.events import CheckResult, Status
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ([1, 2, 3], [1, 2, 3], None),
+        ([1, 2, 3], [1, 9, 3], 1),
+        ([5, 2, 3], [1, 2, 3], 0),
+        ([1, 2], [1, 2, 3], 2),  # one run stopped early (EOS): diverges where it ended
+        ([], [], None),
+    ],
+)
+def test_first_divergence(a: list[int], b: list[int], expected: int | None) -> None:
+    assert first_divergence(a, b) == expected
+
+
+def test_compare_runs_counts_identical_prompts_and_locates_divergence() -> None:
+    first = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    second = [[1, 2, 3], [4, 0, 6], [7, 8, 9]]
+    result = compare_runs(first, second, {"batch_size": 1})
+    assert (result.prompts, result.identical) == (3, 2)
+    assert [(d.prompt_index, d.first_diverging_token) for d in result.divergences] == [(1, 1)]
+    assert result.settings == {"batch_size": 1}
+
+
+def test_nearest_rank_percentiles_are_exact_at_small_samples() -> None:
+    p = Percentiles.of([float(x) for x in range(1, 21)])
+    assert (p.p50, p.p95) == (10.5, 19.0)
+    assert Percentiles.of([7.0]).p95 == 7.0
+
+
+def check(name: str, status: Status) -> CheckResult:
+    return CheckResult(name=name, status=status, reason=f"{name} said {status.value}")
+
+
+def test_a_failed_assertion_degrades_and_names_it() -> None:
+    report = _verdict(
+        [check("perplexity", Status.FAILED), check("latency", Status.PASSED)],
+        time.perf_counter(),
+        "b-1",
+        "cpu (2 threads)",
+    )
+    assert report.status is Status.DEGRADED
+    assert report.reason.startswith("perplexity: perplexity said failed")
+    assert report.reason.endswith("on cpu (2 threads)")
+
+
+def test_nothing_measured_is_could_not_run_not_passed() -> None:
+    report = _verdict(
+        [check("baseline", Status.ERROR), check("perplexity", Status.SKIPPED)],
+        time.perf_counter(),
+        "b-1",
+        "cpu",
+    )
+    assert report.status is Status.ERROR
+    assert report.reason.startswith("could not run")
+
+
+def test_all_passed_is_passed() -> None:
+    report = _verdict(
+        [check("perplexity", Status.PASSED), check("consistency", Status.PASSED)],
+        time.perf_counter(),
+        "b-1",
+        "cpu",
+    )
+    assert report.status is Status.PASSED
