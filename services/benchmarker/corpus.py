@@ -29,6 +29,7 @@ __all__ = [
     "load_eval_text",
     "load_prompts",
     "load_training_text",
+    "training_text_sha256",
 ]
 
 DEFAULT_EVAL_DATASET = "builtin:preflight-eval-v1"

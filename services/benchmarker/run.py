@@ -262,6 +262,20 @@ def versus_stable_check(outputs: list[list[int]], baseline: Any, prompts: list[s
     )
 
 
+def _guarded(name: str, measure: Any) -> CheckResult:
+    """A measurement that raises is a result (`error`), never a crashed benchmarker."""
+    started = time.perf_counter()
+    try:
+        result: CheckResult = measure()
+        return result
+    except Exception as exc:  # a model can fail in any layer of torch or transformers
+        log.exception("benchmark %s failed", name)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return _check(
+            name, Status.ERROR, f"could not measure: {type(exc).__name__}: {first}", started
+        )
+
+
 def could_not_run(reason: str, service: str, started: float) -> StageReport:
     return StageReport(
         stage="benchmark",
@@ -328,16 +342,28 @@ def run_benchmarks(
         ),
     ]
     for name, enabled, measure in steps:
-        checks.append(
-            measure()
-            if enabled
-            else CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
-        )
+        if not enabled:
+            checks.append(
+                CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
+            )
+        else:
+            checks.append(_guarded(name, measure))
     if bench.consistency:
-        check, outputs = consistency_check(candidate, prompts)
-        checks.append(check)
-        if bench.compare_outputs_with_stable and baseline is not None:
-            checks.append(versus_stable_check(outputs, baseline, prompts))
+        outputs: list[list[int]] = []
+
+        def run_consistency() -> CheckResult:
+            check, produced = consistency_check(candidate, prompts)
+            outputs.extend(produced)
+            return check
+
+        checks.append(_guarded("consistency", run_consistency))
+        if bench.compare_outputs_with_stable and baseline is not None and outputs:
+            stable = baseline
+            checks.append(
+                _guarded(
+                    "consistency_vs_stable", lambda: versus_stable_check(outputs, stable, prompts)
+                )
+            )
     else:
         checks.append(
             CheckResult(name="consistency", status=Status.SKIPPED, reason="disabled by policy")

@@ -22,6 +22,7 @@ from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -37,6 +38,8 @@ __all__ = [
     "Variant",
     "cache_key",
     "default_cache_dir",
+    "train_model",
+    "train_tokenizer",
     "training_steps",
     "write_trained_model",
 ]
@@ -84,8 +87,12 @@ def training_steps(variant: Variant) -> int:
 
 
 def cache_key(variant: Variant, seed: int, train_sha256: str) -> str:
-    """sha256 over everything that decides the output: variant, seed, recipe, training text."""
+    """sha256 over everything that decides the output: variant, seed, recipe, training text.
+
+    Also transformers' major version: 4.x cannot load the tokenizer class name 5.x saves.
+    """
     key = {
+        "transformers_major": transformers.__version__.split(".")[0],
         "variant": variant,
         "seed": seed,
         "recipe_version": RECIPE_VERSION,

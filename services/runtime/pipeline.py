@@ -105,7 +105,9 @@ def after_benchmark(
         earlier=validated.stages,
         device=device,
     )
-    events: list[Event] = [done]
+    # Outcomes first, then BenchmarkCompleted: the next stage reacts to BenchmarkCompleted, so a
+    # subscriber always sees `degraded` before whatever the canary decides.
+    events: list[Event] = []
     if report.status in (Status.DEGRADED, Status.FAILED):
         failed = tuple(c for c in report.checks if c.status in (Status.FAILED, Status.DEGRADED))
         reasons = tuple(f"{c.name}: {c.reason}" for c in failed) or (report.reason,)
@@ -128,6 +130,7 @@ def after_benchmark(
                     requested_by=request.requested_by,
                 )
             )
+    events.append(done)
     return events
 
 
@@ -143,7 +146,7 @@ def promoted_without_canary(
 ) -> DeploymentPromoted:
     request = benchmarked.request
     stages = (*benchmarked.stages, canary)
-    skipped = [s for s in stages if s.status == Status.SKIPPED]
+    skipped = [s for s in stages if s.status in (Status.SKIPPED, Status.ERROR)]
     reasons = ["promoted without canary traffic analysis"]
     if skipped:
         reasons.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from services.contracts.events import (
 from services.runtime import bus
 from services.runtime.settings import Settings
 from services.stack import render
-from services.stack.samples import MANIFEST, write_sample_model
+from services.stack.samples import MANIFEST
 from services.stack.supervisor import Stack, StackError
 
 MODEL = "sample-gpt"
@@ -55,9 +56,11 @@ async def _deploy_and_follow(
     return seen
 
 
-def write_corrupted_upload(directory: Path) -> Path:
-    """A sample model whose weights changed after its manifest was written."""
-    write_sample_model(directory, name=MODEL, seed=3)
+def write_corrupted_upload(source: Path, directory: Path) -> Path:
+    """A copy of a model whose weights changed after its manifest was written."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    shutil.copytree(source, directory)
     weights = directory / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-7] ^= 0x10
@@ -65,26 +68,36 @@ def write_corrupted_upload(directory: Path) -> Path:
     return directory
 
 
-# (version, expected outcome) of each deployment the demo sends, in order.
-SCENARIOS = (("v2", "promoted"), ("v3", "blocked"))
+DEMO_POLICY = Path(__file__).with_name("demo_policy.yaml")
+
+# (version, what it is, expected outcome) of each deployment the demo sends, in order.
+SCENARIOS = (
+    ("v2", "retrained with another seed: healthy", "promoted"),
+    ("v3", "undertrained: perplexity regression", "promoted (degraded)"),
+    ("v4", "one bit flipped after its manifest was written: a corrupted upload", "blocked"),
+)
 
 
-def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> int:
+def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> int:
     """Returns the exit status: 0 when every deployment reached its expected outcome."""
+    from services.benchmarker.samples import write_trained_model
+
     started = time.monotonic()
+    settings = settings.model_copy(update={"policy_file": settings.policy_file or DEMO_POLICY})
     data_dir = settings.data_dir.resolve()
     models = data_dir / "models"
     console.rule("[bold]preflight demo")
-    console.print(f"1/4 generating sample models in {models}")
-    stable_dir = write_sample_model(models / f"{MODEL}-v1", name=MODEL, seed=1)
+    console.print(f"policy: {settings.policy_file} (time-compressed benchmark profile)")
+    console.print(f"1/4 generating sample models in {models} (trained on CPU once, then cached)")
+    stable_dir = write_trained_model(models / f"{MODEL}-v1", variant="good", seed=0)
     dirs = {
-        "v2": write_sample_model(models / f"{MODEL}-v2", name=MODEL, seed=2),
-        "v3": write_corrupted_upload(models / f"{MODEL}-v3"),
+        "v2": write_trained_model(models / f"{MODEL}-v2", variant="good", seed=1),
+        "v3": write_trained_model(models / f"{MODEL}-v3", variant="regressed", seed=0),
     }
-    console.print(
-        "    v1 (stable), v2 (healthy), v3 (one bit flipped after its manifest was written: "
-        "a corrupted upload); GPT-2-shaped, safetensors"
-    )
+    dirs["v4"] = write_corrupted_upload(dirs["v2"], models / f"{MODEL}-v4")
+    for version, what, _ in SCENARIOS:
+        console.print(f"    {version}: {what}")
+    console.print(f"    v1: the stable version they replace ({stable_dir})")
 
     console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
@@ -94,7 +107,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
         stack.wait_ready()
         assert stack.nats is not None
         service_settings = settings.model_copy(update={"nats_url": stack.nats.url})
-        for version, expected in SCENARIOS:
+        for version, _, expected in SCENARIOS:
             request = DeploymentRequested(
                 deployment_id=new_deployment_id(),
                 model=MODEL,
@@ -137,8 +150,8 @@ def run_demo(settings: Settings, console: Console, timeout: float = 120.0) -> in
     console.print(
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
     )
-    outcomes = [s.outcome for s in summaries]
-    if outcomes != [expected for _, expected in SCENARIOS]:
+    outcomes = [s.outcome + (" (degraded)" if s.degraded else "") for s in summaries]
+    if outcomes != [expected for _, _, expected in SCENARIOS]:
         console.print(f"[red]unexpected outcomes:[/red] {outcomes}")
         return 1
     return 0

@@ -119,6 +119,7 @@ def test_a_model_that_does_not_load_is_a_result_not_a_crash(
     assert device is None
 
 
+@pytest.mark.timeout(300)
 def test_the_baseline_result_is_reused_only_when_the_config_matches(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
@@ -271,3 +272,32 @@ async def test_a_benchmarker_killed_mid_run_leaves_its_deployment_to_another(
     [done] = await completed(js, 1, timeout=300)
     assert done.deployment_id == "d-kill"
     assert done.report.service == "survivor"
+
+
+def test_cli_benchmark_exits_1_on_a_regression_with_the_numbers(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    monkeypatch.setenv("PREFLIGHT_DATA_DIR", str(tmp_path))
+    overrides = tmp_path / "fast.yaml"
+    overrides.write_text(yaml.safe_dump(FAST))
+    result = CliRunner().invoke(
+        app,
+        ["benchmark", str(models["regressed"]), "--baseline", str(models["stable"]),
+         "--policy", str(overrides), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    body = json.loads(result.stdout)
+    assert body["device"].startswith("cpu")
+    assert body["report"]["status"] == "degraded"
+    perplexity = next(c for c in body["report"]["checks"] if c["name"] == "perplexity")
+    assert (
+        perplexity["details"]["candidate"]["perplexity"]
+        > perplexity["details"]["baseline"]["perplexity"]
+    )

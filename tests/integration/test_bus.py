@@ -101,7 +101,10 @@ async def test_a_deployment_travels_the_pipeline_to_an_outcome(
         DeploymentPromoted,
     ]
     promoted = events[-1]
-    assert [s.status.value for s in promoted.stages] == ["passed", "skipped", "skipped"]
+    # The sample here has random weights and no tokenizer: the benchmark says it could not run
+    # (a result, not a crash), and the canary stage is not built yet.
+    assert [s.status.value for s in promoted.stages] == ["passed", "error", "skipped"]
+    assert "could not" in promoted.stages[1].reason
     kv = await js.key_value(subjects.ROUTES_BUCKET)
     entry = await kv.get("org/m.v2")
     route = Route.model_validate_json(entry.value or b"")

@@ -27,10 +27,13 @@ def test_no_nats_says_how_to_start_the_stack() -> None:
     assert "Traceback" not in result.output
 
 
-def test_benchmark_is_not_built_yet_and_says_so(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["benchmark", str(tmp_path)])
-    assert result.exit_code == EXIT_NOT_BUILT
-    assert "not built yet (issue #4); nothing was checked" in result.stderr
+def test_benchmark_of_something_that_is_not_a_model_cannot_run(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    result = runner.invoke(app, ["benchmark", str(tmp_path), "--json"])
+    assert result.exit_code == EXIT_USAGE
+    report = json.loads(result.stdout)["report"]
+    assert report["status"] == "error"
+    assert "no config.json (Hugging Face layout expected)" in report["reason"]
 
 
 def test_deploy_rejects_a_missing_path_before_touching_the_bus(tmp_path: Path) -> None:
