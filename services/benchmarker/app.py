@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.benchmarker import loading
 from services.benchmarker.run import ResultStore, run_benchmarks
 from services.contracts import subjects
 from services.contracts.events import Event, ValidationCompleted
@@ -46,6 +47,10 @@ def handle_validated(
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     store = result_store(settings)
+    if settings.torch_threads is not None and loading.torch_available():
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
     @svc.consume(subjects.BENCHMARKER_DURABLE, ValidationCompleted, one_at_a_time=True)
     async def on_validated(validated: ValidationCompleted) -> None:

@@ -42,7 +42,8 @@ def describe_device(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"cuda:0 ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
 
 
 def _dtype(name: str, config_dtype: str | None, device: str) -> Any:

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     metrics_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_deliver: int = Field(default=5, ge=1, description="Deliveries before a dead letter.")
     ack_wait_s: float = Field(default=60.0, gt=0)
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "CPU threads for benchmarks; default: torch's own. On a small shared machine 1 is "
+            "steadier (docs/benchmarks.md: 2 threads beside a busy neighbour ran 10-100x slower)."
+        ),
+    )
     stack_host: str = "127.0.0.1"
     stack_nats_port: int = Field(default=-1, description="-1: a free port.")
     stack_http_port: int = Field(default=8470, ge=0, le=65535)

@@ -140,6 +140,10 @@ class Stack:
             "PREFLIGHT_CLICKHOUSE_URL": settings.clickhouse_url,
             "PYTHONUNBUFFERED": "1",
         }
+        if name == "benchmarker":
+            # The embedded stack shares a small machine with every other service: one steady
+            # thread beats two that wait on each other (docs/benchmarks.md, issue #4).
+            env["PREFLIGHT_TORCH_THREADS"] = str(settings.torch_threads or 1)
         if settings.metrics_url_template:
             env["PREFLIGHT_METRICS_URL_TEMPLATE"] = settings.metrics_url_template
         if settings.policy_file is not None:
