@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
+from machine import command_line  # bench/machine.py (scripts run from bench/)
 
 from services.benchmarker.corpus import load_eval_text
 from services.benchmarker.latency import NEW_TOKENS
@@ -325,15 +325,6 @@ def machine_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if cuda else NO_GPU,
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        shown = str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(exe)
-    return shlex.join([shown, *sys.argv])
 
 
 def _stats(d: dict[str, float]) -> str:

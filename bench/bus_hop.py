@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import secrets
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import nats
+from machine import command_line  # bench/machine.py (scripts run from bench/)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -512,15 +512,6 @@ def machine_info() -> dict[str, Any]:
         **versions,
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        shown = str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(exe)
-    return shlex.join([shown, *sys.argv])
 
 
 def render(report: Report) -> str:

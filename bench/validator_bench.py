@@ -24,7 +24,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import shutil
 import ssl
 import statistics
@@ -38,6 +37,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
+
+from machine import command_line  # bench/machine.py (scripts run from bench/)
 
 from services.contracts.events import StageReport, Status
 from services.contracts.policy import ValidationChecks, ValidationPolicy
@@ -710,15 +711,6 @@ def machine_info() -> dict[str, Any]:
         "picklescan": metadata.version("picklescan"),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        shown = str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(exe)
-    return shlex.join([shown, *sys.argv])
 
 
 def _goal(met: bool) -> str:
