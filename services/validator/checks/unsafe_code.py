@@ -444,8 +444,8 @@ _OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 _IMPORTABLE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
-# torch's full (non weights-only) loader still reads the pre-2018 tar checkpoint format, whose members
-# are pickles interleaved with raw data; we do not take tars apart.
+# torch's full (non weights-only) loader still reads the pre-2018 tar checkpoint format,
+# whose members are pickles interleaved with raw data; we do not take tars apart.
 _TAR_FINDING = (
     "tar archive: not scanned (torch.load unpickles legacy tar checkpoints); ship safetensors"
 )
