@@ -62,7 +62,7 @@ def sliding_window_perplexity(
     n_bytes = len(text.encode("utf-8"))
     mean = nll_sum / max(scored, 1)
     return PerplexityResult(
-        perplexity=math.exp(mean),
+        perplexity=math.exp(mean) if mean < 709 else math.inf,  # NaN stays NaN: callers check
         bits_per_byte=nll_sum / math.log(2) / n_bytes,
         tokens=scored,
         bytes=n_bytes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -138,6 +139,17 @@ def perplexity_check(
             "byte perplexity (tokenizers differ)",
             cand.byte_perplexity,
             base.byte_perplexity,
+        )
+    if not (math.isfinite(c) and math.isfinite(b)) or b <= 0:
+        details |= {"compared": metric}
+        text = f"{metric} is not a finite number: {c} vs {b} for the previous version"
+        return _check(
+            "perplexity",
+            Status.FAILED,
+            text,
+            started,
+            threshold=policy.max_perplexity_increase,
+            details=details,
         )
     increase = c / b - 1
     details |= {
@@ -372,15 +384,17 @@ def run_benchmarks(
 
 
 def _verdict(checks: list[CheckResult], started: float, service: str, device: str) -> StageReport:
+    """Worst wins: a failed assertion degrades; a check that could not run (the previous
+    version did not load, a measurement raised) makes the stage `error`, never `passed`."""
     failed = [c for c in checks if c.status is Status.FAILED]
-    ran = [c for c in checks if c.status in (Status.PASSED, Status.FAILED)]
+    errored = [c for c in checks if c.status is Status.ERROR]
     elapsed = time.perf_counter() - started
     if failed:
         status = Status.DEGRADED
-        reason = "; ".join(f"{c.name}: {c.reason}" for c in failed)
-    elif not ran:
+        reason = "; ".join(f"{c.name}: {c.reason}" for c in failed + errored)
+    elif errored:
         status = Status.ERROR
-        reason = "could not run: " + "; ".join(f"{c.name}: {c.reason}" for c in checks)
+        reason = "could not run: " + "; ".join(f"{c.name}: {c.reason}" for c in errored)
     else:
         status = Status.PASSED
         reason = ", ".join(f"{c.name} {c.status.value}" for c in checks)

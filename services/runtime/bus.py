@@ -16,7 +16,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from services.contracts import subjects
 from services.contracts.events import DEPLOYMENT_EVENT, DeploymentEvent, Event
 from services.contracts.routing import message_id_for, subject_for
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, redact_url
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 CONTENT_TYPE = {"content-type": "application/json"}
@@ -28,7 +28,8 @@ class BusUnavailable(RuntimeError):
 
 def how_to_start(url: str) -> str:
     return (
-        f"no NATS server answers at {url}. Start the embedded stack with `preflight up` "
+        f"no NATS server answers at {redact_url(url)}. Start the embedded stack with "
+        "`preflight up` "
         "(or set PREFLIGHT_NATS_URL to your NATS server)."
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from nats import errors as nats_errors
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from services.contracts import subjects
-from services.contracts.events import DeadLetter, Event
+from services.contracts.events import Command, DeadLetter, DeploymentFailed, Event, Outcome
 from services.contracts.policy import PolicyFile, load_policy_file
 from services.contracts.routing import subject_for
 from services.runtime import bus
@@ -48,6 +49,10 @@ class BrokerSink:
         )
 
 
+# A dead letter must fit in one NATS message (1 MiB by default) with room to spare.
+MAX_DEAD_LETTER_PAYLOAD = 256 * 1024
+
+
 def make_dead_letter(
     *,
     service: str,
@@ -57,6 +62,13 @@ def make_dead_letter(
     reason: str,
     attempt: int | None,
 ) -> DeadLetter:
+    if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
+        digest = hashlib.sha256(payload).hexdigest()
+        reason = (
+            f"{reason} [payload of {len(payload)} bytes truncated to "
+            f"{MAX_DEAD_LETTER_PAYLOAD}; sha256 of the whole: {digest}]"
+        )
+        payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
     try:
         text: str | None = payload.decode("utf-8")
         b64 = None
@@ -170,6 +182,7 @@ class ServiceApp:
                 log.exception("%s: giving up on %s after %d attempts", self.name, subject, attempt)
                 reason = f"handler failed on attempt {attempt}: {type(exc).__name__}: {exc}"
                 await self._reject(subject, body, headers, reason, attempt)
+                await self._fail_deployment(event, reason)
                 await msg.ack()
                 return
             log.exception(
@@ -182,22 +195,58 @@ class ServiceApp:
                 heartbeat.cancel()
         await msg.ack()
 
+    async def _fail_deployment(self, event: Any, reason: str) -> None:
+        """A deployment whose step can never be handled ends as `DeploymentFailed`, so nobody
+        waits on it forever (commands and metrics are not deployments: nothing to fail)."""
+        if not isinstance(event, Event) or isinstance(event, Command | Outcome):
+            return
+        failed = DeploymentFailed(
+            deployment_id=event.deployment_id,
+            model=event.model,
+            version=event.version,
+            stage=self.name,
+            error=reason[:2000],
+            reasons=(f"{self.name} could not handle it: {reason[:500]}",),
+        )
+        try:
+            await self.sink.publish_event(failed)
+        except Exception:
+            log.exception("%s: could not publish DeploymentFailed", self.name)
+
     async def _keep_alive(self, msg: Any) -> None:
         """Long work (hashing, benchmarks) tells JetStream it is still in progress, so the
         message is not redelivered to another instance; a killed worker stops doing this and
         its message is redelivered after `ack_wait`."""
         interval = max(self.settings.ack_wait_s / 3, 0.5)
-        while True:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.max_handler_s
+        while loop.time() < deadline:
             await asyncio.sleep(interval)
             try:
                 await msg.in_progress()
             except Exception:  # the connection may be gone; the ack at the end will tell
                 log.debug("%s: in-progress ack failed", self.name, exc_info=True)
+        log.error(
+            "%s: handler still running after %.0f s; no more in-progress acks, so JetStream "
+            "will redeliver the message",
+            self.name,
+            self.settings.max_handler_s,
+        )
 
     async def _reject(
         self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None
     ) -> None:
         log.warning("%s: dead-lettering message on %s: %s", self.name, subject, reason)
+        try:
+            await self._publish_dead_letter(subject, body, headers, reason, attempt)
+        except Exception:
+            # Not even the dead-letter stream took it: say so loudly; the caller's ack still
+            # ends redelivery of a message that can never be handled.
+            log.exception("%s: could not dead-letter the message on %s", self.name, subject)
+
+    async def _publish_dead_letter(
+        self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None
+    ) -> None:
         await self.dead_letter(
             make_dead_letter(
                 service=self.name,

@@ -5,9 +5,24 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def redact_url(url: str) -> str:
+    """A URL (or comma-separated URLs) safe to log: user:password@ becomes ***@."""
+    out = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        if parts.username or parts.password:
+            host = parts.hostname or ""
+            if parts.port:
+                host += f":{parts.port}"
+            part = urlunsplit(parts._replace(netloc=f"***@{host}"))
+        out.append(part)
+    return ",".join(out)
 
 
 def _default_instance() -> str:
@@ -52,6 +67,11 @@ class Settings(BaseSettings):
     metrics_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_deliver: int = Field(default=5, ge=1, description="Deliveries before a dead letter.")
     ack_wait_s: float = Field(default=60.0, gt=0)
+    max_handler_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="In-progress acks stop after this: a hung handler's message is redelivered.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

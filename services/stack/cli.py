@@ -116,6 +116,7 @@ def up(
     policy: Annotated[Path | None, typer.Option(help="Policy YAML for every service.")] = None,
 ) -> None:
     """Start the embedded stack (nats-server, ClickHouse engine, every service) until Ctrl-C."""
+    from services.runtime.nats_server import NatsServerError
     from services.stack.supervisor import Stack, StackError
 
     settings = load_settings(data_dir)
@@ -149,7 +150,7 @@ def up(
         while not stopping:
             stack.check_children()
             time.sleep(0.5)
-    except StackError as exc:
+    except (StackError, NatsServerError, bus.BusUnavailable) as exc:
         stack.stop()
         fail(str(exc), EXIT_FAILED)
     out.print("stopping...")
@@ -169,6 +170,17 @@ def demo(
 
 
 # ---- deployments ----------------------------------------------------------------------------
+
+
+def _local_or_uri(location: str) -> str:
+    """URIs pass as they are; a local path must exist and is sent absolute, because the
+    services resolve it, not this shell's working directory."""
+    if "://" in location:
+        return location
+    path = Path(location)
+    if not path.exists():
+        fail(f"{location}: no such file or directory")
+    return str(path.resolve())
 
 
 def _parse_expected(values: list[str]) -> dict[str, str]:
@@ -219,11 +231,9 @@ def deploy(
     overrides = _read_overrides(policy)
     if deployment_id is not None and not is_valid_deployment_id(deployment_id):
         fail(f"--id {deployment_id!r} must match [A-Za-z0-9][A-Za-z0-9_-]{{2,63}}")
-    if "://" not in location:
-        path = Path(location)
-        if not path.exists():
-            fail(f"{location}: no such file or directory")
-        location = str(path.resolve())
+    location = _local_or_uri(location)
+    if stable is not None:
+        stable = (stable[0], _local_or_uri(stable[1]))
     try:
         request = DeploymentRequested(
             deployment_id=deployment_id or new_deployment_id(),

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from services.runtime import registry
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, redact_url
 
 
 def configure_logging(level: str) -> None:
@@ -24,6 +24,6 @@ def run_service(name: str, settings: Settings) -> None:
     configure_logging(settings.log_level)
     svc = registry.build(name, settings)
     logging.getLogger("preflight").info(
-        "%s starting (instance %s, NATS %s)", name, settings.instance, settings.nats_url
+        "%s starting (instance %s, NATS %s)", name, settings.instance, redact_url(settings.nats_url)
     )
     asyncio.run(svc.app.run(log_level=logging.getLevelName(settings.log_level.upper())))

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from services.runtime import bus, processes, registry
 from services.runtime.nats_server import NatsServer
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, redact_url
 
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
@@ -130,8 +130,17 @@ class Stack:
         asyncio.run(ensure())
 
     def _env(self, name: str) -> dict[str, str]:
+        """Every setting the user gave the stack, so services build the same topology; the
+        stack's own values for where things are; Slack secrets only for the notifier."""
         settings = self._service_settings()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
+        given = self.settings.model_dump(exclude_unset=True, exclude={"instance"})
+        for key, value in given.items():
+            if value is None or key in ("slack_token", "slack_webhook_url"):
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[f"PREFLIGHT_{key.upper()}"] = str(value)
         env |= {
             "PREFLIGHT_NATS_URL": settings.nats_url,
             "PREFLIGHT_DATA_DIR": str(self.data_dir),
@@ -150,7 +159,7 @@ class Stack:
             env["PREFLIGHT_POLICY_FILE"] = str(settings.policy_file.resolve())
         for secret in ("slack_token", "slack_webhook_url"):
             value = getattr(settings, secret)
-            if value is not None:
+            if value is not None and name == "notifier":
                 env[f"PREFLIGHT_{secret.upper()}"] = value.get_secret_value()
         return env
 
@@ -186,11 +195,14 @@ class Stack:
             "nats_monitor_url": self.nats.monitor_url,
             "clickhouse": str(self.settings.chdb_path().resolve())
             if self.settings.clickhouse_url == "chdb"
-            else self.settings.clickhouse_url,
+            else redact_url(self.settings.clickhouse_url),
             "services": {c.name: c.proc.pid for c in self.children.values()},
             "started_at": time.time(),
         }
-        (self.data_dir / STACK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        path = self.data_dir / STACK_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(info, indent=2) + "\n")
 
     # ---- supervise ----------------------------------------------------------------------------
 
@@ -250,8 +262,8 @@ class Stack:
             processes.terminate(child.proc, timeout=15)
         if self.nats is not None:
             self.nats.stop()
-        (self.data_dir / STACK_FILE).unlink(missing_ok=True)
-        if self._lock is not None:
+        if self._lock is not None:  # only the stack that holds the lock owns stack.json
+            (self.data_dir / STACK_FILE).unlink(missing_ok=True)
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None

@@ -84,7 +84,7 @@ def validate(
         )
     try:
         inv = build_inventory(location)
-    except LocationError as exc:
+    except (LocationError, OSError) as exc:
         check = CheckResult(name="format", status=Status.FAILED, reason=str(exc))
         return StageReport(
             stage="validation",

@@ -223,6 +223,10 @@ def test_a_second_stack_on_the_same_data_dir_is_refused(stack: RunningStack) -> 
     )
     assert second.returncode != 0
     assert f"another `preflight up` (pid {stack.proc.pid})" in second.stderr
+    assert (stack.data_dir / "stack.json").exists(), (
+        "the refused stack removed the running one's file"
+    )
+    assert (stack.data_dir / "stack.json").stat().st_mode & 0o077 == 0
 
 
 def test_cli_deploy_wait_promote_and_status(

@@ -200,6 +200,10 @@ async def test_a_handler_that_keeps_failing_is_retried_then_dead_lettered(
     assert letter["delivery_attempt"] == settings.max_deliver
     assert "RuntimeError: disk on fire" in letter["reason"]
     assert json.loads(letter["payload_text"])["deployment_id"] == "d-fail"
+    # ... and the deployment ends, so `preflight deploy --wait` does not wait forever.
+    events = await collect(js, subjects.deployment_events("d-fail"), 2)
+    assert events[-1].type == "DeploymentFailed"
+    assert events[-1].stage == "validator"
 
 
 async def test_history_reads_back_one_deployment_and_one_model(

@@ -150,3 +150,29 @@ def test_deployment_ids_are_valid_and_sortable() -> None:
     assert re.fullmatch(r"d-\d{8}T\d{6}-[0-9a-f]{6}", first)
     assert first < second
     assert request(deployment_id=first).deployment_id == first
+
+
+def test_urls_are_logged_without_credentials() -> None:
+    from services.runtime.settings import redact_url
+
+    assert redact_url("nats://user:pw@host:4222") == "nats://***@host:4222"
+    assert (
+        redact_url("http://a:b@ch:8123/db,nats://x:4222") == "http://***@ch:8123/db,nats://x:4222"
+    )
+    assert redact_url("chdb") == "chdb"
+
+
+def test_an_oversized_dead_letter_is_truncated_with_a_digest() -> None:
+    from services.runtime.service import MAX_DEAD_LETTER_PAYLOAD, make_dead_letter
+
+    letter = make_dead_letter(
+        service="s",
+        subject="x",
+        payload=b"\xff" * (MAX_DEAD_LETTER_PAYLOAD * 3),
+        headers=None,
+        reason="bad",
+        attempt=1,
+    )
+    assert letter.payload_b64 is not None
+    assert len(letter.model_dump_json()) < 1024 * 1024
+    assert "truncated" in letter.reason and "sha256" in letter.reason

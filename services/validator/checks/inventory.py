@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -124,8 +125,14 @@ def local_path(location: str) -> Path:
             )
         location = location.split("://", 1)[1]
     path = Path(location)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a parent directory we may not traverse
+        raise LocationError(f"{location}: cannot be read: {exc.strerror}") from None
+    if not exists:
         raise LocationError(f"{location}: no such file or directory")
+    if not (path.is_file() or path.is_dir()):
+        raise LocationError(f"{location}: not a regular file or directory")
     return path
 
 
@@ -219,7 +226,11 @@ def build_inventory(location: str) -> Inventory:
         return inv
     inv = Inventory(root=root, is_dir=True)
     count = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unreadable(error: OSError) -> None:
+        inv.problems.append(f"{error.filename}: unreadable: {error.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".git"))
         for name in sorted(filenames):
             full = Path(dirpath) / name
@@ -247,9 +258,14 @@ def build_inventory(location: str) -> Inventory:
 
 def _add(inv: Inventory, path: Path, rel: str) -> None:
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         inv.problems.append(f"{rel}: cannot stat: {exc.strerror}")
         return
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO or device would block or never end when read: report it, never open it.
+        inv.problems.append(f"{rel}: not a regular file")
+        return
+    size = st.st_size
     kind, detail = sniff(path, size, path.name)
     inv.files.append(ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail))

@@ -76,3 +76,39 @@ def test_all_passed_is_passed() -> None:
         "cpu",
     )
     assert report.status is Status.PASSED
+
+
+def test_a_check_that_could_not_run_never_lets_the_stage_pass() -> None:
+    report = _verdict(
+        [
+            check("baseline", Status.ERROR),
+            check("perplexity", Status.SKIPPED),
+            check("latency", Status.PASSED),
+            check("consistency", Status.PASSED),
+        ],
+        time.perf_counter(),
+        "b-1",
+        "cpu",
+    )
+    assert report.status is Status.ERROR
+    assert "baseline: baseline said error" in report.reason
+
+
+def test_nan_perplexity_fails_instead_of_passing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+    from types import SimpleNamespace
+
+    from services.benchmarker import run
+    from services.benchmarker.perplexity import PerplexityResult
+    from services.contracts.policy import BenchmarkPolicy
+
+    def fake(loaded: object, *args: object) -> tuple[PerplexityResult, dict[str, object], bool]:
+        value = math.nan if loaded == "candidate" else 100.0
+        return PerplexityResult(value, 1.0, 10, 10, 1, 8, 8), {"dtype": "float32"}, False
+
+    monkeypatch.setattr(run, "_measure_perplexity", fake)
+    monkeypatch.setattr(run, "_tokenizer_signature", lambda loaded: "same")
+    baseline = SimpleNamespace(path=None)
+    result = run.perplexity_check("candidate", baseline, BenchmarkPolicy(), None)
+    assert result.status is Status.FAILED
+    assert "not a finite number" in result.reason

@@ -253,3 +253,14 @@ def test_symlink_out_of_the_model_is_reported(tmp_path: Path) -> None:
     assert fmt is Status.FAILED
     assert "symlink pointing outside the model" in reason
     shutil.rmtree(tmp_path / "m")
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_is_reported_and_never_opened(tmp_path: Path) -> None:
+    import os
+
+    formats.write_hf_safetensors(tmp_path)
+    os.mkfifo(tmp_path / "extra.bin")  # opening it for reading would block forever
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.FAILED
+    assert "extra.bin: not a regular file" in reason
