@@ -17,7 +17,12 @@ NAME = "benchmarker"
 
 
 def result_store(settings: Settings) -> ResultStore:
-    return ResultStore(settings.data_dir / "cache" / "perplexity.json")
+    """Stored baseline results; fingerprints reuse the digests the validator already computed."""
+    from services.validator.app import digest_cache_path
+    from services.validator.checks.checksum import DigestCache
+
+    digests = DigestCache(digest_cache_path(settings))
+    return ResultStore(settings.data_dir / "cache" / "perplexity.json", digests)
 
 
 def handle_validated(

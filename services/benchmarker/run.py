@@ -16,6 +16,7 @@ from typing import Any
 from services.benchmarker import consistency, latency, loading, perplexity
 from services.contracts.events import CheckResult, StageReport, Status
 from services.contracts.policy import BenchmarkPolicy, LatencyThresholds, Policy
+from services.validator.checks.checksum import DigestCache, digest_of
 
 log = logging.getLogger("preflight.benchmarker")
 
@@ -24,24 +25,25 @@ MEASUREMENT_VERSION = 1
 _FINGERPRINT_SKIP = {"README.md", "preflight-manifest.json"}
 
 
-def model_fingerprint(path: Path) -> str:
-    """Digest of every file that defines the model (weights, config, tokenizer)."""
-    from services.validator.checks.checksum import sha256_file
-
+def model_fingerprint(path: Path, cache: DigestCache | None = None) -> str:
+    """Digest of every file that defines the model (weights, config, tokenizer). With the
+    validator's digest cache, files it already hashed are not read again."""
     outer = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
         if rel in _FINGERPRINT_SKIP:
             continue
-        outer.update(f"{rel}\0{sha256_file(file)}\0".encode())
+        digest, _ = digest_of(file, cache)
+        outer.update(f"{rel}\0{digest}\0".encode())
     return outer.hexdigest()
 
 
 class ResultStore:
     """Stored perplexities, reused only when every part of the measurement config matches."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, digests: DigestCache | None = None) -> None:
         self.path = path
+        self.digests = digests
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -129,7 +131,7 @@ def perplexity_check(
             value=cand.perplexity,
             details=details,
         )
-    fingerprint = model_fingerprint(baseline.path) if store else None
+    fingerprint = model_fingerprint(baseline.path, store.digests) if store else None
     base, _, reused = _measure_perplexity(baseline, policy, store, fingerprint)
     same_tokenizer = _tokenizer_signature(candidate) == _tokenizer_signature(baseline)
     if same_tokenizer:

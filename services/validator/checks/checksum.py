@@ -113,19 +113,25 @@ class Hashed:
     size: int
 
 
+def digest_of(path: Path, cache: DigestCache | None) -> tuple[str, bool]:
+    """(sha256, came from the cache): the cache when the file's key is unchanged, else read."""
+    key = FileKey.of(path)
+    if cache is not None and (known := cache.get(key)) is not None:
+        return known, True
+    digest = sha256_file(path)
+    if cache is not None and FileKey.of(path) == key:  # unchanged while we read it
+        cache.put(key, digest)
+    return digest, False
+
+
 def hash_files(
     files: list[ModelFile], cache: DigestCache | None, workers: int | None = None
 ) -> list[Hashed]:
     """Digest every file, from the cache when its key is unchanged, else by reading it."""
 
     def one(f: ModelFile) -> Hashed:
-        key = FileKey.of(f.path)
-        if cache is not None and (known := cache.get(key)) is not None:
-            return Hashed(f.rel, known, True, f.size)
-        digest = sha256_file(f.path)
-        if cache is not None and FileKey.of(f.path) == key:  # unchanged while we read it
-            cache.put(key, digest)
-        return Hashed(f.rel, digest, False, f.size)
+        digest, cached = digest_of(f.path, cache)
+        return Hashed(f.rel, digest, cached, f.size)
 
     if len(files) <= 1 or (
         cache is not None and all(cache.get(FileKey.of(f.path)) is not None for f in files)

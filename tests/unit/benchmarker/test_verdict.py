@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,28 @@ def test_nan_perplexity_fails_instead_of_passing(monkeypatch: pytest.MonkeyPatch
     result = run.perplexity_check("candidate", baseline, BenchmarkPolicy(), None)
     assert result.status is Status.FAILED
     assert "not a finite number" in result.reason
+
+
+def test_fingerprint_reuses_digests_the_validator_already_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.benchmarker.run import model_fingerprint
+    from services.stack.samples import write_sample_model
+    from services.validator.checks import checksum
+
+    root = tmp_path
+    model = write_sample_model(root / "m")
+    cache = checksum.DigestCache(root / "digests.sqlite")
+    first = model_fingerprint(model, cache)
+    reads: list[Path] = []
+    real = checksum.sha256_file
+
+    def counting(path: Path, *args: int) -> str:
+        reads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(checksum, "sha256_file", counting)
+    assert model_fingerprint(model, cache) == first
+    assert reads == []  # every file came from the cache
+    assert model_fingerprint(model) == first  # same digest without a cache
+    cache.close()
