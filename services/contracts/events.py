@@ -20,6 +20,7 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # Any URI scheme is admitted by the contract (s3://, gs://, hf://, file://) or a plain path; which
 # schemes a stage can read is the stage's business and it reports the ones it cannot.
 LOCATION_PATTERN = r"^(?:[A-Za-z][A-Za-z0-9+.-]*://.+|/.*|\./.*|[^:]+)$"
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(?:/\S*)?$"
 
 
 def utc_now() -> datetime:
@@ -47,6 +48,12 @@ class ModelRef(Message):
         max_length=4096,
         pattern=LOCATION_PATTERN,
         description="Local path now; object-store (`s3://`) and hub (`hf://`) URIs are admitted.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2000,
+        pattern=ENDPOINT_PATTERN,
+        description="Inference server serving this version, e.g. `http://10.0.0.5:8080`.",
     )
 
 
@@ -110,6 +117,16 @@ class DeploymentRequested(Event):
         default="default", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Policy class."
     )
     stable: ModelRef | None = Field(default=None, description="The version this one replaces.")
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2000,
+        pattern=ENDPOINT_PATTERN,
+        description=(
+            "Inference server already serving this version (e.g. `http://10.0.0.7:8080`); the "
+            "router sends the canary share of traffic there. Without it, a gateway of your own "
+            "reads the route KV bucket and sends traffic by version."
+        ),
+    )
     target: TargetHardware = Field(default_factory=TargetHardware)
     policy_overrides: dict[str, Any] = Field(
         default_factory=dict,
@@ -250,6 +267,9 @@ class DeploymentPromoted(Outcome):
     type: Literal["DeploymentPromoted"] = "DeploymentPromoted"
     previous_version: str | None = None
     promoted_by: Literal["pipeline", "manual"] = "pipeline"
+    steps_completed: int = Field(default=0, ge=0, description="Canary steps the version passed.")
+    canary: RoleMeasurement | None = Field(default=None, description="Last analysed window.")
+    stable: RoleMeasurement | None = None
 
 
 class DeploymentRolledBack(Outcome):
@@ -261,6 +281,23 @@ class DeploymentRolledBack(Outcome):
     canary: RoleMeasurement | None = None
     stable: RoleMeasurement | None = None
     threshold: float | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+
+
+class DeploymentHeld(Outcome):
+    """The canary could not be judged (too little traffic, or no metrics): it needs a person.
+
+    The canary keeps its current weight until `deadline`; then it is rolled back unless someone
+    promotes it (`preflight promote ID`) or aborts it sooner. Never terminal.
+    """
+
+    type: Literal["DeploymentHeld"] = "DeploymentHeld"
+    step_index: int = Field(ge=0)
+    weight: float = Field(ge=0, le=100)
+    deadline: datetime
+    canary: RoleMeasurement | None = None
+    stable: RoleMeasurement | None = None
     window_start: datetime | None = None
     window_end: datetime | None = None
 
@@ -314,7 +351,13 @@ class RequestRecord(Message):
     """One proxied inference request, as any gateway reports it."""
 
     ts: datetime
-    deployment_id: str = Field(max_length=64)
+    deployment_id: str = Field(
+        max_length=64,
+        description=(
+            "The rollout the request counts for: while a canary is live, the canary's deployment "
+            "id on both roles' records, so one window query compares them; otherwise the stable's."
+        ),
+    )
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     role: Literal["stable", "canary"]
@@ -379,6 +422,7 @@ DeploymentEvent = Annotated[
     | DeploymentDegraded
     | DeploymentPromoted
     | DeploymentRolledBack
+    | DeploymentHeld
     | DeploymentFailed
     | PromoteDeployment
     | AbortDeployment
@@ -395,6 +439,7 @@ AnyOutcome = Annotated[
     | DeploymentDegraded
     | DeploymentPromoted
     | DeploymentRolledBack
+    | DeploymentHeld
     | DeploymentFailed,
     Field(discriminator="type"),
 ]
@@ -411,6 +456,7 @@ OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     DeploymentDegraded,
     DeploymentPromoted,
     DeploymentRolledBack,
+    DeploymentHeld,
     DeploymentFailed,
 )
 TERMINAL_TYPES: tuple[type[Outcome], ...] = (

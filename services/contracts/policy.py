@@ -113,13 +113,9 @@ class ModelClassPolicy(_Strict):
 class NotifyPolicy(_Strict):
     slack_channel: str | None = None
     webhook_url: str | None = None
-    on: tuple[Literal["blocked", "degraded", "rolled_back", "promoted", "failed"], ...] = (
-        "blocked",
-        "degraded",
-        "rolled_back",
-        "promoted",
-        "failed",
-    )
+    on: tuple[
+        Literal["blocked", "degraded", "rolled_back", "promoted", "held", "failed", "progress"], ...
+    ] = ("blocked", "degraded", "rolled_back", "promoted", "held", "failed", "progress")
 
 
 def _default_classes() -> dict[str, ModelClassPolicy]:

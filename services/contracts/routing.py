@@ -14,6 +14,7 @@ from services.contracts.events import (
     DeploymentBlocked,
     DeploymentDegraded,
     DeploymentFailed,
+    DeploymentHeld,
     DeploymentPromoted,
     DeploymentRequested,
     DeploymentRolledBack,
@@ -36,6 +37,7 @@ _OUTCOMES: Final[dict[type[Event], subjects.OutcomeName]] = {
     DeploymentDegraded: "degraded",
     DeploymentPromoted: "promoted",
     DeploymentRolledBack: "rolled_back",
+    DeploymentHeld: "held",
     DeploymentFailed: "failed",
 }
 _COMMANDS: Final[dict[type[Event], subjects.CommandName]] = {
@@ -65,6 +67,8 @@ def message_id_for(event: Event, nonce: str | None = None) -> str:
     """
     name = subject_for(event).rsplit(".", 1)[1]
     if isinstance(event, CanaryStepStarted):
+        return subjects.message_id(event.deployment_id, name, event.step_index)
+    if isinstance(event, DeploymentHeld):
         return subjects.message_id(event.deployment_id, name, event.step_index)
     if isinstance(event, CanaryAnalysed):
         stamp = event.window_end.strftime("%Y%m%dT%H%M%S.%f")

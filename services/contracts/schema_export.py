@@ -56,10 +56,12 @@ _CHANNELS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
             "DeploymentDegraded",
             "DeploymentPromoted",
             "DeploymentRolledBack",
+            "DeploymentHeld",
             "DeploymentFailed",
         ),
         "Outcomes. Subscribe to `preflight.outcome.>` for all, `preflight.outcome.{model}.>` "
-        "for one model. {outcome} is one of blocked, degraded, promoted, rolled_back, failed.",
+        "for one model. {outcome} is one of blocked, degraded, promoted, rolled_back, held "
+        "(needs a person; not final), failed.",
     ),
     (
         "commands",
@@ -84,7 +86,7 @@ _CHANNELS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 _PARAMETERS = {
     "model": "Model name with every `.` written `%2E`, e.g. `org/chat-7b%2Ev2`.",
     "deployment_id": "Deployment id, `[A-Za-z0-9][A-Za-z0-9_-]{2,63}`.",
-    "outcome": "blocked | degraded | promoted | rolled_back | failed",
+    "outcome": "blocked | degraded | promoted | rolled_back | held | failed",
     "command": "promote | abort | pause | resume",
     "source": "Gateway instance name (dots replaced by `_`).",
     "service": "Name of the service that dead-lettered the message.",

@@ -26,7 +26,7 @@ ROUTES_BUCKET: Final = "preflight_routes"
 ROLLOUTS_BUCKET: Final = "preflight_rollouts"
 
 StageName = Literal["requested", "validated", "benchmarked", "canary_step", "canary_analysed"]
-OutcomeName = Literal["blocked", "degraded", "promoted", "rolled_back", "failed"]
+OutcomeName = Literal["blocked", "degraded", "promoted", "rolled_back", "held", "failed"]
 CommandName = Literal["promote", "abort", "pause", "resume"]
 
 STAGE_SUBJECTS: Final = f"{PREFIX}.stage.>"

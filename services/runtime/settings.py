@@ -52,13 +52,45 @@ class Settings(BaseSettings):
         default=None,
         description=(
             "Link sent with outcomes, e.g. a Grafana dashboard URL with {deployment_id}, "
-            "{model}, {from_ms}, {to_ms}. Unset: outcomes carry no link (the embedded stack's "
-            "own metrics page arrives with issue #6)."
+            "{model}, {from_ms}, {to_ms}. Unset: the controller's own rollout page "
+            "(http://<controller_http_host>:<controller_http_port>/rollouts/{deployment_id})."
         ),
+    )
+    controller_http_host: str = Field(default="127.0.0.1", description="Rollout page and API.")
+    controller_http_port: int = Field(default=8471, ge=0, le=65535, description="0: no page.")
+    controller_public_url: str | None = Field(
+        default=None, description="Base URL people reach the controller's page at, if proxied."
     )
     slack_token: SecretStr | None = None
     slack_webhook_url: SecretStr | None = None
-    slack_base_url: str | None = None
+    slack_base_url: str | None = Field(
+        default=None, description="Slack Web API base URL; tests point it at a local server."
+    )
+    slack_channel: str | None = Field(
+        default=None, description="Channel when neither the policy nor the request names one."
+    )
+    slack_max_attempts: int = Field(default=5, ge=1, description="Per notice, 429/5xx included.")
+    webhook_url: str | None = Field(default=None, description="Generic JSON webhook for outcomes.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key; signature in `X-Preflight-Signature`."
+    )
+    router_host: str = "127.0.0.1"
+    router_port: int = Field(default=8480, ge=0, le=65535)
+    router_default_model: str | None = Field(
+        default=None, description="Model for requests without an `X-Preflight-Model` header."
+    )
+    router_sticky_header: str | None = Field(
+        default="x-preflight-client",
+        description="Requests with the same value of this header see the same version.",
+    )
+    router_connect_timeout_s: float = Field(default=2.0, gt=0)
+    router_upstream_timeout_s: float = Field(default=60.0, gt=0, description="Whole request.")
+    metrics_batch_max_records: int = Field(default=500, ge=1, le=100_000)
+    metrics_batch_interval_s: float = Field(default=0.2, gt=0)
+    metrics_buffer_max_records: int = Field(
+        default=50_000, ge=1, description="Records kept while the bus is slow; beyond: dropped."
+    )
+    ingest_fetch_batch: int = Field(default=64, ge=1, description="Metric batches per insert.")
     instance: str = Field(default_factory=_default_instance)
     log_level: str = "INFO"
     events_duplicate_window_s: float = Field(default=3600.0, gt=0)
