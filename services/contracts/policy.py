@@ -91,6 +91,12 @@ class CanaryPolicy(_Strict):
     thresholds: CanaryThresholds = CanaryThresholds()
     analysis_interval_s: float = Field(default=5.0, gt=0)
     min_canary_requests: int = Field(default=50, ge=1)
+    false_rollback_rate: float = Field(
+        default=0.01,
+        gt=0,
+        lt=0.5,
+        description="Chance a healthy canary is rolled back over a whole rollout (all looks).",
+    )
     max_step_extension_s: float = Field(default=300.0, ge=0)
     bake_s: float = Field(default=0.0, ge=0, description="Watch time after promotion.")
     on_new_version: Literal["queue", "supersede"] = "queue"
