@@ -24,6 +24,7 @@ DEADLETTER_STREAM: Final = "PREFLIGHT_DEADLETTER"
 
 ROUTES_BUCKET: Final = "preflight_routes"
 ROLLOUTS_BUCKET: Final = "preflight_rollouts"
+NOTICES_BUCKET: Final = "preflight_notices"
 
 StageName = Literal["requested", "validated", "benchmarked", "canary_step", "canary_analysed"]
 OutcomeName = Literal["blocked", "degraded", "promoted", "rolled_back", "held", "failed"]

@@ -139,7 +139,11 @@ CONSUMERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         (subjects.stage_filter("benchmarked"),),
     ),
     (subjects.EVENTS_STREAM, subjects.CONTROLLER_COMMANDS_DURABLE, (subjects.COMMAND_SUBJECTS,)),
-    (subjects.EVENTS_STREAM, subjects.NOTIFIER_DURABLE, (subjects.OUTCOME_SUBJECTS,)),
+    (
+        subjects.EVENTS_STREAM,
+        subjects.NOTIFIER_DURABLE,
+        (subjects.OUTCOME_SUBJECTS, subjects.stage_filter("canary_step")),
+    ),
     (subjects.METRICS_STREAM, subjects.INGEST_DURABLE, (subjects.METRICS_SUBJECTS,)),
 )
 
@@ -162,6 +166,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
     for bucket, description, history in (
         (subjects.ROUTES_BUCKET, "Canary weight per model route; routers watch it.", 5),
         (subjects.ROLLOUTS_BUCKET, "Rollout state per deployment; the controller's truth.", 10),
+        (subjects.NOTICES_BUCKET, "Notices sent per deployment (dedup, message to update).", 1),
     ):
         try:
             await js.key_value(bucket)
