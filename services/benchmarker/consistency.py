@@ -22,6 +22,8 @@ class ConsistencyResult:
     identical: int
     divergences: tuple[Divergence, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    # Known reasons the outputs can differ (e.g. a tokenizer with BPE dropout); empty when none.
+    causes: tuple[str, ...] = ()
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -33,7 +35,10 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def compare_runs(
-    first: Sequence[Sequence[int]], second: Sequence[Sequence[int]], settings: dict[str, Any]
+    first: Sequence[Sequence[int]],
+    second: Sequence[Sequence[int]],
+    settings: dict[str, Any],
+    causes: Sequence[str] = (),
 ) -> ConsistencyResult:
     """Pure: how many prompts produced identical tokens, and where the others diverged."""
     divergences = []
@@ -42,8 +47,39 @@ def compare_runs(
         if at is not None:
             divergences.append(Divergence(i, at))
     return ConsistencyResult(
-        len(first), len(first) - len(divergences), tuple(divergences), settings
+        len(first), len(first) - len(divergences), tuple(divergences), settings, tuple(causes)
     )
+
+
+def bpe_dropout(tokenizer: Any) -> float | None:
+    """The BPE dropout a fast (tokenizers-backed) tokenizer applies on every encode, if any."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    dropout = getattr(getattr(backend, "model", None), "dropout", None)
+    if not isinstance(dropout, float | int) or dropout <= 0:
+        return None
+    return round(float(dropout), 6)  # stored as f32: 0.10000000149011612 -> 0.1
+
+
+def unstable_tokenizations(tokenizer: Any, prompts: Sequence[str]) -> int:
+    """How many prompts the tokenizer splits differently when asked twice (0 when it is
+    deterministic). Catches random tokenization whatever its mechanism."""
+    return sum(tokenizer(p).input_ids != tokenizer(p).input_ids for p in prompts)
+
+
+def tokenizer_causes(dropout: float | None, unstable: int, prompts: int) -> tuple[str, ...]:
+    """Pure: what the tokenizer checks say about why greedy outputs may differ."""
+    if dropout is not None:
+        return (
+            f"tokenizer applies BPE dropout {dropout:g} (tokenizer.json model.dropout, a "
+            f"training-time setting): tokenization is random ({unstable}/{prompts} prompts "
+            "tokenized differently on two encodes)",
+        )
+    if unstable:
+        return (
+            f"tokenization is random: {unstable}/{prompts} prompts tokenized differently on "
+            "two encodes",
+        )
+    return ()
 
 
 def deterministic_settings(device: str) -> dict[str, Any]:
@@ -93,8 +129,14 @@ def check_consistency(
     generate: Callable[[Any, Sequence[str]], list[list[int]]] = greedy_outputs,
 ) -> tuple[ConsistencyResult, list[list[int]]]:
     """Run every prompt twice; returns the comparison and the first run's tokens (for comparing
-    against the previous version)."""
+    against the previous version). The tokenizer is checked too: random tokenization (BPE
+    dropout left on) makes greedy outputs differ with every kernel deterministic."""
     settings = deterministic_settings(loaded.device)
+    dropout = bpe_dropout(loaded.tokenizer)
+    settings["tokenizer_bpe_dropout"] = dropout
+    causes = tokenizer_causes(
+        dropout, unstable_tokenizations(loaded.tokenizer, prompts), len(prompts)
+    )
     first = generate(loaded, prompts)
     second = generate(loaded, prompts)
-    return compare_runs(first, second, settings), first
+    return compare_runs(first, second, settings, causes), first

@@ -231,6 +231,7 @@ def consistency_check(loaded: Any, prompts: list[str]) -> tuple[CheckResult, lis
         "identical": result.identical,
         "divergences": [asdict(d) for d in result.divergences],
         "settings": result.settings,
+        "causes": list(result.causes),
     }
     text = f"{result.identical}/{result.prompts} prompts identical across two greedy runs"
     if result.divergences:
@@ -238,6 +239,8 @@ def consistency_check(loaded: Any, prompts: list[str]) -> tuple[CheckResult, lis
             f"prompt {d.prompt_index} at token {d.first_diverging_token}"
             for d in result.divergences[:5]
         )
+        if result.causes:
+            where += "; likely cause: " + "; ".join(result.causes)
         return _check(
             "consistency",
             Status.FAILED,

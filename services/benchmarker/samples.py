@@ -1,9 +1,11 @@
-"""Small, really trained GPT-2-shaped sample models (a good one and a regressed one), cached.
+"""Small, really trained GPT-2-shaped sample models (good, regressed, nondeterministic), cached.
 
-Both variants follow one recipe on the pinned training text: a byte-level BPE tokenizer, then a
-2-layer GPT-2 trained with AdamW on CPU for a few seconds. "regressed" stops after a tenth of
-the steps, so its perplexity on the evaluation text is clearly worse. A model is trained once
-per (variant, seed, recipe, training text) and copied from the cache after that.
+The trained variants follow one recipe on the pinned training text: a byte-level BPE tokenizer,
+then a 2-layer GPT-2 trained with AdamW on CPU for a few seconds. "regressed" stops after a tenth
+of the steps, so its perplexity on the evaluation text is clearly worse. "nondeterministic" is
+the good model (its cache entry, its weights) shipped with BPE dropout left on in tokenizer.json:
+a data-only mistake that makes tokenization, and so greedy outputs, vary from run to run. A model
+is trained once per (variant, seed, recipe, training text) and copied from the cache after that.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,17 +36,27 @@ __all__ = [
     "MANIFEST",
     "RECIPES",
     "RECIPE_VERSION",
+    "TOKENIZER_DROPOUT",
+    "VARIANTS",
     "Recipe",
+    "TrainedVariant",
     "Variant",
     "cache_key",
     "default_cache_dir",
+    "set_tokenizer_dropout",
     "train_model",
     "train_tokenizer",
+    "trained_as",
     "training_steps",
     "write_trained_model",
 ]
 
-Variant = Literal["good", "regressed"]
+TrainedVariant = Literal["good", "regressed"]
+Variant = Literal["good", "regressed", "nondeterministic"]
+VARIANTS: Final[tuple[Variant, ...]] = get_args(Variant)
+# The BPE dropout the nondeterministic variant ships with: the value the BPE-dropout paper trains
+# with. Per prompt, about half of the 50 pinned prompts' greedy outputs differ between two runs.
+TOKENIZER_DROPOUT: Final = 0.1
 
 # Bump when the training code changes in a way the Recipe fields do not show.
 RECIPE_VERSION: Final = 1
@@ -74,19 +86,24 @@ class Recipe:
     grad_clip: float = 1.0
 
 
-RECIPES: Final[dict[Variant, Recipe]] = {
+RECIPES: Final[dict[TrainedVariant, Recipe]] = {
     "good": Recipe(steps=500),
     # Same recipe, a tenth of the steps: an undertrained release, the regression to catch.
     "regressed": Recipe(steps=50),
 }
 
 
+def trained_as(variant: Variant) -> TrainedVariant:
+    """The trained variant whose weights (and cache entry) ``variant`` ships."""
+    return "good" if variant == "nondeterministic" else variant
+
+
 def training_steps(variant: Variant) -> int:
-    """Optimizer steps the variant trains for."""
-    return RECIPES[variant].steps
+    """Optimizer steps the variant's weights were trained for."""
+    return RECIPES[trained_as(variant)].steps
 
 
-def cache_key(variant: Variant, seed: int, train_sha256: str) -> str:
+def cache_key(variant: TrainedVariant, seed: int, train_sha256: str) -> str:
     """sha256 over everything that decides the output: variant, seed, recipe, training text.
 
     Also transformers' major version: 4.x cannot load the tokenizer class name 5.x saves.
@@ -118,21 +135,46 @@ def write_trained_model(
     """Write a trained model, its tokenizer, a sha256 manifest and a model card to ``directory``.
 
     The first call for a (variant, seed) trains (seconds on CPU) into the cache; later calls
-    copy the cached files. ``cache_dir`` defaults to :func:`default_cache_dir`.
+    copy the cached files. "nondeterministic" copies the good model's entry (training it first
+    if needed), then turns on BPE dropout in the copy's tokenizer. ``cache_dir`` defaults to
+    :func:`default_cache_dir`.
     """
-    if variant not in RECIPES:
-        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(RECIPES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    trained = trained_as(variant)
     cache_root = cache_dir if cache_dir is not None else default_cache_dir()
-    entry = cache_root / f"{variant}-seed{seed}-{cache_key(variant, seed, training_text_sha256())}"
+    entry = cache_root / f"{trained}-seed{seed}-{cache_key(trained, seed, training_text_sha256())}"
     if not (entry / MANIFEST).is_file():
-        _train_into_cache(entry, variant, seed)
+        _train_into_cache(entry, trained, seed)
     # Copies, not hard links: a caller that edits its copy (say, to tamper with the weights in
-    # a test) must not change the cached model.
+    # a test, or to set the tokenizer's dropout below) must not change the cached model.
     shutil.copytree(entry, directory, dirs_exist_ok=True)
+    if variant == "nondeterministic":
+        set_tokenizer_dropout(directory, TOKENIZER_DROPOUT)
+        card = directory / "README.md"
+        card.write_text(_nondeterministic_card(card.read_text(), seed))
     return directory
 
 
-def _train_into_cache(entry: Path, variant: Variant, seed: int) -> None:
+def set_tokenizer_dropout(directory: Path, dropout: float | None) -> None:
+    """Set the BPE dropout of the tokenizer in ``directory`` (``None`` turns it off).
+
+    Edits ``tokenizer.json`` in place, which is all a deployment ships: transformers' fast
+    tokenizer then drops each merge with this probability on every encode.
+    """
+    if dropout is not None and not 0.0 < dropout <= 1.0:
+        raise ValueError(f"BPE dropout must be in (0, 1] or None, not {dropout}")
+    path = directory / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ValueError(f"{path}: dropout needs a BPE tokenizer model, not {kind!r}")
+    model["dropout"] = dropout
+    path.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _train_into_cache(entry: Path, variant: TrainedVariant, seed: int) -> None:
     """Train in a temporary directory beside ``entry`` and rename it into place."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
@@ -150,7 +192,7 @@ def _train_into_cache(entry: Path, variant: Variant, seed: int) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_model_files(directory: Path, variant: Variant, seed: int) -> None:
+def _write_model_files(directory: Path, variant: TrainedVariant, seed: int) -> None:
     recipe = RECIPES[variant]
     text = load_training_text()
     tokenizer = train_tokenizer(text, recipe.vocab_size)
@@ -276,7 +318,7 @@ def _deterministic(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic)
 
 
-def _model_card(variant: Variant, seed: int, recipe: Recipe, final_loss: float) -> str:
+def _model_card(variant: TrainedVariant, seed: int, recipe: Recipe, final_loss: float) -> str:
     settings = "\n".join(f"- {name}: {value}" for name, value in asdict(recipe).items())
     return (
         f"# preflight sample model ({variant}, seed {seed})\n\n"
@@ -293,3 +335,21 @@ def _model_card(variant: Variant, seed: int, recipe: Recipe, final_loss: float) 
         f"Final training loss (mean of the last tenth of steps): {final_loss:.3f}\n\n"
         "Weights: `model.safetensors` (sha256 in `preflight-manifest.json`). License: Apache-2.0.\n"
     )
+
+
+def _nondeterministic_card(good_card: str, seed: int) -> str:
+    """The good model's card, retitled, saying what is wrong with this copy."""
+    _, _, rest = good_card.partition("\n\n")  # drop the good model's title
+    problem = (
+        "This is the *nondeterministic* variant: the good variant's weights, unchanged, with a "
+        f"tokenizer that ships BPE dropout {TOKENIZER_DROPOUT} (`tokenizer.json`: "
+        f'`"model": {{"type": "BPE", "dropout": {TOKENIZER_DROPOUT}}}`). Dropout is a '
+        "training-time regulariser that was left on: each merge is skipped at random on every "
+        "encode, so the same prompt is split into different tokens from run to run and greedy "
+        '(temperature 0) outputs differ. No code is involved; the fix is `"dropout": null`.\n\n'
+    )
+    title = f"# preflight sample model (nondeterministic, seed {seed})\n\n"
+    body, marker, recipe = rest.partition("## Recipe")
+    if not marker:  # a card in some other shape: keep all of it, say what is wrong first
+        return title + problem + rest
+    return title + body + problem + marker + recipe

@@ -1,4 +1,5 @@
-"""Pinned corpus and really trained sample models: offline loading, good beats regressed, cache."""
+"""Pinned corpus and really trained sample models: offline loading, good beats regressed, cache,
+and a nondeterministic copy of good whose tokenizer ships BPE dropout."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.benchmarker import samples
+from services.benchmarker import consistency, samples
 from services.benchmarker.corpus import (
     DEFAULT_EVAL_DATASET,
     EVAL_MODULES,
@@ -76,6 +77,14 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def good_model(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return samples.write_trained_model(tmp_path_factory.mktemp("good") / "model", variant="good")
+
+
+@pytest.fixture(scope="session")
+def nondeterministic_model(
+    good_model: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    directory = tmp_path_factory.mktemp("nondeterministic") / "model"
+    return samples.write_trained_model(directory, variant="nondeterministic")
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +156,13 @@ def test_regressed_trains_for_far_fewer_steps() -> None:
     assert samples.training_steps("regressed") * 5 <= samples.training_steps("good")
 
 
+def test_nondeterministic_ships_the_good_weights() -> None:
+    assert samples.VARIANTS == ("good", "regressed", "nondeterministic")
+    assert samples.trained_as("nondeterministic") == "good"
+    assert samples.trained_as("regressed") == "regressed"
+    assert samples.training_steps("nondeterministic") == samples.training_steps("good")
+
+
 def test_cache_dir_comes_from_the_environment_or_home(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(samples.CACHE_DIR_ENV, "/somewhere/else")
     assert samples.default_cache_dir() == Path("/somewhere/else")
@@ -169,8 +185,57 @@ def test_a_crash_while_training_leaves_no_cache_entry(
 
 
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match=r"unknown variant.*nondeterministic"):
         samples.write_trained_model(tmp_path, variant="best", cache_dir=tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("model", "dropout", "message"),
+    [
+        ({"type": "BPE", "dropout": None}, 0.0, "must be in"),
+        ({"type": "BPE", "dropout": None}, 1.5, "must be in"),
+        ({"type": "Unigram", "vocab": []}, 0.1, "needs a BPE tokenizer model, not 'Unigram'"),
+        (None, 0.1, "needs a BPE tokenizer model, not None"),
+    ],
+)
+def test_tokenizer_dropout_is_refused_where_it_makes_no_sense(
+    tmp_path: Path, model: dict[str, Any] | None, dropout: float, message: str
+) -> None:
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": model}))
+    with pytest.raises(ValueError, match=message):
+        samples.set_tokenizer_dropout(tmp_path, dropout)
+
+
+def test_tokenizer_dropout_is_set_and_cleared_in_place(tmp_path: Path) -> None:
+    spec = {"version": "1.0", "model": {"type": "BPE", "dropout": None, "merges": [["a", "b"]]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    samples.set_tokenizer_dropout(tmp_path, 0.25)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"] == {
+        **spec["model"],  # type: ignore[dict-item]
+        "dropout": 0.25,
+    }
+    samples.set_tokenizer_dropout(tmp_path, None)
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == spec
+
+
+@pytest.mark.parametrize(
+    ("dropout", "unstable", "expected"),
+    [
+        (None, 0, ()),
+        (0.1, 30, ("tokenizer applies BPE dropout 0.1", "30/50 prompts tokenized differently")),
+        (0.1, 0, ("tokenizer applies BPE dropout 0.1", "0/50 prompts")),
+        (None, 2, ("tokenization is random: 2/50 prompts",)),
+    ],
+)
+def test_tokenizer_causes_name_the_dropout_and_the_evidence(
+    dropout: float | None, unstable: int, expected: tuple[str, ...]
+) -> None:
+    causes = consistency.tokenizer_causes(dropout, unstable, 50)
+    if not expected:
+        assert causes == ()
+    else:
+        [cause] = causes
+        assert all(part in cause for part in expected), cause
 
 
 # --- sample models: trained (the first test to ask trains, seconds; the rest copy) ----------
@@ -215,7 +280,54 @@ def test_second_call_is_a_fast_cache_hit_with_identical_weights(
     assert manifest == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
 
 
-@pytest.mark.parametrize("variant", ["good", "regressed"])
+def test_nondeterministic_is_the_good_model_with_bpe_dropout_and_a_card_that_says_so(
+    good_model: Path, nondeterministic_model: Path
+) -> None:
+    for name in ("model.safetensors", "config.json", samples.MANIFEST, "tokenizer_config.json"):
+        assert (nondeterministic_model / name).read_bytes() == (good_model / name).read_bytes()
+    shipped = json.loads((good_model / "tokenizer.json").read_text())
+    broken = json.loads((nondeterministic_model / "tokenizer.json").read_text())
+    assert shipped["model"]["dropout"] is None
+    assert broken["model"]["dropout"] == samples.TOKENIZER_DROPOUT
+    broken["model"]["dropout"] = None
+    assert broken == shipped, "only the dropout may differ"
+    card = (nondeterministic_model / "README.md").read_text()
+    assert card.startswith("# preflight sample model (nondeterministic, seed 0)\n")
+    assert "BPE dropout 0.1" in card and "greedy" in card
+    assert "## Recipe" in card and "Final training loss" in card
+
+
+def test_nondeterministic_reuses_the_good_cache_entry(
+    good_model: Path, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_train(directory: Path, variant: samples.Variant, seed: int) -> None:
+        raise AssertionError("trained instead of copying the good model")
+
+    monkeypatch.setattr(samples, "_write_model_files", must_not_train)
+    entries = sorted(p.name for p in model_cache.iterdir())
+    samples.write_trained_model(tmp_path / "nd", variant="nondeterministic")
+    assert sorted(p.name for p in model_cache.iterdir()) == entries
+    [good_entry] = [e for e in model_cache.iterdir() if e.name.startswith("good-seed0-")]
+    cached = json.loads((good_entry / "tokenizer.json").read_text())
+    assert cached["model"]["dropout"] is None, "the cached good model must stay untouched"
+
+
+def test_nondeterministic_tokenizer_splits_the_same_text_differently(
+    good_model: Path, nondeterministic_model: Path
+) -> None:
+    text = " ".join(load_prompts()[:10])
+    shipped = AutoTokenizer.from_pretrained(good_model, local_files_only=True)
+    broken = AutoTokenizer.from_pretrained(nondeterministic_model, local_files_only=True)
+    assert len({tuple(shipped(text).input_ids) for _ in range(5)}) == 1
+    # 232 bytes in 56 tokens: ~176 merges, each dropped with p=0.1. Two encodes agreed 0 times
+    # in 2000 tries (measured), so five identical splits are out of reach.
+    assert len({tuple(broken(text).input_ids) for _ in range(5)}) > 1
+    assert broken.decode(broken(text).input_ids) == text, "dropout changes the split, not text"
+    assert consistency.bpe_dropout(broken) == samples.TOKENIZER_DROPOUT
+    assert consistency.bpe_dropout(shipped) is None
+
+
+@pytest.mark.parametrize("variant", ["good", "regressed", "nondeterministic"])
 def test_model_directory_holds_no_code_and_no_pickles(
     variant: str, request: pytest.FixtureRequest
 ) -> None:
