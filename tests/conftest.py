@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -19,6 +20,22 @@ def sample_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.stack.samples import write_sample_model
 
     return write_sample_model(tmp_path_factory.mktemp("models") / "sample-gpt")
+
+
+@pytest.fixture(scope="session")
+def chdb_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """THE chDB client of this test process: chDB opens one data path per process, ever.
+
+    Tests that need the real ClickHouse engine in-process share it and keep apart by table
+    name or deployment id.
+    """
+    from services.runtime import clickhouse
+
+    path = tmp_path_factory.mktemp("chdb")
+    settings = Settings(data_dir=path, clickhouse_path=path / "clickhouse")
+    client = clickhouse.open_client(settings)
+    clickhouse.ensure_metrics_table(client, settings)
+    return client
 
 
 @pytest.fixture
@@ -39,6 +56,8 @@ def settings(tmp_path: Path, nats_server: NatsServer) -> Settings:
         instance="test",
         ack_wait_s=5.0,
         max_deliver=3,
+        controller_http_port=0,  # tests that want the page or router pick their own free port
+        router_port=0,
     )
 
 

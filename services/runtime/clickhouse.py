@@ -2,21 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Final
 from urllib.parse import urlparse
 
 import clickhouse_connect
 
 from services.runtime.settings import Settings
 
+# Insert order of the request-metrics columns (services/metrics/ingest.py builds them).
+METRICS_COLUMNS: Final = (
+    "ts",
+    "deployment_id",
+    "model",
+    "version",
+    "role",
+    "latency_ms",
+    "ttfb_ms",
+    "status",
+    "error_kind",
+    "batch_id",
+    "seq",
+)
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+class MetricsStoreLocked(RuntimeError):
+    """Another process owns the chDB data path (chDB allows one process per path)."""
+
+
+def check_table_name(table: str) -> str:
+    """A table name safe to place in SQL (identifiers cannot be bound as parameters)."""
+    if not _TABLE_NAME.fullmatch(table):
+        raise ValueError(f"invalid table name {table!r}")
+    return table
+
 
 def open_client(settings: Settings) -> Any:
-    """A clickhouse-connect client. chDB allows one owning process per data path."""
+    """A clickhouse-connect client that threads may share.
+
+    chDB allows one owning process per data path; a second process gets `MetricsStoreLocked`.
+    """
     url = settings.clickhouse_url
     if url == "chdb":
         path = settings.chdb_path()
         path.mkdir(parents=True, exist_ok=True)
-        return clickhouse_connect.get_client(interface="chdb", path=str(path))
+        try:
+            return clickhouse_connect.get_client(interface="chdb", path=str(path))
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise MetricsStoreLocked(
+                    f"chDB data path {path} is open in another process (one owner per path; "
+                    "in the embedded stack the canary controller owns it and runs the ingest)"
+                ) from exc
+            raise
     parts = urlparse(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"PREFLIGHT_CLICKHOUSE_URL must be `chdb` or http(s)://..., got {url!r}")
@@ -27,17 +67,22 @@ def open_client(settings: Settings) -> Any:
         username=parts.username or "default",
         password=parts.password or "",
         database=parts.path.lstrip("/") or "default",
+        # No HTTP session: one client is shared by the ingest thread and the query threads, and
+        # ClickHouse refuses concurrent queries within one session.
+        autogenerate_session_id=False,
     )
 
 
 def metrics_table_ddl(table: str, ttl_days: int) -> str:
     """Request metrics, ordered for the controller's per-deployment, per-role window queries.
 
-    ReplacingMergeTree on (batch_id, seq) in the key makes a redelivered batch collapse into the
-    rows it already wrote.
+    ReplacingMergeTree with (batch_id, seq) at the end of the sorting key: a redelivered batch
+    writes rows with the same key as the first delivery, so merges collapse them and queries
+    read `FINAL` (docs/metrics.md has the measured cost). Daily partitions let the TTL drop
+    whole parts instead of rewriting them; a duplicate always lands in the same partition as
+    its original (same ts), so FINAL never has to merge across partitions.
     """
-    if not table.replace("_", "").isalnum():
-        raise ValueError(f"invalid table name {table!r}")
+    check_table_name(table)
     return f"""
         CREATE TABLE IF NOT EXISTS {table} (
             ts DateTime64(3, 'UTC'),
@@ -53,8 +98,10 @@ def metrics_table_ddl(table: str, ttl_days: int) -> str:
             seq UInt32
         )
         ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMMDD(ts)
         ORDER BY (deployment_id, role, ts, batch_id, seq)
         TTL toDateTime(ts) + INTERVAL {int(ttl_days)} DAY
+        SETTINGS ttl_only_drop_parts = 1
     """
 
 

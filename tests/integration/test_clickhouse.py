@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +74,32 @@ def test_ddl_is_idempotent_and_has_a_ttl() -> None:
 def test_unknown_clickhouse_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="must be `chdb` or http"):
         clickhouse.open_client(Settings(clickhouse_url="tcp://host:9000"))
+
+
+def test_the_engine_keeps_the_key_partitions_and_ttl(chdb_client: Any) -> None:
+    chdb_client.command(clickhouse.metrics_table_ddl("metrics_ddl_check", 7))
+    shown = str(chdb_client.command("SHOW CREATE TABLE metrics_ddl_check"))
+    assert "ReplacingMergeTree" in shown
+    assert "PARTITION BY toYYYYMMDD(ts)" in shown
+    assert "ORDER BY (deployment_id, role, ts, batch_id, seq)" in shown
+    assert "toIntervalDay(7)" in shown
+
+
+def test_rows_past_the_ttl_are_dropped(chdb_client: Any) -> None:
+    table = "metrics_ttl_check"
+    chdb_client.command(clickhouse.metrics_table_ddl(table, 30))
+    now = datetime.now(UTC)
+    rows = [
+        (now - timedelta(days=age), "d-ttl", "m", "1", "stable", 1.0, None, 200, "", f"b-{age}", 0)
+        for age in (40, 31, 1, 0)
+    ]
+    chdb_client.insert(table, rows, column_names=list(clickhouse.METRICS_COLUMNS))
+    chdb_client.command(f"OPTIMIZE TABLE {table} FINAL")
+    kept = chdb_client.query(f"SELECT batch_id FROM {table} ORDER BY batch_id").result_rows  # noqa: S608
+    assert kept == [("b-0",), ("b-1",)]
+
+
+@pytest.mark.parametrize("name", ["", "1table", "a-b", "x; DROP TABLE y", "t" * 65])
+def test_only_plain_identifiers_are_table_names(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid table name"):
+        clickhouse.check_table_name(name)
