@@ -1,0 +1,500 @@
+"""The router on a real nats-server: KV-driven weights, split, streaming, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from services.contracts import subjects
+from services.contracts.events import RequestMetricsBatch, Route, RouteTarget
+from services.inference_server.app import Server
+from services.inference_server.app import build_app as build_upstream
+from services.inference_server.generators import SyntheticGenerator
+from services.inference_server.knobs import Knobs
+from services.inference_server.load import generate_load
+from services.router.app import ROUTER, Router, build_app
+from services.router.metrics import PublisherConfig
+from services.runtime import bus
+from services.runtime.nats_server import NatsServer
+from services.runtime.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+MODEL = "org/chat-7b.v2"
+STABLE_ID = "d-stable-0001"
+CANARY_ID = "d-canary-0002"
+
+
+@dataclass
+class Running:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_app(app: web.Application) -> Running:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return Running(f"http://127.0.0.1:{runner.addresses[0][1]}", app, runner)
+
+
+async def start_upstream(version: str, **knobs: Any) -> tuple[Running, Server]:
+    server = Server(
+        generator=SyntheticGenerator(),
+        knobs=Knobs(latency_ms=0, latency_jitter=0, **knobs),
+        version=version,
+    )
+    return await start_app(build_upstream(server)), server
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, tuple[Running, Server]]]:
+    pair = {"stable": await start_upstream("1"), "canary": await start_upstream("2")}
+    try:
+        yield pair
+    finally:
+        for running, _ in pair.values():
+            await running.stop()
+
+
+def router_settings(settings: Settings, **overrides: Any) -> Settings:
+    return settings.model_copy(
+        update={"metrics_batch_interval_s": 0.05, "router_upstream_timeout_s": 5.0, **overrides}
+    )
+
+
+@contextlib.asynccontextmanager
+async def router(settings: Settings, **kwargs: Any) -> AsyncIterator[tuple[Running, Router]]:
+    nc = await bus.connect(settings, "test-router", reconnect=True)
+    running = await start_app(build_app(settings, nc, **kwargs))
+    try:
+        yield running, running.app[ROUTER]
+    finally:
+        await running.stop()
+        with contextlib.suppress(ConnectionError):  # a test may have stopped the server
+            await nc.close()
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Seconds until `check()` holds (polled every 5 ms); fails after `timeout`."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+def route(
+    upstreams: dict[str, tuple[Running, Server]] | None,
+    weight: float,
+    *,
+    model: str = MODEL,
+    canary: bool = True,
+) -> Route:
+    def target(role: str, version: str, did: str) -> RouteTarget:
+        url = upstreams[role][0].url if upstreams else None
+        return RouteTarget(deployment_id=did, version=version, upstream=url)
+
+    return Route(
+        model=model,
+        stable=target("stable", "1", STABLE_ID),
+        canary=target("canary", "2", CANARY_ID) if canary else None,
+        canary_weight=weight,
+    )
+
+
+async def put_route(js: JetStreamContext, value: Route | bytes, key: str = MODEL) -> KeyValue:
+    kv = await js.key_value(subjects.ROUTES_BUCKET)
+    await kv.put(key, value if isinstance(value, bytes) else value.model_dump_json().encode())
+    return kv
+
+
+def weight_of(r: Router, model: str = MODEL) -> float | None:
+    current = r.table.get(model)
+    return current.canary_weight if current is not None else None
+
+
+async def completion(
+    session: aiohttp.ClientSession, url: str, **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with session.post(
+        f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, headers=headers
+    ) as resp:
+        body = await resp.json(content_type=None)
+        return resp.status, body, dict(resp.headers)
+
+
+def binomial_bounds(n: int, p: float, sigmas: float = 4.5) -> tuple[float, float]:
+    sd = math.sqrt(n * p * (1 - p))
+    return n * p - sigmas * sd, n * p + sigmas * sd
+
+
+# ---- split -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [5.0, 50.0])
+async def test_split_follows_the_weight_within_binomial_bounds(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any], weight: float
+) -> None:
+    await put_route(js, route(upstreams, weight))
+    async with router(router_settings(settings)) as (running, r):
+        await eventually(lambda: r.watcher.live and weight_of(r) == weight)
+        result = await generate_load(f"{running.url}/v1/completions", rps=800, duration_s=1.5)
+    n = result.sent
+    assert result.by_status[200] == n, result.by_status
+    low, high = binomial_bounds(n, weight / 100)
+    assert low <= result.by_header["canary"] <= high, (result.by_header, low, high)
+    assert result.by_header["stable"] + result.by_header["canary"] == n
+    # The upstreams agree: each answered exactly the share the router sent it.
+    assert upstreams["canary"][1].served == result.by_header["canary"]
+
+
+async def test_sticky_clients_keep_their_version_and_only_move_to_canary(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    clients = [f"user-{i}" for i in range(40)]
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        seen: dict[float, dict[str, str]] = {}
+        for weight in (20.0, 60.0):
+            await put_route(js, route(upstreams, weight))
+            await eventually(lambda w=weight: weight_of(r) == w)  # type: ignore[misc]
+            seen[weight] = {}
+            for client in clients:
+                roles = set()
+                for _ in range(3):
+                    _, _, headers = await completion(
+                        s, running.url, **{"X-Preflight-Client": client}
+                    )
+                    roles.add(headers["X-Preflight-Role"])
+                assert len(roles) == 1, f"{client} saw {roles}"
+                seen[weight][client] = roles.pop()
+    early = {c for c, role in seen[20.0].items() if role == "canary"}
+    late = {c for c, role in seen[60.0].items() if role == "canary"}
+    assert early <= late  # raising the weight moved clients stable -> canary, never back
+    assert 0 < len(early) < len(late) < len(clients)
+
+
+# ---- weights from the KV bucket ---------------------------------------------------------------
+
+
+async def test_weights_change_live_without_polling(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 0.0))
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: r.watcher.live and weight_of(r) == 0.0)
+        roles = {(await completion(s, running.url))[2]["X-Preflight-Role"] for _ in range(20)}
+        assert roles == {"stable"}
+        await put_route(js, route(upstreams, 100.0))
+        applied_in = await eventually(lambda: weight_of(r) == 100.0, timeout=2.0)
+        assert applied_in < 1.0
+        status, body, headers = await completion(s, running.url)
+        assert (status, headers["X-Preflight-Role"], headers["X-Preflight-Version"]) == (
+            200,
+            "canary",
+            "2",
+        )
+        assert body["system_fingerprint"] == "2"
+
+
+async def test_a_router_started_after_the_write_gets_current_weights(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 10.0))
+    await put_route(js, route(upstreams, 100.0))  # history: only the current value counts
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: r.watcher.live)
+        assert weight_of(r) == 100.0
+        assert (await completion(s, running.url))[2]["X-Preflight-Role"] == "canary"
+        async with s.get(f"{running.url}/healthz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["routes"] == 1
+
+
+async def test_a_restarted_router_picks_up_weights_written_while_it_was_down(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 5.0))
+    async with router(router_settings(settings)) as (_, r):
+        await eventually(lambda: r.watcher.live and weight_of(r) == 5.0)
+    await put_route(js, route(upstreams, 42.5))
+    other = await put_route(js, route(upstreams, 0.0, model="other/model"), key="other/model")
+    await other.delete("other/model")
+    async with router(router_settings(settings)) as (running, r):
+        await eventually(lambda: r.watcher.live)
+        assert weight_of(r) == 42.5
+        assert r.table.get("other/model") is None
+        async with aiohttp.ClientSession() as s, s.get(f"{running.url}/routes") as resp:
+            routes = await resp.json()
+        assert routes[MODEL]["canary_weight"] == 42.5
+        assert routes[MODEL]["records_deployment_id"] == CANARY_ID
+
+
+async def test_malformed_values_keep_the_previous_route_and_deletes_remove_it(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        kv = await put_route(js, route(upstreams, 30.0))
+        await eventually(lambda: weight_of(r) == 30.0)
+        await put_route(js, b"{not json")
+        await put_route(js, route(upstreams, 50.0, model="someone/else"))  # key and model differ
+        await put_route(js, route(upstreams, 60.0))
+        await eventually(lambda: weight_of(r) == 60.0)
+        async with s.get(f"{running.url}/metrics") as resp:
+            text = await resp.text()
+        assert 'preflight_router_route_updates_total{change="malformed"} 2.0' in text
+        assert f'preflight_router_canary_weight_percent{{model="{MODEL}"}} 60.0' in text
+        await kv.delete(MODEL)
+        await eventually(lambda: r.table.get(MODEL) is None)
+        status, body, _ = await completion(s, running.url, **{"X-Preflight-Model": MODEL})
+        assert (status, body["error"]) == (404, "unknown_model")
+
+
+async def test_model_choice_header_default_single_route_and_missing_upstream(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await put_route(js, route(upstreams, 0.0))
+        await eventually(lambda: weight_of(r) == 0.0)
+        assert (await completion(s, running.url))[0] == 200  # the only route
+        no_upstream = route(None, 100.0, model="org/dark")
+        await put_route(js, no_upstream, key="org/dark")
+        await eventually(lambda: r.table.get("org/dark") is not None)
+        status, body, _ = await completion(s, running.url)
+        assert (status, body["error"], body["header"]) == (400, "no_model", "X-Preflight-Model")
+        status, body, _ = await completion(s, running.url, **{"X-Preflight-Model": "org/dark"})
+        assert (status, body["error"], body["role"]) == (503, "no_upstream", "canary")
+        status, body, _ = await completion(s, running.url, **{"X-Preflight-Model": "nope"})
+        assert (status, body["error"]) == (404, "unknown_model")
+    async with (
+        router(router_settings(settings, router_default_model=MODEL)) as (running, r),
+        aiohttp.ClientSession() as s,
+    ):
+        await eventually(lambda: r.watcher.live)
+        assert (await completion(s, running.url))[0] == 200  # the default model
+
+
+# ---- proxying ----------------------------------------------------------------------------------
+
+
+async def test_streaming_responses_pass_through_as_they_come(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    upstreams["stable"][1].knobs = Knobs(latency_ms=0, latency_jitter=0, token_interval_ms=150)
+    await put_route(js, route(upstreams, 0.0))
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: weight_of(r) == 0.0)
+        t0 = time.perf_counter()
+        arrivals: list[float] = []
+        raw = b""
+        async with s.post(
+            f"{running.url}/v1/completions?trace=1",
+            json={"prompt": "hi", "max_tokens": 4, "stream": True},
+        ) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            assert resp.headers["X-Preflight-Role"] == "stable"
+            async for chunk in resp.content.iter_any():
+                arrivals.append(time.perf_counter() - t0)
+                raw += chunk
+    events = [line[6:] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == (
+        " answers with a steady"
+    )
+    # 4 chunks 150 ms apart: the first reached the client long before the last was written.
+    assert arrivals[0] < 0.25 and arrivals[-1] - arrivals[0] > 0.35, arrivals
+
+
+async def test_upstream_failures_answer_502_504_and_are_recorded(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stable_running, stable = upstreams["stable"]
+    routes = {
+        "m/err": Route(
+            model="m/err",
+            stable=RouteTarget(deployment_id=STABLE_ID, version="1", upstream=stable_running.url),
+        ),
+        "m/dead": Route(
+            model="m/dead", stable=RouteTarget(deployment_id=STABLE_ID, version="1", upstream=dead)
+        ),
+        "m/slow": Route(
+            model="m/slow",
+            stable=RouteTarget(
+                deployment_id=STABLE_ID, version="1", upstream=upstreams["canary"][0].url
+            ),
+        ),
+    }
+    for key, value in routes.items():
+        await put_route(js, value, key=key)
+    stable.knobs = Knobs(latency_ms=0, error_rate=1.0)
+    upstreams["canary"][1].knobs = Knobs(latency_ms=1000, latency_jitter=0)
+    batches: list[RequestMetricsBatch] = []
+    sink = ListSink(batches)
+    fast = router_settings(settings, router_upstream_timeout_s=0.3)
+    async with router(fast, sink=sink) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: len(r.table.routes) == 3)
+        got = {}
+        for model in routes:
+            status, body, headers = await completion(s, running.url, **{"X-Preflight-Model": model})
+            got[model] = (status, body.get("error"), headers.get("X-Preflight-Version"))
+    assert got["m/err"][0] == 500  # passed through as it came
+    assert got["m/dead"] == (502, "upstream_connect", "1")
+    assert got["m/slow"] == (504, "upstream_timeout", "1")
+    records = {rec.model: rec for b in batches for rec in b.records}
+    assert (records["m/err"].status, records["m/err"].error_kind) == (500, "http_5xx")
+    assert (records["m/dead"].status, records["m/dead"].error_kind) == (0, "connect")
+    assert (records["m/slow"].status, records["m/slow"].error_kind) == (0, "timeout")
+    assert 250 <= records["m/slow"].latency_ms < 1500
+
+
+@dataclass
+class ListSink:
+    batches: list[RequestMetricsBatch]
+
+    async def publish(self, subject: str, payload: bytes, batch_id: str) -> None:
+        self.batches.append(RequestMetricsBatch.model_validate_json(payload))
+
+
+# ---- request metrics on the bus ---------------------------------------------------------------
+
+
+async def read_batches(js: JetStreamContext, want_records: int) -> list[tuple[Any, Any]]:
+    sub = await js.subscribe(
+        subjects.METRICS_SUBJECTS, stream=subjects.METRICS_STREAM, ordered_consumer=True
+    )
+    out: list[tuple[Any, Any]] = []
+    try:
+        while sum(len(b.records) for b, _ in out) < want_records:
+            msg = await sub.next_msg(timeout=5.0)
+            out.append((RequestMetricsBatch.model_validate_json(msg.data), msg))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def test_records_reach_the_metrics_stream_with_the_deployment_id_contract(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 50.0))
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: weight_of(r) == 50.0)
+        for _ in range(30):
+            await completion(s, running.url)
+        await put_route(js, route(upstreams, 0.0))
+        await eventually(lambda: weight_of(r) == 0.0)
+        for _ in range(10):
+            await completion(s, running.url)
+    batches = await read_batches(js, 40)
+    records = [rec for b, _ in batches for rec in b.records]
+    assert len(records) == 40
+    for batch, msg in batches:
+        assert msg.subject == subjects.metrics("test")
+        assert msg.headers[bus.MSG_ID_HEADER] == batch.batch_id
+        assert batch.source == "test"
+    live, after = records[:30], records[30:]
+    assert {rec.role for rec in live} == {"stable", "canary"}
+    assert {rec.deployment_id for rec in live} == {CANARY_ID}  # both roles: the canary's id
+    assert {(rec.role, rec.deployment_id) for rec in after} == {("stable", STABLE_ID)}
+    for rec in records:
+        assert rec.model == MODEL and rec.status == 200 and rec.error_kind is None
+        assert rec.version == ("2" if rec.role == "canary" else "1")
+        assert rec.ttfb_ms is not None and 0 <= rec.ttfb_ms <= rec.latency_ms
+
+
+async def test_an_absent_bus_never_slows_requests_and_drops_are_counted(
+    settings: Settings,
+    js: JetStreamContext,
+    upstreams: dict[str, Any],
+    nats_server: NatsServer,
+) -> None:
+    await put_route(js, route(upstreams, 50.0))
+    small = router_settings(settings, metrics_buffer_max_records=20, metrics_batch_max_records=5)
+    config = replace(PublisherConfig.from_settings(small), close_timeout_s=0.2)
+    async with (
+        router(small, publisher_config=config) as (running, r),
+        aiohttp.ClientSession() as s,
+    ):
+        await eventually(lambda: r.watcher.live and weight_of(r) == 50.0)
+        baseline = [await timed(completion(s, running.url)) for _ in range(20)]
+        nats_server.stop()
+        await eventually(lambda: not r.nc.is_connected)
+        during = [await timed(completion(s, running.url)) for _ in range(60)]
+        async with s.get(f"{running.url}/healthz") as resp:
+            health = (resp.status, await resp.json())
+        async with s.get(f"{running.url}/metrics") as resp:
+            text = await resp.text()
+    assert all(status == 200 for status, _ in baseline + during)
+    assert health[0] == 503 and "not connected to NATS" in health[1]["problems"]
+    assert health[1]["metrics"]["dropped"] >= 40
+    assert "preflight_router_metrics_dropped_total" in text
+    slowest = max(t for _, t in during)
+    typical = sorted(t for _, t in baseline)[len(baseline) // 2]
+    assert slowest < max(0.1, 20 * typical), (slowest, typical)
+
+
+async def timed(call: Any) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    status, _, _ = await call
+    return status, time.perf_counter() - t0
+
+
+async def test_the_service_entry_point_serves_and_flushes_on_sigterm(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 0.0))
+    env = {
+        **os.environ,
+        "PREFLIGHT_NATS_URL": settings.nats_url,
+        "PREFLIGHT_ROUTER_PORT": "0",
+        "PREFLIGHT_INSTANCE": "entry",
+        "PREFLIGHT_METRICS_BATCH_INTERVAL_S": "3600",  # only the shutdown flush publishes
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.router.app", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stderr is not None
+        line = (await proc.stderr.readline()).decode()
+        while "router listening on" not in line:
+            assert line, "the router exited before listening"
+            line = (await proc.stderr.readline()).decode()
+        url = line.split("router listening on ")[1].split()[0]
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                async with s.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        break
+                await asyncio.sleep(0.01)
+            statuses = [(await completion(s, url))[0] for _ in range(3)]
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert statuses == [200, 200, 200]
+    batches = await read_batches(js, 3)
+    assert [b.source for b, _ in batches] == ["entry"]
