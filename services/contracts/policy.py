@@ -97,7 +97,20 @@ class CanaryPolicy(_Strict):
         lt=0.5,
         description="Chance a healthy canary is rolled back over a whole rollout (all looks).",
     )
-    max_step_extension_s: float = Field(default=300.0, ge=0)
+    max_step_extension_s: float = Field(
+        default=300.0, ge=0, description="A step short of traffic runs this much longer, at most."
+    )
+    lookback_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Recent window checked beside the whole step, so a canary that turns bad late "
+        "in a long step is not diluted by its good start.",
+    )
+    held_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="An inconclusive canary waits this long for a person, then is rolled back.",
+    )
     bake_s: float = Field(default=0.0, ge=0, description="Watch time after promotion.")
     on_new_version: Literal["queue", "supersede"] = "queue"
 

@@ -136,13 +136,17 @@ def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
     settings = Settings(
         instance="c-1", metrics_url_template="https://grafana/d/x?var-id={deployment_id}"
     )
-    [promoted] = handle_benchmarked(benchmarked, PolicyFile(), settings)
+    # With the canary on (the default) a rollout starts: no outcome yet.
+    assert handle_benchmarked(benchmarked, PolicyFile(), settings) == []
+    no_canary = PolicyFile(defaults={"canary": {"enabled": False}})
+    [promoted] = handle_benchmarked(benchmarked, no_canary, settings)
     assert isinstance(promoted, DeploymentPromoted)
     assert [s.stage for s in promoted.stages] == ["validation", "benchmark", "canary"]
     statuses = [s.status for s in promoted.stages]
     assert statuses == [Status.SKIPPED, Status.ERROR, Status.SKIPPED]  # /m cannot be loaded
+    assert "disabled by policy" in promoted.stages[2].reason
     assert "stages that did not run" in promoted.reasons[1]
     assert promoted.metrics_url == "https://grafana/d/x?var-id=d-1"
-    [unlinked] = handle_benchmarked(benchmarked, PolicyFile(), Settings(instance="c-1"))
-    assert isinstance(unlinked, DeploymentPromoted)
-    assert unlinked.metrics_url is None
+    # No template and no rollout: no page to link to.
+    [unlinked] = handle_benchmarked(benchmarked, no_canary, Settings(instance="c-1"))
+    assert isinstance(unlinked, DeploymentPromoted) and unlinked.metrics_url is None

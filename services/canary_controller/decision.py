@@ -1,0 +1,384 @@
+"""The canary decision: a pure function of (state, measurements, policy, now). No I/O, no clock.
+
+`decide` says what to do; `apply` returns the state after doing it. Manual commands go through
+`command`. Effects outside the state (route writes, events) are built in `effects.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from services.canary_controller import stats
+from services.canary_controller.state import Phase, RolloutState
+from services.contracts.events import DeploymentRequested, RouteTarget, StageReport
+from services.contracts.policy import CanaryPolicy, CanaryThresholds
+from services.metrics.queries import WindowResult
+
+Action = Literal["wait", "advance", "promote", "rollback", "hold", "pause", "resume", "start"]
+Verdict = Literal["healthy", "unhealthy", "insufficient_data", "no_data"]
+Trigger = Literal["error_rate", "latency", "inconclusive", "manual", "superseded"]
+
+# A step start a little in the future is clock skew between controllers, not a jump.
+CLOCK_TOLERANCE = timedelta(seconds=2)
+TESTS_PER_WINDOW = 2  # error rate and latency
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the metrics store said for one look: the step so far and the recent lookback."""
+
+    step: WindowResult
+    recent: WindowResult | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do now, and why. `analysed` marks a look that counts against the alpha budget."""
+
+    action: Action
+    reason: str
+    verdict: Verdict | None = None
+    trigger: Trigger | None = None
+    assessment: stats.Assessment | None = None
+    window: WindowResult | None = None
+    analysed: bool = False
+    by: Literal["pipeline", "manual"] = "pipeline"
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def planned_looks(policy: CanaryPolicy) -> int:
+    """Analyses a rollout may make at most: every step at full extension, plus the bake."""
+    seconds = sum(s.duration_s + policy.max_step_extension_s for s in policy.steps) + policy.bake_s
+    return max(1, math.ceil(seconds / policy.analysis_interval_s))
+
+
+def alpha_per_test(policy: CanaryPolicy, look: int, tests: int) -> float:
+    """The significance level of each test at the `look`-th analysis (1-based) of a rollout.
+
+    The false-rollback budget is spent half front-loaded, half evenly: look k gets
+    budget/2 · 6/(π² k²) (a series that sums to budget/2 over any number of looks, so extensions
+    and holds cannot overspend it) plus budget/2 / planned_looks while k is within the planned
+    looks. The union bound then caps the chance that a healthy canary is ever rolled back at the
+    budget, whatever the dependence between looks and windows. Front-loading buys fast detection
+    in a step's first seconds, where a broken canary does its damage; the even half keeps late
+    looks sensitive. `tests` splits a look's share between its tests (Bonferroni).
+    """
+    k = max(1, look)
+    budget = policy.false_rollback_rate
+    early = budget / 2 * 6 / (math.pi**2 * k**2)
+    planned = planned_looks(policy)
+    even = budget / 2 / planned if k <= planned else 0.0
+    return (early + even) / max(1, tests)
+
+
+def start_rollout(
+    request: DeploymentRequested,
+    *,
+    earlier: tuple[StageReport, ...],
+    policy: CanaryPolicy,
+    thresholds: CanaryThresholds,
+    stable: RouteTarget | None,
+    canary: RouteTarget,
+    now: datetime,
+    queued: bool = False,
+) -> RolloutState:
+    """A new rollout: at its first step, or queued behind a running rollout of the model."""
+    state = RolloutState(
+        deployment_id=request.deployment_id,
+        model=request.model,
+        version=request.version,
+        request=request,
+        earlier=earlier,
+        policy=policy,
+        thresholds=thresholds,
+        stable=stable,
+        canary=canary,
+        phase=Phase.QUEUED,
+        created_at=now,
+    )
+    return state if queued else begin_step(state, 0, now)
+
+
+def begin_step(state: RolloutState, index: int, now: datetime) -> RolloutState:
+    step = state.policy.steps[index]
+    return state.model_copy(
+        update={
+            "phase": Phase.STEP,
+            "step_index": index,
+            "step_started_at": now,
+            "step_starts": (*state.step_starts[:index], now),
+            "step_ends_at": now + timedelta(seconds=step.duration_s),
+            "held_deadline": None,
+            "paused_from": None,
+            "paused_remaining_s": None,
+        }
+    )
+
+
+def analysis_due(state: RolloutState, now: datetime) -> bool:
+    """Time for a look: the interval has passed since the last one (or none yet this step)."""
+    if state.phase.terminal or state.phase is Phase.QUEUED:
+        return False
+    last = state.last_analysis_at
+    if last is None or state.step_started_at is None or last < state.step_started_at:
+        return True
+    if now < last:  # the clock went back: look again rather than wait out the gap
+        return True
+    return (now - last).total_seconds() >= state.policy.analysis_interval_s
+
+
+def analysis_windows(
+    state: RolloutState, now: datetime
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime] | None]:
+    """The step window [step start, now) and, once the step is longer, the recent lookback."""
+    start = state.step_started_at or state.created_at
+    end = max(now, start)
+    lookback = timedelta(seconds=state.policy.lookback_s)
+    recent = (end - lookback, end) if end - start > lookback else None
+    return (start, end), recent
+
+
+def decide(
+    state: RolloutState,
+    observation: Observation | None,
+    policy: CanaryPolicy,
+    thresholds: CanaryThresholds,
+    now: datetime,
+) -> Decision:
+    """What the rollout does now. `observation` None means the metrics store did not answer.
+
+    Rules, worst wins: a canary significantly over a threshold in the step or the recent window
+    is rolled back at once, in any phase that has a canary in traffic. A step ends only when its
+    time is up AND the canary had enough requests AND its point estimates are within the
+    thresholds; otherwise the step runs on up to `max_step_extension_s`, then the rollout is
+    held for a person (inconclusive) until `held_timeout_s`, then rolled back. Missing data is
+    never read as healthy.
+    """
+    phase = state.phase
+    if phase.terminal or phase is Phase.QUEUED:
+        return Decision("wait", f"nothing to decide in phase {phase.value}")
+    started = state.step_started_at
+    if started is not None and now + CLOCK_TOLERANCE < started:
+        return Decision(
+            "wait",
+            f"clock is {(started - now).total_seconds():.0f} s behind the step start "
+            "(a clock jump?): not judging until it catches up",
+        )
+    if observation is None:
+        return _without_data(state, now)
+
+    windows = [("step", observation.step)]
+    if observation.recent is not None:
+        windows.insert(0, ("last " + _seconds(policy.lookback_s), observation.recent))
+    alpha = alpha_per_test(policy, state.looks + 1, TESTS_PER_WINDOW * len(windows))
+    assessed = [
+        (label, window, _assess(window, thresholds, policy, alpha, bake=phase is Phase.BAKE))
+        for label, window in windows
+    ]
+    for label, window, assessment in assessed:
+        if assessment.verdict == "unhealthy":
+            return Decision(
+                "rollback",
+                f"{assessment.reason} ({label})",
+                verdict="unhealthy",
+                trigger=assessment.trigger,
+                assessment=assessment,
+                window=window,
+                analysed=True,
+            )
+    _, step_window, step_assessment = assessed[-1]
+    verdict: Verdict = step_assessment.verdict
+    ready = verdict == "healthy" and all(
+        t.within_threshold is not False
+        for t in step_assessment.tests
+        if t.outcome != "insufficient"
+    )
+    if verdict == "healthy" and not ready:
+        verdict = "insufficient_data"
+
+    def look(action: Action, reason: str, trigger: Trigger | None = None) -> Decision:
+        return Decision(action, reason, verdict, trigger, step_assessment, step_window, True)
+
+    if phase is Phase.HELD:
+        if state.held_deadline is not None and now >= state.held_deadline:
+            return look(
+                "rollback",
+                "held without a decision until the deadline: rolled back (never promoted on "
+                f"inconclusive data); last look: {step_assessment.reason}",
+                "inconclusive",
+            )
+        return look("wait", f"held for a person: {step_assessment.reason}")
+    if phase is Phase.PAUSED:
+        return look("wait", f"paused: {step_assessment.reason}")
+
+    assert state.step_ends_at is not None
+    if now < state.step_ends_at:
+        return look("wait", step_assessment.reason)
+    if ready:
+        last_step = phase is Phase.BAKE or state.step_index + 1 >= len(policy.steps)
+        action: Action = "promote" if last_step else "advance"
+        return look(action, step_assessment.reason)
+    deadline = state.step_deadline
+    if deadline is not None and now < deadline:
+        left = (deadline - now).total_seconds()
+        return look(
+            "wait", f"step extended ({_seconds(left)} left at most): {step_assessment.reason}"
+        )
+    return look(
+        "hold",
+        f"inconclusive after the step and its extension: {step_assessment.reason}",
+        "inconclusive",
+    )
+
+
+def _assess(
+    window: WindowResult,
+    thresholds: CanaryThresholds,
+    policy: CanaryPolicy,
+    alpha: float,
+    *,
+    bake: bool,
+) -> stats.Assessment:
+    assessment = stats.assess(
+        window.canary,
+        window.stable,
+        max_error_rate=thresholds.max_error_rate,
+        max_p95_increase=thresholds.max_p95_increase,
+        min_canary_requests=policy.min_canary_requests,
+        alpha=alpha,
+    )
+    if not bake:
+        return assessment
+    # At 100% there is no stable traffic to compare latency with: judge the error rate alone.
+    tests = tuple(t for t in assessment.tests if t.name == "error_rate")
+    error = tests[0] if tests else None
+    if error is None:
+        return assessment
+    if error.outcome == "fail":
+        return stats.Assessment("unhealthy", "error_rate", error.reason, tests)
+    if window.canary.requests == 0:
+        return stats.Assessment("no_data", None, "no requests during the bake", tests)
+    if error.outcome == "insufficient":
+        return stats.Assessment("insufficient_data", None, error.reason, tests)
+    return stats.Assessment("healthy", None, error.reason, tests)
+
+
+def _without_data(state: RolloutState, now: datetime) -> Decision:
+    reason = "the metrics store did not answer: no verdict (missing data is never healthy)"
+    if state.phase is Phase.HELD:
+        if state.held_deadline is not None and now >= state.held_deadline:
+            return Decision(
+                "rollback", f"held until the deadline; {reason}", "no_data", "inconclusive"
+            )
+        return Decision("wait", reason, "no_data")
+    if state.phase is Phase.PAUSED:
+        return Decision("wait", reason, "no_data")
+    deadline = state.step_deadline
+    if deadline is not None and now >= deadline:
+        return Decision("hold", reason, "no_data", "inconclusive")
+    return Decision("wait", reason, "no_data")
+
+
+def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutState:
+    """The state after `decision` was carried out at `now`."""
+    update: dict[str, object] = {}
+    if decision.analysed:
+        update["looks"] = state.looks + 1
+        update["last_analysis_at"] = now
+        update["last_verdict"] = decision.verdict
+        update["last_reason"] = decision.reason
+        if decision.window is not None:
+            update["canary_measurement"] = decision.window.canary.measurement()
+            update["stable_measurement"] = decision.window.stable.measurement()
+    elif decision.verdict is not None:
+        update["last_analysis_at"] = now
+        update["last_verdict"] = decision.verdict
+        update["last_reason"] = decision.reason
+    state = state.model_copy(update=update)
+    action = decision.action
+    if action == "advance":
+        return begin_step(
+            state.model_copy(update={"steps_completed": state.steps_completed + 1}),
+            state.step_index + 1,
+            now,
+        )
+    if action == "promote":
+        completed = state.steps_completed + (0 if state.phase is Phase.BAKE else 1)
+        if decision.by == "manual":
+            completed = state.steps_completed
+        if state.phase is not Phase.BAKE and state.policy.bake_s > 0 and decision.by != "manual":
+            return state.model_copy(
+                update={
+                    "phase": Phase.BAKE,
+                    "steps_completed": completed,
+                    "step_started_at": now,
+                    "step_ends_at": now + timedelta(seconds=state.policy.bake_s),
+                }
+            )
+        return state.model_copy(
+            update={"phase": Phase.PROMOTED, "steps_completed": completed, "finished_at": now}
+        )
+    if action == "rollback":
+        return state.model_copy(update={"phase": Phase.ROLLED_BACK, "finished_at": now})
+    if action == "hold":
+        deadline = now + timedelta(seconds=state.policy.held_timeout_s)
+        return state.model_copy(update={"phase": Phase.HELD, "held_deadline": deadline})
+    if action == "pause":
+        remaining = None
+        if state.step_ends_at is not None:
+            remaining = max(0.0, (state.step_ends_at - now).total_seconds())
+        return state.model_copy(
+            update={
+                "phase": Phase.PAUSED,
+                "paused_from": state.phase,
+                "paused_remaining_s": remaining,
+            }
+        )
+    if action == "resume":
+        if state.phase is Phase.HELD or state.paused_from is Phase.HELD:
+            return begin_step(state, state.step_index, now)  # a fresh look at the same weight
+        remaining = state.paused_remaining_s or 0.0
+        return state.model_copy(
+            update={
+                "phase": state.paused_from or Phase.STEP,
+                "step_ends_at": now + timedelta(seconds=remaining),
+                "paused_from": None,
+                "paused_remaining_s": None,
+            }
+        )
+    if action == "start":
+        return begin_step(state, 0, now)
+    return state
+
+
+def command(state: RolloutState, kind: str, who: str, now: datetime) -> Decision:
+    """A person's command as a decision; one that does not apply says why and changes nothing."""
+    phase = state.phase
+    if phase.terminal:
+        return Decision("wait", f"{kind} ignored: the rollout already ended ({phase.value})")
+    if kind == "PromoteDeployment":
+        if phase is Phase.QUEUED:
+            return Decision(
+                "wait",
+                "promote ignored: the rollout is queued behind another rollout of the model; "
+                "finish or abort that one first",
+            )
+        return Decision("promote", f"promoted by {who}", by="manual")
+    if kind == "AbortDeployment":
+        return Decision("rollback", f"aborted by {who}", trigger="manual", by="manual")
+    if kind == "PauseDeployment":
+        if phase not in (Phase.STEP, Phase.BAKE, Phase.HELD):
+            return Decision("wait", f"pause ignored: the rollout is {phase.value}")
+        return Decision("pause", f"paused by {who}", by="manual")
+    if kind == "ResumeDeployment":
+        if phase not in (Phase.PAUSED, Phase.HELD):
+            return Decision("wait", f"resume ignored: the rollout is {phase.value}, not paused")
+        return Decision("resume", f"resumed by {who}", by="manual")
+    return Decision("wait", f"unknown command {kind}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"

@@ -1,0 +1,327 @@
+"""The rollout engine: reads state from KV, asks `decide`, writes state back, then acts.
+
+Crash safety: every transition first writes the new state WITH its pending effects (route and
+events) under a revision check, then carries the effects out, then clears them. A controller
+killed between the two writes finds the pending effects at restart and replays them; both are
+idempotent (the route is written whole, events carry JetStream message ids). A second controller
+that read the same revision loses the revision check and does nothing, so no step advances twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from services.canary_controller import decision as rules
+from services.canary_controller.effects import effects
+from services.canary_controller.state import Phase, RolloutState
+from services.contracts.events import (
+    DEPLOYMENT_EVENT,
+    BenchmarkCompleted,
+    Command,
+    Route,
+    RouteTarget,
+    utc_now,
+)
+from services.metrics.queries import MetricsUnavailable, WindowResult
+from services.runtime import bus
+
+log = logging.getLogger("preflight.canary-controller")
+
+
+class MetricsSource(Protocol):
+    """Request metrics per deployment and window; raises MetricsUnavailable when it cannot say."""
+
+    async def window(
+        self, deployment_id: str, start: datetime, end: datetime, *, raw: bool
+    ) -> WindowResult: ...
+
+
+class Conflict(RuntimeError):
+    """Another controller changed the rollout since we read it."""
+
+
+@dataclass
+class Stored:
+    state: RolloutState
+    revision: int
+
+
+class RolloutStore:
+    """Rollout states in the KV bucket, one key per deployment, written with revision checks."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, deployment_id: str) -> Stored | None:
+        try:
+            entry = await self.kv.get(deployment_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return Stored(RolloutState.from_bytes(entry.value), entry.revision)
+
+    async def all(self) -> list[Stored]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        out = []
+        for key in keys:
+            stored = await self.get(key)
+            if stored is not None:
+                out.append(stored)
+        return out
+
+    async def create(self, state: RolloutState) -> int:
+        try:
+            return await self.kv.create(state.deployment_id, state.to_bytes())
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise Conflict(f"rollout {state.deployment_id} exists already") from exc
+
+    async def update(self, state: RolloutState, revision: int) -> int:
+        try:
+            return await self.kv.update(state.deployment_id, state.to_bytes(), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise Conflict(f"rollout {state.deployment_id} changed under us") from exc
+
+
+class Engine:
+    """Drives every rollout: one `tick` looks at each live rollout that is due."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        rollouts: KeyValue,
+        routes: KeyValue,
+        metrics: MetricsSource,
+        *,
+        metrics_url: Callable[[RolloutState, datetime], str | None],
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.js = js
+        self.store = RolloutStore(rollouts)
+        self.routes = routes
+        self.metrics = metrics
+        self.metrics_url = metrics_url
+        self.clock = clock
+
+    # ---- routes ---------------------------------------------------------------------------
+
+    async def current_route(self, model: str) -> Route | None:
+        try:
+            entry = await self.routes.get(model)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        try:
+            return Route.model_validate_json(entry.value)
+        except ValueError:
+            log.error("route of %s in KV does not parse; treating as absent", model)
+            return None
+
+    async def write_route(self, route: Route) -> None:
+        await self.routes.put(route.model, route.model_dump_json().encode())
+
+    # ---- starting ---------------------------------------------------------------------------
+
+    async def active_for_model(self, model: str, *, exclude: str = "") -> list[Stored]:
+        return [
+            s
+            for s in await self.store.all()
+            if s.state.model == model
+            and s.state.deployment_id != exclude
+            and s.state.phase.holds_route
+        ]
+
+    async def begin(self, state: RolloutState) -> None:
+        """Store a new rollout (queued) and start it now if its model's route is free."""
+        try:
+            revision = await self.store.create(state)
+        except Conflict:
+            log.info(
+                "rollout %s already known (a redelivery): nothing to start", state.deployment_id
+            )
+            return
+        await self.maybe_start(Stored(state, revision))
+
+    async def supersede(self, model: str, by: RolloutState) -> None:
+        """Roll back every running rollout of `model` in favour of `by`."""
+        for stored in await self.active_for_model(model, exclude=by.deployment_id):
+            decision = rules.Decision(
+                "rollback",
+                f"superseded by {by.version} ({by.deployment_id})",
+                trigger="superseded",
+            )
+            await self.transition(stored, decision, self.clock())
+
+    async def maybe_start(self, stored: Stored) -> None:
+        state = stored.state
+        if state.phase is not Phase.QUEUED:
+            return
+        if await self.active_for_model(state.model, exclude=state.deployment_id):
+            return  # waits its turn; the tick retries
+        route = await self.current_route(state.model)
+        if route is not None and route.stable is not None:
+            state = state.model_copy(update={"stable": route.stable})
+        await self.transition(
+            Stored(state, stored.revision),
+            rules.Decision("start", "canary starts"),
+            self.clock(),
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """One pass over every live rollout; errors in one rollout do not stop the others."""
+        stored_all = await self.store.all()
+        # Oldest first, so queued rollouts start in the order they arrived.
+        for stored in sorted(stored_all, key=lambda s: s.state.created_at):
+            if stored.state.phase.terminal and stored.state.pending is None:
+                continue
+            try:
+                await self.step(stored)
+            except Conflict:
+                log.info("rollout %s moved on elsewhere; re-reading", stored.state.deployment_id)
+            except Exception:
+                log.exception("rollout %s: tick failed; will retry", stored.state.deployment_id)
+
+    async def step(self, stored: Stored) -> None:
+        if stored.state.pending is not None:
+            stored = await self.finish_pending(stored)
+        state = stored.state
+        if state.phase.terminal:
+            return
+        if state.phase is Phase.QUEUED:
+            await self.maybe_start(stored)
+            return
+        now = self.clock()
+        deadline_passed = any(
+            t is not None and now >= t
+            for t in (state.step_ends_at, state.step_deadline, state.held_deadline)
+        )
+        if not rules.analysis_due(state, now) and not deadline_passed:
+            return
+        observation = await self.observe(state, now)
+        decision = rules.decide(state, observation, state.policy, state.thresholds, now)
+        if decision.action == "wait" and not decision.analysed and decision.verdict is None:
+            return
+        await self.transition(stored, decision, now)
+
+    async def observe(self, state: RolloutState, now: datetime) -> rules.Observation | None:
+        (start, end), recent = rules.analysis_windows(state, now)
+        try:
+            step = await self.metrics.window(state.deployment_id, start, end, raw=True)
+            latest = None
+            if recent is not None:
+                latest = await self.metrics.window(
+                    state.deployment_id, recent[0], recent[1], raw=True
+                )
+        except MetricsUnavailable as exc:
+            log.warning("rollout %s: metrics unavailable: %s", state.deployment_id, exc)
+            return None
+        return rules.Observation(step=step, recent=latest)
+
+    # ---- transitions ------------------------------------------------------------------------
+
+    async def transition(self, stored: Stored, decision: rules.Decision, now: datetime) -> None:
+        before = stored.state
+        after = rules.apply(before, decision, now)
+        pending = effects(before, after, decision, now, self.metrics_url(after, now))
+        after = after.model_copy(update={"pending": pending})
+        revision = await self.store.update(after, stored.revision)
+        if decision.action != "wait":
+            log.info(
+                "rollout %s (%s %s): %s -> %s: %s",
+                after.deployment_id,
+                after.model,
+                after.version,
+                before.phase.value,
+                after.phase.value,
+                decision.reason,
+            )
+        if pending is not None:
+            await self.finish_pending(Stored(after, revision))
+
+    async def finish_pending(self, stored: Stored) -> Stored:
+        """Carry out the stored effects (again, after a crash), then clear them."""
+        pending = stored.state.pending
+        if pending is None:
+            return stored
+        if pending.route_json is not None:
+            await self.write_route(Route.model_validate_json(pending.route_json))
+        for raw in pending.events_json:
+            event = DEPLOYMENT_EVENT.validate_json(raw)
+            await bus.publish_event(self.js, event)
+        cleared = stored.state.model_copy(update={"pending": None})
+        revision = await self.store.update(cleared, stored.revision)
+        return Stored(cleared, revision)
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def on_command(self, command: Command) -> str:
+        """Apply a person's command; returns what happened, for the log."""
+        who = f"{command.requested_by.user} via {command.requested_by.system}"
+        if command.reason:
+            who += f" ({command.reason})"
+        for _ in range(5):
+            stored = await self.store.get(command.deployment_id)
+            if stored is None:
+                return (
+                    f"{type(command).__name__} for {command.deployment_id}: no rollout with that id"
+                )
+            if stored.state.pending is not None:
+                stored = await self.finish_pending(stored)
+            decision = rules.command(stored.state, type(command).__name__, who, self.clock())
+            if decision.action == "wait":
+                return decision.reason
+            try:
+                await self.transition(stored, decision, self.clock())
+            except Conflict:
+                continue
+            return decision.reason
+        raise Conflict(
+            f"{type(command).__name__} for {command.deployment_id}: rollout kept changing"
+        )
+
+
+def canary_target(benchmarked: BenchmarkCompleted) -> RouteTarget:
+    request = benchmarked.request
+    return RouteTarget(
+        deployment_id=request.deployment_id,
+        version=request.version,
+        location=request.location,
+        upstream=request.endpoint,
+    )
+
+
+def stable_target(benchmarked: BenchmarkCompleted, route: Route | None) -> RouteTarget | None:
+    """The version the canary is compared with: the route's stable, else the request's."""
+    if route is not None and route.stable is not None:
+        return route.stable
+    stable = benchmarked.request.stable
+    if stable is None:
+        return None
+    return RouteTarget(version=stable.version, location=stable.location, upstream=stable.endpoint)
+
+
+async def run_ticks(engine: Engine, stop: asyncio.Event, interval_s: float = 0.5) -> None:
+    """Tick until `stop` is set; a failing tick is logged and retried, never fatal."""
+    while not stop.is_set():
+        try:
+            await engine.tick()
+        except Exception:
+            log.exception("controller tick failed; retrying")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -1,0 +1,345 @@
+"""The rollout engine on a real nats-server (KV, events) and the real ClickHouse engine (chDB).
+
+Time is injected: the test moves the clock and writes the request metrics a gateway would
+have produced in that time, then lets the engine tick.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+from services.canary_controller import decision as rules
+from services.canary_controller.app import ClickHouseMetrics
+from services.canary_controller.effects import effects
+from services.canary_controller.engine import Conflict, Engine
+from services.canary_controller.state import Phase
+from services.contracts import subjects
+from services.contracts.events import (
+    AbortDeployment,
+    CanaryStepStarted,
+    DeploymentPromoted,
+    DeploymentRequested,
+    DeploymentRolledBack,
+    PauseDeployment,
+    Requester,
+    ResumeDeployment,
+    Route,
+    RouteTarget,
+)
+from services.contracts.policy import CanaryPolicy, CanaryStep, CanaryThresholds
+from services.runtime import bus
+from services.runtime.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+POLICY = CanaryPolicy(
+    steps=(CanaryStep(weight=5, duration_s=60), CanaryStep(weight=50, duration_s=40)),
+    analysis_interval_s=5,
+    min_canary_requests=50,
+    max_step_extension_s=30,
+    held_timeout_s=120,
+)
+COLUMNS = [
+    "ts", "deployment_id", "model", "version", "role", "latency_ms", "ttfb_ms", "status",
+    "error_kind", "batch_id", "seq",
+]  # fmt: skip
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Traffic:
+    """Writes what a gateway would have measured: `rps` requests a second, split by weight."""
+
+    def __init__(self, client: Any, deployment_id: str, model: str, seed: int = 7) -> None:
+        self.client = client
+        self.deployment_id = deployment_id
+        self.model = model
+        self.rng = random.Random(seed)
+
+    def run(
+        self,
+        start: datetime,
+        seconds: float,
+        weight: float,
+        *,
+        rps: float = 100.0,
+        canary_error_rate: float = 0.0,
+        canary_slowdown: float = 1.0,
+    ) -> None:
+        rows = []
+        batch = secrets.token_hex(8)
+        for i in range(int(seconds * rps)):
+            canary = self.rng.random() * 100 < weight
+            latency = self.rng.lognormvariate(0, 0.35) * 80 * (canary_slowdown if canary else 1)
+            failed = canary and self.rng.random() < canary_error_rate
+            rows.append(
+                (
+                    start + timedelta(seconds=i / rps),
+                    self.deployment_id,
+                    self.model,
+                    "v2" if canary else "v1",
+                    "canary" if canary else "stable",
+                    latency,
+                    None,
+                    500 if failed else 200,
+                    "http_5xx" if failed else "",
+                    batch,
+                    i,
+                )
+            )
+        if rows:
+            self.client.insert("request_metrics", rows, column_names=COLUMNS)
+
+
+def request(model: str, version: str = "v2") -> DeploymentRequested:
+    return DeploymentRequested(
+        deployment_id=f"d-{secrets.token_hex(4)}",
+        model=model,
+        version=version,
+        location=f"/models/{version}",
+        endpoint="http://127.0.0.1:9002",
+        requested_by=Requester(user="ana", system="cli"),
+    )
+
+
+async def make_engine(js: JetStreamContext, client: Any, clock: Clock) -> Engine:
+    return Engine(
+        js,
+        await js.key_value(subjects.ROLLOUTS_BUCKET),
+        await js.key_value(subjects.ROUTES_BUCKET),
+        ClickHouseMetrics(client, "request_metrics"),
+        metrics_url=lambda state, now: f"http://page/rollouts/{state.deployment_id}",
+        clock=clock,
+    )
+
+
+def new_rollout(req: DeploymentRequested, clock: Clock) -> Any:
+    return rules.start_rollout(
+        req,
+        earlier=(),
+        policy=POLICY,
+        thresholds=CanaryThresholds(),
+        stable=RouteTarget(deployment_id="d-stable", version="v1", upstream="http://s"),
+        canary=RouteTarget(deployment_id=req.deployment_id, version="v2", upstream="http://c"),
+        now=clock(),
+        queued=True,
+    )
+
+
+async def route_of(engine: Engine, model: str) -> Route:
+    route = await engine.current_route(model)
+    assert route is not None
+    return route
+
+
+async def events_of(js: JetStreamContext, deployment_id: str) -> list[Any]:
+    return await bus.read_history(js, subjects.deployment_events(deployment_id))
+
+
+async def drive(
+    engine: Engine,
+    traffic: Traffic,
+    clock: Clock,
+    seconds: float,
+    *,
+    tick_s: float = 5.0,
+    **behaviour: Any,
+) -> None:
+    """Let `seconds` of traffic happen at the route's current weight, ticking as we go."""
+    elapsed = 0.0
+    while elapsed < seconds:
+        route = await route_of(engine, traffic.model)
+        traffic.run(clock.now, tick_s, route.canary_weight, **behaviour)
+        clock.now += timedelta(seconds=tick_s)
+        elapsed += tick_s
+        await engine.tick()
+
+
+async def test_a_healthy_canary_is_promoted_through_every_step(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/healthy")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    await engine.begin(new_rollout(req, clock))
+    assert (await route_of(engine, req.model)).canary_weight == 5
+    weights = []
+    for _ in range(40):
+        await drive(engine, traffic, clock, 5)
+        weights.append((await route_of(engine, req.model)).canary_weight)
+        stored = await engine.store.get(req.deployment_id)
+        assert stored is not None
+        if stored.state.phase.terminal:
+            break
+    assert stored is not None and stored.state.phase is Phase.PROMOTED, stored
+    assert 50 in weights
+    final = await route_of(engine, req.model)
+    assert final.stable is not None and final.stable.version == "v2" and final.canary is None
+    history = await events_of(js, req.deployment_id)
+    steps = [e for e in history if isinstance(e, CanaryStepStarted)]
+    assert [(s.step_index, s.weight) for s in steps] == [(0, 5), (1, 50)]
+    [promoted] = [e for e in history if isinstance(e, DeploymentPromoted)]
+    assert promoted.steps_completed == 2 and promoted.previous_version == "v1"
+    assert promoted.canary is not None and promoted.canary.requests >= POLICY.min_canary_requests
+    assert promoted.metrics_url == f"http://page/rollouts/{req.deployment_id}"
+    # Step 1 started when step 0's time was up, not before.
+    assert (steps[1].occurred_at - steps[0].occurred_at).total_seconds() >= 60
+
+
+async def test_a_failing_canary_is_rolled_back_within_seconds(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/failing")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    await engine.begin(new_rollout(req, clock))
+    started = clock.now
+    for _ in range(12):
+        await drive(engine, traffic, clock, 5, canary_error_rate=0.10)
+        stored = await engine.store.get(req.deployment_id)
+        assert stored is not None
+        if stored.state.phase.terminal:
+            break
+    assert stored is not None and stored.state.phase is Phase.ROLLED_BACK
+    assert (clock.now - started).total_seconds() <= 15
+    route = await route_of(engine, req.model)
+    assert route.canary is None and route.canary_weight == 0
+    assert route.stable is not None and route.stable.version == "v1"
+    [rolled] = [
+        e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentRolledBack)
+    ]
+    assert rolled.trigger == "error_rate" and rolled.threshold == 0.01
+    assert rolled.canary is not None and rolled.canary.errors > 0
+    assert rolled.stable is not None and rolled.stable.requests > rolled.canary.requests
+    assert rolled.window_start is not None and rolled.window_end is not None
+
+
+async def test_pending_effects_are_replayed_after_a_crash_and_published_once(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/crashy")
+    await engine.begin(new_rollout(req, clock))
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None
+    # The controller decided to abort and wrote the state with its effects, then died.
+    decision = rules.command(stored.state, "AbortDeployment", "ana", clock())
+    after = rules.apply(stored.state, decision, clock())
+    pending = effects(stored.state, after, decision, clock(), None)
+    await engine.store.update(after.model_copy(update={"pending": pending}), stored.revision)
+    assert (await route_of(engine, req.model)).canary_weight == 5  # not yet carried out
+    # A fresh controller finds the pending effects and carries them out; twice is harmless.
+    for _ in range(2):
+        restarted = await make_engine(js, chdb_client, clock)
+        await restarted.tick()
+    assert (await route_of(engine, req.model)).canary is None
+    rolled = [
+        e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentRolledBack)
+    ]
+    assert len(rolled) == 1 and rolled[0].trigger == "manual"
+    final = await engine.store.get(req.deployment_id)
+    assert final is not None and final.state.pending is None
+
+
+async def test_two_controllers_never_advance_the_same_step_twice(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    first = await make_engine(js, chdb_client, clock)
+    second = await make_engine(js, chdb_client, clock)
+    req = request("org/raced")
+    await first.begin(new_rollout(req, clock))
+    stale = await second.store.get(req.deployment_id)
+    assert stale is not None
+    await first.on_command(PauseDeployment(**ids(req), requested_by=Requester(user="ana")))
+    with pytest.raises(Conflict):
+        await second.transition(stale, rules.Decision("advance", "stale"), clock())
+    stored = await first.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.PAUSED
+    steps = [e for e in await events_of(js, req.deployment_id) if isinstance(e, CanaryStepStarted)]
+    assert [s.step_index for s in steps] == [0]
+
+
+def ids(req: DeploymentRequested) -> dict[str, str]:
+    return {"deployment_id": req.deployment_id, "model": req.model, "version": req.version}
+
+
+async def test_manual_pause_resume_and_abort(js: JetStreamContext, chdb_client: Any) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/manual")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    await engine.begin(new_rollout(req, clock))
+    await engine.on_command(PauseDeployment(**ids(req), requested_by=Requester(user="ana")))
+    await drive(engine, traffic, clock, 120)  # long past the step's end: paused, so no advance
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.PAUSED
+    assert (await route_of(engine, req.model)).canary_weight == 5
+    await engine.on_command(ResumeDeployment(**ids(req), requested_by=Requester(user="ana")))
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.STEP
+    await engine.on_command(
+        AbortDeployment(**ids(req), requested_by=Requester(user="bo"), reason="bad vibes")
+    )
+    [rolled] = [
+        e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentRolledBack)
+    ]
+    assert rolled.trigger == "manual" and "bo via cli (bad vibes)" in rolled.reasons[0]
+    assert (await route_of(engine, req.model)).canary is None
+
+
+async def test_a_second_version_waits_for_the_first_rollout_of_its_model(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    first, second = request("org/queued", "v2"), request("org/queued", "v3")
+    await engine.begin(new_rollout(first, clock))
+    await engine.begin(new_rollout(second, clock))
+    stored = await engine.store.get(second.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.QUEUED
+    route = await route_of(engine, "org/queued")
+    assert route.canary is not None and route.canary.deployment_id == first.deployment_id
+    await engine.on_command(AbortDeployment(**ids(first), requested_by=Requester(user="ana")))
+    await engine.tick()
+    stored = await engine.store.get(second.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.STEP
+    route = await route_of(engine, "org/queued")
+    assert route.canary is not None and route.canary.deployment_id == second.deployment_id
+
+
+async def test_a_metrics_store_that_fails_is_never_read_as_healthy(
+    js: JetStreamContext, chdb_client: Any, settings: Settings
+) -> None:
+    class Broken(ClickHouseMetrics):
+        async def window(self, *args: Any, **kwargs: Any) -> Any:
+            from services.metrics.queries import MetricsUnavailable
+
+            raise MetricsUnavailable("connection refused")
+
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    engine.metrics = Broken(chdb_client, "request_metrics")
+    req = request("org/blind")
+    await engine.begin(new_rollout(req, clock))
+    for _ in range(25):  # the step, its extension, and then some
+        clock.now += timedelta(seconds=5)
+        await engine.tick()
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.HELD
+    assert stored.state.last_verdict == "no_data"
