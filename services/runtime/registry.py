@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 from services.contracts import subjects
 from services.runtime.service import ServiceApp
@@ -15,7 +16,12 @@ SERVICES: Final[dict[str, str]] = {
     "canary-controller": "services.canary_controller.app",
     "notifier": "services.notifier.app",
     "router": "services.router.app",
+    "metrics-ingest": "services.metrics.app",
 }
+"""Bus services have `build(settings) -> ServiceApp`; HTTP ones (the router) `serve(settings)`."""
+
+# In the embedded stack chDB allows one process per data path: the controller runs the ingest.
+EMBEDDED_IN_CONTROLLER: Final = frozenset({"metrics-ingest"})
 
 
 class ServiceNotBuilt(RuntimeError):
@@ -29,8 +35,19 @@ def build(name: str, settings: Settings) -> ServiceApp:
     not_built = getattr(module, "NOT_BUILT", None)
     if not_built:
         raise ServiceNotBuilt(not_built)
+    if not hasattr(module, "build"):
+        raise TypeError(f"{name} is an HTTP service: run it with `serve`, not `build`")
     service: ServiceApp = module.build(settings)
     return service
+
+
+def server_of(name: str) -> Callable[[Settings], Coroutine[Any, Any, None]] | None:
+    """The `serve(settings)` coroutine of an HTTP service, or None for a bus service."""
+    module = importlib.import_module(SERVICES[name])
+    if hasattr(module, "build"):
+        return None
+    serve: Callable[[Settings], Coroutine[Any, Any, None]] = module.serve
+    return serve
 
 
 def is_built(name: str) -> bool:
@@ -47,6 +64,7 @@ _CONSUMERS: Final[dict[str, str]] = {
     "benchmarker": subjects.BENCHMARKER_DURABLE,
     "canary-controller": subjects.CONTROLLER_DURABLE,
     "notifier": subjects.NOTIFIER_DURABLE,
+    "metrics-ingest": subjects.INGEST_DURABLE,
 }
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from faststream import AckPolicy, FastStream
@@ -289,4 +293,56 @@ def build_service(
             await nc.close()
 
     service.app.on_startup(topology)
+    heartbeat_task: list[asyncio.Task[None]] = []
+
+    async def start_heartbeat() -> None:
+        heartbeat_task.append(asyncio.create_task(_heartbeat(service), name="heartbeat"))
+
+    async def stop_heartbeat() -> None:
+        for task in heartbeat_task:
+            task.cancel()
+        health_file(settings, name).unlink(missing_ok=True)
+
+    service.app.after_startup(start_heartbeat)
+    service.app.on_shutdown(stop_heartbeat)
     return service
+
+
+HEARTBEAT_S = 5.0
+HEALTHY_WITHIN_S = 30.0
+
+
+def health_file(settings: Settings, name: str) -> Path:
+    """Where a running service writes its heartbeat (one per service per data dir/container)."""
+    return settings.data_dir / "health" / f"{name}.json"
+
+
+async def _heartbeat(service: ServiceApp) -> None:
+    """Every few seconds: the time and whether the bus connection is up, for health checks."""
+    path = health_file(service.settings, service.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        connection = getattr(service.broker, "_connection", None)
+        connected = bool(connection is not None and getattr(connection, "is_connected", False))
+        record = {"pid": os.getpid(), "ts": time.time(), "connected": connected}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+def check_health(settings: Settings, name: str, now: float | None = None) -> tuple[bool, str]:
+    """(healthy, why) from the service's heartbeat file: fresh and connected to the bus."""
+    path = health_file(settings, name)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, f"{name}: no heartbeat at {path} (not started, or stopped)"
+    except (OSError, ValueError) as exc:
+        return False, f"{name}: heartbeat unreadable: {exc}"
+    age = (now if now is not None else time.time()) - float(record.get("ts", 0))
+    if age > HEALTHY_WITHIN_S:
+        return False, f"{name}: last heartbeat {age:.0f} s ago (hung or stopped)"
+    if not record.get("connected"):
+        return False, f"{name}: not connected to NATS"
+    return True, f"{name}: healthy (heartbeat {age:.0f} s ago, pid {record.get('pid')})"

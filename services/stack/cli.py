@@ -399,10 +399,6 @@ def _command(
     if not model:
         fail(f"no deployment {deployment_id} in the event stream", EXIT_FAILED)
     out.print(f"{kind.__name__} sent for {deployment_id} ({model}); recorded in the event stream")
-    from services.canary_controller.app import ROLLOUTS_BUILT
-
-    if not ROLLOUTS_BUILT:
-        err.print("note: the canary stage is not built yet (issue #6): no rollout will act on it")
 
 
 Reason = Annotated[str, typer.Option(help="Why; recorded with the command.")]
@@ -598,6 +594,20 @@ def service_run(
         fail(str(exc))
 
 
+@service_app.command("health")
+def service_health(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(registry.SERVICES)}.")],
+) -> None:
+    """Exit 0 when the service in this container/data dir is running and connected (probes)."""
+    from services.runtime.service import check_health
+
+    if name not in registry.SERVICES:
+        fail(f"unknown service {name!r}; known: {', '.join(registry.SERVICES)}")
+    healthy, why = check_health(load_settings(), name)
+    out.print(why, highlight=False)
+    raise typer.Exit(0 if healthy else EXIT_FAILED)
+
+
 @service_app.command("list")
 def service_list() -> None:
     """The services and whether each is built."""
@@ -616,12 +626,15 @@ def schemas(
 
     if check:
         problems = schema_export.stale(directory)
+        if schema_export.reference_stale():
+            problems.append(f"{schema_export.EVENT_REFERENCE}: differs from the contracts")
         if problems:
             fail("schemas/ is stale, run `preflight schemas`: " + "; ".join(problems), EXIT_FAILED)
         out.print(f"{directory} is up to date")
         return
     written = schema_export.write(directory)
     out.print(f"wrote {len(written)} files to {directory}")
+    out.print(f"wrote {schema_export.write_reference()}")
 
 
 def main() -> None:

@@ -22,6 +22,16 @@ def configure_logging(level: str) -> None:
 
 def run_service(name: str, settings: Settings) -> None:
     configure_logging(settings.log_level)
+    serve = registry.server_of(name)
+    if serve is not None:
+        logging.getLogger("preflight").info(
+            "%s starting (instance %s, NATS %s)",
+            name,
+            settings.instance,
+            redact_url(settings.nats_url),
+        )
+        asyncio.run(serve(settings))
+        return
     svc = registry.build(name, settings)
     logging.getLogger("preflight").info(
         "%s starting (instance %s, NATS %s)", name, settings.instance, redact_url(settings.nats_url)

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,13 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
 
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def read_stack_file(data_dir: Path) -> dict[str, Any] | None:
     """What a running `preflight up` on this data directory published, if it is alive."""
     path = data_dir / STACK_FILE
@@ -66,6 +74,15 @@ class Stack:
     children: dict[str, Child] = field(default_factory=dict)
     _lock: IO[str] | None = None
     _stopping: bool = False
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.settings.stack_host}:{self.ports['router']}"
+
+    @property
+    def page_url(self) -> str:
+        return f"http://{self.settings.stack_host}:{self.ports['controller']}"
 
     @property
     def data_dir(self) -> Path:
@@ -77,12 +94,18 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
+            self._choose_ports()
             self._start_nats()
             self._ensure_topology()
             for name in self.services:
                 if not registry.is_built(name):
                     self.say(f"  {name:<18} not started: {registry.not_built_reason(name)}")
                     continue
+                if (
+                    name in registry.EMBEDDED_IN_CONTROLLER
+                    and self.settings.clickhouse_url == "chdb"
+                ):
+                    continue  # runs inside the canary-controller, the chDB owner
                 self._spawn(name)
             self._write_stack_file()
         except BaseException:
@@ -101,6 +124,15 @@ class Stack:
                 "stop it first or pass a different --data-dir"
             ) from None
         self._lock = lock
+
+    def _choose_ports(self) -> None:
+        """The user's ports where given, else free ones: two stacks never fight over a port."""
+        given = self.settings.model_fields_set
+        for key, field_name in (("router", "router_port"), ("controller", "controller_http_port")):
+            port = getattr(self.settings, field_name)
+            if field_name not in given or port == 0:
+                port = free_port(self.settings.stack_host)
+            self.ports[key] = port
 
     def _start_nats(self) -> None:
         self.nats = NatsServer(
@@ -136,7 +168,7 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
         given = self.settings.model_dump(exclude_unset=True, exclude={"instance"})
         for key, value in given.items():
-            if value is None or key in ("slack_token", "slack_webhook_url"):
+            if value is None or key in ("slack_token", "slack_webhook_url", "webhook_secret"):
                 continue
             if hasattr(value, "get_secret_value"):
                 value = value.get_secret_value()
@@ -147,6 +179,10 @@ class Stack:
             "PREFLIGHT_INSTANCE": f"{name}-embedded",
             "PREFLIGHT_LOG_LEVEL": settings.log_level,
             "PREFLIGHT_CLICKHOUSE_URL": settings.clickhouse_url,
+            "PREFLIGHT_ROUTER_HOST": settings.stack_host,
+            "PREFLIGHT_ROUTER_PORT": str(self.ports["router"]),
+            "PREFLIGHT_CONTROLLER_HTTP_HOST": settings.stack_host,
+            "PREFLIGHT_CONTROLLER_HTTP_PORT": str(self.ports["controller"]),
             "PYTHONUNBUFFERED": "1",
         }
         if name == "benchmarker":
@@ -157,7 +193,7 @@ class Stack:
             env["PREFLIGHT_METRICS_URL_TEMPLATE"] = settings.metrics_url_template
         if settings.policy_file is not None:
             env["PREFLIGHT_POLICY_FILE"] = str(settings.policy_file.resolve())
-        for secret in ("slack_token", "slack_webhook_url"):
+        for secret in ("slack_token", "slack_webhook_url", "webhook_secret"):
             value = getattr(settings, secret)
             if value is not None and name == "notifier":
                 env[f"PREFLIGHT_{secret.upper()}"] = value.get_secret_value()
@@ -183,7 +219,10 @@ class Stack:
                 if self.settings.clickhouse_url == "chdb"
                 else "ClickHouse server"
             )
-            extra = f"\n  {'':<18} owns the request-metrics store: {where}"
+            extra = f"\n  {'':<18} owns the request-metrics store: {where}, runs its ingest"
+            extra += f"\n  {'':<18} rollout pages: {self.page_url}/rollouts"
+        if name == "router":
+            extra = f"\n  {'':<18} inference traffic: {self.router_url} (header X-Preflight-Model)"
         if previous is None:
             self.say(f"  {name:<18} pid {proc.pid}, log {log}{extra}")
 
@@ -197,6 +236,8 @@ class Stack:
             if self.settings.clickhouse_url == "chdb"
             else redact_url(self.settings.clickhouse_url),
             "services": {c.name: c.proc.pid for c in self.children.values()},
+            "router_url": self.router_url,
+            "rollouts_url": f"{self.page_url}/rollouts",
             "started_at": time.time(),
         }
         path = self.data_dir / STACK_FILE

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services.stack.cli import EXIT_NOT_BUILT, EXIT_USAGE, app
+from services.stack.cli import EXIT_USAGE, app
 
 runner = CliRunner()
 
@@ -72,10 +72,19 @@ def test_unknown_service_is_named() -> None:
     assert "unknown service 'nope'" in result.stderr
 
 
-def test_router_is_not_built_yet() -> None:
-    result = runner.invoke(app, ["service", "run", "router"])
-    assert result.exit_code == EXIT_NOT_BUILT
-    assert "not built yet (issue #5)" in result.stderr
+def test_every_service_is_built() -> None:
+    result = runner.invoke(app, ["service", "list"])
+    assert result.exit_code == 0, result.output
+    for name in ("validator", "benchmarker", "canary-controller", "notifier", "router"):
+        assert f"{name} " in result.stdout and "not built" not in result.stdout
+
+
+def test_service_health_says_why_a_service_is_not_healthy(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["service", "health", "validator"], env={"PREFLIGHT_DATA_DIR": str(tmp_path)}
+    )
+    assert result.exit_code == 1
+    assert "no heartbeat" in result.stdout
 
 
 def test_schemas_check_passes_on_the_committed_directory() -> None:
