@@ -67,8 +67,11 @@ async def test_malformed_request_goes_to_dead_letters_with_the_reason() -> None:
 
 async def test_notifier_renders_every_outcome_it_receives(capsys: Any) -> None:
     from services.contracts.events import DeploymentBlocked
+    from services.notifier.app import build
+    from services.notifier.dedup import MemoryLedger
+    from services.notifier.history import NoRequests
 
-    svc = registry.build("notifier", Settings(instance="n-test"))
+    svc = build(Settings(instance="n-test"), ledger=MemoryLedger(), requests=NoRequests())
     blocked = DeploymentBlocked(
         deployment_id="d-1",
         model="m",

@@ -1,0 +1,124 @@
+"""A generic JSON webhook for systems that are not Slack: the event's JSON, optionally signed.
+
+Signature: `X-Preflight-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>` with
+the Unix time in `X-Preflight-Timestamp`; a receiver recomputes it and rejects old timestamps
+(docs/notifier.md has the code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from datetime import datetime
+from typing import Final
+from urllib.parse import urlsplit
+
+import aiohttp
+from pydantic import SecretStr
+
+from services.notifier.channels.base import DeliveryError, Notice, Receipt, channel_key
+from services.notifier.retry import RetryPolicy, is_retryable_status
+
+TIMESTAMP_HEADER: Final = "X-Preflight-Timestamp"
+SIGNATURE_HEADER: Final = "X-Preflight-Signature"
+EVENT_HEADER: Final = "X-Preflight-Event"
+NOTICE_ID_HEADER: Final = "X-Preflight-Notice-Id"
+TIMEOUT_S: Final = 15.0
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """`sha256=<hex>` of HMAC-SHA256 over `<timestamp>.<body>`."""
+    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
+    return f"sha256={mac.hexdigest()}"
+
+
+def verify(
+    secret: bytes, timestamp: str, body: bytes, signature: str, now: float, tolerance_s: float = 300
+) -> bool:
+    """What a receiver does: same HMAC, constant-time compare, timestamp not too old or new."""
+    try:
+        age = abs(now - int(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def describe_url(url: str) -> str:
+    """Scheme and host only: paths and queries of webhook URLs often hold tokens."""
+    parts = urlsplit(url)
+    return (
+        f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/…"
+    )
+
+
+class WebhookChannel:
+    """POSTs each notice's event JSON; 429 and 5xx are retried with the policy, 4xx are not."""
+
+    updatable = False
+
+    def __init__(
+        self,
+        url: str,
+        session: Callable[[], aiohttp.ClientSession],
+        retry: RetryPolicy,
+        secret: SecretStr | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.url = url
+        self.session = session
+        self.retry = retry
+        self.secret = secret
+        self.clock = clock or retry.clock
+        self.key = channel_key("webhook", url)
+        self.where = describe_url(url)
+
+    def headers(self, notice: Notice) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            EVENT_HEADER: notice.event.type,
+            NOTICE_ID_HEADER: notice.notice_id,
+        }
+        if self.secret is not None:
+            timestamp = str(int(self.clock().timestamp()))
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(
+                self.secret.get_secret_value().encode(), timestamp, notice.body
+            )
+        return headers
+
+    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+        last = ""
+        for attempt in range(1, self.retry.max_attempts + 1):
+            wait = self.retry.backoff(attempt)
+            try:
+                async with self.session().post(
+                    self.url,
+                    data=notice.body,
+                    headers=self.headers(notice),  # signed afresh: the timestamp is current
+                    timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
+                    allow_redirects=False,
+                ) as response:
+                    if 200 <= response.status < 300:
+                        return Receipt()
+                    last = f"HTTP {response.status}"
+                    if not is_retryable_status(response.status):
+                        raise DeliveryError(
+                            self.key, f"webhook {self.where}: {last}", permanent=True
+                        )
+                    if response.status == 429:
+                        wait = self.retry.wait_after_429(
+                            response.headers.get("Retry-After"), attempt
+                        )
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                last = f"{type(exc).__name__}: {str(exc).replace(self.url, self.where)}"
+            if attempt < self.retry.max_attempts:
+                await self.retry.sleep(wait)
+        raise DeliveryError(
+            self.key,
+            f"webhook {self.where}: {last} after {self.retry.max_attempts} attempts",
+            permanent=False,
+        )
+
+    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+        return receipt

@@ -1,0 +1,414 @@
+"""The notifier service on a real nats-server, delivering to a local Slack-shaped server.
+
+slack-sdk is pointed at `tests/slack_api.py` with `base_url`; retry waits go through an injected
+sleep that records them (no test waits out a Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from faststream.nats import TestApp
+from nats.js import JetStreamContext
+from pydantic import SecretStr
+
+from services.contracts import subjects
+from services.contracts.events import (
+    CanaryStepStarted,
+    CheckResult,
+    DeadLetter,
+    DeploymentBlocked,
+    DeploymentDegraded,
+    DeploymentFailed,
+    DeploymentHeld,
+    DeploymentPromoted,
+    DeploymentRequested,
+    DeploymentRolledBack,
+    Event,
+    NotifyTarget,
+    Requester,
+    RoleMeasurement,
+    Status,
+)
+from services.notifier.app import build
+from services.notifier.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from services.notifier.retry import RetryPolicy
+from services.runtime import bus
+from services.runtime.service import ServiceApp
+from services.runtime.settings import Settings
+from tests.slack_api import TOKEN, SlackApi
+
+pytestmark = pytest.mark.integration
+
+MODEL = "org/chat-7b.v2"
+URL = "http://grafana.local/d/preflight?var-deployment={id}"
+ALICE = Requester(user="alice", system="ci", team="search")
+CANARY = RoleMeasurement(requests=500, errors=21, error_rate=0.042, p95_ms=312)
+STABLE = RoleMeasurement(requests=4812, errors=14, error_rate=0.0029, p95_ms=180)
+
+
+class Waits:
+    """The retry policy's sleep: records what it was asked to wait, waits nothing."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+        await asyncio.sleep(0)
+
+
+def ids(n: int) -> dict[str, str]:
+    return {"deployment_id": f"d-notify-{n}", "model": MODEL, "version": f"v{n}"}
+
+
+def every_outcome() -> list[Event]:
+    at = datetime(2026, 11, 25, 17, 45, tzinfo=UTC)
+    perplexity = CheckResult(
+        name="perplexity", status=Status.FAILED, value=0.081, threshold=0.05, unit="relative"
+    )
+    common: dict[str, Any] = {"requested_by": ALICE}
+    return [
+        DeploymentBlocked(**ids(1), stage="validation", reasons=("checksum: differs",), **common),
+        DeploymentDegraded(**ids(2), failed_checks=(perplexity,), **common),
+        DeploymentPromoted(
+            **ids(3),
+            steps_completed=2,
+            canary=CANARY,
+            stable=STABLE,
+            metrics_url=URL.format(id="d-notify-3"),
+            **common,
+        ),
+        DeploymentRolledBack(
+            **ids(4),
+            trigger="error_rate",
+            step_index=0,
+            canary=CANARY,
+            stable=STABLE,
+            threshold=0.01,
+            window_start=at - timedelta(seconds=60),
+            window_end=at,
+            metrics_url=URL.format(id="d-notify-4"),
+            **common,
+        ),
+        DeploymentHeld(
+            **ids(5),
+            step_index=0,
+            weight=5,
+            deadline=at + timedelta(minutes=30),
+            metrics_url=URL.format(id="d-notify-5"),
+            **common,
+        ),
+        DeploymentFailed(**ids(6), stage="benchmarker", error="disk full", **common),
+    ]
+
+
+def rolled_back(n: int = 7) -> DeploymentRolledBack:
+    return DeploymentRolledBack(
+        **ids(n),
+        trigger="error_rate",
+        canary=CANARY,
+        stable=STABLE,
+        threshold=0.01,
+        metrics_url=URL.format(id=f"d-notify-{n}"),
+        requested_by=ALICE,
+    )
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[SlackApi]:
+    async with SlackApi() as server:
+        yield server
+
+
+@pytest.fixture
+def waits() -> Waits:
+    return Waits()
+
+
+@pytest.fixture
+def slack_settings(settings: Settings, slack: SlackApi) -> Settings:
+    return settings.model_copy(
+        update={
+            "slack_token": SecretStr(TOKEN),
+            "slack_base_url": slack.base_url,
+            "slack_channel": "#deploys",
+            "slack_max_attempts": 3,
+        }
+    )
+
+
+def notifier(settings: Settings, waits: Waits, **extra: Any) -> ServiceApp:
+    retry = RetryPolicy(max_attempts=settings.slack_max_attempts, backoff_s=0.01, sleep=waits)
+    return build(settings, retry=retry, **extra)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for something the service does (polling the fake server's record)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out waiting for the notifier")
+        await asyncio.sleep(0.02)
+
+
+async def drained(js: JetStreamContext, last_seq: int, timeout: float = 10.0) -> None:
+    """The notifier acked everything up to stream sequence `last_seq` (so nothing more comes)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.NOTIFIER_DURABLE)
+        if (
+            info.num_pending == 0
+            and info.num_ack_pending == 0
+            and info.ack_floor is not None
+            and (info.ack_floor.stream_seq or 0) >= last_seq
+        ):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"notifier did not drain: {info}")
+        await asyncio.sleep(0.02)
+
+
+async def publish_all(js: JetStreamContext, *events: Event, nonce: str | None = None) -> int:
+    seq = 0
+    for event in events:
+        seq = (await bus.publish_event(js, event, nonce)).seq
+    return seq
+
+
+async def dead_letters(js: JetStreamContext) -> list[DeadLetter]:
+    info = await js.stream_info(subjects.DEADLETTER_STREAM)
+    letters = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await js.get_msg(subjects.DEADLETTER_STREAM, seq)
+        letters.append(DeadLetter.model_validate_json(msg.data or b""))
+    return letters
+
+
+async def test_every_outcome_reaches_slack_exactly_once_with_numbers_and_link(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    outcomes = every_outcome()
+    request = DeploymentRequested(
+        **ids(4), location="/m", requested_by=ALICE, notify=NotifyTarget(slack_channel="#team-a")
+    )
+    await bus.publish_event(js, request)
+    async with TestApp(notifier(slack_settings, waits).app):
+        last = await publish_all(js, *outcomes)
+        await drained(js, last)
+    posts = slack.calls_to("chat.postMessage")
+    assert len(posts) == len(outcomes) == len(slack.calls)
+    by_version = {re.findall(r" (v\d) \(d-notify-", p.json["text"])[0]: p for p in posts}
+    assert set(by_version) == {e.version for e in outcomes}
+    for post in posts:
+        assert post.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert "alice via ci" in post.json["text"]
+        assert post.json["blocks"][0]["type"] == "header"
+    assert by_version["v4"].json["channel"] == "#team-a"  # the request's channel wins
+    assert {p.json["channel"] for v, p in by_version.items() if v != "v4"} == {"#deploys"}
+    rolled = json.dumps(by_version["v4"].json["blocks"])
+    assert "error rate 4.2% &gt; 1%" in rolled and "21/500" in rolled
+    assert URL.format(id="d-notify-4") in rolled
+    assert "perplexity +8.1% &gt; +5%" in json.dumps(by_version["v2"].json["blocks"])
+    assert "preflight promote d-notify-5" in by_version["v5"].json["text"]
+    assert waits.seconds == []
+
+
+async def test_a_redelivered_outcome_is_not_posted_twice(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    receiver = slack.receiver_url("ops")
+    settings = slack_settings.model_copy(
+        update={"webhook_url": receiver, "webhook_secret": SecretStr("hmac-key")}
+    )
+    # Slack takes the notice; the webhook fails every in-process attempt of the first delivery,
+    # so the handler raises, JetStream redelivers, and only the webhook is tried again.
+    slack.fail("webhook/ops", status=503, times=settings.slack_max_attempts)
+    event = rolled_back()
+    async with TestApp(notifier(settings, waits).app):
+        last = await publish_all(js, event)
+        await until(lambda: len(slack.calls_to("webhook/ops")) == 1)
+        await drained(js, last)
+        again = await publish_all(js, event, nonce="replayed")  # a second copy in the stream
+        await drained(js, again)
+    assert len(slack.calls_to("chat.postMessage")) == 1
+    assert len(slack.calls_to("webhook/ops", ok=False)) == settings.slack_max_attempts + 1
+    [delivered] = slack.calls_to("webhook/ops")
+    assert json.loads(delivered.body)["deployment_id"] == event.deployment_id
+    headers = delivered.headers
+    assert headers["X-Preflight-Notice-Id"] == "d-notify-7:rolled_back"
+    now = datetime.now(UTC).timestamp()
+    assert verify(
+        b"hmac-key", headers[TIMESTAMP_HEADER], delivered.body, headers[SIGNATURE_HEADER], now
+    )
+    kv = await js.key_value(subjects.NOTICES_BUCKET)
+    keys = [k for k in await kv.keys() if ".sent.rolled_back." in k]
+    assert len(keys) == 2  # one record per channel
+
+
+async def test_429_with_retry_after_then_success(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    slack.fail("chat.postMessage", status=429, retry_after="2")
+    async with TestApp(notifier(slack_settings, waits).app):
+        await drained(js, await publish_all(js, rolled_back()))
+    assert [c.status for c in slack.calls] == [429, 200]
+    assert waits.seconds == [2.0]  # Retry-After honoured, through the injected sleep
+
+
+async def test_500s_then_success(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    slack.fail("chat.postMessage", status=500, times=1)
+    slack.fail("chat.postMessage", status=502, times=1)
+    async with TestApp(notifier(slack_settings, waits).app):
+        await drained(js, await publish_all(js, rolled_back()))
+    assert [c.status for c in slack.calls] == [500, 502, 200]
+    assert waits.seconds == [0.01, 0.02]  # exponential backoff
+
+
+async def test_a_notice_that_keeps_failing_goes_to_the_dead_letters(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    slack.fail("chat.postMessage", status=500, times=1000)
+    async with TestApp(notifier(slack_settings, waits).app):
+        await publish_all(js, rolled_back())
+        await until(lambda: len(slack.calls) == 3 * slack_settings.max_deliver, timeout=20)
+        letters: list[DeadLetter] = []
+        while not letters:
+            letters = await dead_letters(js)
+            await asyncio.sleep(0.05)
+    [letter] = letters
+    assert letter.service == "notifier"
+    assert letter.subject == subjects.outcome(MODEL, "d-notify-7", "rolled_back")
+    assert "HTTP 500" in letter.reason and f"attempt {slack_settings.max_deliver}" in letter.reason
+    original = DeploymentRolledBack.model_validate_json(letter.payload_text or "")
+    assert original.deployment_id == "d-notify-7" and original.metrics_url
+    assert slack.calls_to("chat.postMessage") == []
+
+
+async def test_a_channel_that_does_not_exist_is_dead_lettered_at_once(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    settings = slack_settings.model_copy(update={"slack_channel": "#missing-channel"})
+    async with TestApp(notifier(settings, waits).app):
+        last = await publish_all(js, rolled_back())
+        await drained(js, last)
+        again = await publish_all(js, rolled_back(), nonce="replayed")
+        await drained(js, again)
+    assert len(slack.calls) == 1  # permanent: no retries, and not tried again on a replay
+    [letter] = await dead_letters(js)
+    assert "channel_not_found" in letter.reason
+
+
+async def test_rollout_progress_is_one_message_updated_in_place(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    step = {**ids(8), "duration_s": 60}
+    events: list[Event] = [
+        DeploymentRequested(**ids(8), location="/m", requested_by=ALICE),
+        CanaryStepStarted(**step, step_index=0, weight=5),
+        CanaryStepStarted(**step, step_index=1, weight=50),
+        rolled_back(8),
+    ]
+    async with TestApp(notifier(slack_settings, waits).app):
+        last = await publish_all(js, *events)
+        await drained(js, last)
+        # A late copy of step 1 must not roll the finished message back.
+        stale = await publish_all(js, events[1], nonce="late")
+        await drained(js, stale)
+    posts = slack.calls_to("chat.postMessage")
+    updates = slack.calls_to("chat.update")
+    assert [p.json["text"].split(":")[0] for p in posts] == [
+        "Canary org/chat-7b.v2 v8 (d-notify-8)",
+        "Rolled back",
+    ]
+    assert "step 1 at 5%" in posts[0].json["text"] and "alice via ci" in json.dumps(posts[0].json)
+    assert len(updates) == 2
+    assert {(u.json["channel"], u.json["ts"]) for u in updates} == {
+        ("CDEPLOYS", "1700000000.000001")
+    }
+    assert "step 2 at 50%" in updates[0].json["text"]
+    assert "rolled back (error_rate)" in updates[1].json["text"]
+    assert "preflight promote" not in json.dumps(updates[1].json["blocks"])
+
+
+async def test_the_token_and_webhook_url_are_never_logged(
+    js: JetStreamContext,
+    slack_settings: Settings,
+    slack: SlackApi,
+    waits: Waits,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    slack.fail("chat.postMessage", status=429, retry_after="1")
+    slack.fail("incoming-webhook", status=500, times=10)
+    settings = slack_settings.model_copy(update={"webhook_url": slack.webhook_url})
+    async with TestApp(notifier(settings, waits).app):
+        await publish_all(js, rolled_back())
+        await until(lambda: len(slack.calls) >= 3)
+    assert "xoxb" not in caplog.text and TOKEN not in caplog.text
+    assert "webhook-secret-path" not in caplog.text
+    assert "notices go to Slack (bot token, default channel #deploys)" in caplog.text
+
+
+async def test_an_incoming_webhook_posts_notices_and_announces_a_rollout_once(
+    js: JetStreamContext, settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    hooked = settings.model_copy(update={"slack_webhook_url": SecretStr(slack.webhook_url)})
+    step = {**ids(9), "duration_s": 60}
+    async with TestApp(notifier(hooked, waits).app):
+        last = await publish_all(
+            js,
+            CanaryStepStarted(**step, step_index=0, weight=5),
+            CanaryStepStarted(**step, step_index=1, weight=50),
+            rolled_back(9),
+        )
+        await drained(js, last)
+    texts = [c.json["text"] for c in slack.calls_to("incoming-webhook")]
+    assert len(texts) == 2
+    assert "step 1 at 5%" in texts[0] and texts[1].startswith("Rolled back")
+
+
+async def test_without_slack_notices_go_to_the_console_once(
+    js: JetStreamContext, settings: Settings, waits: Waits, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="preflight")
+    out = io.StringIO()
+    async with TestApp(notifier(settings, waits, console=out).app):
+        last = await publish_all(js, rolled_back())
+        await drained(js, last)
+        again = await publish_all(js, rolled_back(), nonce="replayed")
+        await drained(js, again)
+    assert "notices go to the console (no Slack token or webhook URL configured)" in caplog.text
+    printed = out.getvalue()
+    assert printed.count("[preflight] ROLLED BACK: org/chat-7b.v2 v7 (d-notify-7)") == 1
+    assert "error rate 4.2% > 1%" in printed
+    assert "metrics: http://grafana.local/d/preflight?var-deployment=d-notify-7" in printed
+
+
+async def test_a_failing_progress_notice_is_dead_lettered_and_never_fails_the_deployment(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    slack.fail("chat.postMessage", status=503, times=1000)
+    step = CanaryStepStarted(**ids(10), step_index=0, weight=5, duration_s=60)
+    async with TestApp(notifier(slack_settings, waits).app):
+        await drained(js, await publish_all(js, step))
+    [letter] = await dead_letters(js)
+    assert letter.subject == subjects.stage(MODEL, "d-notify-10", "canary_step")
+    assert "HTTP 503" in letter.reason
+    assert len(slack.calls) == slack_settings.slack_max_attempts  # no redelivery rounds
+    failed = await js.stream_info(
+        subjects.EVENTS_STREAM, subjects_filter=subjects.outcome(MODEL, "d-notify-10", "failed")
+    )
+    assert not failed.state.subjects
