@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from services.contracts import subjects
 from services.contracts.events import (
+    CanaryAnalysed,
     DeploymentEvent,
     DeploymentPromoted,
     DeploymentRequested,
@@ -18,7 +24,7 @@ from services.contracts.events import (
     Requester,
     new_deployment_id,
 )
-from services.runtime import bus
+from services.runtime import bus, processes
 from services.runtime.settings import Settings
 from services.stack import render
 from services.stack.samples import MANIFEST
@@ -46,6 +52,8 @@ async def _deploy_and_follow(
         async def follow() -> None:
             async for event in bus.follow(js, subjects.deployment_events(request.deployment_id)):
                 seen.append(event)
+                if isinstance(event, CanaryAnalysed) and not _worth_showing(event, seen):
+                    continue
                 console.print("  " + render.describe(event), highlight=False)
                 if isinstance(event, render.TERMINAL):
                     return
@@ -54,6 +62,14 @@ async def _deploy_and_follow(
     finally:
         await nc.close()
     return seen
+
+
+def _worth_showing(event: CanaryAnalysed, seen: list[DeploymentEvent]) -> bool:
+    """Analyses come every second: show a verdict when it changes, and every fifth one."""
+    earlier = [e for e in seen[:-1] if isinstance(e, CanaryAnalysed)]
+    if not earlier or earlier[-1].verdict != event.verdict:
+        return True
+    return len(earlier) % 5 == 0
 
 
 def write_corrupted_upload(source: Path, directory: Path) -> Path:
@@ -69,13 +85,95 @@ def write_corrupted_upload(source: Path, directory: Path) -> Path:
 
 
 DEMO_POLICY = Path(__file__).with_name("demo_policy.yaml")
+DEMO_RPS = 60.0
 
-# (version, what it is, expected outcome) of each deployment the demo sends, in order.
+
+@dataclass(frozen=True)
+class Scenario:
+    version: str
+    what: str
+    expected: str
+    error_rate: float = 0.0  # of its inference server, under real traffic
+    serves: bool = True
+
+
+# Each deployment the demo sends, in order; each replaces the version promoted before it.
 SCENARIOS = (
-    ("v2", "retrained with another seed: healthy", "promoted"),
-    ("v3", "undertrained: perplexity regression", "promoted (degraded)"),
-    ("v4", "one bit flipped after its manifest was written: a corrupted upload", "blocked"),
+    Scenario("v1", "the first version: nothing to compare a canary with", "promoted"),
+    Scenario("v2", "retrained with another seed: healthy", "promoted"),
+    Scenario("v3", "undertrained: perplexity regression", "promoted (degraded)"),
+    Scenario(
+        "v4",
+        "one bit flipped after its manifest was written: a corrupted upload",
+        "blocked",
+        serves=False,
+    ),
+    Scenario("v5", "fine on the bench, fails under real traffic (20% errors)", "rolled back", 0.20),
 )
+
+
+class InferenceServers:
+    """One synthetic inference server per version, as a platform's serving layer would run."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, version: str, error_rate: float) -> str:
+        log = self.logs / f"inference-{version}.log"
+        log.unlink(missing_ok=True)
+        argv = [
+            sys.executable, "-m", "services.inference_server.app", "--port", "0", "--synthetic",
+            "--latency-ms", "25", "--latency-jitter", "0.3", "--error-rate", str(error_rate),
+            "--version", version, "--model-name", MODEL,
+        ]  # fmt: skip
+        proc = processes.spawn(argv, log=log)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in log.read_text(errors="replace").splitlines() if log.exists() else ():
+                if line.startswith("listening on "):
+                    return line.removeprefix("listening on ").strip()
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise StackError(f"inference server {version} did not start; see {log}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            processes.terminate(proc, timeout=5)
+
+
+class Traffic:
+    """Users: a steady stream of completions through the router, in a thread of its own."""
+
+    def __init__(self, router_url: str, rps: float) -> None:
+        self.url = f"{router_url}/v1/completions"
+        self.rps = rps
+        self.stop_flag = threading.Event()
+        self.sent = 0
+        self.by_status: Counter[int] = Counter()
+        self.thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.thread.start()
+
+    def _run(self) -> None:
+        from services.inference_server.load import generate_load
+
+        while not self.stop_flag.is_set():
+            result = asyncio.run(
+                generate_load(self.url, self.rps, 2.0, headers={"X-Preflight-Model": MODEL})
+            )
+            self.sent += result.sent
+            self.by_status.update(result.by_status)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        if self.started:
+            self.thread.join(timeout=10)
 
 
 def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> int:
@@ -87,71 +185,85 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
     data_dir = settings.data_dir.resolve()
     models = data_dir / "models"
     console.rule("[bold]preflight demo")
-    console.print(f"policy: {settings.policy_file} (time-compressed benchmark profile)")
-    console.print(f"1/4 generating sample models in {models} (trained on CPU once, then cached)")
-    stable_dir = write_trained_model(models / f"{MODEL}-v1", variant="good", seed=0)
+    console.print(
+        f"policy: {settings.policy_file} (TIME-COMPRESSED profile: canary 5% for 10 s, 50% for "
+        "8 s, analysis every second; production runs 180 s and 120 s)"
+    )
+    console.print(f"1/5 generating sample models in {models} (trained on CPU once, then cached)")
     dirs = {
+        "v1": write_trained_model(models / f"{MODEL}-v1", variant="good", seed=0),
         "v2": write_trained_model(models / f"{MODEL}-v2", variant="good", seed=1),
         "v3": write_trained_model(models / f"{MODEL}-v3", variant="regressed", seed=0),
+        "v5": write_trained_model(models / f"{MODEL}-v5", variant="good", seed=1),
     }
     dirs["v4"] = write_corrupted_upload(dirs["v2"], models / f"{MODEL}-v4")
-    for version, what, _ in SCENARIOS:
-        console.print(f"    {version}: {what}")
-    console.print(f"    v1: the stable version they replace ({stable_dir})")
+    for scenario in SCENARIOS:
+        console.print(f"    {scenario.version}: {scenario.what}")
 
-    console.print("2/4 starting the embedded stack")
+    console.print("2/5 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
+    servers = InferenceServers(data_dir / "logs")
+    traffic: Traffic | None = None
     events: list[DeploymentEvent] = []
+    previous: ModelRef | None = None
     try:
         stack.start()
         stack.wait_ready()
         assert stack.nats is not None
         service_settings = settings.model_copy(update={"nats_url": stack.nats.url})
-        for version, _, expected in SCENARIOS:
+        traffic = Traffic(stack.router_url, DEMO_RPS)
+        for scenario in SCENARIOS:
+            version = scenario.version
+            endpoint = servers.start(version, scenario.error_rate) if scenario.serves else None
             request = DeploymentRequested(
                 deployment_id=new_deployment_id(),
                 model=MODEL,
                 version=version,
                 location=str(dirs[version]),
+                endpoint=endpoint,
                 expected_sha256=_expected_digests(dirs[version]),
-                stable=ModelRef(name=MODEL, version="v1", location=str(stable_dir)),
+                stable=previous,
                 requested_by=Requester(user="demo", system="make demo"),
             )
+            replacing = f" (replacing {previous.version})" if previous else ""
             console.print(
-                f"3/4 deploying {MODEL} {version} (replacing v1) as {request.deployment_id}, "
-                f"expected: {expected}"
+                f"4/5 deploying {MODEL} {version}{replacing} as {request.deployment_id}, "
+                f"expected: {scenario.expected}"
             )
-            events += asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
+            seen = asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
+            events += seen
+            if any(isinstance(e, DeploymentPromoted) for e in seen):
+                previous = ModelRef(
+                    name=MODEL, version=version, location=str(dirs[version]), endpoint=endpoint
+                )
+            if previous is not None and not traffic.started:
+                console.print(
+                    f"3/5 users: {DEMO_RPS:g} requests/s to {MODEL} through the router at "
+                    f"{stack.router_url} (rollout pages: {stack.page_url}/rollouts)"
+                )
+                traffic.start()
             stack.check_children()
     except (StackError, bus.BusUnavailable, TimeoutError) as exc:
         console.print(f"[red]demo failed:[/red] {exc or type(exc).__name__}")
         console.print(f"    logs: {data_dir / 'logs'}")
         return 1
     finally:
-        console.print("4/4 stopping the stack")
+        if traffic is not None:
+            traffic.stop()
+        console.print("5/5 stopping the stack and the inference servers")
+        servers.stop()
         stack.stop()
 
     summaries = list(render.summarise(events).values())
     console.print(render.summary_table(summaries, title="demo outcome"))
-    not_built = sorted(
-        {
-            r.stage
-            for e in events
-            if isinstance(e, DeploymentPromoted)
-            for r in e.stages
-            if "not built" in r.reason
-        }
-    )
-    if not_built:
-        console.print(
-            "[yellow]note:[/yellow] not built yet, so nothing was checked by: "
-            + ", ".join(not_built)
-        )
+    if traffic is not None:
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(traffic.by_status.items()))
+        console.print(f"user traffic: {traffic.sent} requests through the router ({statuses})")
     console.print(
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
     )
     outcomes = [s.outcome + (" (degraded)" if s.degraded else "") for s in summaries]
-    if outcomes != [expected for _, _, expected in SCENARIOS]:
+    if outcomes != [s.expected for s in SCENARIOS]:
         console.print(f"[red]unexpected outcomes:[/red] {outcomes}")
         return 1
     return 0

@@ -17,10 +17,12 @@ from services.contracts.events import (
     DeploymentDegraded,
     DeploymentEvent,
     DeploymentFailed,
+    DeploymentHeld,
     DeploymentPromoted,
     DeploymentRequested,
     DeploymentRolledBack,
     Outcome,
+    RoleMeasurement,
     StageReport,
     Status,
     ValidationCompleted,
@@ -65,25 +67,56 @@ def describe(event: DeploymentEvent) -> str:
         case ValidationCompleted() | BenchmarkCompleted():
             return head + stage_line(event.report)
         case CanaryStepStarted():
+            if event.weight >= 100:
+                return f"{head}canary at 100%, baking for {event.duration_s:g} s"
             step = event.step_index + 1
             return f"{head}canary step {step}: {event.weight:g}% for {event.duration_s:g} s"
         case CanaryAnalysed():
-            return f"{head}canary analysed: {event.verdict} {event.reason}"
+            numbers = compare(event.canary, event.stable)
+            return f"{head}canary analysed: {event.verdict} ({numbers}) {escape(event.reason)}"
         case DeploymentPromoted():
-            return f"{head}[bold green]PROMOTED[/bold green] {event.model} {event.version}" + _why(
-                event
+            numbers = ""
+            if event.canary is not None:
+                numbers = f" after {event.steps_completed} canary steps: " + compare(
+                    event.canary, event.stable
+                )
+            return (
+                f"{head}[bold green]PROMOTED[/bold green] {event.model} {event.version}{numbers}"
+                + _why(event)
+            )
+        case DeploymentHeld():
+            return (
+                f"{head}[bold yellow]HELD[/bold yellow] at {event.weight:g}%, needs a person "
+                f"before {event.deadline:%H:%M:%S}: `preflight promote {event.deployment_id}` or "
+                f"`preflight abort {event.deployment_id}`" + _why(event)
             )
         case DeploymentDegraded():
             return f"{head}[bold dark_orange]DEGRADED[/bold dark_orange]" + _why(event)
         case DeploymentBlocked():
             return f"{head}[bold red]BLOCKED[/bold red] by {event.stage}" + _why(event)
         case DeploymentRolledBack():
-            return f"{head}[bold red]ROLLED BACK[/bold red] ({event.trigger})" + _why(event)
+            numbers = f": {compare(event.canary, event.stable)}" if event.canary else ""
+            return f"{head}[bold red]ROLLED BACK[/bold red] ({event.trigger}){numbers}" + _why(
+                event
+            )
         case DeploymentFailed():
             return f"{head}[bold red]FAILED[/bold red] in {event.stage}: {event.error}"
         case Command():
             return f"{head}command {event.type} by {event.requested_by.user}: {event.reason}"
     return f"{head}{event.type}"  # pragma: no cover - every type is matched above
+
+
+def measured(m: RoleMeasurement | None) -> str:
+    if m is None or not m.requests:
+        return "no requests"
+    rate = f"{(m.error_rate or 0) * 100:.1f}% errors"
+    p95 = f"p95 {m.p95_ms:.0f} ms" if m.p95_ms is not None else "p95 -"
+    return f"{m.requests} req, {rate}, {p95}"
+
+
+def compare(canary: RoleMeasurement | None, stable: RoleMeasurement | None) -> str:
+    """`canary 80 req, 12.5% errors, p95 41 ms vs stable 1500 req, 0.1% errors, p95 35 ms`."""
+    return f"canary {measured(canary)} vs stable {measured(stable)}"
 
 
 def _why(outcome: Outcome) -> str:
@@ -126,6 +159,7 @@ class DeploymentSummary:
     outcome: str = "in progress"
     degraded: bool = False
     reasons: list[str] = field(default_factory=list)
+    numbers: str = ""
 
     @property
     def finished(self) -> bool:
@@ -151,6 +185,8 @@ def summarise(events: Iterable[DeploymentEvent]) -> dict[str, DeploymentSummary]
                 DeploymentFailed: "failed",
             }[type(event)]
             s.reasons = list(event.reasons)
+            if isinstance(event, DeploymentPromoted | DeploymentRolledBack) and event.canary:
+                s.numbers = compare(event.canary, event.stable)
             for report in event.stages:
                 s.stages[report.stage] = report.status.value
     return out
@@ -161,6 +197,7 @@ def summary_table(summaries: Sequence[DeploymentSummary], title: str = "deployme
     table.add_column("deployment", no_wrap=True)
     for column in ("model", "version", "validation", "benchmark", "canary", "outcome"):
         table.add_column(column, overflow="fold")
+    table.add_column("canary vs stable (last window)", overflow="fold")
     for s in summaries:
         outcome = s.outcome + (" (degraded)" if s.degraded else "")
         style = {"promoted": "green", "in progress": "yellow"}.get(s.outcome, "red")
@@ -172,5 +209,6 @@ def summary_table(summaries: Sequence[DeploymentSummary], title: str = "deployme
             s.stages.get("benchmark", "-"),
             s.stages.get("canary", "-"),
             f"[{style}]{outcome}[/{style}]",
+            s.numbers or "-",
         )
     return table
