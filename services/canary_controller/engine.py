@@ -207,8 +207,11 @@ class Engine:
             await self.maybe_start(stored)
             return
         now = self.clock()
+        # A deadline earns one look of its own when it passes; after that the normal cadence
+        # applies, so a step's extension does not spend a look (and alpha) on every tick.
+        last = state.last_analysis_at
         deadline_passed = any(
-            t is not None and now >= t
+            t is not None and now >= t and (last is None or last < t)
             for t in (state.step_ends_at, state.step_deadline, state.held_deadline)
         )
         if not rules.analysis_due(state, now) and not deadline_passed:
