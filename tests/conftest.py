@@ -23,16 +23,21 @@ def sample_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chdb_client(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """THE chDB client of this test process: chDB opens one data path per process, ever.
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """THE chDB data path of this test process: chDB opens one path per process, ever.
 
-    Tests that need the real ClickHouse engine in-process share it and keep apart by table
-    name or deployment id.
+    Every in-process user (the `chdb_client` fixture, a controller started by a test through
+    the `settings` fixture) opens this one, and tests keep apart by table or deployment id.
     """
+    return tmp_path_factory.mktemp("chdb") / "clickhouse"
+
+
+@pytest.fixture(scope="session")
+def chdb_client(chdb_path: Path) -> Any:
+    """A client on the process's one chDB path, with the request-metrics table."""
     from services.runtime import clickhouse
 
-    path = tmp_path_factory.mktemp("chdb")
-    settings = Settings(data_dir=path, clickhouse_path=path / "clickhouse")
+    settings = Settings(data_dir=chdb_path.parent, clickhouse_path=chdb_path)
     client = clickhouse.open_client(settings)
     clickhouse.ensure_metrics_table(client, settings)
     return client
@@ -49,10 +54,11 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, nats_server: NatsServer) -> Settings:
+def settings(tmp_path: Path, nats_server: NatsServer, chdb_path: Path) -> Settings:
     return Settings(
         nats_url=nats_server.url,
         data_dir=tmp_path / "data",
+        clickhouse_path=chdb_path,
         instance="test",
         ack_wait_s=5.0,
         max_deliver=3,
