@@ -23,6 +23,7 @@ from services.contracts.events import (
     AbortDeployment,
     Command,
     DeploymentEvent,
+    DeploymentHeld,
     DeploymentPromoted,
     DeploymentRequested,
     ModelRef,
@@ -60,6 +61,7 @@ T = TypeVar("T")
 EXIT_FAILED = 1  # the deployment or check did not pass
 EXIT_USAGE = 2  # bad input, or the bus cannot be reached
 EXIT_NOT_BUILT = 3  # the stage does not exist yet
+EXIT_HELD = 4  # deploy --wait: the canary is held and needs a person
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -204,6 +206,13 @@ def deploy(
         tuple[str, str] | None,
         typer.Option(help="Version and location this one replaces: --stable V0 PATH0."),
     ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="Inference server already serving this version (the canary's target)."),
+    ] = None,
+    stable_endpoint: Annotated[
+        str | None, typer.Option(help="Inference server of the stable version, if not routed yet.")
+    ] = None,
     model_class: Annotated[str, typer.Option("--class", help="Policy model class.")] = "default",
     policy: Annotated[
         Path | None, typer.Option(help="YAML with policy overrides for this deployment.")
@@ -221,7 +230,10 @@ def deploy(
     deployment_id: Annotated[
         str | None, typer.Option("--id", help="Reuse an id (retries).")
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Follow it; exit 0 only if promoted.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(help="Follow it; exit 0 if promoted, 4 if held for a person, else 1."),
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 3600.0,
     data_dir: DataDir = None,
     as_json: JsonFlag = False,
@@ -242,7 +254,12 @@ def deploy(
             location=location,
             expected_sha256=_parse_expected(sha256 or []),
             model_class=model_class,
-            stable=ModelRef(name=model, version=stable[0], location=stable[1]) if stable else None,
+            stable=ModelRef(
+                name=model, version=stable[0], location=stable[1], endpoint=stable_endpoint
+            )
+            if stable
+            else None,
+            endpoint=endpoint,
             target=TargetHardware(
                 gpu_memory_gb=gpu_memory_gb, context_length=context_length, batch_size=batch_size
             ),
@@ -271,10 +288,18 @@ def deploy(
         note = " (already requested: deduplicated)" if ack.duplicate else ""
         out.print(f"{request.deployment_id}{note}", highlight=False)
     if wait:
-        raise typer.Exit(_watch(settings, request.deployment_id, timeout, as_json))
+        code = _watch(settings, request.deployment_id, timeout, as_json, stop_at_held=True)
+        raise typer.Exit(code)
 
 
-def _watch(settings: Settings, deployment_id: str, timeout: float, as_json: bool) -> int:
+def _watch(
+    settings: Settings,
+    deployment_id: str,
+    timeout: float,
+    as_json: bool,
+    *,
+    stop_at_held: bool = False,
+) -> int:
     async def follow(js: Any) -> DeploymentEvent | None:
         async for event in bus.follow(js, subjects.deployment_events(deployment_id)):
             if as_json:
@@ -282,6 +307,8 @@ def _watch(settings: Settings, deployment_id: str, timeout: float, as_json: bool
             else:
                 out.print(render.describe(event), highlight=False)
             if isinstance(event, render.TERMINAL):
+                return event
+            if stop_at_held and isinstance(event, DeploymentHeld):
                 return event
         return None
 
@@ -294,6 +321,14 @@ def _watch(settings: Settings, deployment_id: str, timeout: float, as_json: bool
         fail(f"{deployment_id}: no outcome within {timeout:g} s", EXIT_FAILED)
     if isinstance(final, DeploymentPromoted):
         return 0
+    if isinstance(final, DeploymentHeld):
+        if not as_json:
+            err.print(
+                f"{deployment_id}: held, needs a person before {final.deadline:%H:%M:%S} UTC: "
+                f"`preflight promote {deployment_id}` or `preflight abort {deployment_id}`",
+                highlight=False,
+            )
+        return EXIT_HELD
     if isinstance(final, render.TERMINAL) and not as_json:
         err.print(f"{deployment_id}: {final.type}: {'; '.join(final.reasons)}", highlight=False)
     return EXIT_FAILED
@@ -628,6 +663,8 @@ def schemas(
         problems = schema_export.stale(directory)
         if schema_export.reference_stale():
             problems.append(f"{schema_export.EVENT_REFERENCE}: differs from the contracts")
+        if schema_export.policy_reference_stale():
+            problems.append(f"{schema_export.POLICY_REFERENCE}: differs from the policy models")
         if problems:
             fail("schemas/ is stale, run `preflight schemas`: " + "; ".join(problems), EXIT_FAILED)
         out.print(f"{directory} is up to date")
@@ -635,6 +672,7 @@ def schemas(
     written = schema_export.write(directory)
     out.print(f"wrote {len(written)} files to {directory}")
     out.print(f"wrote {schema_export.write_reference()}")
+    out.print(f"wrote {schema_export.write_policy_reference()}")
 
 
 def main() -> None:

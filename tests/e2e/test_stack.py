@@ -23,6 +23,8 @@ import nats
 import pytest
 import yaml
 
+from services.stack.cli import EXIT_HELD
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,7 +185,7 @@ def test_a_plain_client_deploys_from_schemas_and_reads_the_outcome(
     assert outcome["type"] == "DeploymentPromoted"
     assert outcome["deployment_id"] == "d-e2e-1"
     assert [s["status"] for s in outcome["stages"]] == ["passed", "passed", "skipped"]
-    assert "not built yet" in outcome["stages"][2]["reason"]
+    assert "first version of sample-gpt" in outcome["stages"][2]["reason"]
 
     status = cli("status", "d-e2e-1", data_dir=stack.data_dir)
     assert status.returncode == 0, status.stderr
@@ -232,23 +234,33 @@ def test_a_second_stack_on_the_same_data_dir_is_refused(stack: RunningStack) -> 
 def test_cli_deploy_wait_promote_and_status(
     stack: RunningStack, tmp_path: Path, trained: Path
 ) -> None:
+    """No traffic reaches this canary: it is held for a person, who promotes it from the CLI."""
     import yaml as pyyaml
 
     model_dir = trained
     overrides = tmp_path / "fast.yaml"
-    overrides.write_text(pyyaml.safe_dump(FAST_BENCHMARK))
+    no_traffic_canary = {
+        "canary": {
+            "steps": [{"weight": 5, "duration_s": 2}],
+            "analysis_interval_s": 0.5,
+            "max_step_extension_s": 1,
+            "held_timeout_s": 600,
+        }
+    }
+    overrides.write_text(pyyaml.safe_dump({**FAST_BENCHMARK, **no_traffic_canary}))
     deployed = cli(
         "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7",
         "--stable", "6", str(model_dir), "--id", "d-cli-1", "--wait",
         "--policy", str(overrides),
         data_dir=stack.data_dir,
     )  # fmt: skip
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert deployed.returncode == EXIT_HELD, deployed.stdout + deployed.stderr
     assert "d-cli-1" in deployed.stdout
-    assert "PROMOTED" in deployed.stdout
     assert "validation: passed" in deployed.stdout
     assert "benchmark: passed" in deployed.stdout
-    assert "not built yet (issue #6)" in deployed.stdout
+    assert "canary step 1: 5% for 2 s" in deployed.stdout
+    assert "HELD at 5%" in deployed.stdout
+    assert "preflight promote d-cli-1" in deployed.stderr
 
     again = cli(
         "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7", "--id", "d-cli-1",
@@ -259,10 +271,13 @@ def test_cli_deploy_wait_promote_and_status(
     promoted = cli("promote", "d-cli-1", "--reason", "looks good", data_dir=stack.data_dir)
     assert promoted.returncode == 0, promoted.stderr
     assert "PromoteDeployment sent" in promoted.stdout
-    assert "not built yet (issue #6)" in promoted.stderr
+    watched = cli("watch", "d-cli-1", "--timeout", "60", data_dir=stack.data_dir)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "PROMOTED org/chat.v2 7" in watched.stdout
     status = cli("status", "d-cli-1", data_dir=stack.data_dir)
     assert "command PromoteDeployment by" in status.stdout
     assert "looks good" in status.stdout
+    assert "promoted by" in status.stdout
 
     listing = cli("status", "--json", data_dir=stack.data_dir)
     rows = json.loads(listing.stdout)
