@@ -25,19 +25,21 @@ class _Strict(BaseModel):
 
 
 class ValidationChecks(_Strict):
-    format: bool = True
-    checksum: bool = True
-    structure: bool = True
-    unsafe_code: bool = True
-    secrets: bool = True
-    vram_fit: bool = True
+    format: bool = Field(default=True, description="Format found by content is supported.")
+    checksum: bool = Field(default=True, description="Files match `expected_sha256`.")
+    structure: bool = Field(default=True, description="Headers and shards are sound.")
+    unsafe_code: bool = Field(default=True, description="Nothing runs code on load.")
+    secrets: bool = Field(default=True, description="No keys in the card or config.")
+    vram_fit: bool = Field(default=True, description="Weights + KV cache fit the GPU.")
 
 
 class ValidationPolicy(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Run the validator; off: skipped.")
     budget_s: float = Field(default=2.0, gt=0, description="Time budget for all checks.")
     checks: ValidationChecks = ValidationChecks()
-    vram_overhead_fraction: float = Field(default=0.10, ge=0, le=1)
+    vram_overhead_fraction: float = Field(
+        default=0.10, ge=0, le=1, description="Share of GPU memory kept free for the runtime."
+    )
 
 
 class LatencyThresholds(_Strict):
@@ -47,21 +49,31 @@ class LatencyThresholds(_Strict):
 
 
 class BenchmarkPolicy(_Strict):
-    enabled: bool = True
-    on_failure: Literal["degrade", "block"] = "degrade"
+    enabled: bool = Field(default=True, description="Run the benchmarker; off: skipped.")
+    on_failure: Literal["degrade", "block"] = Field(
+        default="degrade", description="A failed benchmark marks degraded and goes on, or blocks."
+    )
     max_perplexity_increase: float = Field(default=0.05, ge=0, description="0.05 = +5%.")
-    eval_dataset: str = "builtin:preflight-eval-v1"
-    max_length: int = Field(default=256, ge=8)
-    stride: int = Field(default=128, ge=1)
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
-    consistency_prompts: int = Field(default=50, ge=1, le=1000)
-    temperature: float = Field(default=0.0, ge=0)
-    compare_outputs_with_stable: bool = False
-    latency_runs: int = Field(default=10, ge=1)
-    latency_warmup_runs: int = Field(default=2, ge=0)
-    perplexity: bool = True
-    latency: bool = True
-    consistency: bool = True
+    eval_dataset: str = Field(
+        default="builtin:preflight-eval-v1", description="Pinned evaluation text (ships inside)."
+    )
+    max_length: int = Field(default=256, ge=8, description="Perplexity window, tokens.")
+    stride: int = Field(default=128, ge=1, description="Window step; moves perplexity ~15%.")
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = Field(
+        default="auto", description="Weights dtype; auto: the config's."
+    )
+    consistency_prompts: int = Field(
+        default=50, ge=1, le=1000, description="Pinned prompts run twice, greedy."
+    )
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy decoding.")
+    compare_outputs_with_stable: bool = Field(
+        default=False, description="Also compare outputs with the previous version's."
+    )
+    latency_runs: int = Field(default=10, ge=1, description="Measured generations.")
+    latency_warmup_runs: int = Field(default=2, ge=0, description="Not counted.")
+    perplexity: bool = Field(default=True, description="Run the perplexity check.")
+    latency: bool = Field(default=True, description="Run the latency check.")
+    consistency: bool = Field(default=True, description="Run the consistency check.")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> BenchmarkPolicy:
@@ -83,14 +95,16 @@ class CanaryThresholds(_Strict):
 
 
 class CanaryPolicy(_Strict):
-    enabled: bool = True
-    steps: tuple[CanaryStep, ...] = (
-        CanaryStep(weight=5, duration_s=180),
-        CanaryStep(weight=50, duration_s=120),
+    enabled: bool = Field(default=True, description="Canary on real traffic; off: promoted.")
+    steps: tuple[CanaryStep, ...] = Field(
+        default=(CanaryStep(weight=5, duration_s=180), CanaryStep(weight=50, duration_s=120)),
+        description="Weights (percent) and durations; 100% follows the last step.",
     )
     thresholds: CanaryThresholds = CanaryThresholds()
-    analysis_interval_s: float = Field(default=5.0, gt=0)
-    min_canary_requests: int = Field(default=50, ge=1)
+    analysis_interval_s: float = Field(default=5.0, gt=0, description="Seconds between looks.")
+    min_canary_requests: int = Field(
+        default=50, ge=1, description="Canary requests a step needs before it may end healthy."
+    )
     false_rollback_rate: float = Field(
         default=0.01,
         gt=0,
@@ -112,7 +126,10 @@ class CanaryPolicy(_Strict):
         description="An inconclusive canary waits this long for a person, then is rolled back.",
     )
     bake_s: float = Field(default=0.0, ge=0, description="Watch time after promotion.")
-    on_new_version: Literal["queue", "supersede"] = "queue"
+    on_new_version: Literal["queue", "supersede"] = Field(
+        default="queue",
+        description="A newer version of a model in rollout waits, or rolls the older back.",
+    )
 
     @model_validator(mode="after")
     def _increasing(self) -> CanaryPolicy:
@@ -130,11 +147,14 @@ class ModelClassPolicy(_Strict):
 
 
 class NotifyPolicy(_Strict):
-    slack_channel: str | None = None
-    webhook_url: str | None = None
+    slack_channel: str | None = Field(default=None, description="e.g. `#ml-deploys`.")
+    webhook_url: str | None = Field(default=None, description="Generic JSON webhook.")
     on: tuple[
         Literal["blocked", "degraded", "rolled_back", "promoted", "held", "failed", "progress"], ...
-    ] = ("blocked", "degraded", "rolled_back", "promoted", "held", "failed", "progress")
+    ] = Field(
+        default=("blocked", "degraded", "rolled_back", "promoted", "held", "failed", "progress"),
+        description="Which notices to send; `progress`: one message per rollout, updated.",
+    )
 
 
 def _default_classes() -> dict[str, ModelClassPolicy]:

@@ -297,3 +297,66 @@ def write_reference(path: Path = EVENT_REFERENCE) -> Path:
 
 def reference_stale(path: Path = EVENT_REFERENCE) -> bool:
     return not path.exists() or path.read_text(encoding="utf-8") != event_reference()
+
+
+# ---- the policy reference (docs/policy.md), generated from the policy models -------------------
+
+POLICY_REFERENCE = Path("docs") / "policy.md"
+
+
+def _policy_rows(schema: dict[str, Any], defs: dict[str, Any], prefix: str) -> list[str]:
+    rows: list[str] = []
+    for name, prop in schema.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        target = prop
+        if "$ref" in prop:
+            target = defs[str(prop["$ref"]).rsplit("/", 1)[1]]
+        if target.get("type") == "object" and "properties" in target:
+            rows += _policy_rows(target, defs, key + ".")
+            continue
+        desc = " ".join(str(prop.get("description", "")).split()).replace("|", "\\|")
+        default = json.dumps(prop["default"]) if "default" in prop else ""
+        rows.append(f"| `{key}` | {_type_of(prop)} | `{default}` | {desc} |")
+    return rows
+
+
+def policy_reference() -> str:
+    """docs/policy.md: every policy key, its type, default and meaning (generated)."""
+    from services.contracts.policy import Policy
+
+    schema = Policy.model_json_schema(mode="serialization")
+    defs = schema.get("$defs", {})
+    lines = [
+        "# Policy reference",
+        "",
+        "Generated from `services/contracts/policy.py` by `preflight schemas`; do not edit.",
+        "",
+        "A policy file (`PREFLIGHT_POLICY_FILE`) has three sections, each a partial policy:",
+        "`defaults`, `teams.<team>` (the request's `requested_by.team`) and `models.<model>`.",
+        "A deployment's `policy_overrides` is the last layer. Later layers win key by key;",
+        "lists (canary steps) are replaced whole. Unknown keys are errors naming the file and",
+        "the key, so a typo never switches a check off silently. The built-in file, with",
+        "comments: `services/contracts/default_policy.yaml`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += _policy_rows(schema, defs, "")
+    lines += [
+        "",
+        "`model_classes` maps a class name (the request's `model_class`) to latency thresholds",
+        "for the benchmarker and, optionally, canary thresholds that replace",
+        "`canary.thresholds` for that class. Built in: `default`, `small`, `large`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_policy_reference(path: Path = POLICY_REFERENCE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(policy_reference(), encoding="utf-8")
+    return path
+
+
+def policy_reference_stale(path: Path = POLICY_REFERENCE) -> bool:
+    return not path.exists() or path.read_text(encoding="utf-8") != policy_reference()
