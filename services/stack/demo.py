@@ -189,7 +189,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         f"policy: {settings.policy_file} (TIME-COMPRESSED profile: canary 5% for 10 s, 50% for "
         "8 s, analysis every second; production runs 180 s and 120 s)"
     )
-    console.print(f"1/5 generating sample models in {models} (trained on CPU once, then cached)")
+    console.print(f"1/4 generating sample models in {models} (trained on CPU once, then cached)")
     dirs = {
         "v1": write_trained_model(models / f"{MODEL}-v1", variant="good", seed=0),
         "v2": write_trained_model(models / f"{MODEL}-v2", variant="good", seed=1),
@@ -200,7 +200,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
     for scenario in SCENARIOS:
         console.print(f"    {scenario.version}: {scenario.what}")
 
-    console.print("2/5 starting the embedded stack")
+    console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
     servers = InferenceServers(data_dir / "logs")
     traffic: Traffic | None = None
@@ -227,7 +227,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
             )
             replacing = f" (replacing {previous.version})" if previous else ""
             console.print(
-                f"4/5 deploying {MODEL} {version}{replacing} as {request.deployment_id}, "
+                f"3/4 deploying {MODEL} {version}{replacing} as {request.deployment_id}, "
                 f"expected: {scenario.expected}"
             )
             seen = asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
@@ -238,7 +238,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
                 )
             if previous is not None and not traffic.started:
                 console.print(
-                    f"3/5 users: {DEMO_RPS:g} requests/s to {MODEL} through the router at "
+                    f"    users: {DEMO_RPS:g} requests/s to {MODEL} through the router at "
                     f"{stack.router_url} (rollout pages: {stack.page_url}/rollouts)"
                 )
                 traffic.start()
@@ -250,12 +250,18 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
     finally:
         if traffic is not None:
             traffic.stop()
-        console.print("5/5 stopping the stack and the inference servers")
+        console.print("4/4 stopping the stack and the inference servers")
         servers.stop()
         stack.stop()
 
     summaries = list(render.summarise(events).values())
     console.print(render.summary_table(summaries, title="demo outcome"))
+    for summary in summaries:
+        if summary.numbers:
+            console.print(
+                f"  {summary.version} {summary.outcome}, last window: {summary.numbers}",
+                highlight=False,
+            )
     if traffic is not None:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(traffic.by_status.items()))
         console.print(f"user traffic: {traffic.sent} requests through the router ({statuses})")

@@ -73,7 +73,8 @@ def describe(event: DeploymentEvent) -> str:
             return f"{head}canary step {step}: {event.weight:g}% for {event.duration_s:g} s"
         case CanaryAnalysed():
             numbers = compare(event.canary, event.stable)
-            return f"{head}canary analysed: {event.verdict} ({numbers}) {escape(event.reason)}"
+            why = "" if event.verdict == "healthy" else f": {escape(event.reason)}"
+            return f"{head}canary analysed: {event.verdict} ({numbers}){why}"
         case DeploymentPromoted():
             numbers = ""
             if event.canary is not None:
@@ -197,7 +198,7 @@ def summary_table(summaries: Sequence[DeploymentSummary], title: str = "deployme
     table.add_column("deployment", no_wrap=True)
     for column in ("model", "version", "validation", "benchmark", "canary", "outcome"):
         table.add_column(column, overflow="fold")
-    table.add_column("canary vs stable (last window)", overflow="fold")
+
     for s in summaries:
         outcome = s.outcome + (" (degraded)" if s.degraded else "")
         style = {"promoted": "green", "in progress": "yellow"}.get(s.outcome, "red")
@@ -209,6 +210,5 @@ def summary_table(summaries: Sequence[DeploymentSummary], title: str = "deployme
             s.stages.get("benchmark", "-"),
             s.stages.get("canary", "-"),
             f"[{style}]{outcome}[/{style}]",
-            s.numbers or "-",
         )
     return table
