@@ -343,3 +343,27 @@ async def test_a_metrics_store_that_fails_is_never_read_as_healthy(
     stored = await engine.store.get(req.deployment_id)
     assert stored is not None and stored.state.phase is Phase.HELD
     assert stored.state.last_verdict == "no_data"
+
+
+async def test_rollouts_of_different_models_run_side_by_side(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    healthy, failing = request("org/side-a"), request("org/side-b")
+    traffic_a = Traffic(chdb_client, healthy.deployment_id, healthy.model, seed=1)
+    traffic_b = Traffic(chdb_client, failing.deployment_id, failing.model, seed=2)
+    await engine.begin(new_rollout(healthy, clock))
+    await engine.begin(new_rollout(failing, clock))
+    for _ in range(6):  # 30 s: the failing one is caught, the healthy one keeps going
+        for traffic, bad in ((traffic_a, 0.0), (traffic_b, 0.10)):
+            weight = (await route_of(engine, traffic.model)).canary_weight
+            traffic.run(clock.now, 5, weight, canary_error_rate=bad)
+        clock.now += timedelta(seconds=5)
+        await engine.tick()
+    a = await engine.store.get(healthy.deployment_id)
+    b = await engine.store.get(failing.deployment_id)
+    assert a is not None and a.state.phase is Phase.STEP
+    assert b is not None and b.state.phase is Phase.ROLLED_BACK
+    assert (await route_of(engine, "org/side-a")).canary_weight == 5
+    assert (await route_of(engine, "org/side-b")).canary is None
