@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -188,7 +189,16 @@ def build(settings: Settings) -> ServiceApp:
             log.info("metrics ingest runs in this process (embedded ClickHouse engine)")
         state["tasks"] = tasks
         if settings.controller_http_port:
-            state["page"] = await start_page(settings, engine, metrics)
+
+            def health() -> dict[str, Any]:
+                problems = []
+                if not nc.is_connected:
+                    problems.append("not connected to NATS")
+                problems += [f"{t.get_name()} stopped" for t in tasks if t.done()]
+                status = "unavailable" if problems else "ok"
+                return {"status": status, "problems": problems, "instance": settings.instance}
+
+            state["page"] = await start_page(settings, engine, metrics, health)
 
     @svc.app.after_shutdown
     async def close_stores() -> None:
@@ -272,7 +282,12 @@ async def start_rollout(
     await engine.begin(rollout)
 
 
-async def start_page(settings: Settings, engine: Engine, metrics: ClickHouseMetrics) -> Any:
+async def start_page(
+    settings: Settings,
+    engine: Engine,
+    metrics: ClickHouseMetrics,
+    health: Callable[[], dict[str, Any]],
+) -> Any:
     """The rollout page (the link target in the embedded stack); none if not built."""
     try:
         from services.canary_controller.page import build_page_app
@@ -289,7 +304,9 @@ async def start_page(settings: Settings, engine: Engine, metrics: ClickHouseMetr
             return [s.state for s in await engine.store.all()]
 
     # The page gives up on a slow series query a little after the store's own timeout would.
-    app = build_page_app(Reader(), metrics, series_timeout_s=queries.DEFAULT_TIMEOUT_S + 2)
+    app = build_page_app(
+        Reader(), metrics, health=health, series_timeout_s=queries.DEFAULT_TIMEOUT_S + 2
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.controller_http_host, settings.controller_http_port)

@@ -208,6 +208,26 @@ def test_a_plain_client_deploys_from_schemas_and_reads_the_outcome(
     assert wait_gone(pids) == []
 
 
+def test_the_router_and_the_rollout_pages_answer_health_checks(stack: RunningStack) -> None:
+    import urllib.request
+
+    pages = stack.info["rollouts_url"].removesuffix("/rollouts")
+    for url in (f"{stack.info['router_url']}/healthz", f"{pages}/healthz"):
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+                    body = json.loads(resp.read())
+                    assert resp.status == 200 and body["status"] == "ok", body
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    with urllib.request.urlopen(stack.info["rollouts_url"], timeout=5) as resp:  # noqa: S310
+        assert "rollouts" in resp.read().decode().lower()
+
+
 def test_a_killed_supervisor_leaves_nothing_behind(stack: RunningStack) -> None:
     pids = stack.pids
     stack.stop(signal.SIGKILL)
