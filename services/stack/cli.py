@@ -638,9 +638,27 @@ def service_health(
 
     if name not in registry.SERVICES:
         fail(f"unknown service {name!r}; known: {', '.join(registry.SERVICES)}")
-    healthy, why = check_health(load_settings(), name)
+    settings = load_settings()
+    if registry.server_of(name) is not None:  # an HTTP service: ask its /healthz
+        healthy, why = _http_health(name, settings)
+    else:
+        healthy, why = check_health(settings, name)
     out.print(why, highlight=False)
     raise typer.Exit(0 if healthy else EXIT_FAILED)
+
+
+def _http_health(name: str, settings: Settings) -> tuple[bool, str]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{settings.router_host}:{settings.router_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200, f"{name}: healthy ({url})"
+    except urllib.error.HTTPError as exc:
+        return False, f"{name}: {url} answered {exc.code}: {exc.read(500).decode(errors='replace')}"
+    except OSError as exc:
+        return False, f"{name}: {url} did not answer: {exc}"
 
 
 @service_app.command("list")
