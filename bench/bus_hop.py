@@ -19,7 +19,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -28,12 +27,11 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import nats
-from machine import command_line  # bench/machine.py (scripts run from bench/)
+from machine import command_line, describe_machine  # bench/machine.py (scripts run from bench/)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -43,7 +41,7 @@ from services.contracts.events import DeploymentRequested
 from services.contracts.policy import load_policy_file
 from services.contracts.routing import subject_for
 from services.runtime import bus, processes, registry
-from services.runtime.nats_server import NatsServer, binary
+from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 from services.validator.app import handle_requested
 
@@ -486,32 +484,7 @@ async def measure(args: argparse.Namespace, settings: Settings, logs: Path) -> R
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    server = subprocess.run(
-        [str(binary()), "--version"], capture_output=True, text=True, check=False, timeout=10
-    ).stdout.strip()
-    versions = {}
-    for dist in ("nats-py", "faststream", "pydantic"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "nats_server": server.removeprefix("nats-server: "),
-        **versions,
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
+    return describe_machine(("nats-py", "faststream", "pydantic"), nats_server=True)
 
 
 def render(report: Report) -> str:

@@ -21,11 +21,8 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,20 +30,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
-from machine import command_line  # bench/machine.py (scripts run from bench/)
+from machine import command_line, describe_machine  # bench/machine.py (scripts run from bench/)
 from nats.js import JetStreamContext
 
 from services.contracts import subjects
 from services.contracts.events import RequestMetricsBatch, RequestRecord
 from services.metrics import ingest, queries
 from services.runtime import bus, clickhouse
-from services.runtime.nats_server import NatsServer, binary
+from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
 
 RECORDS_PER_BATCH: Final = 500
@@ -476,32 +472,9 @@ class Report:
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    server = subprocess.run(
-        [str(binary()), "--version"], capture_output=True, text=True, check=False, timeout=10
-    ).stdout.strip()
-    versions = {}
-    for dist in ("chdb-core", "clickhouse-connect", "pyarrow", "nats-py", "pydantic"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "nats_server": server.removeprefix("nats-server: "),
-        **versions,
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
+    return describe_machine(
+        ("chdb-core", "clickhouse-connect", "pyarrow", "nats-py", "pydantic"), nats_server=True
+    )
 
 
 def render(report: Report) -> str:

@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from faststream.nats import TestApp
-from machine import command_line  # bench/machine.py (scripts run from bench/)
+from machine import command_line, describe_machine  # bench/machine.py (scripts run from bench/)
 from pydantic import SecretStr
 
 # The Slack-shaped server lives with the tests; the repository root makes it importable.
@@ -190,28 +187,7 @@ async def measure_bus(args: argparse.Namespace, settings: Settings) -> tuple[Any
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("nats-py", "faststream", "slack_sdk", "aiohttp", "pydantic"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        **versions,
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
+    return describe_machine(("nats-py", "faststream", "slack_sdk", "aiohttp", "pydantic"))
 
 
 def render(report: Report) -> str:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -30,11 +29,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
-from machine import command_line  # bench/machine.py (scripts run from bench/)
+from machine import command_line, describe_machine  # bench/machine.py (scripts run from bench/)
 
 from services.contracts import subjects
 from services.contracts.events import Route, RouteTarget
@@ -360,28 +358,7 @@ async def measure(args: argparse.Namespace, root: Path) -> Report:
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("aiohttp", "nats-py", "prometheus-client"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        **versions,
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
+    return describe_machine(("aiohttp", "nats-py", "prometheus-client"))
 
 
 def render(report: Report) -> str:
