@@ -219,23 +219,7 @@ def error_rate_test(
     if not 0.0 <= max_error_rate <= 1.0:
         raise ValueError(f"max_error_rate must be in [0, 1], got {max_error_rate}")
 
-    def result(
-        outcome: Literal["pass", "fail", "insufficient"],
-        reason: str,
-        observed: float | None = None,
-        p_value: float | None = None,
-    ) -> TestResult:
-        return TestResult(
-            name="error_rate",
-            outcome=outcome,
-            observed=observed,
-            threshold=max_error_rate,
-            within_threshold=None if observed is None else _within(observed, max_error_rate),
-            p_value=p_value,
-            alpha=alpha,
-            n=max(requests, 0),
-            reason=reason,
-        )
+    result = _ResultOf("error_rate", max_error_rate, alpha, max(requests, 0))
 
     if requests < 0 or errors < 0 or errors > requests:
         return result(
@@ -279,23 +263,7 @@ def latency_test(
     n, m = len(canary), len(stable)
     factor = 1.0 + max_p95_increase
 
-    def result(
-        outcome: Literal["pass", "fail", "insufficient"],
-        reason: str,
-        observed: float | None = None,
-        p_value: float | None = None,
-    ) -> TestResult:
-        return TestResult(
-            name="latency",
-            outcome=outcome,
-            observed=observed,
-            threshold=max_p95_increase,
-            within_threshold=None if observed is None else _within(observed, max_p95_increase),
-            p_value=p_value,
-            alpha=alpha,
-            n=n,
-            reason=reason,
-        )
+    result = _ResultOf("latency", max_p95_increase, alpha, n)
 
     if n == 0:
         return result("insufficient", "no canary latencies in the window")
@@ -379,6 +347,36 @@ def assess(
 
 
 # ---- small pieces -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ResultOf:
+    """Builds one test's results: what varies is the outcome, the reason and the numbers."""
+
+    name: Literal["error_rate", "latency"]
+    threshold: float
+    alpha: float
+    n: int
+
+    def __call__(
+        self,
+        outcome: Literal["pass", "fail", "insufficient"],
+        reason: str,
+        observed: float | None = None,
+        p_value: float | None = None,
+    ) -> TestResult:
+        within = None if observed is None else _within(observed, self.threshold)
+        return TestResult(
+            name=self.name,
+            outcome=outcome,
+            observed=observed,
+            threshold=self.threshold,
+            within_threshold=within,
+            p_value=p_value,
+            alpha=self.alpha,
+            n=self.n,
+            reason=reason,
+        )
 
 
 def _check_alpha(alpha: float) -> None:
