@@ -280,6 +280,13 @@ def deploy(
         return await bus.publish_event(js, request)
 
     ack = run_async(lambda: _connected(settings, send))
+    if endpoint is None and stable is not None and not as_json:
+        err.print(
+            "note: no --endpoint: the preflight router cannot send this version its canary "
+            "share; unless your own gateway routes by the route bucket, the canary gets no "
+            "traffic and ends held for a person",
+            highlight=False,
+        )
     if as_json and not wait:
         print(
             json.dumps({"deployment_id": request.deployment_id, "duplicate": bool(ack.duplicate)})
