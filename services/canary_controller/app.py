@@ -219,6 +219,11 @@ def build(settings: Settings) -> ServiceApp:
         engine: Engine = state["engine"]
         for event in handle_benchmarked(benchmarked, svc.policy_file, settings):
             if isinstance(event, DeploymentPromoted):
+                # Canary off for this one: a rollout of the model still running would have its
+                # route taken from under it, so it is rolled back (superseded) first.
+                await engine.supersede(
+                    benchmarked.model, benchmarked.deployment_id, benchmarked.version
+                )
                 await engine.write_route(promoted_route(event, canary_target(benchmarked)))
             await svc.sink.publish_event(event)
         try:
@@ -249,6 +254,13 @@ async def start_rollout(
     canary = canary_target(benchmarked)
     route = await engine.current_route(request.model)
     stable = stable_target(benchmarked, route)
+    if stable is not None and stable.deployment_id == request.deployment_id:
+        # A redelivery after this version was already made stable (first version): never
+        # canary a version against itself; say the outcome again (deduplicated by id).
+        report = first_version_report(request.model, settings.instance)
+        url = metrics_url(settings, benchmarked.deployment_id, benchmarked.model, rollout=False)
+        await svc.sink.publish_event(pipeline.promoted_without_canary(benchmarked, report, url))
+        return
     if stable is None:
         report = first_version_report(request.model, settings.instance)
         url = metrics_url(settings, benchmarked.deployment_id, benchmarked.model, rollout=False)
@@ -278,7 +290,7 @@ async def start_rollout(
             request.deployment_id,
         )
     if policy.canary.on_new_version == "supersede":
-        await engine.supersede(request.model, rollout)
+        await engine.supersede(request.model, rollout.deployment_id, rollout.version)
     await engine.begin(rollout)
 
 

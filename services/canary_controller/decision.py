@@ -118,6 +118,20 @@ def begin_step(state: RolloutState, index: int, now: datetime) -> RolloutState:
     )
 
 
+def begin_bake(state: RolloutState, now: datetime) -> RolloutState:
+    return state.model_copy(
+        update={
+            "phase": Phase.BAKE,
+            "baking": True,
+            "step_started_at": now,
+            "step_ends_at": now + timedelta(seconds=state.policy.bake_s),
+            "held_deadline": None,
+            "paused_from": None,
+            "paused_remaining_s": None,
+        }
+    )
+
+
 def analysis_due(state: RolloutState, now: datetime) -> bool:
     """Time for a look: the interval has passed since the last one (or none yet this step)."""
     if state.phase.terminal or state.phase is Phase.QUEUED:
@@ -175,7 +189,7 @@ def decide(
         windows.insert(0, ("last " + _seconds(policy.lookback_s), observation.recent))
     alpha = alpha_per_test(policy, state.looks + 1, TESTS_PER_WINDOW * len(windows))
     assessed = [
-        (label, window, _assess(window, thresholds, policy, alpha, bake=phase is Phase.BAKE))
+        (label, window, _assess(window, thresholds, policy, alpha, bake=state.baking))
         for label, window in windows
     ]
     for label, window, assessment in assessed:
@@ -218,7 +232,7 @@ def decide(
     if now < state.step_ends_at:
         return look("wait", step_assessment.reason)
     if ready:
-        last_step = phase is Phase.BAKE or state.step_index + 1 >= len(policy.steps)
+        last_step = state.baking or state.step_index + 1 >= len(policy.steps)
         action: Action = "promote" if last_step else "advance"
         return look(action, step_assessment.reason)
     deadline = state.step_deadline
@@ -286,7 +300,10 @@ def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutStat
     """The state after `decision` was carried out at `now`."""
     update: dict[str, object] = {}
     if decision.analysed:
-        update["looks"] = state.looks + 1
+        # Paused and held rollouts are still watched, but their looks do not spend the
+        # false-rollback budget: a long hold must not blunt the tests when it resumes.
+        if state.phase in (Phase.STEP, Phase.BAKE):
+            update["looks"] = state.looks + 1
         update["last_analysis_at"] = now
         update["last_verdict"] = decision.verdict
         update["last_reason"] = decision.reason
@@ -306,18 +323,11 @@ def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutStat
             now,
         )
     if action == "promote":
-        completed = state.steps_completed + (0 if state.phase is Phase.BAKE else 1)
+        completed = state.steps_completed + (0 if state.baking else 1)
         if decision.by == "manual":
             completed = state.steps_completed
-        if state.phase is not Phase.BAKE and state.policy.bake_s > 0 and decision.by != "manual":
-            return state.model_copy(
-                update={
-                    "phase": Phase.BAKE,
-                    "steps_completed": completed,
-                    "step_started_at": now,
-                    "step_ends_at": now + timedelta(seconds=state.policy.bake_s),
-                }
-            )
+        if not state.baking and state.policy.bake_s > 0 and decision.by != "manual":
+            return begin_bake(state.model_copy(update={"steps_completed": completed}), now)
         return state.model_copy(
             update={"phase": Phase.PROMOTED, "steps_completed": completed, "finished_at": now}
         )
@@ -339,7 +349,10 @@ def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutStat
         )
     if action == "resume":
         if state.phase is Phase.HELD or state.paused_from is Phase.HELD:
-            return begin_step(state, state.step_index, now)  # a fresh look at the same weight
+            # A fresh look at the same weight: the step (or the bake) starts again.
+            if state.baking:
+                return begin_bake(state, now)
+            return begin_step(state, state.step_index, now)
         remaining = state.paused_remaining_s or 0.0
         return state.model_copy(
             update={

@@ -20,6 +20,7 @@ from typing import Protocol
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from services.canary_controller import decision as rules
 from services.canary_controller.effects import effects
@@ -61,6 +62,8 @@ class RolloutStore:
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        # Finished rollouts never change again: once seen, `all` stops reading them.
+        self.finished: set[str] = set()
 
     async def get(self, deployment_id: str) -> Stored | None:
         try:
@@ -69,18 +72,32 @@ class RolloutStore:
             return None
         if entry.value is None or entry.revision is None:
             return None
-        return Stored(RolloutState.from_bytes(entry.value), entry.revision)
+        try:
+            state = RolloutState.from_bytes(entry.value)
+        except ValidationError as exc:
+            # One bad entry (hand-edited, or from another version) must not stop the others.
+            log.error("rollout %s in KV does not parse, skipped: %s", deployment_id, exc)
+            return None
+        return Stored(state, entry.revision)
 
-    async def all(self) -> list[Stored]:
+    async def all(self, *, live_only: bool = False) -> list[Stored]:
+        """Every rollout that parses; with `live_only`, finished ones with nothing pending."""
         try:
             keys = await self.kv.keys()
         except nats.js.errors.NoKeysError:
             return []
         out = []
         for key in keys:
+            if live_only and key in self.finished:
+                continue
             stored = await self.get(key)
-            if stored is not None:
-                out.append(stored)
+            if stored is None:
+                continue
+            if stored.state.phase.terminal and stored.state.pending is None:
+                self.finished.add(key)
+                if live_only:
+                    continue
+            out.append(stored)
         return out
 
     async def create(self, state: RolloutState) -> int:
@@ -115,6 +132,7 @@ class Engine:
         self.metrics = metrics
         self.metrics_url = metrics_url
         self.clock = clock
+        self._model_locks: dict[str, asyncio.Lock] = {}
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -137,12 +155,28 @@ class Engine:
     # ---- starting ---------------------------------------------------------------------------
 
     async def active_for_model(self, model: str, *, exclude: str = "") -> list[Stored]:
+        """Rollouts of `model` that hold its route, or have a route write still to replay."""
         return [
             s
-            for s in await self.store.all()
+            for s in await self.store.all(live_only=True)
             if s.state.model == model
             and s.state.deployment_id != exclude
-            and s.state.phase.holds_route
+            and (
+                s.state.phase.holds_route
+                or (s.state.pending is not None and s.state.pending.route_json is not None)
+            )
+        ]
+
+    async def queued_before(self, state: RolloutState) -> list[Stored]:
+        """Queued rollouts of the same model that arrived earlier: they go first."""
+        return [
+            s
+            for s in await self.store.all(live_only=True)
+            if s.state.model == state.model
+            and s.state.phase is Phase.QUEUED
+            and s.state.deployment_id != state.deployment_id
+            and (s.state.created_at, s.state.deployment_id)
+            < (state.created_at, state.deployment_id)
         ]
 
     async def begin(self, state: RolloutState) -> None:
@@ -156,22 +190,37 @@ class Engine:
             return
         await self.maybe_start(Stored(state, revision))
 
-    async def supersede(self, model: str, by: RolloutState) -> None:
-        """Roll back every running rollout of `model` in favour of `by`."""
-        for stored in await self.active_for_model(model, exclude=by.deployment_id):
+    async def supersede(self, model: str, by_id: str, by_version: str = "") -> None:
+        """Roll back every running rollout of `model` in favour of deployment `by_id`."""
+        for stored in await self.active_for_model(model, exclude=by_id):
+            if stored.state.pending is not None:
+                stored = await self.finish_pending(stored)
+            if stored.state.phase.terminal:
+                continue
             decision = rules.Decision(
                 "rollback",
-                f"superseded by {by.version} ({by.deployment_id})",
+                f"superseded by {by_version or 'a newer deployment'} ({by_id})",
                 trigger="superseded",
             )
             await self.transition(stored, decision, self.clock())
 
     async def maybe_start(self, stored: Stored) -> None:
+        # One start decision per model at a time in this process: two queued rollouts of one
+        # model must not both see the route free.
+        lock = self._model_locks.setdefault(stored.state.model, asyncio.Lock())
+        async with lock:
+            fresh = await self.store.get(stored.state.deployment_id)
+            if fresh is not None:
+                await self._maybe_start(fresh)
+
+    async def _maybe_start(self, stored: Stored) -> None:
         state = stored.state
         if state.phase is not Phase.QUEUED:
             return
         if await self.active_for_model(state.model, exclude=state.deployment_id):
             return  # waits its turn; the tick retries
+        if await self.queued_before(state):
+            return  # an older version of the model was queued first
         route = await self.current_route(state.model)
         if route is not None and route.stable is not None:
             state = state.model_copy(update={"stable": route.stable})
@@ -185,7 +234,7 @@ class Engine:
 
     async def tick(self) -> None:
         """One pass over every live rollout; errors in one rollout do not stop the others."""
-        stored_all = await self.store.all()
+        stored_all = await self.store.all(live_only=True)
         # Oldest first, so queued rollouts start in the order they arrived.
         for stored in sorted(stored_all, key=lambda s: s.state.created_at):
             if stored.state.phase.terminal and stored.state.pending is None:
@@ -199,7 +248,11 @@ class Engine:
 
     async def step(self, stored: Stored) -> None:
         if stored.state.pending is not None:
-            stored = await self.finish_pending(stored)
+            # Re-read first: an older snapshot's effects must not be replayed over newer ones.
+            fresh = await self.store.get(stored.state.deployment_id)
+            if fresh is None:
+                return
+            stored = await self.finish_pending(fresh)
         state = stored.state
         if state.phase.terminal:
             return
@@ -216,6 +269,9 @@ class Engine:
         )
         if not rules.analysis_due(state, now) and not deadline_passed:
             return
+        start = state.step_started_at or state.created_at
+        if now <= start:
+            return  # the clock is at or behind the step start: nothing to measure yet
         observation = await self.observe(state, now)
         decision = rules.decide(state, observation, state.policy, state.thresholds, now)
         if decision.action == "wait" and not decision.analysed and decision.verdict is None:

@@ -91,12 +91,17 @@ class RolloutState(BaseModel):
     last_verdict: str | None = None
     last_reason: str = ""
     steps_completed: int = 0
+    baking: bool = Field(
+        default=False, description="Past the last step, at 100% (the bake, or held/paused in it)."
+    )
     finished_at: datetime | None = None
     pending: PendingEffects | None = None
 
     @property
     def weight(self) -> float:
         """The canary's share of requests in this phase."""
+        if self.baking and self.phase in (Phase.BAKE, Phase.HELD, Phase.PAUSED):
+            return 100.0
         if self.phase in (Phase.STEP, Phase.HELD, Phase.PAUSED):
             return self.policy.steps[self.step_index].weight
         if self.phase is Phase.BAKE:
@@ -108,7 +113,7 @@ class RolloutState(BaseModel):
         """The latest a step may run when short of traffic: its nominal end plus the extension."""
         if self.step_ends_at is None:
             return None
-        if self.phase is Phase.BAKE:
+        if self.baking:
             return self.step_ends_at
         return self.step_ends_at + timedelta(seconds=self.policy.max_step_extension_s)
 

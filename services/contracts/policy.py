@@ -98,6 +98,7 @@ class CanaryPolicy(_Strict):
     enabled: bool = Field(default=True, description="Canary on real traffic; off: promoted.")
     steps: tuple[CanaryStep, ...] = Field(
         default=(CanaryStep(weight=5, duration_s=180), CanaryStep(weight=50, duration_s=120)),
+        min_length=1,
         description="Weights (percent) and durations; 100% follows the last step.",
     )
     thresholds: CanaryThresholds = CanaryThresholds()

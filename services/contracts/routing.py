@@ -66,10 +66,14 @@ def message_id_for(event: Event, nonce: str | None = None) -> str:
     once per invocation, so a retried publish of the same invocation is still deduplicated.
     """
     name = subject_for(event).rsplit(".", 1)[1]
+    # A step can start (and a rollout be held) more than once: resumed after a hold, the step
+    # starts again. The start time, or the deadline, tells the occurrences apart.
     if isinstance(event, CanaryStepStarted):
-        return subjects.message_id(event.deployment_id, name, event.step_index)
+        stamp = event.occurred_at.strftime("%Y%m%dT%H%M%S.%f")
+        return subjects.message_id(event.deployment_id, name, f"{event.step_index}:{stamp}")
     if isinstance(event, DeploymentHeld):
-        return subjects.message_id(event.deployment_id, name, event.step_index)
+        stamp = event.deadline.strftime("%Y%m%dT%H%M%S.%f")
+        return subjects.message_id(event.deployment_id, name, f"{event.step_index}:{stamp}")
     if isinstance(event, CanaryAnalysed):
         stamp = event.window_end.strftime("%Y%m%dT%H%M%S.%f")
         return subjects.message_id(event.deployment_id, name, f"{event.step_index}:{stamp}")

@@ -32,8 +32,15 @@ def sticky_point(client: str, canary_deployment_id: str) -> float:
 
 
 def canary_live(route: Route) -> bool:
-    """True while a canary target exists and takes some traffic."""
-    return route.canary is not None and route.canary_weight > 0
+    """True while a canary target we can reach exists and takes some traffic.
+
+    A canary without an upstream (a deployment with no endpoint) stays in the route for
+    gateways that route by version, but this router keeps its users on the stable version
+    rather than answering them 503.
+    """
+    return (
+        route.canary is not None and route.canary.upstream is not None and route.canary_weight > 0
+    )
 
 
 def pick_role(route: Route, *, draw: float, client: str | None = None) -> Role:

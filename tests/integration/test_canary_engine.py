@@ -367,3 +367,60 @@ async def test_rollouts_of_different_models_run_side_by_side(
     assert b is not None and b.state.phase is Phase.ROLLED_BACK
     assert (await route_of(engine, "org/side-a")).canary_weight == 5
     assert (await route_of(engine, "org/side-b")).canary is None
+
+
+async def test_a_rollout_entry_that_does_not_parse_does_not_stop_the_others(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    await engine.store.kv.put("d-garbage", b'{"not": "a rollout"}')
+    req = request("org/next-to-garbage")
+    await engine.begin(new_rollout(req, clock))
+    await engine.on_command(AbortDeployment(**ids(req), requested_by=Requester(user="ana")))
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.ROLLED_BACK
+    await engine.tick()  # no exception escapes
+
+
+async def test_a_finished_rollouts_replayed_route_never_clobbers_the_next_one(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    first, second = request("org/replay", "v2"), request("org/replay", "v3")
+    await engine.begin(new_rollout(first, clock))
+    stored = await engine.store.get(first.deployment_id)
+    assert stored is not None
+    # Aborted, state written with its effects, then the controller died before doing them.
+    decision = rules.command(stored.state, "AbortDeployment", "ana", clock())
+    after = rules.apply(stored.state, decision, clock())
+    pending = effects(stored.state, after, decision, clock(), None)
+    await engine.store.update(after.model_copy(update={"pending": pending}), stored.revision)
+    # After the restart, the next version arrives before the first tick: it must wait.
+    restarted = await make_engine(js, chdb_client, clock)
+    await restarted.begin(new_rollout(second, clock))
+    waiting = await restarted.store.get(second.deployment_id)
+    assert waiting is not None and waiting.state.phase is Phase.QUEUED
+    await restarted.tick()  # replays the abort's route, then starts the second rollout
+    await restarted.tick()
+    route = await route_of(restarted, "org/replay")
+    assert route.canary is not None and route.canary.deployment_id == second.deployment_id
+
+
+async def test_queued_versions_start_in_the_order_they_arrived(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    running, older, newer = (request("org/order", v) for v in ("v2", "v3", "v4"))
+    await engine.begin(new_rollout(running, clock))
+    await engine.begin(new_rollout(older, clock))
+    clock.now += timedelta(seconds=1)
+    await engine.on_command(AbortDeployment(**ids(running), requested_by=Requester(user="ana")))
+    await engine.begin(new_rollout(newer, clock))  # arrives before the next tick
+    stored = await engine.store.get(newer.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.QUEUED
+    await engine.tick()
+    route = await route_of(engine, "org/order")
+    assert route.canary is not None and route.canary.deployment_id == older.deployment_id

@@ -283,7 +283,8 @@ async def test_model_choice_header_default_single_route_and_missing_upstream(
         status, body, _ = await completion(s, running.url)
         assert (status, body["error"], body["header"]) == (400, "no_model", "X-Preflight-Model")
         status, body, _ = await completion(s, running.url, **{"X-Preflight-Model": "org/dark"})
-        assert (status, body["error"], body["role"]) == (503, "no_upstream", "canary")
+        # A canary without an upstream takes no traffic here; the stable has none either: 503.
+        assert (status, body["error"], body["role"]) == (503, "no_upstream", "stable")
         status, body, _ = await completion(s, running.url, **{"X-Preflight-Model": "nope"})
         assert (status, body["error"]) == (404, "unknown_model")
     async with (

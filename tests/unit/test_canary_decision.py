@@ -239,7 +239,7 @@ CASES = [
     ),
     Case(
         "bake: error rate alone judges (no stable traffic at 100%)",
-        rollout(phase=Phase.BAKE, step_ends_at=T0 + timedelta(seconds=60)),
+        rollout(phase=Phase.BAKE, baking=True, step_ends_at=T0 + timedelta(seconds=60)),
         61,
         (lat(400, seed=2), 0, [], 0),
         "promote",
@@ -247,7 +247,7 @@ CASES = [
     ),
     Case(
         "bake: errors roll back",
-        rollout(phase=Phase.BAKE, step_ends_at=T0 + timedelta(seconds=60)),
+        rollout(phase=Phase.BAKE, baking=True, step_ends_at=T0 + timedelta(seconds=60)),
         30,
         (lat(400, seed=2), 40, [], 0),
         "rollback",
@@ -430,3 +430,37 @@ def test_a_queued_rollout_never_touches_the_route() -> None:
 def test_state_round_trips_through_kv_bytes() -> None:
     state = rollout()
     assert RolloutState.from_bytes(state.to_bytes()) == state
+
+
+def test_pausing_or_holding_the_bake_keeps_the_canary_at_100() -> None:
+    policy = POLICY.model_copy(update={"bake_s": 60.0})
+    before = rollout(policy, step_index=1)
+    now = T0 + timedelta(seconds=181)
+    decision = rules.decide(
+        before, rules.Observation(step=case_window(HEALTHY, now)), policy, THRESHOLDS, now
+    )
+    baking = rules.apply(before, decision, now)
+    assert baking.phase is Phase.BAKE and baking.weight == 100
+    paused = rules.apply(baking, rules.command(baking, "PauseDeployment", "x", now), now)
+    assert paused.phase is Phase.PAUSED and paused.weight == 100
+    assert route_for(paused, now).canary_weight == 100
+    held = rules.apply(baking, rules.Decision("hold", "no data", trigger="inconclusive"), now)
+    assert held.phase is Phase.HELD and held.weight == 100
+    later = now + timedelta(seconds=30)
+    resumed = rules.apply(held, rules.command(held, "ResumeDeployment", "x", later), later)
+    assert resumed.phase is Phase.BAKE and resumed.step_ends_at == later + timedelta(seconds=60)
+
+
+def test_paused_and_held_looks_do_not_spend_the_false_rollback_budget() -> None:
+    paused = rollout(phase=Phase.PAUSED, paused_from=Phase.STEP, paused_remaining_s=10.0)
+    now = T0 + timedelta(seconds=60)
+    decision = rules.decide(
+        paused, rules.Observation(step=case_window(HEALTHY, now)), POLICY, THRESHOLDS, now
+    )
+    assert decision.analysed
+    assert rules.apply(paused, decision, now).looks == paused.looks
+
+
+def test_a_policy_without_canary_steps_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        CanaryPolicy(steps=())

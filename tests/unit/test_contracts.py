@@ -134,10 +134,20 @@ def test_every_subject_has_five_tokens() -> None:
 
 def test_message_ids_make_republishing_harmless() -> None:
     assert message_id_for(request()) == message_id_for(request()) == "d-1:requested"
+    started = datetime(2026, 11, 25, 12, 0, 5, tzinfo=UTC)
     step = CanaryStepStarted(
-        deployment_id="d-1", model="m", version="1", step_index=1, weight=50, duration_s=120
+        deployment_id="d-1",
+        model="m",
+        version="1",
+        step_index=1,
+        weight=50,
+        duration_s=120,
+        occurred_at=started,
     )
-    assert message_id_for(step) == "d-1:canary_step:1"
+    assert message_id_for(step) == "d-1:canary_step:1:20261125T120005.000000"
+    # The same step started again later (resumed after a hold) is a new event, not a duplicate.
+    again = step.model_copy(update={"occurred_at": started.replace(minute=30)})
+    assert message_id_for(again) != message_id_for(step)
     command = PromoteDeployment(deployment_id="d-1", model="m", version="1")
     with pytest.raises(ValueError, match="nonce"):
         message_id_for(command)

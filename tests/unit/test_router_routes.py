@@ -180,3 +180,17 @@ def test_hop_by_hop_headers_and_those_named_in_connection_are_not_forwarded() ->
     }
     out = forwardable(headers, frozenset({"host"}))
     assert dict(out) == {"Authorization": "Bearer t", "Content-Type": "application/json"}
+
+
+def test_a_canary_without_an_upstream_takes_no_traffic_from_this_router() -> None:
+    from services.contracts.events import Route, RouteTarget
+    from services.router.routes import canary_live, pick_role
+
+    route = Route(
+        model="org/m",
+        stable=RouteTarget(deployment_id="d-s", version="1", upstream="http://s"),
+        canary=RouteTarget(deployment_id="d-c", version="2", upstream=None),
+        canary_weight=50,
+    )
+    assert not canary_live(route)
+    assert {pick_role(route, draw=d) for d in (0.0, 10.0, 49.9, 99.0)} == {"stable"}
