@@ -476,7 +476,7 @@ def pause(
 def resume(
     deployment_id: IdArg, reason: Reason = "", user: User = None, data_dir: DataDir = None
 ) -> None:
-    """Continue a paused rollout."""
+    """Continue a paused rollout; a held one starts its step again."""
     _command(ResumeDeployment, deployment_id, reason, user, data_dir)
 
 
