@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,16 @@ from services.runtime.settings import Settings
 
 NAME = "metrics-ingest"
 log = logging.getLogger(f"preflight.{NAME}")
+
+
+def _stop_if_died(task: asyncio.Task[None]) -> None:
+    """The ingest is this service's only work: if it dies, stop, so the process is restarted
+    (compose `restart`, a Deployment, the embedded supervisor) instead of idling healthy."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.error("metrics ingest stopped: %s: %s; stopping the service", type(exc).__name__, exc)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def build(
@@ -54,9 +66,11 @@ def build(
         client = await asyncio.to_thread(create)
         nc = await bus.connect(settings, f"preflight-{NAME}-{settings.instance}", reconnect=True)
         state.update(client=client, nc=nc)
-        state["task"] = asyncio.create_task(
+        task = asyncio.create_task(
             run_ingest(nc.jetstream(), client, settings, stop, on_insert, stats=stats), name=NAME
         )
+        task.add_done_callback(_stop_if_died)
+        state["task"] = task
         log.info("metrics ingest into %s started", settings.metrics_table)
 
     @svc.app.after_shutdown
@@ -65,6 +79,7 @@ def build(
         task = state.get("task")
         if task is not None:
             await asyncio.wait([task], timeout=10)
+            task.cancel()
         nc = state.get("nc")
         if nc is not None:
             with contextlib.suppress(Exception):

@@ -172,10 +172,12 @@ def retry_delay(attempt: int | None, base_s: float, cap_s: float = 30.0) -> floa
 def stored_batches_query(
     table: str, batches: Sequence[RequestMetricsBatch]
 ) -> tuple[str, dict[str, Any]] | None:
-    """SQL and parameters that find which batches are stored already.
+    """SQL and parameters that count, per batch, the records the table holds already.
 
     Each batch is looked up by its own deployments and ts range, so the sorting key (deployment,
-    role, ts) narrows every lookup to a few granules however old the batch is.
+    role, ts) narrows every lookup to a few granules however old the batch is. The count matters:
+    an insert that spans two daily partitions can land in one and fail in the other, and such a
+    batch is not stored until all of it is.
     """
     clauses: list[str] = []
     parameters: dict[str, Any] = {}
@@ -195,7 +197,10 @@ def stored_batches_query(
         return None
     where = " OR ".join(clauses)
     # S608: only the checked table name and parameter placeholders are formatted in.
-    sql = f"SELECT DISTINCT batch_id FROM {check_table_name(table)} WHERE {where}"  # noqa: S608
+    sql = (
+        f"SELECT batch_id, uniqExact(seq) FROM {check_table_name(table)} "  # noqa: S608
+        f"WHERE {where} GROUP BY batch_id"
+    )
     return sql, parameters
 
 
@@ -294,16 +299,20 @@ class Ingestor:
             return True
         self.stats.insert_failures += 1
         store_up = await self.store_answers()
+        blame_batches = store_up  # one batch refused by a store that answers: its own fault
         if store_up and len(good) > 1:
             # The store is up but refused the group: insert one batch at a time, so one bad
             # batch does not hold back the rest.
             results = [await self.insert([item]) for item in good]
             failed = [item for item, ok in zip(good, results, strict=True) if not ok]
+            # Only when others went in is a failure the batch's own; if all fail, the store is
+            # refusing inserts (disk full, read-only, too many parts): wait, dead-letter nothing.
+            blame_batches = len(failed) < len(good)
         else:
             failed = good
-        await self.give_back(failed)
+        await self.give_back(failed, dead_letter_last=blame_batches)
         await self.ack_duplicates(items, unless_in=failed)
-        return store_up
+        return store_up and (blame_batches or not failed)
 
     def parse(self, msg: Any) -> Fetched:
         parsed = parse_batch(msg.data)
@@ -352,13 +361,19 @@ class Ingestor:
         if query is None:
             return set()
         sql, parameters = query
-        return {str(row[0]) for row in self.client.query(sql, parameters=parameters).result_rows}
+        held = {
+            str(row[0]): int(row[1])
+            for row in self.client.query(sql, parameters=parameters).result_rows
+        }
+        # Partly stored (a partial insert): store it whole again; FINAL collapses the repeats.
+        return {b.batch_id for b in batches if held.get(b.batch_id, 0) >= len(b.records) > 0}
 
-    async def give_back(self, failed: Sequence[Fetched]) -> None:
-        """Nak for a later try; on the last allowed delivery, dead-letter instead."""
+    async def give_back(self, failed: Sequence[Fetched], *, dead_letter_last: bool = True) -> None:
+        """Nak for a later try; on the last allowed delivery, dead-letter instead, unless the
+        failure is the store's (then the batch waits for it, however long it takes)."""
         reason = self._last_error
         for item in failed:
-            if (item.attempt or 1) >= self.settings.max_deliver:
+            if dead_letter_last and (item.attempt or 1) >= self.settings.max_deliver:
                 await self.dead_letter(item, f"insert failed on attempt {item.attempt}: {reason}")
             else:
                 await item.msg.nak(delay=retry_delay(item.attempt, self.retry_base_s))

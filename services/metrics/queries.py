@@ -44,7 +44,10 @@ __all__ = [
 Role = Literal["stable", "canary"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
 
-ERROR_CONDITION: Final = "(status = 0 OR status >= 500 OR error_kind != '')"
+# A user who hangs up mid-stream ("stop generating") is recorded, but is not the model's error.
+ERROR_CONDITION: Final = (
+    "(status = 0 OR status >= 500 OR (error_kind != '' AND error_kind != 'client_closed'))"
+)
 QUANTILES: Final = "quantilesExactInclusive(0.5, 0.95, 0.99)(latency_ms)"
 WINDOW_FILTER: Final = (
     "deployment_id = {deployment_id:String}"

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -55,6 +55,7 @@ class Router:
     proxy: Proxy
     registry: CollectorRegistry
     prom: RouterMetrics
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         problems = []
@@ -62,6 +63,7 @@ class Router:
             problems.append("not connected to NATS")
         if not self.watcher.live:
             problems.append(self.watcher.problem or "route watch not live")
+        problems += [f"{t.get_name()} stopped" for t in self.tasks if t.done()]
         body: dict[str, Any] = {
             "status": "ok" if not problems else "unavailable",
             "problems": problems,
@@ -166,16 +168,28 @@ async def _lifecycle(app: web.Application) -> Any:
         asyncio.create_task(router.watcher.run(), name="router-route-watch"),
         asyncio.create_task(router.publisher.run(), name="router-metrics"),
     ]
+    router.tasks = tasks
+    for task in tasks:
+        task.add_done_callback(_report_death)
     try:
         yield
     finally:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task that died has been reported already; cleanup must still run.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await router.publisher.close()
         await router.proxy.session.close()
+
+
+def _report_death(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("%s stopped: %s: %s", task.get_name(), type(exc).__name__, exc, exc_info=exc)
 
 
 async def _healthz(request: web.Request) -> web.Response:

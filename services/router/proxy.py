@@ -246,8 +246,9 @@ class Proxy:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
-        await response.prepare(request)
         try:
+            # Inside the try: a client gone before the headers is the client's doing too.
+            await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 if ttfb is None:
                     ttfb = self.clock() - t0

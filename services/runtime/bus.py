@@ -123,7 +123,9 @@ def consumer_config(
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
-        max_deliver=settings.max_deliver,
+        # The ingest counts attempts itself: a batch is dead-lettered only when it is to blame,
+        # and waits out a store outage however long it lasts (the stream's limits bound it).
+        max_deliver=-1 if durable == subjects.INGEST_DURABLE else settings.max_deliver,
         filter_subjects=list(filter_subjects),
         max_ack_pending=1000,
     )

@@ -85,7 +85,12 @@ class Settings(BaseSettings):
     )
     router_connect_timeout_s: float = Field(default=2.0, gt=0)
     router_upstream_timeout_s: float = Field(default=60.0, gt=0, description="Whole request.")
-    metrics_batch_max_records: int = Field(default=500, ge=1, le=100_000)
+    metrics_batch_max_records: int = Field(
+        default=500,
+        ge=1,
+        le=2_000,
+        description="Records per batch; 2,000 keeps a batch (~230 B a record) under NATS's 1 MiB.",
+    )
     metrics_batch_interval_s: float = Field(default=0.2, gt=0)
     metrics_buffer_max_records: int = Field(
         default=50_000, ge=1, description="Records kept while the bus is slow; beyond: dropped."

@@ -425,3 +425,28 @@ async def test_the_standalone_service_ingests(
     async with TestApp(ingest_app.build(settings, stats=stats, on_insert=waiter).app):
         await waiter.until(lambda: stats.records == 30)
     assert count_rows(chdb_client, settings.metrics_table, "d-ingest-1") == 30
+
+
+async def test_a_partly_stored_batch_is_stored_whole_on_redelivery(
+    js: JetStreamContext, chdb_client: Any, table: str, ingest_settings: Settings
+) -> None:
+    """An insert across two daily partitions can land in one and fail in the other."""
+    whole = batch([rec(i, "canary", float(i), 500 if i % 10 == 0 else 200) for i in range(40)])
+    half = whole.model_copy(update={"records": whole.records[:20]})
+    arrow = ingest.to_arrow([half])  # seq = index in the batch, as for the whole batch
+    chdb_client.insert_arrow(table, arrow)
+    await publish_batch(js, whole)
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await waiter.until(lambda: ingestor.stats.batches == 1)
+        assert ingestor.stats.duplicates == 0  # not taken for stored: 20 of 40 were there
+    result = window(chdb_client, table)
+    assert (result.canary.requests, result.canary.errors) == (40, 4)
+
+
+def test_a_user_who_hangs_up_mid_stream_is_not_an_error(chdb_client: Any, table: str) -> None:
+    records = [rec(i, "canary", 5.0) for i in range(98)]
+    records += [rec(100 + i, "canary", 5.0, 200, "client_closed") for i in range(2)]
+    records += [rec(200, "canary", 5.0, 200, "timeout")]
+    chdb_client.insert_arrow(table, ingest.to_arrow([batch(records)]))
+    result = window(chdb_client, table)
+    assert (result.canary.requests, result.canary.errors) == (101, 1)
