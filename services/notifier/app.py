@@ -227,7 +227,9 @@ def build(
     )
     log.info("%s", channels.describe())
 
-    @svc.consume(subjects.NOTIFIER_DURABLE, NOTICE_EVENT)
+    # Redeliveries after a transient failure wait minutes, not seconds: a Slack outage longer
+    # than a minute must not dead-letter a rollback notice (RetryPolicy.redelivery_delay).
+    @svc.consume(subjects.NOTIFIER_DURABLE, NOTICE_EVENT, retry_delay=policy.redelivery_delay)
     async def on_event(event: NoticeEventField) -> None:
         if isinstance(event, Outcome):
             await notifier.handle(event)  # failures: redelivery, then the dead-letter stream
@@ -271,3 +273,9 @@ class _LazyLedger:
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         await (await self._ledger()).put(key, value)
+
+    async def read(self, key: str) -> tuple[dict[str, Any], int] | None:
+        return await (await self._ledger()).read(key)
+
+    async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
+        return await (await self._ledger()).update(key, value, revision)

@@ -2,8 +2,15 @@
 
 Keys (KV-key safe: deployment ids and channel keys hold only `[A-Za-z0-9_-]`):
 
-    <deployment_id>.sent.<kind>[.<step>].<channel>   a notice went out (or was dead-lettered)
-    <deployment_id>.progress.<channel>               the rollout's progress message (channel, ts)
+    <deployment_id>.sent.<kind>[.<step>.<occurrence>].<channel>   a notice went out (or was
+                                                                  dead-lettered)
+    <deployment_id>.progress.<channel>          the rollout's progress message (channel, ts, rank)
+
+`<occurrence>` tells apart the starts of one step and the holds at one step (a resumed hold
+starts its step again): the step's start time or the hold's deadline, `20261125T174500_000000`.
+
+The progress record is read with its revision and written back only if nobody wrote it in
+between (`update`): several notifier instances can handle events of one rollout at once.
 """
 
 from __future__ import annotations
@@ -27,9 +34,21 @@ class NoticeLedger(Protocol):
 
     async def put(self, key: str, value: dict[str, Any]) -> None: ...
 
+    async def read(self, key: str) -> tuple[dict[str, Any], int] | None:
+        """The value and its revision (for `update`); None when absent."""
+        ...
 
-def sent_key(deployment_id: str, kind: str, step: int | None, channel: str) -> str:
+    async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
+        """Write only if the key is still at `revision`; False when someone wrote it since."""
+        ...
+
+
+def sent_key(
+    deployment_id: str, kind: str, step: int | None, channel: str, occurrence: str | None = None
+) -> str:
     middle = kind if step is None else f"{kind}.{step}"
+    if occurrence is not None:
+        middle = f"{middle}.{occurrence.replace('.', '_').replace(':', '_')}"
     return f"{deployment_id}.sent.{middle}.{channel}"
 
 
@@ -61,12 +80,28 @@ class KvLedger:
     async def put(self, key: str, value: dict[str, Any]) -> None:
         await self.kv.put(key, json.dumps(value).encode())
 
+    async def read(self, key: str) -> tuple[dict[str, Any], int] | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        value: dict[str, Any] = json.loads(entry.value or b"{}")
+        return value, int(entry.revision or 0)
+
+    async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
+        try:
+            await self.kv.update(key, json.dumps(value).encode(), last=revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
 
 @dataclass
 class MemoryLedger:
     """The in-memory fake (unit and in-memory broker tests)."""
 
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         return self.entries.get(key)
@@ -74,8 +109,20 @@ class MemoryLedger:
     async def create(self, key: str, value: dict[str, Any]) -> bool:
         if key in self.entries:
             return False
-        self.entries[key] = value
+        await self.put(key, value)
         return True
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
         self.entries[key] = value
+        self.revisions[key] = self.revisions.get(key, 0) + 1
+
+    async def read(self, key: str) -> tuple[dict[str, Any], int] | None:
+        if key not in self.entries:
+            return None
+        return self.entries[key], self.revisions[key]
+
+    async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
+        if self.revisions.get(key) != revision:
+            return False
+        await self.put(key, value)
+        return True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from services.contracts.events import (
@@ -30,9 +30,11 @@ __all__ = [
     "KINDS",
     "NoticeEvent",
     "NoticeKind",
+    "ProgressRank",
     "SlackMessage",
     "check_numbers",
     "kind_of",
+    "occurrence_of",
     "progress_rank",
     "render",
     "render_console",
@@ -125,14 +127,38 @@ def kind_of(event: NoticeEvent) -> NoticeKind:
     return _KIND[type(event)]
 
 
-def progress_rank(event: NoticeEvent) -> float:
-    """Order of states on the one progress message: a late, stale update never overwrites a
-    newer state (steps by index, held just after its step, any final outcome last)."""
+ProgressRank = tuple[float, str]
+"""Where a state sits on the progress message: (step index, or FINAL_RANK; when, UTC stamp)."""
+FINAL_RANK: Final = 1e9
+
+
+def _stamp(when: datetime) -> str:
+    """Fixed-width and sortable, as in the bus's message ids (`services.contracts.routing`)."""
+    return when.strftime("%Y%m%dT%H%M%S.%f")
+
+
+def occurrence_of(event: NoticeEvent) -> str | None:
+    """Which occurrence of a step or hold this is: a step starts again when a held rollout is
+    resumed, and the same step can be held again. The bus tells them apart by the step's start
+    time and the hold's deadline (`message_id_for`); so does the notifier's dedup."""
     if isinstance(event, CanaryStepStarted):
-        return float(event.step_index)
+        return _stamp(event.occurred_at)
     if isinstance(event, DeploymentHeld):
-        return event.step_index + 0.5
-    return 1e9
+        return _stamp(event.deadline)
+    return None
+
+
+def progress_rank(event: NoticeEvent) -> ProgressRank | None:
+    """Order of states on the one progress message: a late, stale update never overwrites a
+    newer state. Steps and holds by (step index, when it happened), so a step that starts again
+    after a hold, or a second hold, is newer; any final outcome last. None: the event never
+    touches the progress message (degraded: the benchmarks failed, the rollout goes on)."""
+    if isinstance(event, DeploymentDegraded):
+        return None
+    when = _stamp(event.occurred_at.astimezone(UTC))
+    if isinstance(event, CanaryStepStarted | DeploymentHeld):
+        return (float(event.step_index), when)
+    return (FINAL_RANK, when)
 
 
 # ---- formatting helpers ------------------------------------------------------------------------

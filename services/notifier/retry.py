@@ -63,12 +63,19 @@ class RetryPolicy:
     `backoff_s * 2**(n-1)`, at most `max_backoff_s`; after a 429 it is the server's Retry-After,
     at most `max_retry_after_s` (a longer wait would hold the message past reason; the stream
     redelivers it later instead).
+
+    When the attempts of one delivery run out on a transient failure, the stream redelivers the
+    event after `redelivery_delay(n)`: `redelivery_s * 4**(n-1)`, at most `max_redelivery_s`
+    (30 s, 2 min, 8 min, 10 min, 10 min, ...). With `PREFLIGHT_MAX_DELIVER=5` a notice rides out
+    a Slack or webhook outage of about 20 minutes before it is dead-lettered.
     """
 
     max_attempts: int = 5
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     max_retry_after_s: float = 60.0
+    redelivery_s: float = 30.0
+    max_redelivery_s: float = 600.0
     sleep: Sleep = field(default=asyncio.sleep, compare=False)
     clock: Clock = field(default=_utc_now, compare=False)
 
@@ -76,6 +83,11 @@ class RetryPolicy:
         """The wait after failed attempt `attempt` (1-based)."""
         wait: float = self.backoff_s * 2.0 ** max(0, attempt - 1)
         return min(self.max_backoff_s, wait)
+
+    def redelivery_delay(self, attempt: int) -> float:
+        """The wait before the stream delivers an event again after failed delivery `attempt`."""
+        wait: float = self.redelivery_s * 4.0 ** max(0, attempt - 1)
+        return min(self.max_redelivery_s, wait)
 
     def wait_after_429(self, retry_after: str | None, attempt: int) -> float:
         seconds = parse_retry_after(retry_after, self.clock())

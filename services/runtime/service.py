@@ -105,6 +105,12 @@ def describe_validation_error(exc: ValidationError) -> str:
     return f"{exc.title} does not validate: " + "; ".join(parts)
 
 
+def default_retry_delay(attempt: int) -> float:
+    """Seconds before the redelivery of a message whose handler failed on `attempt`."""
+    wait: float = 0.5 * 2.0 ** (attempt - 1)
+    return min(30.0, wait)
+
+
 @dataclass
 class ServiceApp:
     """A FastStream app plus what the runner and tests need to know about it."""
@@ -131,6 +137,7 @@ class ServiceApp:
         model: type[M] | TypeAdapter[M],
         *,
         one_at_a_time: bool = False,
+        retry_delay: Callable[[int], float] | None = None,
     ) -> Callable[[Callable[[M], Awaitable[None]]], Callable[[M], Awaitable[None]]]:
         """Register `fn` on a durable pull consumer; bad payloads and repeated failures dead-letter.
 
@@ -139,7 +146,8 @@ class ServiceApp:
 
         The handler's own exceptions are retried with backoff (nak with delay) until the
         consumer's `max_deliver`; the last attempt goes to the dead-letter stream instead of
-        vanishing.
+        vanishing. `retry_delay(attempt)`: the wait before the next delivery after a failed
+        attempt (1-based); default 0.5 s doubling up to 30 s.
         """
         stream, filters = bus.consumer_filters(durable)
         config = bus.consumer_config(durable, filters, self.settings)
@@ -158,14 +166,18 @@ class ServiceApp:
                 title=f"{self.name}:{durable}",
             )
             async def handler(msg: NatsMessage) -> None:
-                await self._handle(msg, parse, fn)
+                await self._handle(msg, parse, fn, retry_delay or default_retry_delay)
 
             return fn
 
         return register
 
     async def _handle(
-        self, msg: Any, parse: Callable[[bytes], M], fn: Callable[[M], Awaitable[None]]
+        self,
+        msg: Any,
+        parse: Callable[[bytes], M],
+        fn: Callable[[M], Awaitable[None]],
+        retry_delay: Callable[[int], float] | None = None,
     ) -> None:
         raw = msg.raw_message
         attempt = delivery_attempt(raw)
@@ -192,7 +204,7 @@ class ServiceApp:
             log.exception(
                 "%s: handler failed on %s (attempt %s); will retry", self.name, subject, attempt
             )
-            await msg.nack(delay=min(30.0, 0.5 * 2 ** ((attempt or 1) - 1)))
+            await msg.nack(delay=(retry_delay or default_retry_delay)(attempt or 1))
             return
         finally:
             if heartbeat is not None:

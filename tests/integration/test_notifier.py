@@ -146,8 +146,18 @@ def slack_settings(settings: Settings, slack: SlackApi) -> Settings:
     )
 
 
-def notifier(settings: Settings, waits: Waits, **extra: Any) -> ServiceApp:
-    retry = RetryPolicy(max_attempts=settings.slack_max_attempts, backoff_s=0.01, sleep=waits)
+def notifier(
+    settings: Settings, waits: Waits, *, redelivery_s: float = 0.05, **extra: Any
+) -> ServiceApp:
+    """The service with retry waits skipped and redeliveries after `redelivery_s` (the real
+    schedule waits minutes: tests/unit/test_notifier_messages.py checks it)."""
+    retry = RetryPolicy(
+        max_attempts=settings.slack_max_attempts,
+        backoff_s=0.01,
+        sleep=waits,
+        redelivery_s=redelivery_s,
+        max_redelivery_s=redelivery_s,
+    )
     return build(settings, retry=retry, **extra)
 
 
@@ -412,3 +422,164 @@ async def test_a_failing_progress_notice_is_dead_lettered_and_never_fails_the_de
         subjects.EVENTS_STREAM, subjects_filter=subjects.outcome(MODEL, "d-notify-10", "failed")
     )
     assert not failed.state.subjects
+
+
+# ---- regressions from the review of issue #7 ---------------------------------------------------
+
+
+def texts(calls: list[Any]) -> list[str]:
+    return [str(c.json["text"]) for c in calls]
+
+
+async def test_a_backlog_of_one_rollout_fetched_at_once_keeps_one_progress_message(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    """The notifier was down: the whole rollout comes in one fetch, handled concurrently."""
+    step = {**ids(20), "duration_s": 60}
+    last = await publish_all(
+        js,
+        DeploymentRequested(**ids(20), location="/m", requested_by=ALICE),
+        CanaryStepStarted(**step, step_index=0, weight=5),
+        CanaryStepStarted(**step, step_index=1, weight=50),
+        rolled_back(20),
+    )
+    async with TestApp(notifier(slack_settings, waits).app):
+        await drained(js, last)
+    posts = texts(slack.calls_to("chat.postMessage"))
+    progress = [t for t in posts if t.startswith("Canary")]
+    assert sum(t.startswith("Rolled back") for t in posts) == 1
+    # One progress message (or none, had the outcome been handled first), and it is finished.
+    assert len(progress) <= 1
+    if progress:
+        updates = texts(slack.calls_to("chat.update"))
+        assert updates and "rolled back (error_rate)" in updates[-1]
+
+
+async def test_a_second_hold_at_the_same_step_after_resume_is_announced(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    at = datetime(2026, 11, 25, 17, 45, tzinfo=UTC)
+    settings = slack_settings.model_copy(update={"webhook_url": slack.receiver_url("ops")})
+    step = {**ids(21), "duration_s": 60}
+    hold = {**ids(21), "step_index": 0, "weight": 5, "requested_by": ALICE}
+    async with TestApp(notifier(settings, waits).app):
+        for event in (
+            CanaryStepStarted(**step, step_index=0, weight=5, occurred_at=at),
+            DeploymentHeld(
+                **hold, deadline=at + timedelta(minutes=30), occurred_at=at + timedelta(minutes=1)
+            ),
+            # `preflight resume`: the step starts again, and is held again
+            CanaryStepStarted(
+                **step, step_index=0, weight=5, occurred_at=at + timedelta(minutes=5)
+            ),
+            DeploymentHeld(
+                **hold, deadline=at + timedelta(minutes=40), occurred_at=at + timedelta(minutes=10)
+            ),
+        ):
+            await drained(js, await publish_all(js, event))
+    posts = texts(slack.calls_to("chat.postMessage"))
+    assert [t.split(":")[0] for t in posts] == [
+        "Canary org/chat-7b.v2 v21 (d-notify-21)",
+        "Needs a person",
+        "Needs a person",
+    ]
+    updates = texts(slack.calls_to("chat.update"))
+    assert len(updates) == 3
+    assert "held" in updates[0] and "step 1 at 5%" in updates[1] and "held" in updates[2]
+    notice_ids = [c.headers["X-Preflight-Notice-Id"] for c in slack.calls_to("webhook/ops")]
+    assert notice_ids == [
+        "d-notify-21:progress:0:20261125T174500.000000",
+        "d-notify-21:held:0:20261125T181500.000000",
+        "d-notify-21:progress:0:20261125T175000.000000",
+        "d-notify-21:held:0:20261125T182500.000000",
+    ]
+
+
+async def test_a_redelivered_degraded_does_not_freeze_the_progress_message(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    settings = slack_settings.model_copy(update={"webhook_url": slack.receiver_url("ops")})
+    # The webhook fails the first delivery of DeploymentDegraded; its redelivery comes after
+    # the rollout's first step posted the progress message.
+    slack.fail("webhook/ops", status=503, times=settings.slack_max_attempts)
+    perplexity = CheckResult(
+        name="perplexity", status=Status.FAILED, value=0.081, threshold=0.05, unit="relative"
+    )
+    step = {**ids(22), "duration_s": 60}
+    degraded = DeploymentDegraded(**ids(22), failed_checks=(perplexity,), requested_by=ALICE)
+    async with TestApp(notifier(settings, waits, redelivery_s=0.5).app):
+        first = await publish_all(js, degraded)
+        await until(lambda: len(slack.calls_to("webhook/ops", ok=False)) >= 3)
+        await drained(js, await publish_all(js, CanaryStepStarted(**step, step_index=0, weight=5)))
+        await drained(js, first)  # the redelivered degraded is done
+        await drained(js, await publish_all(js, CanaryStepStarted(**step, step_index=1, weight=50)))
+    delivered = [json.loads(c.body)["type"] for c in slack.calls_to("webhook/ops")]
+    assert delivered.count("DeploymentDegraded") == 1
+    updates = texts(slack.calls_to("chat.update"))
+    assert updates and "step 2 at 50%" in updates[-1]
+    assert not any("degraded" in t.lower() for t in updates)
+
+
+async def test_a_failed_edit_of_the_final_outcome_is_retried_by_redelivery(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    step = {**ids(23), "duration_s": 60}
+    async with TestApp(notifier(slack_settings, waits).app):
+        await drained(js, await publish_all(js, CanaryStepStarted(**step, step_index=0, weight=5)))
+        slack.fail("chat.update", status=503, times=slack_settings.slack_max_attempts)
+        await drained(js, await publish_all(js, rolled_back(23)))
+    posts = texts(slack.calls_to("chat.postMessage"))
+    assert sum(t.startswith("Rolled back") for t in posts) == 1  # the redelivery only edits
+    assert len(slack.calls_to("chat.update", ok=False)) == slack_settings.slack_max_attempts + 1
+    [update] = texts(slack.calls_to("chat.update"))
+    assert "rolled back (error_rate)" in update
+    assert await dead_letters(js) == []
+
+
+async def test_a_secret_in_a_webhook_path_never_reaches_letters_logs_or_keys(
+    js: JetStreamContext,
+    slack_settings: Settings,
+    slack: SlackApi,
+    waits: Waits,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "S3cr3tTok"
+    settings = slack_settings.model_copy(update={"webhook_url": slack.receiver_url(secret)})
+    slack.fail(f"webhook/{secret}", status=400)
+    async with TestApp(notifier(settings, waits).app):
+        await drained(js, await publish_all(js, rolled_back(24)))
+    [letter] = await dead_letters(js)
+    assert "HTTP 400" in letter.reason and "127.0.0.1" in letter.reason
+    assert secret not in letter.model_dump_json()
+    kv = await js.key_value(subjects.NOTICES_BUCKET)
+    keys = await kv.keys()
+    assert any(".webhook-127_0_0_1-" in k for k in keys)
+    assert not any(secret.lower() in k.lower() for k in keys)
+    assert caplog.text and secret not in caplog.text
+
+
+async def test_a_webhook_url_that_is_not_http_is_dead_lettered_at_once(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    settings = slack_settings.model_copy(update={"webhook_url": "ftp://ops.example.com/s3cr3t"})
+    async with TestApp(notifier(settings, waits).app):
+        await drained(js, await publish_all(js, rolled_back(25)))
+    [letter] = await dead_letters(js)
+    assert "not an http(s) URL" in letter.reason and "s3cr3t" not in letter.reason
+    assert letter.delivery_attempt is None  # the handler's own letter, not the last delivery's
+    assert len(slack.calls_to("chat.postMessage")) == 1 and waits.seconds == []
+
+
+async def test_a_notice_that_failed_is_redelivered_after_the_notifier_s_own_delay(
+    js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
+) -> None:
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    slack.listeners.append(lambda call: times.append(loop.time()))
+    slack.fail("chat.postMessage", status=503, times=slack_settings.slack_max_attempts)
+    async with TestApp(notifier(slack_settings, waits, redelivery_s=1.2).app):
+        await drained(js, await publish_all(js, rolled_back(26)))
+    attempts = slack_settings.slack_max_attempts
+    assert [c.status for c in slack.calls] == [503] * attempts + [200]
+    assert times[attempts] - times[attempts - 1] >= 1.0  # not ServiceApp's default 0.5 s

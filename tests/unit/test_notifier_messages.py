@@ -1,4 +1,5 @@
-"""The notifier's pure parts: rendering (a snapshot per outcome kind), signing, retries, targets.
+"""The notifier's pure parts: rendering (a snapshot per outcome kind), signing, retries, targets;
+and delivery with an in-memory ledger and fake channels (locks, ranks, ledger failures).
 
 Snapshots live in tests/unit/snapshots/notifier/<case>.json (Block Kit, fallback text, progress
 rendering and console text). After a deliberate change of wording, rewrite them with
@@ -8,12 +9,15 @@ the diff like code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
 import pytest
 
 from services.contracts.events import (
@@ -35,11 +39,21 @@ from services.contracts.events import (
 )
 from services.contracts.policy import PolicyFile
 from services.notifier import messages
-from services.notifier.channels.base import channel_key
-from services.notifier.channels.webhook import describe_url, sign, verify
+from services.notifier.channels.base import (
+    DeliveryError,
+    Notice,
+    Receipt,
+    channel_key,
+    redact_url,
+    url_key,
+)
+from services.notifier.channels.webhook import WebhookChannel, describe_url, sign, verify
+from services.notifier.dedup import MemoryLedger, progress_key, sent_key
+from services.notifier.delivery import Deliverer, make_notice
 from services.notifier.messages import NoticeEvent
 from services.notifier.retry import RetryPolicy, parse_retry_after
 from services.notifier.targets import resolve_targets
+from services.runtime.service import default_retry_delay
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "notifier"
 AT = datetime(2026, 11, 25, 17, 45, 1, tzinfo=UTC)
@@ -281,8 +295,49 @@ def test_console_keeps_the_existing_shape() -> None:
 
 
 def test_progress_rank_orders_steps_held_and_outcomes() -> None:
-    ranks = [messages.progress_rank(CASES[c]) for c in ("held", "progress_step", "promoted")]
-    assert ranks == sorted(ranks) and ranks[0] == 0.5
+    cases = ("held", "progress_step", "promoted")
+    ranks = [r for c in cases if (r := messages.progress_rank(CASES[c])) is not None]
+    assert len(ranks) == len(set(ranks)) == 3
+    assert ranks == sorted(ranks) and ranks[0] == (0.0, "20261125T174501.000000")
+
+
+def test_a_step_started_again_after_a_hold_ranks_above_the_hold() -> None:
+    """`preflight resume` starts the held step again: that start and a second hold are newer."""
+    first = CanaryStepStarted(**IDS, occurred_at=AT, step_index=0, weight=5, duration_s=60)
+    held = CASES["held"].model_copy(update={"occurred_at": AT + timedelta(minutes=1)})
+    again = first.model_copy(update={"occurred_at": AT + timedelta(minutes=5)})
+    held_again = held.model_copy(update={"occurred_at": AT + timedelta(minutes=10)})
+    later_step = first.model_copy(update={"step_index": 1, "occurred_at": AT + timedelta(hours=1)})
+    ordered = [first, held, again, held_again, later_step, CASES["rolled_back_error_rate"]]
+    ranks = [r for e in ordered if (r := messages.progress_rank(e)) is not None]
+    assert len(ranks) == len(set(ranks)) == len(ordered)
+    assert ranks == sorted(ranks)
+    # a time in another zone is the same instant
+    eastern = again.occurred_at.astimezone(timezone(timedelta(hours=-5)))
+    shifted = again.model_copy(update={"occurred_at": eastern})
+    assert messages.progress_rank(shifted) == messages.progress_rank(again)
+
+
+def test_degraded_never_touches_the_progress_message() -> None:
+    assert messages.progress_rank(CASES["degraded"]) is None
+
+
+def test_each_occurrence_of_a_step_or_hold_is_its_own_notice() -> None:
+    step = make_notice(CASES["progress_step"])
+    assert step.notice_id == "d-20261125T174501-3f9a1c:progress:1:20261125T174501.000000"
+    held = make_notice(CASES["held"])
+    assert held.notice_id == "d-20261125T174501-3f9a1c:held:0:20261125T181501.000000"  # deadline
+    assert (
+        make_notice(CASES["rolled_back_error_rate"]).notice_id
+        == "d-20261125T174501-3f9a1c:rolled_back"
+    )
+    restarted = make_notice(
+        CASES["progress_step"].model_copy(update={"occurred_at": AT + timedelta(minutes=5)})
+    )
+    assert restarted.notice_id != step.notice_id
+    key = sent_key(IDS["deployment_id"], "progress", 1, "slack-x", step.occurrence)
+    assert key == "d-20261125T174501-3f9a1c.sent.progress.1.20261125T174501_000000.slack-x"
+    assert key != sent_key(IDS["deployment_id"], "progress", 1, "slack-x", restarted.occurrence)
 
 
 # ---- signatures, retry waits, channel keys -------------------------------------------------
@@ -297,6 +352,27 @@ def test_webhook_signature_verifies_and_rejects_tampering_and_old_timestamps() -
     assert not verify(b"other", "1764092701", body, signature, now=1764092701)
     assert not verify(secret, "1764092701", body, signature, now=1764092701 + 301)
     assert not verify(secret, "not-a-time", body, signature, now=1764092701)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "signature"),
+    [
+        ("1764092701", "sha256=é" + "0" * 63),  # non-ASCII signature: False, not a TypeError
+        ("1764092701", "sha256=\u0661" * 3),
+        ("\u0661\u0667\u0666\u0664\u0660\u0669\u0662\u0667\u0660\u0661", None),
+        (" 1764092701", None),
+        ("+1764092701", None),
+        ("1_764_092_701", None),
+        ("\u00b2", None),  # isdigit() but not int()
+        ("", None),
+    ],
+)
+def test_webhook_verify_refuses_odd_headers_without_raising(
+    timestamp: str, signature: str | None
+) -> None:
+    body, secret = b"{}", b"s3cret"
+    good = sign(secret, "1764092701", body)
+    assert not verify(secret, timestamp, body, signature or good, now=1764092701)
 
 
 @pytest.mark.parametrize(
@@ -324,6 +400,16 @@ def test_retry_waits_back_off_and_cap_retry_after() -> None:
     assert policy.wait_after_429(None, 2) == 1.0
 
 
+def test_notices_are_redelivered_over_minutes_not_seconds() -> None:
+    """A Slack outage of a few minutes must not dead-letter a rollback notice."""
+    policy = RetryPolicy()
+    delays = [policy.redelivery_delay(n) for n in (1, 2, 3, 4, 5)]
+    assert delays == [30.0, 120.0, 480.0, 600.0, 600.0]
+    assert sum(delays[:4]) > 20 * 60  # PREFLIGHT_MAX_DELIVER=5: four waits before the last
+    # the other services keep the short schedule
+    assert [default_retry_delay(n) for n in (1, 2, 3, 7, 8)] == [0.5, 1.0, 2.0, 30.0, 30.0]
+
+
 def test_channel_keys_are_kv_safe_and_distinct() -> None:
     keys = {channel_key("slack", c) for c in ("#ml-deploys", "ml-deploys", "#ml deploys")}
     assert len(keys) == 3
@@ -331,6 +417,81 @@ def test_channel_keys_are_kv_safe_and_distinct() -> None:
     assert describe_url("https://hooks.example.com:8443/T0/B0/secret?x=1") == (
         "https://hooks.example.com:8443/…"
     )
+    assert describe_url("http://host:port/secret") == "<unparseable URL>"
+
+
+SECRET_URL = "https://hooks.example.com/services/T0ABC/B0DEF/s3cr3tPath?token=t0k3n"
+
+
+def test_url_keys_hold_the_host_and_a_hash_never_the_path() -> None:
+    key = url_key("webhook", SECRET_URL)
+    assert key.startswith("webhook-hooks_example_com-")
+    for secret in ("s3cr3t", "T0ABC", "B0DEF", "t0k3n", "services"):
+        assert secret not in key
+    other = url_key("webhook", SECRET_URL.replace("s3cr3tPath", "another"))
+    assert other != key and other.startswith("webhook-hooks_example_com-")
+    assert key.replace("-", "").replace("_", "").isalnum()
+    assert url_key("webhook", "not a url at all/secret").startswith("webhook-")
+    assert "secret" not in url_key("webhook", "not a url at all/secret")
+    channel = WebhookChannel(SECRET_URL, session=_no_session, retry=RetryPolicy())
+    assert channel.key == key
+
+
+def test_redact_url_removes_the_url_in_any_form() -> None:
+    text = f"Cannot connect to {SECRET_URL} (path /services/T0ABC/B0DEF/s3cr3tPath, token=t0k3n)"
+    redacted = redact_url(text, SECRET_URL, "<hook>")
+    assert "s3cr3t" not in redacted and "t0k3n" not in redacted and "<hook>" in redacted
+
+
+def _no_session() -> aiohttp.ClientSession:
+    raise AssertionError("no request may be made")
+
+
+class _RaisingSession:
+    """Stands for `aiohttp.ClientSession`: `post` raises what aiohttp raises for a bad URL."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+        self.posts = 0
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        self.posts += 1
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://files.example.com/s3cr3tPath",
+        "file:///etc/s3cr3tPath",
+        "https:///s3cr3tPath",
+        "http://hooks.example.com:notaport/s3cr3tPath",
+    ],
+)
+async def test_a_webhook_url_that_is_not_http_is_a_permanent_failure(url: str) -> None:
+    channel = WebhookChannel(url, session=_no_session, retry=RetryPolicy())
+    with pytest.raises(DeliveryError) as caught:
+        await channel.post(make_notice(CASES["rolled_back_error_rate"]))
+    assert caught.value.permanent
+    assert "s3cr3t" not in str(caught.value) and "s3cr3t" not in caught.value.channel
+
+
+async def test_aiohttp_invalid_url_is_a_permanent_failure_not_retried() -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    session = _RaisingSession(aiohttp.InvalidURL(SECRET_URL))
+    channel = WebhookChannel(
+        SECRET_URL,
+        session=lambda: cast(aiohttp.ClientSession, session),
+        retry=RetryPolicy(sleep=sleep),
+    )
+    with pytest.raises(DeliveryError) as caught:
+        await channel.post(make_notice(CASES["rolled_back_error_rate"]))
+    assert caught.value.permanent and session.posts == 1 and waits == []
+    assert "s3cr3t" not in str(caught.value) and "t0k3n" not in str(caught.value)
 
 
 # ---- where a notice goes ---------------------------------------------------------------------
@@ -386,3 +547,138 @@ def test_a_broken_policy_override_still_notifies() -> None:
         CASES["blocked"], broken, POLICY, default_channel=None, default_webhook=None
     )
     assert targets.slack_channel == "#search-deploys"
+
+
+# ---- delivery: locks, ranks and the ledger, with fakes -----------------------------------------
+
+
+@dataclass
+class FakeChannel:
+    """A channel that records what it was asked; `fail_posts`/`fail_updates` raise that many."""
+
+    key: str = "fake-a"
+    updatable: bool = True
+    posts: list[str] = field(default_factory=list)
+    updates: list[str] = field(default_factory=list)
+    fail_updates: int = 0
+    ts: int = 0
+
+    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+        await asyncio.sleep(0)  # let concurrent deliveries interleave, as real I/O does
+        self.posts.append((notice.progress if progress else notice.message).text)
+        self.ts += 1
+        return Receipt(channel="C1", ts=f"1700000000.{self.ts:06d}")
+
+    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+        await asyncio.sleep(0)
+        if self.fail_updates:
+            self.fail_updates -= 1
+            raise DeliveryError(self.key, "Slack chat.update: HTTP 503", permanent=False)
+        self.updates.append(notice.progress.text)
+        return receipt
+
+
+class BrokenWrites(MemoryLedger):
+    """A ledger whose writes fail (the KV store is unreachable after the send)."""
+
+    async def create(self, key: str, value: dict[str, Any]) -> bool:
+        raise TimeoutError("nats: timeout")
+
+
+class OneConflict(MemoryLedger):
+    """Another instance writes the progress record once, between our read and our write."""
+
+    conflicted: bool = False
+
+    async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
+        if not self.conflicted:
+            self.conflicted = True
+            await self.put(key, {**self.entries[key], "at": "another instance"})
+        return await super().update(key, value, revision)
+
+
+def step(index: int, minutes: float = 0) -> CanaryStepStarted:
+    return CanaryStepStarted(
+        **IDS,
+        occurred_at=AT + timedelta(minutes=minutes),
+        step_index=index,
+        weight=5,
+        duration_s=60,
+    )
+
+
+def deliverer(ledger: MemoryLedger | None = None) -> Deliverer:
+    return Deliverer(ledger if ledger is not None else MemoryLedger(), clock=lambda: AT)
+
+
+async def test_one_rollout_s_events_delivered_at_once_keep_one_progress_message() -> None:
+    """A fetched backlog is handled concurrently: the lock per deployment serialises it."""
+    channel, target = FakeChannel(), deliverer()
+    events: list[NoticeEvent] = [step(0), step(1, 2), CASES["rolled_back_error_rate"]]
+    await asyncio.gather(*(target.deliver(make_notice(e), [channel]) for e in events))
+    progress_posts = [p for p in channel.posts if p.startswith("Canary")]
+    assert len(progress_posts) == 1
+    assert len(target.locks) == 0  # nothing kept once nothing is in flight
+    record = await target.ledger.get(progress_key(IDS["deployment_id"], channel.key))
+    assert record is not None and record["rank"][0] == messages.FINAL_RANK
+
+
+async def test_a_step_handled_after_the_outcome_posts_no_live_looking_message() -> None:
+    channel, target = FakeChannel(), deliverer()
+    await target.deliver(make_notice(CASES["rolled_back_error_rate"]), [channel])
+    await target.deliver(make_notice(step(0)), [channel])
+    assert [p.split(":")[0] for p in channel.posts] == ["Rolled back"]
+    assert channel.updates == []
+
+
+async def test_a_progress_record_written_meanwhile_is_read_again() -> None:
+    ledger = OneConflict()
+    channel, target = FakeChannel(), deliverer(ledger)
+    await target.deliver(make_notice(step(0)), [channel])
+    await target.deliver(make_notice(step(1, 2)), [channel])
+    assert len(channel.updates) == 2  # edited, lost the write, read again, edited again
+    record = ledger.entries[progress_key(IDS["deployment_id"], channel.key)]
+    assert record["rank"][0] == 1.0 and record["at"] != "another instance"
+
+
+async def test_an_older_progress_record_s_numeric_rank_still_orders() -> None:
+    ledger = MemoryLedger()
+    key = progress_key(IDS["deployment_id"], "fake-a")
+    await ledger.put(key, {"channel": "C1", "ts": "1.1", "rank": 1.5})  # held at step 1, before
+    channel, target = FakeChannel(), deliverer(ledger)
+    await target.deliver(make_notice(step(0, 9)), [channel])
+    assert channel.updates == []  # step 1 is behind step 2's hold
+    await target.deliver(make_notice(step(1, 9)), [channel])  # step 2 started again
+    assert len(channel.updates) == 1
+
+
+async def test_a_failed_edit_of_the_final_outcome_fails_the_delivery_after_the_post() -> None:
+    channel, target = FakeChannel(), deliverer()
+    await target.deliver(make_notice(step(0)), [channel])
+    channel.fail_updates = 1
+    outcome = make_notice(CASES["rolled_back_error_rate"])
+    report = await target.deliver(outcome, [channel])
+    assert [f.permanent for f in report.failed] == [False]
+    assert channel.posts[-1].startswith("Rolled back")  # the notice went out first
+    again = await target.deliver(outcome, [channel])  # the redelivery: only the edit
+    assert again.failed == [] and again.skipped == [channel.key]
+    assert sum(p.startswith("Rolled back") for p in channel.posts) == 1
+    assert channel.updates[-1].endswith("rolled back (error_rate)")
+
+
+async def test_degraded_leaves_the_progress_message_alone() -> None:
+    channel, target = FakeChannel(), deliverer()
+    await target.deliver(make_notice(step(0)), [channel])
+    await target.deliver(make_notice(CASES["degraded"]), [channel])
+    await target.deliver(make_notice(step(1, 2)), [channel])
+    assert channel.posts[1].startswith("Degraded")
+    assert len(channel.updates) == 1 and "step 2" in channel.updates[0]
+
+
+async def test_a_ledger_that_fails_after_a_send_does_not_stop_the_other_channels() -> None:
+    first, second = FakeChannel(key="fake-a"), FakeChannel(key="fake-b")
+    report = await deliverer(BrokenWrites()).deliver(
+        make_notice(CASES["blocked"]), [first, second], progress=False
+    )
+    assert report.sent == ["fake-a", "fake-b"] and report.failed == []
+    assert len(first.posts) == len(second.posts) == 1

@@ -10,6 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import quote, unquote, urlsplit
 
 from services.notifier.messages import NoticeEvent, NoticeKind, SlackMessage
 
@@ -21,6 +22,7 @@ class Notice:
     event: NoticeEvent
     kind: NoticeKind
     step: int | None
+    occurrence: str | None
     message: SlackMessage
     progress: SlackMessage
     console: str
@@ -28,9 +30,14 @@ class Notice:
 
     @property
     def notice_id(self) -> str:
-        """Stable id of this notice: receivers use it to drop a rare duplicate delivery."""
+        """Stable id of this notice: receivers use it to drop a rare duplicate delivery.
+
+        A step that starts again (a resumed hold) or a second hold at the same step is a new
+        notice: its occurrence (the step's start time, the hold's deadline) is part of the id,
+        as in the event's message id on the bus."""
         step = "" if self.step is None else f":{self.step}"
-        return f"{self.event.deployment_id}:{self.kind}{step}"
+        occurrence = "" if self.occurrence is None else f":{self.occurrence}"
+        return f"{self.event.deployment_id}:{self.kind}{step}{occurrence}"
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,49 @@ class Channel(Protocol):
         ...
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:40]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def channel_key(kind: str, name: str) -> str:
-    """A KV-key-safe, collision-resistant name: readable prefix plus a hash of the full name."""
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40]
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    """A KV-key-safe, collision-resistant name: readable prefix plus a hash of the full name.
+
+    For names that are not secret (Slack channel names). URLs go through `url_key`."""
+    slug = _slug(name)
+    digest = _digest(name)
+    return f"{kind}-{slug}-{digest}" if slug else f"{kind}-{digest}"
+
+
+def redact_url(text: str, url: str, replacement: str) -> str:
+    """`text` (an exception's message) without the URL, its path or its query, whichever form
+    they take there: the URL as given, as aiohttp normalises it, or in parts."""
+    secrets = {url}
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is not None:
+        for part in (parts.path, parts.query, parts.fragment):
+            if len(part) > 1:
+                secrets.update({part, unquote(part), quote(unquote(part), safe="/=&")})
+    secrets.discard("")
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, replacement)
+    return text
+
+
+def url_key(kind: str, url: str) -> str:
+    """`channel_key` for a URL: the host only, plus a hash of the whole URL. Webhook URLs often
+    hold a secret in their path or query; the key ends up in KV keys, error strings, dead
+    letters and logs, so no part of the path or query may appear in it."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        host = ""
+    slug = _slug(host)
+    digest = _digest(url)
     return f"{kind}-{slug}-{digest}" if slug else f"{kind}-{digest}"

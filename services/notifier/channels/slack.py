@@ -15,7 +15,14 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from services.notifier.channels.base import DeliveryError, Notice, Receipt, channel_key
+from services.notifier.channels.base import (
+    DeliveryError,
+    Notice,
+    Receipt,
+    channel_key,
+    redact_url,
+    url_key,
+)
 from services.notifier.retry import RetryPolicy, is_retryable_status, slack_retry_handlers
 
 DEFAULT_BASE_URL: Final = "https://slack.com/api/"
@@ -127,7 +134,7 @@ class SlackWebhookChannel:
 
     def __init__(self, client: AsyncWebhookClient) -> None:
         self.client = client
-        self.key = channel_key("slack-webhook", client.url)
+        self.key = url_key("slack-webhook", client.url)  # host and hash: the path is a secret
 
     async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
         if progress and notice.step:
@@ -135,8 +142,12 @@ class SlackWebhookChannel:
         message = notice.progress if progress else notice.message
         try:
             response = await self.client.send(text=message.text, blocks=message.blocks)
+        except aiohttp.InvalidURL as exc:
+            raise DeliveryError(
+                self.key, f"Slack webhook: invalid URL ({type(exc).__name__})", permanent=True
+            ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            text = str(exc).replace(self.client.url, "<webhook URL>")
+            text = redact_url(str(exc), self.client.url, "<webhook URL>")
             raise DeliveryError(
                 self.key, f"Slack webhook: {type(exc).__name__}: {text}", permanent=False
             ) from None

@@ -17,7 +17,13 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import SecretStr
 
-from services.notifier.channels.base import DeliveryError, Notice, Receipt, channel_key
+from services.notifier.channels.base import (
+    DeliveryError,
+    Notice,
+    Receipt,
+    redact_url,
+    url_key,
+)
 from services.notifier.retry import RetryPolicy, is_retryable_status
 
 TIMESTAMP_HEADER: Final = "X-Preflight-Timestamp"
@@ -36,20 +42,40 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 def verify(
     secret: bytes, timestamp: str, body: bytes, signature: str, now: float, tolerance_s: float = 300
 ) -> bool:
-    """What a receiver does: same HMAC, constant-time compare, timestamp not too old or new."""
-    try:
-        age = abs(now - int(timestamp))
-    except ValueError:
+    """What a receiver does: same HMAC, constant-time compare, timestamp not too old or new.
+
+    Never raises on what a sender put in the headers: a timestamp of anything but ASCII digits
+    (`int` would take " 12", "+12", "1_2" or Arabic-Indic digits) or a non-ASCII signature is
+    simply not valid."""
+    if not (timestamp.isascii() and timestamp.isdigit()) or not signature.isascii():
         return False
-    return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
+    if abs(now - int(timestamp)) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.encode())
 
 
 def describe_url(url: str) -> str:
     """Scheme and host only: paths and queries of webhook URLs often hold tokens."""
-    parts = urlsplit(url)
-    return (
-        f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/…"
-    )
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a URL, or a port that is not a number
+        return "<unparseable URL>"
+    return f"{parts.scheme}://{parts.hostname or '?'}{port}/…"
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` can never be posted to (asking again will not help), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if not parts.hostname:
+        return "no host in the URL"
+    return None
 
 
 class WebhookChannel:
@@ -70,7 +96,7 @@ class WebhookChannel:
         self.retry = retry
         self.secret = secret
         self.clock = clock or retry.clock
-        self.key = channel_key("webhook", url)
+        self.key = url_key("webhook", url)  # never the path: it often holds a secret
         self.where = describe_url(url)
 
     def headers(self, notice: Notice) -> dict[str, str]:
@@ -88,6 +114,8 @@ class WebhookChannel:
         return headers
 
     async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+        if (problem := url_problem(self.url)) is not None:
+            raise DeliveryError(self.key, f"webhook {self.where}: {problem}", permanent=True)
         last = ""
         for attempt in range(1, self.retry.max_attempts + 1):
             wait = self.retry.backoff(attempt)
@@ -110,8 +138,14 @@ class WebhookChannel:
                         wait = self.retry.wait_after_429(
                             response.headers.get("Retry-After"), attempt
                         )
+            except aiohttp.InvalidURL as exc:  # includes non-http(s) URLs: never transient
+                raise DeliveryError(
+                    self.key,
+                    f"webhook {self.where}: invalid URL ({type(exc).__name__})",
+                    permanent=True,
+                ) from None
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                last = f"{type(exc).__name__}: {str(exc).replace(self.url, self.where)}"
+                last = f"{type(exc).__name__}: {redact_url(str(exc), self.url, self.where)}"
             if attempt < self.retry.max_attempts:
                 await self.retry.sleep(wait)
         raise DeliveryError(
