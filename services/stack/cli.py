@@ -132,7 +132,7 @@ def up(
         load_policy_file(settings.policy_file)
     except PolicyError as exc:
         fail(str(exc))
-    stack = Stack(settings, say=lambda line: out.print(line, highlight=False))
+    stack = Stack(settings, say=lambda line: out.print(line, highlight=False), default_ports=True)
     stopping = False
 
     def on_signal(signum: int, _: Any) -> None:

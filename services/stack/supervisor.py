@@ -52,6 +52,16 @@ def free_port(host: str) -> int:
         return port
 
 
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def read_stack_file(data_dir: Path) -> dict[str, Any] | None:
     """What a running `preflight up` on this data directory published, if it is alive."""
     path = data_dir / STACK_FILE
@@ -75,6 +85,7 @@ class Stack:
     _lock: IO[str] | None = None
     _stopping: bool = False
     ports: dict[str, int] = field(default_factory=dict)
+    default_ports: bool = False
 
     @property
     def router_url(self) -> str:
@@ -126,13 +137,22 @@ class Stack:
         self._lock = lock
 
     def _choose_ports(self) -> None:
-        """The user's ports where given, else free ones: two stacks never fight over a port."""
+        """The user's ports where given; else the defaults (8480, 8471) when `default_ports`
+        and they are free, so `preflight up` keeps its addresses; else free ones, so two stacks
+        (the demo, tests) never fight over a port."""
         given = self.settings.model_fields_set
+        host = self.settings.stack_host
         for key, field_name in (("router", "router_port"), ("controller", "controller_http_port")):
             port = getattr(self.settings, field_name)
-            if field_name not in given or port == 0:
-                port = free_port(self.settings.stack_host)
-            self.ports[key] = port
+            if field_name in given and port != 0:
+                self.ports[key] = port
+                continue
+            if self.default_ports and port and port_free(host, port):
+                self.ports[key] = port
+                continue
+            if self.default_ports and port:
+                self.say(f"  port {port} for the {key} is taken: using a free one")
+            self.ports[key] = free_port(host)
 
     def _start_nats(self) -> None:
         self.nats = NatsServer(
