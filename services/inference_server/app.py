@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import random
-import signal
 import sys
 import time
 import uuid
@@ -35,6 +34,7 @@ from services.inference_server.generators import (
     SyntheticGenerator,
 )
 from services.inference_server.knobs import Knobs, draw_delay_s, draw_error
+from services.runtime.processes import stop_on_signals
 
 MAX_TOKENS_LIMIT: Final = 1024
 VERSION_HEADER: Final = "X-Model-Version"
@@ -190,19 +190,16 @@ def build_app(server: Server) -> web.Application:
 async def serve(server: Server, host: str, port: int) -> None:
     """Run until SIGTERM/SIGINT; prints `listening on URL` once the port is open."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before the port opens: no window for a kill
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(build_app(server), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        bound = runner.addresses[0][1] if runner.addresses else port
-        print(f"listening on http://{host}:{bound}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    with stop_on_signals(stop):  # before the port opens: no window for a kill
+        runner = web.AppRunner(build_app(server), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            bound = runner.addresses[0][1] if runner.addresses else port
+            print(f"listening on http://{host}:{bound}", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

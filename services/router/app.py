@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from services.router.proxy import Proxy, RouterMetrics
 from services.router.routes import Change, RouteTable, Update, record_deployment_id
 from services.router.watch import RouteWatcher
 from services.runtime import bus
+from services.runtime.processes import stop_on_signals
 from services.runtime.settings import Settings, redact_url
 
 NAME: Final = "router"
@@ -209,12 +209,7 @@ async def _routes(request: web.Request) -> web.Response:
 async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the router until cancelled or SIGTERM/SIGINT; `ready` gets the URL it listens on."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:  # before anything starts, so an early SIGTERM still shuts down cleanly
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals(stop):
         nc = await bus.connect(settings, f"preflight-router-{settings.instance}", reconnect=True)
         try:
             await bus.ensure_topology(nc.jetstream(), settings)
@@ -232,10 +227,6 @@ async def serve(settings: Settings, *, ready: Callable[[str], None] | None = Non
         finally:
             with contextlib.suppress(Exception):
                 await nc.drain()
-    finally:
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
 
 
 def _listening_url(runner: web.AppRunner, settings: Settings) -> str:

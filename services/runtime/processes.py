@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -89,3 +92,25 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return state != "Z"
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` while inside, for a service's main coroutine.
+
+    Installed before anything starts, so an early SIGTERM still shuts down cleanly. Only the
+    main thread of a POSIX process receives signals; elsewhere (a test running the coroutine
+    in a thread) cancellation is the way to stop, and nothing is installed.
+    """
+    signals = (signal.SIGTERM, signal.SIGINT)
+    loop = asyncio.get_running_loop()
+    install = os.name == "posix" and threading.current_thread() is threading.main_thread()
+    if install:
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        if install:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
