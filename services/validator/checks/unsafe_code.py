@@ -5,24 +5,34 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import mmap
 import pickletools
 import re
+import signal
 import stat
+import struct
+import subprocess
+import sys
 import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, Final, cast
-
-import numpy as np
-from picklescan.scanner import GenOpsError, _list_globals
+from typing import Any, Final
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
+from services.validator.checks.pickle_machine import (
+    UNRESOLVED,
+    Budget,
+    Buffer,
+    LimitReached,
+    run_pickle,
+)
 
 __all__ = ["SAFE_GLOBALS", "Finding", "FindingKind", "check_unsafe_code"]
 
@@ -93,16 +103,11 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
     }
 )  # fmt: skip
 
-# picklescan names a STACK_GLOBAL operand it cannot resolve to a string "unknown".
-_UNRESOLVED = "unknown"
-
 # --- Limits --------------------------------------------------------------------------------
-# A pickle value bigger than this (an array's bytes in a plain pickle) is skipped, not read:
-# only the opcodes around it can import anything.
-SKIP_VALUE_BYTES = 1024 * 1024
-# Per pickle stream. A state dict's pickle is ~100 bytes and ~30 opcodes per tensor, so these
-# allow ~60k tensors in one file; picklescan keeps every opcode in memory, so they bound memory.
+# Per pickle stream. A state dict's pickle is ~100 bytes and ~30 opcodes per tensor, so this
+# allows ~60k tensors in one file; the simulated stack and memo grow with it, so it bounds memory.
 MAX_PICKLE_OPS = 2_000_000
+# A compressed zip member is inflated into memory to scan, up to this size.
 MAX_PICKLE_READ_BYTES = 256 * 1024 * 1024
 # Pickles back to back in one file; the legacy torch format has 5, nothing we know has more.
 MAX_PICKLES_PER_STREAM = 16
@@ -110,8 +115,8 @@ MAX_PICKLES_PER_STREAM = 16
 # raw tensor bytes that are not pickles.
 _TORCH_LEGACY_PICKLES = 5
 _TORCH_MAGIC = (b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19", b"119547037146038801333356")
-# A pickle file or zip member up to this size is read into memory to parse (fast); bigger ones
-# are streamed through a window that skips big values.
+# A pickle file up to this size is read into memory to parse (fast); a bigger one is
+# memory-mapped, so the array bytes between its opcodes are skipped, never read.
 IN_MEMORY_BYTES = 64 * 1024 * 1024
 
 # Archives. Loaders trust the sizes an archive declares; so do we, since zipfile never
@@ -144,7 +149,10 @@ class FindingKind(StrEnum):
     IMPORT = "import"
     """A pickle imports something outside SAFE_GLOBALS: that is what it calls on load."""
     UNPARSABLE = "unparsable-pickle"
-    """A pickle does not parse; an unpickler runs everything before the point it breaks."""
+    """A pickle does not load; an unpickler runs everything before the point it breaks."""
+    PICKLE_FRAME = "pickle-frame"
+    """An opcode crosses its FRAME's end, or a FRAME starts inside another: the C unpickler
+    and pickletools-based scanners then read different programs from the same bytes."""
     OBJECT_ARRAY = "object-array"
     """A .npy of dtype object: numpy.load(allow_pickle=True) unpickles its data."""
     ARCHIVE = "archive"
@@ -223,166 +231,79 @@ def _scanner_for(mf: ModelFile) -> _Scanner | None:
 # --- Pickles -------------------------------------------------------------------------------
 
 
-class _ScanLimit(Exception):
-    """A pickle stream larger than this check is willing to parse."""
-
-
-class _Unread(bytes):
-    """A value too big to read: its length is right, its content is not there. pickletools
-    checks the length; the globals picklescan reports never come from such values."""
-
-    length: int
-
-    def __new__(cls, length: int) -> _Unread:
-        value = super().__new__(cls, b"")
-        value.length = length
-        return value
-
-    def __len__(self) -> int:
-        return self.length
-
-
-@dataclass
-class _Budget:
-    """What is left to spend on one pickle stream (read at scan time, so tests can lower it)."""
-
-    ops: int
-    read_bytes: int
-
-    def spend(self, n: int) -> None:
-        self.read_bytes -= n
-        if self.read_bytes < 0:
-            raise _ScanLimit(f"more than {MAX_PICKLE_READ_BYTES:,} bytes of opcodes")
-
-
-class _Window:
-    """The bytes [start, end) of a seekable stream, read as pickletools reads a pickle: values
-    over SKIP_VALUE_BYTES are skipped rather than read, and reads are charged to a budget.
-    It keeps its own position: a buffered file's tell() is a system call."""
-
-    def __init__(self, raw: IO[bytes], start: int, end: int, budget: _Budget | None) -> None:
-        self._raw = raw
-        self._end = end
-        self._budget = budget
-        self._pos = raw.seek(start)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = self._raw.seek(offset, whence)  # picklescan peeks a byte and steps back
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        left = self._end - self._pos
-        if n < 0 or n > left:
-            n = left if left > 0 else 0  # a short read is how pickletools sees the end
-        if n > SKIP_VALUE_BYTES:
-            self._pos = self._raw.seek(n, io.SEEK_CUR)
-            return _Unread(n)
-        if self._budget is not None:
-            self._budget.spend(n)
-        data = self._raw.read(n)
-        self._pos += len(data)
-        return data
-
-    def readline(self) -> bytes:
-        left = self._end - self._pos
-        line = self._raw.readline(min(left, SKIP_VALUE_BYTES) if left > 0 else 0)
-        if self._budget is not None:
-            self._budget.spend(len(line))
-        self._pos += len(line)
-        return line
-
-
 @dataclass
 class _PickleScan:
-    """What the pickles of one stream import, and whether they parse."""
+    """What the pickles of one stream import, and whether they load."""
 
     imports: list[tuple[str, str]] = field(default_factory=list)
+    extensions: list[int] = field(default_factory=list)
     error: str | None = None
+    frame_error: str | None = None
     limit: str | None = None
 
 
-def _scan_pickles(source: bytes | IO[bytes], start: int, end: int) -> _PickleScan:
-    """Every pickle from `start` to `end` (or the legacy torch format's five), each parsed on its
-    own as an unpickler would: its own memo, and a parse error anywhere is reported.
-
-    picklescan's `_list_globals` resolves the imports. Its own entry points do not fit: with
-    `multiple_pickles=False` it swallows parse errors, and with True it shares one memo across
-    back-to-back pickles, so a memo filled by one pickle can disguise the next one's imports.
-    So each pickle is first delimited with pickletools (which finds where it stops, or where it
-    breaks) and then handed to picklescan alone."""
+def _scan_pickles(buf: Buffer, start: int, end: int) -> _PickleScan:
+    """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
+    own as an unpickler would: its own memo, and a reason wherever one would stop loading.
+    Whitespace after the last STOP is allowed: pickle.load never reads it (hand-edited files
+    end in a newline); anything else after it is parsed as the next pickle."""
     scan = _PickleScan()
-    budget = _Budget(ops=MAX_PICKLE_OPS, read_bytes=MAX_PICKLE_READ_BYTES)
-    if isinstance(source, bytes):
-        end = len(source)
+    budget = Budget(ops=MAX_PICKLE_OPS)
     pos, count, expected = start, 0, None
     while pos < end:
+        if count and _only_whitespace(buf, pos, end):
+            break
         if count == MAX_PICKLES_PER_STREAM:
             scan.limit = f"more than {MAX_PICKLES_PER_STREAM} pickles back to back"
             break
         try:
-            stop, error = _delimit(_reader(source, pos, end, budget), budget)
-        except _ScanLimit as exc:
-            scan.limit = str(exc)
+            run = run_pickle(buf, pos, end, budget, origin=start)
+        except LimitReached:
+            scan.limit = f"more than {MAX_PICKLE_OPS:,} opcodes"
             break
-        try:
-            found = _list_globals(_reader(source, pos, stop, None), multiple_pickles=True)
-        except GenOpsError as exc:  # only when the pickle is broken: globals before the break
-            found = exc.globals or set()
-            error = error or str(exc)
-        except ValueError as exc:  # a STACK_GLOBAL without two operands
-            found, error = set(), error or str(exc)
-        for module, name in sorted(found, key=lambda g: (str(g[0]), str(g[1]))):
-            if (module, name) not in scan.imports:
-                scan.imports.append((module, name))
-        if error is not None:
-            scan.error = (
-                error
-                if count == 0
-                else f"{error} (after {count} complete pickle{'s' * (count > 1)})"
-            )
+        for imported in run.imports:
+            if imported not in scan.imports:
+                scan.imports.append(imported)
+        scan.extensions += run.extensions
+        if not run.loads:
+            after = "" if count == 0 else f" (after {count} complete pickle{'s' * (count > 1)})"
+            if run.frame_error is not None:
+                scan.frame_error = run.frame_error + after
+            else:
+                scan.error = f"{run.error}{after}"
             break
-        if count == 0 and _is_torch_legacy(_reader(source, pos, stop, None)):
+        if count == 0 and _is_torch_legacy(buf, pos, run.end):
             expected = _TORCH_LEGACY_PICKLES
         count += 1
-        pos = stop
+        pos = run.end
         if count == expected:
             break  # the rest is raw tensor data
     return scan
 
 
-def _reader(source: bytes | IO[bytes], start: int, end: int, budget: _Budget | None) -> IO[bytes]:
-    """The bytes [start, end) to parse: to delimit a pickle (with a budget), or to hand one
-    pickle to picklescan (without). Bytes already in memory parse ~2x faster as a BytesIO than
-    through a _Window, and need none of its limits."""
-    if isinstance(source, bytes):
-        if budget is None:
-            return io.BytesIO(source[start:end])  # one pickle, alone
-        reader = io.BytesIO(source)  # shares the bytes; `end` is their end
-        reader.seek(start)
-        return reader
-    return cast(IO[bytes], _Window(source, start, end, budget))  # it only reads, tells and seeks
+_WHITESPACE = b" \t\r\n\x0b\x0c"
+_MAX_TRAILING_WHITESPACE = 64 * 1024
 
 
-def _delimit(reader: IO[bytes], budget: _Budget) -> tuple[int, str | None]:
-    """Where the pickle starting at the reader's position ends, or where and why it breaks."""
-    try:
-        for _ in pickletools.genops(reader):
-            budget.ops -= 1
-            if budget.ops < 0:
-                raise _ScanLimit(f"more than {MAX_PICKLE_OPS:,} opcodes")
-    except _ScanLimit:
-        raise
-    except Exception as exc:  # pickletools raises ValueError mostly, others on odd input
-        return reader.tell(), str(exc) or type(exc).__name__
-    return reader.tell(), None
+def _only_whitespace(buf: Buffer, start: int, end: int) -> bool:
+    return end - start <= _MAX_TRAILING_WHITESPACE and not buf[start:end].strip(_WHITESPACE)
 
 
-def _is_torch_legacy(first_pickle: IO[bytes]) -> bool:
-    head = first_pickle.read(64)
+def _is_torch_legacy(buf: Buffer, start: int, end: int) -> bool:
+    head = buf[start : min(end, start + 64)]
     return any(magic in head for magic in _TORCH_MAGIC)
+
+
+@contextmanager
+def _mapped(path: Path, size: int) -> Iterator[Buffer]:
+    """A file's bytes: read when small (fastest to parse), memory-mapped when big, so that
+    a multi-GB pickle's array data is skipped by position and never read."""
+    with path.open("rb") as fh:
+        if size <= IN_MEMORY_BYTES:
+            yield fh.read(IN_MEMORY_BYTES)  # a file grown since it was listed reads truncated
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            yield mm
 
 
 def _pickle_issues(scan: _PickleScan, where: str = "") -> list[_Issue]:
@@ -391,11 +312,27 @@ def _pickle_issues(scan: _PickleScan, where: str = "") -> list[_Issue]:
         if (module, name) in SAFE_GLOBALS:
             continue
         what = f"{where}imports {module}.{name}"
-        if _UNRESOLVED in (module, name):
-            what += " (an operand the parser could not resolve)"
+        if UNRESOLVED in (module, name):
+            what += " (a STACK_GLOBAL operand built at load time, not a constant)"
         issues.append((FindingKind.IMPORT, what))
+    for code in scan.extensions:
+        issues.append(
+            (
+                FindingKind.IMPORT,
+                f"{where}imports extension code {code} (EXT opcode: whatever the loading "
+                "process registered in copyreg)",
+            )
+        )
+    if scan.frame_error is not None:
+        issues.append(
+            (
+                FindingKind.PICKLE_FRAME,
+                f"{where}pickle does not load: {scan.frame_error} (FRAME-boundary evasion, "
+                "CPython issue 154848)",
+            )
+        )
     if scan.error is not None:
-        issues.append((FindingKind.UNPARSABLE, f"{where}pickle does not parse: {scan.error}"))
+        issues.append((FindingKind.UNPARSABLE, f"{where}pickle does not load: {scan.error}"))
     if scan.limit is not None:
         issues.append((FindingKind.UNSCANNABLE, f"{where}pickle too large to scan: {scan.limit}"))
     return issues
@@ -406,19 +343,9 @@ def _looks_like_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and head[1] <= 5
 
 
-def _stream_size(raw: IO[bytes]) -> int:
-    here = raw.tell()
-    size = raw.seek(0, io.SEEK_END)
-    raw.seek(here)
-    return size
-
-
 def _scan_pickle_file(mf: ModelFile) -> list[_Issue]:
-    with mf.path.open("rb") as raw:
-        if mf.size <= IN_MEMORY_BYTES:
-            data = raw.read(IN_MEMORY_BYTES)  # a file grown since it was listed reads as truncated
-            return _pickle_issues(_scan_pickles(data, 0, len(data)))
-        return _pickle_issues(_scan_pickles(raw, 0, _stream_size(raw)))
+    with _mapped(mf.path, mf.size) as buf:
+        return _pickle_issues(_scan_pickles(buf, 0, len(buf)))
 
 
 def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
@@ -426,18 +353,24 @@ def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
     opens with PROTO is scanned like any pickle; otherwise it counts as a pickle only if it
     imports something a Python unpickler could import (text that happens to parse as a few
     protocol-0 opcodes imports nothing, and a pickle that imports nothing runs nothing)."""
-    with mf.path.open("rb") as raw:
-        head = raw.read(512)
+    if mf.size == 0:
+        return None
+    with _mapped(mf.path, mf.size) as buf:
+        head = buf[:512]
         if _is_tar(head):
             return [(FindingKind.ARCHIVE, _TAR_FINDING)]
-        if not head[:1] or (head[:1] not in _OPCODES and not _looks_like_pickle(head)):
+        if head[:1] not in _OPCODES and not _looks_like_pickle(head):
             return None
-        scan = _scan_pickles(raw, 0, _stream_size(raw))
+        scan = _scan_pickles(buf, 0, len(buf))
     if not _looks_like_pickle(head):
-        scan.imports = [g for g in scan.imports if all(map(_IMPORTABLE.fullmatch, g))]
-        if not scan.imports:
+        scan.imports = [g for g in scan.imports if all(map(_importable, g))]
+        if not scan.imports and not scan.extensions:
             return None
     return _pickle_issues(scan)
+
+
+def _importable(name: str) -> bool:
+    return name == UNRESOLVED or _IMPORTABLE.fullmatch(name) is not None
 
 
 _OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
@@ -458,15 +391,22 @@ def _is_tar(head: bytes) -> bool:
 # --- numpy ---------------------------------------------------------------------------------
 
 
-def _npy_issues(raw: IO[bytes], where: str = "") -> list[_Issue]:
+# A .npy header is at most this long (numpy refuses longer ones unless told otherwise).
+_NPY_HEADER_BYTES = 64 * 1024
+
+
+def _npy_issues(buf: Buffer, start: int, end: int, where: str = "") -> list[_Issue]:
     """A .npy is safe unless its dtype holds Python objects: then its data is a pickle."""
-    version = np.lib.format.read_magic(raw)
+    import numpy as np  # only when there is a .npy: numpy's import is most of a fast CLI run
+
+    head = io.BytesIO(buf[start : min(end, start + _NPY_HEADER_BYTES)])
+    version = np.lib.format.read_magic(head)
     if version not in ((1, 0), (2, 0), (3, 0)):
         return [(FindingKind.UNSCANNABLE, f"{where}unknown .npy format version {version}")]
     if version == (1, 0):
-        _, _, dtype = np.lib.format.read_array_header_1_0(raw)
+        _, _, dtype = np.lib.format.read_array_header_1_0(head)
     else:
-        _, _, dtype = np.lib.format.read_array_header_2_0(raw)
+        _, _, dtype = np.lib.format.read_array_header_2_0(head)
     if not dtype.hasobject:
         return []
     issues: list[_Issue] = [
@@ -476,12 +416,12 @@ def _npy_issues(raw: IO[bytes], where: str = "") -> list[_Issue]:
             "(numpy.load needs allow_pickle=True, which unpickles them)",
         )
     ]
-    return issues + _pickle_issues(_scan_pickles(raw, raw.tell(), _stream_size(raw)), where)
+    return issues + _pickle_issues(_scan_pickles(buf, start + head.tell(), end), where)
 
 
 def _scan_npy_file(mf: ModelFile) -> list[_Issue]:
-    with mf.path.open("rb") as raw:
-        return _npy_issues(raw)
+    with _mapped(mf.path, mf.size) as buf:
+        return _npy_issues(buf, 0, len(buf))
 
 
 # --- Archives ------------------------------------------------------------------------------
@@ -555,22 +495,59 @@ def _member_issues(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind) -> li
     if kind is Kind.PYTORCH_ZIP and not named_pickle and _is_tensor_record(name):
         return []  # raw tensor bytes, read by the loader as bytes, never unpickled
     try:
-        with zf.open(info) as member:
-            head = member.read(8)
+        with _member_bytes(zf, info) as (buf, start, end):
+            head = buf[start : start + 8]
             if head.startswith(b"\x93NUMPY"):
-                member.seek(0)
-                return _npy_issues(member, where)
+                return _npy_issues(buf, start, end, where)
             if not (named_pickle or _looks_like_pickle(head)):
                 return []
-            if info.file_size <= IN_MEMORY_BYTES:
-                member.seek(0)
-                data = member.read()
-                scan = _scan_pickles(data, 0, len(data))
-            else:
-                scan = _scan_pickles(member, 0, info.file_size)
-    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as exc:  # encrypted, damaged
-        return [(FindingKind.UNSCANNABLE, f"{where}could not read: {exc}")]
+            scan = _scan_pickles(buf, start, end)
+    except _TooBig as exc:
+        return [(FindingKind.UNSCANNABLE, f"{where}{exc}")]
+    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as exc:
+        return [(FindingKind.UNSCANNABLE, f"{where}could not read: {exc}")]  # encrypted, damaged
     return _pickle_issues(scan, where)
+
+
+class _TooBig(Exception):
+    """A compressed member too big to inflate into memory for a scan."""
+
+
+@contextmanager
+def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[tuple[Buffer, int, int]]:
+    """A member's bytes as (buffer, start, end). A stored member (how torch.save writes every
+    entry) is a range of the archive, memory-mapped so big values are skipped, not read; a
+    compressed one is inflated into memory, up to MAX_PICKLE_READ_BYTES."""
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and zf.fp:
+        start = _member_data_offset(zf, info)
+        with mmap.mmap(zf.fp.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            end = start + info.file_size
+            if end > len(mm):
+                raise zipfile.BadZipFile(f"member runs past the end of the archive ({end:,})")
+            yield mm, start, end
+        return
+    if info.file_size > MAX_PICKLE_READ_BYTES:
+        raise _TooBig(
+            f"compressed member of {_size(info.file_size)}: too large to scan "
+            f"(over {_size(MAX_PICKLE_READ_BYTES)}); store it uncompressed"
+        )
+    data = zf.read(info)
+    yield data, 0, len(data)
+
+
+def _member_data_offset(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """Where a member's data starts: after its local header, whose name and extra field
+    lengths may differ from the central directory's."""
+    fp = zf.fp
+    assert fp is not None
+    fp.seek(info.header_offset)
+    local = fp.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.orig_filename!r}")
+    name_len: int
+    extra_len: int
+    name_len, extra_len = struct.unpack_from("<HH", local, 26)
+    return int(info.header_offset) + 30 + name_len + extra_len
 
 
 def _is_tensor_record(name: str) -> bool:
@@ -638,14 +615,58 @@ def _in_namespace(module: str, roots: tuple[str, ...]) -> bool:
     return any(module == root or module.startswith(root + ".") for root in roots)
 
 
-def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:
-    import h5py  # heavy; only when there is an .h5 to read
+# HDF5 is parsed by a C library (libhdf5 through h5py): a crafted file can crash or hang it, so
+# it runs in a child process with these limits, and a crash or a hang is a finding.
+H5_TIMEOUT_S = 10.0
+H5_MEMORY_BYTES = 2 * 1024**3
+# The child sets its own limits before it imports h5py: a preexec_fn is unsafe in a process
+# with threads (the validator hashes in a thread pool).
+_H5_READER = """
+import json, resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+import h5py
+with h5py.File(sys.argv[1], "r") as h5:
+    raw = h5.attrs.get("model_config")
+if raw is not None and not isinstance(raw, str):
+    raw = bytes(raw).decode("utf-8")
+sys.stdout.write(json.dumps({"model_config": raw}))
+"""
 
-    with h5py.File(mf.path, "r") as h5:
-        raw = h5.attrs.get("model_config")
-    if raw is None:
+
+def read_h5_model_config(path: Path) -> tuple[str | None, str | None]:
+    """(the model_config attribute, None), or (None, why it could not be read), from h5py in a
+    child process that can crash or hang without taking the validator with it."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _H5_READER, str(path), str(H5_MEMORY_BYTES)],
+            capture_output=True,
+            timeout=H5_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"the HDF5 parser did not finish in {H5_TIMEOUT_S:g} s (killed)"
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        return None, f"the HDF5 parser crashed ({sig}) on this file"
+    if proc.returncode != 0:
+        last = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        return None, f"the HDF5 parser could not read it: {last[0][:300]}"
+    try:
+        loaded = json.loads(proc.stdout)
+        raw = loaded["model_config"]
+    except (ValueError, KeyError, TypeError):
+        return None, "the HDF5 parser gave no readable answer"
+    return (raw if isinstance(raw, str) else None), None
+
+
+def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:
+    text, problem = read_h5_model_config(mf.path)
+    if problem is not None:
+        return [(FindingKind.UNSCANNABLE, f"could not scan: {problem}")]
+    if text is None:
         return []  # weights only: nothing to build
-    text = raw.decode("utf-8") if isinstance(raw, bytes | np.bytes_) else str(raw)
     return _keras_issues(json.loads(text), "model_config: ")
 
 

@@ -639,6 +639,99 @@ def write_tokenizer_config_auto_map(directory: Path) -> Path:
     return model
 
 
+# --- Pickles the real unpickler reads differently from pickletools ---------------------------
+# The C unpickler on a file object without peek() (torch.load's BytesIO of data.pkl, a BytesIO
+# of downloaded bytes) buffers a FRAME's bytes; an opcode whose argument runs past the frame's
+# end makes it drop the rest of the frame and read on from the file after it. pickletools (and
+# every scanner built on genops) reads straight on. CPython issue 154848; fickling's
+# test_frame_boundary_divergence.
+
+
+def _frame(body: bytes) -> bytes:
+    return pickle.FRAME + struct.pack("<Q", len(body)) + body
+
+
+def _system_call_ops(directory: Path) -> bytes:
+    """os.system(touch marker), as protocol 0-2 opcodes, ending in STOP."""
+    return op_call(op_global("os", "system"), op_str(payload_command(directory))) + pickle.STOP
+
+
+def frame_evasion_pickle(directory: Path) -> bytes:
+    """A frame that ends two bytes into a BINBYTES length. genops: one BINBYTES of 256 bytes,
+    then STOP (harmless). The unpickler: the length is read from the 4 bytes after the frame
+    (0: an empty bytes), then POP, then the os.system call that genops saw as data."""
+    hidden = 256
+    length = struct.pack("<I", hidden)
+    in_frame = pickle.BINBYTES + length[:2]
+    after = length[2:] + b"\x00\x00" + pickle.POP + _system_call_ops(directory)
+    assert len(after) <= hidden + 2
+    return pickle.PROTO + b"\x04" + _frame(in_frame) + after.ljust(hidden + 2, b"\x00") + b"."
+
+
+def write_frame_evasion_pkl(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.pkl").write_bytes(frame_evasion_pickle(directory))
+    return directory / "model.pkl"
+
+
+def write_frame_evasion_torch_zip(directory: Path) -> Path:
+    return torch_zip(directory / "pytorch_model.bin", frame_evasion_pickle(directory))
+
+
+def write_frame_evasion_torch_legacy(directory: Path) -> Path:
+    return _legacy_torch_file(directory / "model.pt", frame_evasion_pickle(directory))
+
+
+def write_frame_inside_frame(directory: Path) -> Path:
+    """A FRAME inside a frame, declaring more bytes than the outer frame has left: the
+    unpickler drops the outer frame's rest and runs what follows it; genops sees the inner
+    FRAME, then a BINBYTES whose value is that same payload."""
+    payload = _system_call_ops(directory)
+    decoy = pickle.BINBYTES + struct.pack("<I", len(payload))
+    outer = _frame(pickle.FRAME + struct.pack("<Q", len(payload)) + decoy)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pkl"
+    path.write_bytes(pickle.PROTO + b"\x04" + outer + payload + pickle.STOP)
+    return path
+
+
+# Pickles that parse opcode by opcode but cannot load: pickle.load raises part way. A scanner
+# that passes them has not read what the unpickler does.
+
+
+def _write_pickle(directory: Path, data: bytes, name: str = "model.pkl") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_bytes(data)
+    return directory / name
+
+
+def write_tuple_without_mark(directory: Path) -> Path:
+    return _write_pickle(directory, whole_pickle(op_int(1) + op_int(2) + pickle.TUPLE))
+
+
+def write_stack_underflow(directory: Path) -> Path:
+    return _write_pickle(directory, whole_pickle(pickle.EMPTY_DICT + op_str("k") + pickle.SETITEM))
+
+
+def write_memo_get_unset(directory: Path) -> Path:
+    return _write_pickle(directory, whole_pickle(pickle.BINGET + b"\x07"))
+
+
+# --- Benign pickles that genops-based scanners misread -------------------------------------
+
+
+def write_numpy_frame_between_global_names(directory: Path) -> Path:
+    """What the C pickler writes: its 64 KiB frame ends between the two strings that name
+    numpy's _reconstruct, so a STACK_GLOBAL takes operands from two frames."""
+    return _write_pickle(directory, pickle.dumps(["x" * 65502, np.arange(4)], protocol=4))
+
+
+def write_pickle_whitespace_after_stop(directory: Path) -> Path:
+    """A hand-edited protocol-0 pickle ending in a newline; pickle.load never reads it."""
+    data = pickle.dumps({"scale": 0.5, "bias": [1.0, 2.0]}, protocol=0) + b"\n"
+    return _write_pickle(directory, data)
+
+
 def write_python_file(directory: Path) -> Path:
     model = write_safetensors_dir(directory)
     (model / "modeling_x.py").write_text("import os\n\nos.system('id')\n")
@@ -657,6 +750,8 @@ BENIGN: dict[str, Writer] = {
     "numpy_arrays": write_numpy_arrays,
     "keras_zip": write_keras_zip,
     "keras_h5": write_keras_h5,
+    "numpy_frame_between_global_names": write_numpy_frame_between_global_names,
+    "pickle_whitespace_after_stop": write_pickle_whitespace_after_stop,
 }
 if importlib.util.find_spec("torch") is not None:
     BENIGN |= {
@@ -695,4 +790,11 @@ HOSTILE: dict[str, Writer] = {
     "config_auto_map": write_config_auto_map,
     "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
     "python_file": write_python_file,
+    "frame_evasion_pkl": write_frame_evasion_pkl,
+    "frame_evasion_torch_zip": write_frame_evasion_torch_zip,
+    "frame_evasion_torch_legacy": write_frame_evasion_torch_legacy,
+    "frame_inside_frame": write_frame_inside_frame,
+    "tuple_without_mark": write_tuple_without_mark,
+    "stack_underflow": write_stack_underflow,
+    "memo_get_unset": write_memo_get_unset,
 }
