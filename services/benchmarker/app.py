@@ -18,10 +18,9 @@ NAME = "benchmarker"
 
 def result_store(settings: Settings) -> ResultStore:
     """Stored baseline results; fingerprints reuse the digests the validator already computed."""
-    from services.validator.app import digest_cache_path
-    from services.validator.checks.checksum import DigestCache
+    from services.validator.checks.checksum import DigestCache, digest_cache_path
 
-    digests = DigestCache(digest_cache_path(settings))
+    digests = DigestCache(digest_cache_path(settings.data_dir))
     return ResultStore(settings.data_dir / "cache" / "perplexity.json", digests)
 
 

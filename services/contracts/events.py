@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -28,9 +29,10 @@ def utc_now() -> datetime:
 
 
 class Message(BaseModel):
-    """Base of every message: frozen, strict about unknown fields, versioned."""
+    """Base of every message: frozen, strict about unknown fields, versioned. Validators are
+    built on first use (defer_build): a CLI run touches three of the ~30 message types."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     schema_version: Literal[1] = Field(
         default=1,
@@ -412,6 +414,20 @@ class DeadLetter(Message):
     received_at: datetime = Field(default_factory=utc_now)
 
 
+def _deferred(tp: Any) -> Any:
+    """A TypeAdapter built on first use, so importing the contracts builds no validator."""
+
+    class Deferred:
+        @functools.cached_property
+        def adapter(self) -> TypeAdapter[Any]:
+            return TypeAdapter(tp)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.adapter, name)
+
+    return Deferred()
+
+
 DeploymentEvent = Annotated[
     DeploymentRequested
     | ValidationCompleted
@@ -432,7 +448,7 @@ DeploymentEvent = Annotated[
 ]
 """Any message of the events stream, told apart by its `type`."""
 
-DEPLOYMENT_EVENT: TypeAdapter[DeploymentEvent] = TypeAdapter(DeploymentEvent)
+DEPLOYMENT_EVENT: TypeAdapter[DeploymentEvent] = _deferred(DeploymentEvent)
 
 AnyOutcome = Annotated[
     DeploymentBlocked
@@ -443,13 +459,13 @@ AnyOutcome = Annotated[
     | DeploymentFailed,
     Field(discriminator="type"),
 ]
-ANY_OUTCOME: TypeAdapter[AnyOutcome] = TypeAdapter(AnyOutcome)
+ANY_OUTCOME: TypeAdapter[AnyOutcome] = _deferred(AnyOutcome)
 
 AnyCommand = Annotated[
     PromoteDeployment | AbortDeployment | PauseDeployment | ResumeDeployment,
     Field(discriminator="type"),
 ]
-ANY_COMMAND: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)
+ANY_COMMAND: TypeAdapter[AnyCommand] = _deferred(AnyCommand)
 
 OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     DeploymentBlocked,

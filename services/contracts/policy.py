@@ -21,7 +21,7 @@ class PolicyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class ValidationChecks(_Strict):
@@ -39,6 +39,14 @@ class ValidationPolicy(_Strict):
     checks: ValidationChecks = ValidationChecks()
     vram_overhead_fraction: float = Field(
         default=0.10, ge=0, le=1, description="Share of GPU memory kept free for the runtime."
+    )
+    allow_training_state: bool = Field(
+        default=False,
+        description=(
+            "Let Trainer files that serving never reads (training_args.bin, optimizer.pt, "
+            "scheduler.pt, scaler.pt, rng_state*.pth) stay in the upload. Still scanned: "
+            "imports beyond the allowlist and Trainer's own classes block."
+        ),
     )
 
 

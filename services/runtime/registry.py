@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from services.contracts import subjects
-from services.runtime.service import ServiceApp
-from services.runtime.settings import Settings
+
+if TYPE_CHECKING:  # the CLI reads SERVICES on every start; FastStream loads only with a service
+    from services.runtime.service import ServiceApp
+    from services.runtime.settings import Settings
 
 SERVICES: Final[dict[str, str]] = {
     "validator": "services.validator.app",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import json
 import os
 import secrets
@@ -11,7 +11,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 import yaml
@@ -38,9 +39,29 @@ from services.contracts.events import (
     new_deployment_id,
 )
 from services.contracts.policy import PolicyError, load_policy_file
-from services.runtime import bus, registry
+from services.runtime import registry
 from services.runtime.settings import Settings
 from services.stack import render
+
+
+def _lazy(name: str) -> ModuleType:
+    """A module whose code runs on first use: `preflight validate` never touches the bus, and
+    nats-py with aiohttp is most of what a cold start would otherwise import."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING:
+    from services.runtime import bus
+else:
+    bus = _lazy("services.runtime.bus")
 
 app = typer.Typer(
     name="preflight",
@@ -69,15 +90,16 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_settings(data_dir: Path | None = None) -> Settings:
-    """Settings from the environment; the NATS URL of a running embedded stack if none is set."""
+def load_settings(data_dir: Path | None = None, *, uses_bus: bool = True) -> Settings:
+    """Settings from the environment; the NATS URL of a running embedded stack if none is set
+    (a command that never uses the bus skips that, and the NATS client's import with it)."""
     try:
         settings = Settings()
     except ValidationError as exc:
         fail(f"bad PREFLIGHT_* setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
     if data_dir is not None:
         settings = settings.model_copy(update={"data_dir": data_dir})
-    if "PREFLIGHT_NATS_URL" not in os.environ:
+    if uses_bus and "PREFLIGHT_NATS_URL" not in os.environ:
         from services.stack.supervisor import read_stack_file
 
         running = read_stack_file(settings.data_dir)
@@ -87,6 +109,8 @@ def load_settings(data_dir: Path | None = None) -> Settings:
 
 
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:
+    import asyncio
+
     try:
         return asyncio.run(factory())  # type: ignore[arg-type]
     except bus.BusUnavailable as exc:
@@ -320,6 +344,8 @@ def _watch(
         return None
 
     async def bounded() -> DeploymentEvent | None:
+        import asyncio
+
         return await asyncio.wait_for(_connected(settings, follow), timeout)
 
     try:
@@ -507,11 +533,14 @@ def validate(
     as_json: JsonFlag = False,
 ) -> None:
     """Run the validator's checks locally, without the bus (exit 1 on failure): for your own CI."""
-    from services.validator.app import digest_cache_path
-    from services.validator.checks.checksum import DigestCache
+    from services.validator.checks.checksum import (
+        DigestCache,
+        digest_cache_path,
+        local_digest_cache_path,
+    )
     from services.validator.validate import validate as run_validation
 
-    settings = load_settings(data_dir)
+    settings = load_settings(data_dir, uses_bus=False)
     try:
         target = TargetHardware(
             gpu_memory_gb=gpu_memory_gb,
@@ -528,7 +557,15 @@ def validate(
         fail(f"invalid target: {'.'.join(map(str, first['loc']))}: {first['msg']}")
     except PolicyError as exc:
         fail(str(exc))
-    cache = DigestCache(digest_cache_path(settings))
+    explicit_dir = settings.data_dir if "data_dir" in settings.model_fields_set else None
+    cache_path = local_digest_cache_path(path, explicit_dir)
+    if explicit_dir is not None and cache_path != digest_cache_path(explicit_dir) and not as_json:
+        err.print(
+            f"note: {explicit_dir} is inside the model; digests cached "
+            + (f"in {cache_path.parent}" if cache_path else "nowhere (every file is hashed)"),
+            highlight=False,
+        )
+    cache = DigestCache(cache_path) if cache_path is not None else None
     try:
         report = run_validation(
             str(path),
@@ -539,7 +576,8 @@ def validate(
             service="cli",
         )
     finally:
-        cache.close()
+        if cache is not None:
+            cache.close()
     if as_json:
         print(report.model_dump_json(indent=2))
     else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from services.contracts import subjects
 from services.contracts.events import DeploymentRequested, Event, StageReport
@@ -11,14 +10,10 @@ from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
-from services.validator.checks.checksum import DigestCache
+from services.validator.checks.checksum import DigestCache, digest_cache_path
 from services.validator.validate import validate
 
 NAME = "validator"
-
-
-def digest_cache_path(settings: Settings) -> Path:
-    return settings.data_dir / "cache" / "digests.sqlite"
 
 
 def run_checks(
@@ -53,7 +48,7 @@ def handle_requested(
 
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
-    cache = DigestCache(digest_cache_path(settings))
+    cache = DigestCache(digest_cache_path(settings.data_dir))
 
     @svc.consume(subjects.VALIDATOR_DURABLE, DeploymentRequested)
     async def on_requested(request: DeploymentRequested) -> None:

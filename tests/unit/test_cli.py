@@ -117,3 +117,35 @@ def test_validate_takes_the_target_hardware(sample_model: Path) -> None:
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["vram_fit"]["status"] == "failed"
     assert "does not fit" in checks["vram_fit"]["reason"]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_validate_inside_the_model_writes_nothing_there(
+    sample_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `cd model && preflight validate .` used to create .preflight/ in the model and then fail
+    # its own format check on the cache it had just written.
+    monkeypatch.delenv("PREFLIGHT_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(sample_model)
+    before = _tree(sample_model)
+    for _ in range(2):  # the second run reads the digests the first one cached
+        result = runner.invoke(app, ["validate", "."])
+        assert result.exit_code == 0, result.output
+    assert _tree(sample_model) == before
+    assert (tmp_path / "xdg" / "preflight" / "cache" / "digests.sqlite").is_file()
+
+
+def test_validate_with_a_data_dir_inside_the_model_caches_elsewhere_and_says_so(
+    sample_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFLIGHT_DATA_DIR", str(sample_model / ".preflight"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    before = _tree(sample_model)
+    result = runner.invoke(app, ["validate", str(sample_model)])
+    assert result.exit_code == 0, result.output
+    assert "is inside the model; digests cached in" in result.stderr
+    assert _tree(sample_model) == before

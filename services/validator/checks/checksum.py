@@ -27,6 +27,29 @@ READ_SIZE = 8 * 1024 * 1024
 MANIFEST_NAMES = ("preflight-manifest.json", "SHA256SUMS", "sha256sums.txt")
 
 
+def digest_cache_path(data_dir: Path) -> Path:
+    """The services' digest cache: in their data dir."""
+    return data_dir / "cache" / "digests.sqlite"
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/preflight, or ~/.cache/preflight."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "preflight"
+
+
+def local_digest_cache_path(model: Path, data_dir: Path | None) -> Path | None:
+    """Where `preflight validate` keeps digests: the data dir when one is set, else the user's
+    cache dir, and never inside the model it validates (a cache there would change the model
+    and fail its own format check). None when every choice is inside it: validate uncached."""
+    model = model.resolve()
+    for base in ([data_dir] if data_dir is not None else []) + [user_cache_dir()]:
+        path = digest_cache_path(base)
+        if not path.resolve().is_relative_to(model):
+            return path
+    return None
+
+
 @dataclass(frozen=True)
 class FileKey:
     """Identity of a file's content as the file system reports it."""

@@ -103,6 +103,30 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
     }
 )  # fmt: skip
 
+# Files a Hugging Face Trainer checkpoint carries that `from_pretrained` and serving never read:
+# training state, kept for resuming. Each is a torch.save pickle.
+TRAINING_STATE_FILE = re.compile(
+    r"(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)"
+)
+# What Trainer itself pickles into training_args.bin beyond plain data: the arguments dataclass
+# and the enums in its fields (pickled as class + value, or __new__ + __dict__; no code of
+# theirs runs on load). Accepted only in training-state files, only with allow_training_state.
+TRAINER_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
+    {
+        ("transformers.training_args", "TrainingArguments"),
+        ("transformers.training_args_seq2seq", "Seq2SeqTrainingArguments"),
+        ("transformers.training_args", "OptimizerNames"),
+        ("transformers.trainer_utils", "IntervalStrategy"),
+        ("transformers.trainer_utils", "SaveStrategy"),
+        ("transformers.trainer_utils", "HubStrategy"),
+        ("transformers.trainer_utils", "SchedulerType"),
+        ("transformers.trainer_utils", "FSDPOption"),
+        ("transformers.debug_utils", "DebugOption"),
+        ("transformers.trainer_pt_utils", "AcceleratorConfig"),
+    }
+)
+_ALLOW_TRAINING_STATE = "validation.allow_training_state"
+
 # --- Limits --------------------------------------------------------------------------------
 # Per pickle stream. A state dict's pickle is ~100 bytes and ~30 opcodes per tensor, so this
 # allows ~60k tensors in one file; the simulated stack and memo grow with it, so it bounds memory.
@@ -165,6 +189,8 @@ class FindingKind(StrEnum):
     """A config that asks the loader to run the repository's own code."""
     PYTHON = "python-source"
     """Python source shipped with the weights."""
+    TRAINING_STATE = "training-state"
+    """A Trainer checkpoint file serving never reads (optimizer.pt ...): a pickle for nothing."""
     UNSCANNABLE = "unscannable"
     """A file that could not be scanned (damaged, too large); not scanned is not safe."""
 
@@ -193,6 +219,7 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
     started = time.perf_counter()
     findings: list[Finding] = []
     scanned: list[str] = []
+    allowed: list[str] = []
     for mf in inv.files:
         scanner = _scanner_for(mf)
         if scanner is None:
@@ -204,11 +231,19 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
         if issues is None:
             continue
         scanned.append(mf.rel)
+        if TRAINING_STATE_FILE.fullmatch(mf.path.name):
+            if ctx.policy.allow_training_state:
+                issues = [i for i in issues if not _is_trainer_import(i)]
+                allowed.append(mf.rel)
+            else:
+                issues = [(FindingKind.TRAINING_STATE, _TRAINING_STATE_FINDING), *issues]
         findings += [Finding(mf.rel, kind, what) for kind, what in issues]
     details: dict[str, Any] = {
         "findings": [f.as_dict() for f in findings],
         "scanned": scanned,
     }
+    if allowed:
+        details["allowed_training_state"] = allowed
     if findings:
         reason = summarise_findings([str(f) for f in findings])
         return result(NAME, Status.FAILED, reason, started=started, details=details)
@@ -217,6 +252,19 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
     else:
         reason = f"nothing runs code on load ({len(scanned)} of {len(inv.files)} files scanned)"
     return result(NAME, Status.PASSED, reason, started=started, details=details)
+
+
+_TRAINING_STATE_FINDING = (
+    "training state that from_pretrained and serving never read (a Trainer checkpoint file), "
+    "and a pickle: whoever loads it runs what it imports. Remove it from the upload, or set "
+    f"{_ALLOW_TRAINING_STATE}: true to keep it (it is still scanned)"
+)
+_TRAINER_IMPORTS = tuple(f"imports {module}.{name}" for module, name in TRAINER_GLOBALS)
+
+
+def _is_trainer_import(issue: _Issue) -> bool:
+    kind, what = issue
+    return kind is FindingKind.IMPORT and what.endswith(_TRAINER_IMPORTS)
 
 
 def _scanner_for(mf: ModelFile) -> _Scanner | None:

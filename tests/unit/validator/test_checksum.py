@@ -138,3 +138,22 @@ def test_parallel_hashing_gives_the_same_digests(tmp_path: Path, files: int) -> 
         expected[p.name] = digest(p)
     status, reason, _ = check(tmp_path, expected)
     assert status is Status.PASSED, reason
+
+
+def test_the_local_digest_cache_is_never_inside_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.validator.checks.checksum import local_digest_cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = tmp_path / "model"
+    model.mkdir()
+    user = tmp_path / "xdg" / "preflight" / "cache" / "digests.sqlite"
+    assert local_digest_cache_path(model, None) == user
+    assert local_digest_cache_path(model, tmp_path / "data") == tmp_path / "data" / "cache" / (
+        "digests.sqlite"
+    )
+    assert local_digest_cache_path(model, model / ".preflight") == user
+    # a model that holds the user's cache dir too: no cache at all
+    monkeypatch.setenv("XDG_CACHE_HOME", str(model / "xdg"))
+    assert local_digest_cache_path(model, model / ".preflight") is None

@@ -432,3 +432,49 @@ def test_torch_loads_the_handmade_fixtures(tmp_path: Path) -> None:
     for write in (hostile.write_handmade_torch_zip, hostile.write_handmade_torch_legacy):
         state = torch.load(write(tmp_path / write.__name__), weights_only=True)
         assert {k: tuple(v.shape) for k, v in state.items()} == hostile.SHAPES
+
+
+# --- HDF5 in a child process ---------------------------------------------------------------
+# libhdf5 is C: a crafted file can crash or hang it. Each way the child can end is simulated
+# with a stand-in reader, since no public HDF5 crash reproduces on every libhdf5 build.
+
+_KILL_CHILD = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+_HANG_CHILD = "import time; time.sleep(60)"
+_EAT_MEMORY = """
+import resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+blob = bytearray(2 * limit)
+"""
+
+
+@pytest.mark.parametrize(
+    ("reader", "expected"),
+    [
+        (_KILL_CHILD, "could not scan: the HDF5 parser crashed (SIGSEGV) on this file"),
+        (_HANG_CHILD, "could not scan: the HDF5 parser did not finish in 0.5 s (killed)"),
+        (_EAT_MEMORY, "could not scan: the HDF5 parser could not read it: MemoryError"),
+    ],
+    ids=["crash", "hang", "memory"],
+)
+def test_an_hdf5_file_that_breaks_its_parser_cannot_take_the_validator_down(
+    reader: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unsafe_code, "_H5_READER", reader)
+    monkeypatch.setattr(unsafe_code, "H5_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(unsafe_code, "H5_MEMORY_BYTES", 256 * 1024 * 1024)
+    res = scan(hostile.write_keras_h5(tmp_path))
+    assert res.status is Status.FAILED
+    assert findings(res) == [f"model.h5: {expected}"], findings(res)
+
+
+def test_the_hdf5_child_really_holds_the_memory_limit(tmp_path: Path) -> None:
+    code = unsafe_code._H5_READER.replace("import h5py", "blob = bytearray(limit)\nimport h5py")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code, str(hostile.write_keras_h5(tmp_path)), str(2**28)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert b"MemoryError" in proc.stderr
