@@ -25,7 +25,9 @@ from typing import Any, Final
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.headers import parsed_headers
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
+from services.validator.checks.keras_tf import keras_layer_issue, saved_model_op_issues
 from services.validator.checks.pickle_machine import (
     UNRESOLVED,
     Budget,
@@ -161,7 +163,6 @@ _KERAS_FUNCTION_MODULES = (
 # Keras resolves {"module": "builtins", "class_name": "function"} to a Python builtin when the
 # name is not one of its own (eval, exec, getattr, open, __import__ ...).
 _PYTHON_BUILTINS = frozenset(dir(builtins))
-_KERAS_LAMBDA_IN_METADATA = re.compile(rb'"class_name":\s*"Lambda"')
 
 _PYTHON_SUFFIXES = (".py", ".pyc")
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -183,6 +184,12 @@ class FindingKind(StrEnum):
     """An archive entry escapes its directory, is a link, or the archive is a bomb."""
     KERAS_LAMBDA = "keras-lambda"
     """A Keras Lambda layer: Python bytecode that runs when the model is built."""
+    KERAS_LAYER = "keras-layer"
+    """A Keras layer that loads a pickled module, a SavedModel or a file from outside the model."""
+    TF_OP = "tensorflow-op"
+    """A SavedModel graph op that reads or writes host files or calls into Python."""
+    CHAT_TEMPLATE = "chat-template"
+    """A Jinja chat template reaching outside its sandbox (renderers are not all sandboxed)."""
     KERAS_REFERENCE = "keras-reference"
     """A Keras config naming a module or function outside Keras: imported on load."""
     REMOTE_CODE = "remote-code"
@@ -238,6 +245,15 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
             else:
                 issues = [(FindingKind.TRAINING_STATE, _TRAINING_STATE_FINDING), *issues]
         findings += [Finding(mf.rel, kind, what) for kind, what in issues]
+    if _may_hold_chat_templates(inv):
+        from services.validator.checks.chat_template_syntax import template_issues  # Jinja
+        from services.validator.checks.chat_templates import located_templates
+
+        for rel, label, text in located_templates(inv, parsed_headers(ctx.shared)):
+            if rel not in scanned:
+                scanned.append(rel)
+            for issue in template_issues(text):
+                findings.append(Finding(rel, FindingKind.CHAT_TEMPLATE, f"{label}: {issue}"))
     details: dict[str, Any] = {
         "findings": [f.as_dict() for f in findings],
         "scanned": scanned,
@@ -265,6 +281,16 @@ _TRAINER_IMPORTS = tuple(f"imports {module}.{name}" for module, name in TRAINER_
 def _is_trainer_import(issue: _Issue) -> bool:
     kind, what = issue
     return kind is FindingKind.IMPORT and what.endswith(_TRAINER_IMPORTS)
+
+
+def _may_hold_chat_templates(inv: Inventory) -> bool:
+    """Whether any file can carry a chat template (Jinja's import is only paid then)."""
+    from services.validator.checks.chat_templates import TEMPLATE_JSON_NAMES
+
+    return any(
+        f.kind is Kind.GGUF or f.path.name in TEMPLATE_JSON_NAMES or f.rel.endswith(".jinja")
+        for f in inv.files
+    )
 
 
 def _scanner_for(mf: ModelFile) -> _Scanner | None:
@@ -540,6 +566,9 @@ def _member_issues(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind) -> li
             return [(FindingKind.UNSCANNABLE, f"{where}{_size(info.file_size)}: too large")]
         return _keras_issues(json.loads(zf.read(info)), where)
     named_pickle = lower.endswith(_PICKLE_SUFFIXES)
+    if lower == "saved_model.pb" or lower.endswith("/saved_model.pb"):
+        with _member_bytes(zf, info) as (buf, start, end):
+            return _graph_issues(buf, start, end, where)
     if kind is Kind.PYTORCH_ZIP and not named_pickle and _is_tensor_record(name):
         return []  # raw tensor bytes, read by the loader as bytes, never unpickled
     try:
@@ -641,6 +670,9 @@ def _keras_object_issue(node: dict[str, Any], where: str) -> _Issue | None:
         label = inner.get("name") if isinstance(inner, dict) else None
         layer = f"Lambda layer {label!r}" if isinstance(label, str) else "lambda"
         return FindingKind.KERAS_LAMBDA, f"{where}Keras {layer}: its Python bytecode runs on load"
+    outside = keras_layer_issue(node)
+    if outside is not None:
+        return FindingKind.KERAS_LAYER, f"{where}{outside}"
     module = node.get("module")
     if not isinstance(module, str) or not isinstance(class_name, str):
         return None  # not a Keras object reference (a layer option may be called "module")
@@ -718,15 +750,49 @@ def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:
     return _keras_issues(json.loads(text), "model_config: ")
 
 
+# keras_metadata.pb holds each layer's JSON inside protobuf strings; the layers that load code
+# or outside files are found by their class names there.
+_KERAS_CLASS_IN_METADATA = re.compile(rb'"class_name":\s*"(Lambda|TorchModuleWrapper|TFSMLayer)"')
+_METADATA_LAYERS: Final[dict[str, tuple[FindingKind, str]]] = {
+    "Lambda": (FindingKind.KERAS_LAMBDA, "its Python bytecode runs on load"),
+    "TorchModuleWrapper": (
+        FindingKind.KERAS_LAYER,
+        "a pickled torch module that torch.load runs when the model is built (CVE-2025-49655)",
+    ),
+    "TFSMLayer": (
+        FindingKind.KERAS_LAYER,
+        "loads the SavedModel at a path in its config and runs its graph (CVE-2026-1462)",
+    ),
+}
+
+
 def _scan_saved_model(mf: ModelFile) -> list[_Issue]:
-    """A Keras SavedModel describes its layers in keras_metadata.pb, next to saved_model.pb."""
+    """Every op of the graph and its function library; and the Keras layers that a Keras
+    SavedModel describes in keras_metadata.pb, next to saved_model.pb."""
+    if mf.path.name.lower() == "saved_model.pbtxt":
+        return [(FindingKind.UNSCANNABLE, "a text-format SavedModel graph is not parsed")]
+    with _mapped(mf.path, mf.size) as buf:
+        issues = _graph_issues(buf, 0, len(buf))
     metadata = mf.path.parent / "keras_metadata.pb"
     if metadata.is_symlink() or not metadata.is_file():
-        return []
+        return issues
     for chunk in _chunks(metadata, overlap=64):
-        if _KERAS_LAMBDA_IN_METADATA.search(chunk):
-            return [(FindingKind.KERAS_LAMBDA, "keras_metadata.pb declares a Keras Lambda layer")]
-    return []
+        for found in sorted(set(_KERAS_CLASS_IN_METADATA.findall(chunk))):
+            layer = found.decode()
+            how = _METADATA_LAYERS[layer]
+            issues.append((how[0], f"keras_metadata.pb declares a Keras {layer} layer: {how[1]}"))
+        if issues:
+            break
+    return issues
+
+
+def _graph_issues(buf: Buffer, start: int, end: int, where: str = "") -> list[_Issue]:
+    data = memoryview(buf)[start:end] if isinstance(buf, mmap.mmap) else buf[start:end]
+    try:
+        return [(FindingKind.TF_OP, f"{where}{what}") for what in saved_model_op_issues(data)]
+    finally:
+        if isinstance(data, memoryview):
+            data.release()  # an mmap cannot close while a view of it is alive
 
 
 def _chunks(path: Path, *, overlap: int, size: int = 1024 * 1024) -> Iterator[bytes]:

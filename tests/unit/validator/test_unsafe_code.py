@@ -22,8 +22,9 @@ from services.validator.checks import unsafe_code
 from services.validator.checks.base import CheckContext
 from services.validator.checks.inventory import build_inventory
 from services.validator.checks.unsafe_code import SAFE_GLOBALS, FindingKind, check_unsafe_code
-from tests.unit.validator import hostile
-from tests.unit.validator.hostile import BENIGN, HOSTILE, marker
+from tests.unit.validator import fixtures, hostile
+from tests.unit.validator.fixtures import BENIGN, HOSTILE
+from tests.unit.validator.hostile import marker
 
 
 def scan(path: Path) -> CheckResult:
@@ -87,7 +88,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "tuple_without_mark": ("pickle does not load: at byte 6: TUPLE without a MARK before it",),
     "stack_underflow": ("at byte 9: SETITEM on an empty stack (stack underflow)",),
     "memo_get_unset": ("BINGET 7: nothing stored in the memo there",),
-}
+} | fixtures.EXPECTED
 
 
 def test_every_hostile_fixture_has_an_expectation() -> None:

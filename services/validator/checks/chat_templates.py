@@ -1,0 +1,99 @@
+"""Jinja chat templates read as code: found in every place a model keeps one, each parsed into
+Jinja's own syntax tree (chat_template_syntax.py) and never rendered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+from services.validator.checks.headers import GGUFHeader, ParsedHeaders
+from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
+
+__all__ = ["TEMPLATE_JSON_NAMES", "find_templates", "located_templates", "scan_chat_templates"]
+
+# JSON files that carry a chat_template key (processors carry one for multimodal models).
+TEMPLATE_JSON_NAMES = frozenset(
+    {"tokenizer_config.json", "chat_template.json", "processor_config.json"}
+)
+GGUF_TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+def find_templates(inv: Inventory, headers: ParsedHeaders) -> Iterator[tuple[str, str]]:
+    """(where, template text) for every chat template in the model: tokenizer and processor
+    configs, chat_template.json, *.jinja files and GGUF tokenizer.chat_template metadata."""
+    for rel, label, text in located_templates(inv, headers):
+        yield f"{rel}: {label}", text
+
+
+def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> list[tuple[str, str]]:
+    """(file, message) for each issue in each chat template of the model."""
+    from services.validator.checks.chat_template_syntax import template_issues  # Jinja
+
+    findings: list[tuple[str, str]] = []
+    for rel, label, text in located_templates(inv, headers):
+        findings.extend((rel, f"{label}: {issue}") for issue in template_issues(text))
+    return findings
+
+
+# ---- where templates live ---------------------------------------------------------------------
+
+
+def located_templates(inv: Inventory, headers: ParsedHeaders) -> Iterator[tuple[str, str, str]]:
+    """(file, label, template text) for every chat template of the model."""
+    for f in inv.files:
+        name = PurePosixPath(f.rel).name.lower()
+        if f.kind is Kind.GGUF:
+            yield from _gguf_templates(f, headers)
+        elif name in TEMPLATE_JSON_NAMES:
+            yield from _json_templates(f)
+        elif name.endswith(".jinja"):
+            # By name: a template starting with "{" sniffs as JSON, so its kind says nothing.
+            text = _read_text(f)
+            if text is not None:
+                yield f.rel, "template", text
+
+
+def _read_text(f: ModelFile) -> str | None:
+    if f.size > MAX_JSON_BYTES:
+        return None
+    try:
+        return f.path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _json_templates(f: ModelFile) -> Iterator[tuple[str, str, str]]:
+    text = _read_text(f)
+    if text is None:
+        return
+    try:
+        loaded = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # malformed JSON is the format and secrets checks' finding, not ours
+    if not isinstance(loaded, dict):
+        return
+    value = loaded.get("chat_template")
+    if isinstance(value, str):
+        yield f.rel, "chat_template", value
+    elif isinstance(value, list):
+        # transformers saves several templates as [{"name": ..., "template": ...}, ...].
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and isinstance(item.get("template"), str):
+                name = item.get("name")
+                label = f"chat_template[{name if isinstance(name, str) else i}]"
+                yield f.rel, label, item["template"]
+    elif isinstance(value, dict):
+        for name, template in value.items():
+            if isinstance(template, str):
+                yield f.rel, f"chat_template[{name}]", template
+
+
+def _gguf_templates(f: ModelFile, headers: ParsedHeaders) -> Iterator[tuple[str, str, str]]:
+    header = headers.gguf(f.path)
+    if not isinstance(header, GGUFHeader):
+        return  # an unreadable header is the structure check's finding
+    for key, value in header.metadata.items():
+        is_template = key == GGUF_TEMPLATE_KEY or key.startswith(GGUF_TEMPLATE_KEY + ".")
+        if is_template and isinstance(value, str):
+            yield f.rel, f"GGUF {key}", value
