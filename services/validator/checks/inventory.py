@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import zipfile
@@ -75,6 +76,14 @@ TEXT_NAMES = frozenset(
 )  # fmt: skip
 
 
+# Files a Hugging Face Trainer checkpoint carries that `from_pretrained` and serving never read:
+# training state, kept for resuming (torch.save pickles). Not weights: they need no digest, and
+# the unsafe-code check blocks them unless the policy allows them.
+TRAINING_STATE_FILE = re.compile(
+    r"(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)"
+)
+
+
 @dataclass(frozen=True)
 class ModelFile:
     """One file of a model, with what its content says it is."""
@@ -86,8 +95,12 @@ class ModelFile:
     detail: str = ""
 
     @property
+    def is_training_state(self) -> bool:
+        return TRAINING_STATE_FILE.fullmatch(self.path.name) is not None
+
+    @property
     def is_weights(self) -> bool:
-        return self.kind in WEIGHT_KINDS
+        return self.kind in WEIGHT_KINDS and not self.is_training_state
 
 
 @dataclass

@@ -105,11 +105,6 @@ SAFE_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
     }
 )  # fmt: skip
 
-# Files a Hugging Face Trainer checkpoint carries that `from_pretrained` and serving never read:
-# training state, kept for resuming. Each is a torch.save pickle.
-TRAINING_STATE_FILE = re.compile(
-    r"(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)"
-)
 # What Trainer itself pickles into training_args.bin beyond plain data: the arguments dataclass
 # and the enums in its fields (pickled as class + value, or __new__ + __dict__; no code of
 # theirs runs on load). Accepted only in training-state files, only with allow_training_state.
@@ -238,7 +233,7 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
         if issues is None:
             continue
         scanned.append(mf.rel)
-        if TRAINING_STATE_FILE.fullmatch(mf.path.name):
+        if mf.is_training_state:
             if ctx.policy.allow_training_state:
                 issues = [i for i in issues if not _is_trainer_import(i)]
                 allowed.append(mf.rel)

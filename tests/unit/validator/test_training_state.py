@@ -111,3 +111,14 @@ def test_trainer_classes_are_not_allowed_in_files_serving_loads(tmp_path: Path) 
     res = scan(model, allow_training_state=True)
     assert res.status is Status.FAILED
     assert "imports transformers.training_args.TrainingArguments" in res.reason
+
+
+def test_an_allowed_checkpoint_passes_the_whole_validation(tmp_path: Path) -> None:
+    # Training state is not weights: the manifest need not list it, and it weighs no VRAM.
+    from services.validator.validate import validate
+
+    model = write_trainer_checkpoint(tmp_path / "ckpt")
+    report = validate(str(model), policy=ValidationPolicy(allow_training_state=True))
+    assert report.status is Status.PASSED, report.reason
+    blocked = validate(str(model))
+    assert [c.name for c in blocked.checks if c.status is Status.FAILED] == ["unsafe_code"]
