@@ -40,7 +40,6 @@ from services.contracts.events import (
 )
 from services.contracts.policy import PolicyError, load_policy_file
 from services.runtime import registry
-from services.runtime.settings import Settings
 from services.stack import render
 
 
@@ -60,6 +59,7 @@ def _lazy(name: str) -> ModuleType:
 
 if TYPE_CHECKING:
     from services.runtime import bus
+    from services.runtime.settings import Settings
 else:
     bus = _lazy("services.runtime.bus")
 
@@ -93,6 +93,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def load_settings(data_dir: Path | None = None, *, uses_bus: bool = True) -> Settings:
     """Settings from the environment; the NATS URL of a running embedded stack if none is set
     (a command that never uses the bus skips that, and the NATS client's import with it)."""
+    from services.runtime.settings import Settings
+
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -106,6 +108,18 @@ def load_settings(data_dir: Path | None = None, *, uses_bus: bool = True) -> Set
         if running:
             settings = settings.model_copy(update={"nats_url": running["nats_url"]})
     return settings
+
+
+def local_paths(data_dir: Path | None) -> tuple[Path | None, Path | None]:
+    """(the data dir, if one is set; the policy file) for commands that run on a person's
+    machine without the stack: read from --data-dir and PREFLIGHT_DATA_DIR /
+    PREFLIGHT_POLICY_FILE as Settings reads them, without importing pydantic-settings (a
+    scanner's CLI must start fast; tests keep the two readings equal)."""
+    env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith("PREFLIGHT_")}
+    if data_dir is None and env.get("PREFLIGHT_DATA_DIR"):
+        data_dir = Path(env["PREFLIGHT_DATA_DIR"])
+    policy_file = env.get("PREFLIGHT_POLICY_FILE")
+    return data_dir, Path(policy_file) if policy_file else None
 
 
 def run_async(factory: Callable[[], Awaitable[T]]) -> T:
@@ -540,7 +554,7 @@ def validate(
     )
     from services.validator.validate import validate as run_validation
 
-    settings = load_settings(data_dir, uses_bus=False)
+    explicit_dir, policy_file = local_paths(data_dir)
     try:
         target = TargetHardware(
             gpu_memory_gb=gpu_memory_gb,
@@ -549,7 +563,7 @@ def validate(
             batch_size=batch_size,
             dtype=dtype,  # validated by pydantic just here
         )
-        resolved = load_policy_file(settings.policy_file).resolve(
+        resolved = load_policy_file(policy_file).resolve(
             model=model, team=team, overrides=_read_overrides(policy)
         )
     except ValidationError as exc:
@@ -557,7 +571,6 @@ def validate(
         fail(f"invalid target: {'.'.join(map(str, first['loc']))}: {first['msg']}")
     except PolicyError as exc:
         fail(str(exc))
-    explicit_dir = settings.data_dir if "data_dir" in settings.model_fields_set else None
     cache_path = local_digest_cache_path(path, explicit_dir)
     if explicit_dir is not None and cache_path != digest_cache_path(explicit_dir) and not as_json:
         err.print(

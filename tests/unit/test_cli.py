@@ -149,3 +149,22 @@ def test_validate_with_a_data_dir_inside_the_model_caches_elsewhere_and_says_so(
     assert result.exit_code == 0, result.output
     assert "is inside the model; digests cached in" in result.stderr
     assert _tree(sample_model) == before
+
+
+@pytest.mark.parametrize("data_dir", [None, "/srv/preflight"])
+@pytest.mark.parametrize("policy_file", [None, "/etc/preflight/policy.yaml"])
+def test_local_paths_read_the_environment_as_settings_do(
+    data_dir: str | None, policy_file: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.runtime.settings import Settings
+    from services.stack.cli import local_paths
+
+    for name, value in (("PREFLIGHT_DATA_DIR", data_dir), ("preflight_policy_file", policy_file)):
+        if value is None:
+            monkeypatch.delenv(name.upper(), raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    explicit = settings.data_dir if "data_dir" in settings.model_fields_set else None
+    assert local_paths(None) == (explicit, settings.policy_file)
+    assert local_paths(Path("/given"))[0] == Path("/given")
