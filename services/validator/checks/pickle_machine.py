@@ -7,8 +7,9 @@ the rest of a frame when an opcode's argument runs past the frame's end, and rea
 it. A frame that declares fewer bytes than its opcodes consume thus shows genops a harmless
 BINBYTES value and the unpickler a payload (CPython issue 154848). The pure-Python unpickler
 refuses such files ("pickle exhausted before end of frame"), and no pickler writes them, so this
-machine refuses them too: an opcode that starts inside a frame must end inside it, and a FRAME
-may only start where the previous frame is consumed.
+machine refuses them too: an opcode that starts inside a frame must end inside it, a FRAME may
+only start where the previous frame is consumed, and a STOP inside a frame must end it (the
+unpickler's next load, as in torch's legacy format, reads on from after the frame).
 
 genops also only checks that each opcode is well formed, not that the pickle can load. Here the
 stack, the mark stack and the memo are simulated as the unpickler keeps them, so a TUPLE with no
@@ -369,6 +370,13 @@ class _Machine:
                 push(_CONTAINER)
             elif op == 0x2E:  # STOP
                 pop(name)
+                if frame_end is not None and self.pos < frame_end:
+                    # The unpickler's next load starts after the frame, not after this STOP.
+                    raise _Stop(
+                        f"STOP leaves {frame_end - self.pos:,} bytes of its FRAME unread (a "
+                        "next pickle.load starts after the frame; pickletools after the STOP)",
+                        frame=True,
+                    )
                 self.result.end = self.pos
                 return
             elif op == 0x30:  # POP: a value, or the MARK itself when nothing is above it

@@ -695,6 +695,17 @@ def write_frame_inside_frame(directory: Path) -> Path:
     return path
 
 
+def write_frame_tail_after_stop(directory: Path) -> Path:
+    """Legacy torch format whose state-dict pickle ends inside its frame. genops reads the next
+    pickle (the storage keys) from the frame's tail: a harmless list. torch.load's next
+    pickle.load starts after the frame, where the os.system call is."""
+    decoy_keys = pickle.dumps([], protocol=2)
+    state = whole_pickle(state_dict_body(SHAPES, legacy=True))[2:]  # without its PROTO
+    body = state + decoy_keys
+    framed = pickle.PROTO + b"\x04" + _frame(body)
+    return _legacy_torch_file(directory / "model.pt", framed + os_system_pickle(directory))
+
+
 # Pickles that parse opcode by opcode but cannot load: pickle.load raises part way. A scanner
 # that passes them has not read what the unpickler does.
 
@@ -794,6 +805,7 @@ HOSTILE: dict[str, Writer] = {
     "frame_evasion_torch_zip": write_frame_evasion_torch_zip,
     "frame_evasion_torch_legacy": write_frame_evasion_torch_legacy,
     "frame_inside_frame": write_frame_inside_frame,
+    "frame_tail_after_stop": write_frame_tail_after_stop,
     "tuple_without_mark": write_tuple_without_mark,
     "stack_underflow": write_stack_underflow,
     "memo_get_unset": write_memo_get_unset,

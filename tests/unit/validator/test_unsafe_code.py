@@ -85,6 +85,11 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     ),
     "frame_evasion_torch_legacy": ("model.pt: pickle does not load", "FRAME-boundary evasion"),
     "frame_inside_frame": ("a FRAME starts 14 bytes before the previous frame is consumed",),
+    "frame_tail_after_stop": (
+        "model.pt: pickle does not load: at byte",
+        "STOP leaves 6 bytes of its FRAME unread",
+        "(after 3 complete pickles)",
+    ),
     "tuple_without_mark": ("pickle does not load: at byte 6: TUPLE without a MARK before it",),
     "stack_underflow": ("at byte 9: SETITEM on an empty stack (stack underflow)",),
     "memo_get_unset": ("BINGET 7: nothing stored in the memo there",),
@@ -137,6 +142,9 @@ LOADERS: dict[str, str] = {
     "frame_evasion_pkl": "pickle.load(io.BytesIO(open(path, 'rb').read()))",
     "frame_inside_frame": "pickle.load(io.BytesIO(open(path, 'rb').read()))",
     "frame_evasion_torch_zip": "import torch; torch.load(path, weights_only=False)",
+    "frame_tail_after_stop": (
+        "import torch; torch.load(io.BytesIO(open(path, 'rb').read()), weights_only=False)"
+    ),
     "frame_evasion_torch_legacy": (
         "import torch; torch.load(io.BytesIO(open(path, 'rb').read()), weights_only=False)"
     ),
