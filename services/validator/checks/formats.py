@@ -62,7 +62,7 @@ def check_format(inv: Inventory, ctx: CheckContext) -> CheckResult:
     weights = inv.weights
     if not weights:
         findings.append(
-            "no model weights found (safetensors, PyTorch, ONNX, TensorFlow, Keras or GGUF)"
+            "no model weights found (safetensors, PyTorch, numpy, ONNX, TensorFlow, Keras or GGUF)"
         )
     formats = sorted({f.kind.value for f in weights})
     details = {

@@ -41,6 +41,7 @@ class Kind(StrEnum):
     TF_VARIABLES_DATA = "tf-variables-data"
     KERAS_H5 = "keras-h5"
     KERAS_ZIP = "keras-zip"
+    NUMPY_ZIP = "numpy-npz"
     ZIP = "zip"
     GGUF = "gguf"
     CONFIG = "config-json"
@@ -63,6 +64,7 @@ WEIGHT_KINDS = frozenset(
         Kind.TF_VARIABLES_DATA,
         Kind.KERAS_H5,
         Kind.KERAS_ZIP,
+        Kind.NUMPY_ZIP,
         Kind.GGUF,
     }
 )
@@ -211,6 +213,8 @@ def _sniff_zip(path: Path) -> tuple[Kind, str]:
         return Kind.KERAS_ZIP, "Keras v3 archive"
     if "config.json" in names and "metadata.json" in names:
         return Kind.KERAS_ZIP, "Keras v3 archive"
+    if names and all(n.endswith(".npy") for n in names):
+        return Kind.NUMPY_ZIP, f"numpy .npz ({len(names)} arrays)"  # np.savez's layout
     return Kind.ZIP, f"zip with {len(names)} entries"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import (
     HeaderError,
     ParsedHeaders,
@@ -50,7 +51,7 @@ def check_structure(inv: Inventory, ctx: CheckContext) -> CheckResult:
             found = _onnx(f, inv, headers)
         elif f.kind is Kind.TF_SAVED_MODEL:
             found = _saved_model(f, inv)
-        elif f.kind in (Kind.PYTORCH_ZIP, Kind.KERAS_ZIP):
+        elif f.kind in (Kind.PYTORCH_ZIP, Kind.KERAS_ZIP, Kind.NUMPY_ZIP):
             found = _zip(f)
         elif f.kind is Kind.KERAS_H5:
             found = _h5(f)
@@ -194,17 +195,8 @@ def _zip(f: ModelFile) -> list[str]:
 
 
 def _h5(f: ModelFile) -> list[str]:
-    try:
-        import h5py
-
-        with h5py.File(f.path, "r") as h5:
-            list(h5.attrs.keys())
-            list(h5.keys())
-    except ImportError:
-        return []
-    except Exception as exc:  # h5py raises many kinds on a damaged file
-        return [f"HDF5 file does not open: {exc}"]
-    return []
+    read = read_hdf5(f.path)  # in a child process: libhdf5 is C
+    return [] if read.problem is None else [f"HDF5 file does not open: {read.problem}"]
 
 
 def _first(config: dict[str, Any], *keys: str) -> int | None:

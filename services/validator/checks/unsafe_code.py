@@ -8,11 +8,8 @@ import json
 import mmap
 import pickletools
 import re
-import signal
 import stat
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 from collections import Counter, deque
@@ -25,6 +22,7 @@ from typing import Any, Final
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import parsed_headers
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
 from services.validator.checks.keras_tf import keras_layer_issue, saved_model_op_issues
@@ -690,56 +688,11 @@ def _in_namespace(module: str, roots: tuple[str, ...]) -> bool:
     return any(module == root or module.startswith(root + ".") for root in roots)
 
 
-# HDF5 is parsed by a C library (libhdf5 through h5py): a crafted file can crash or hang it, so
-# it runs in a child process with these limits, and a crash or a hang is a finding.
-H5_TIMEOUT_S = 10.0
-H5_MEMORY_BYTES = 2 * 1024**3
-# The child sets its own limits before it imports h5py: a preexec_fn is unsafe in a process
-# with threads (the validator hashes in a thread pool).
-_H5_READER = """
-import json, resource, sys
-limit = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-import h5py
-with h5py.File(sys.argv[1], "r") as h5:
-    raw = h5.attrs.get("model_config")
-if raw is not None and not isinstance(raw, str):
-    raw = bytes(raw).decode("utf-8")
-sys.stdout.write(json.dumps({"model_config": raw}))
-"""
-
-
-def read_h5_model_config(path: Path) -> tuple[str | None, str | None]:
-    """(the model_config attribute, None), or (None, why it could not be read), from h5py in a
-    child process that can crash or hang without taking the validator with it."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-c", _H5_READER, str(path), str(H5_MEMORY_BYTES)],
-            capture_output=True,
-            timeout=H5_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"the HDF5 parser did not finish in {H5_TIMEOUT_S:g} s (killed)"
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        return None, f"the HDF5 parser crashed ({sig}) on this file"
-    if proc.returncode != 0:
-        last = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        return None, f"the HDF5 parser could not read it: {last[0][:300]}"
-    try:
-        loaded = json.loads(proc.stdout)
-        raw = loaded["model_config"]
-    except (ValueError, KeyError, TypeError):
-        return None, "the HDF5 parser gave no readable answer"
-    return (raw if isinstance(raw, str) else None), None
-
-
 def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:
-    text, problem = read_h5_model_config(mf.path)
-    if problem is not None:
-        return [(FindingKind.UNSCANNABLE, f"could not scan: {problem}")]
+    read = read_hdf5(mf.path)
+    if read.problem is not None:
+        return [(FindingKind.UNSCANNABLE, f"could not scan: {read.problem}")]
+    text = read.model_config
     if text is None:
         return []  # weights only: nothing to build
     return _keras_issues(json.loads(text), "model_config: ")
@@ -844,6 +797,7 @@ _SCANNERS: dict[Kind, _Scanner] = {
     Kind.PYTORCH_ZIP: _scan_zip,
     Kind.KERAS_ZIP: _scan_zip,
     Kind.ZIP: _scan_zip,
+    Kind.NUMPY_ZIP: _scan_zip,
     Kind.NUMPY: _scan_npy_file,
     Kind.KERAS_H5: _scan_keras_h5,
     Kind.TF_SAVED_MODEL: _scan_saved_model,

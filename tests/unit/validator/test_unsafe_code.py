@@ -18,7 +18,7 @@ from picklescan.scanner import SafetyLevel, _list_globals, scan_file_path
 from safetensors.numpy import save_file
 
 from services.contracts.events import CheckResult, Status
-from services.validator.checks import unsafe_code
+from services.validator.checks import hdf5, unsafe_code
 from services.validator.checks.base import CheckContext
 from services.validator.checks.inventory import build_inventory
 from services.validator.checks.unsafe_code import SAFE_GLOBALS, FindingKind, check_unsafe_code
@@ -469,16 +469,17 @@ blob = bytearray(2 * limit)
 def test_an_hdf5_file_that_breaks_its_parser_cannot_take_the_validator_down(
     reader: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(unsafe_code, "_H5_READER", reader)
-    monkeypatch.setattr(unsafe_code, "H5_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(unsafe_code, "H5_MEMORY_BYTES", 256 * 1024 * 1024)
+    monkeypatch.setattr(hdf5, "_H5_READER", reader)
+    monkeypatch.setattr(hdf5, "H5_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(hdf5, "H5_MEMORY_BYTES", 256 * 1024 * 1024)
+    hdf5._read.cache_clear()
     res = scan(hostile.write_keras_h5(tmp_path))
     assert res.status is Status.FAILED
     assert findings(res) == [f"model.h5: {expected}"], findings(res)
 
 
 def test_the_hdf5_child_really_holds_the_memory_limit(tmp_path: Path) -> None:
-    code = unsafe_code._H5_READER.replace("import h5py", "blob = bytearray(limit)\nimport h5py")
+    code = hdf5._H5_READER.replace("import h5py", "blob = bytearray(limit)\nimport h5py")
     proc = subprocess.run(
         [sys.executable, "-I", "-c", code, str(hostile.write_keras_h5(tmp_path)), str(2**28)],
         capture_output=True,
@@ -487,3 +488,17 @@ def test_the_hdf5_child_really_holds_the_memory_limit(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert b"MemoryError" in proc.stderr
+
+
+def test_a_crashing_hdf5_parser_is_a_clear_answer_from_the_whole_validator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.validator.validate import validate
+
+    monkeypatch.setattr(hdf5, "_H5_READER", _KILL_CHILD)
+    hdf5._read.cache_clear()
+    report = validate(str(hostile.write_keras_h5(tmp_path)))
+    failed = {c.name: c.reason for c in report.checks if c.status is Status.FAILED}
+    assert set(failed) == {"structure", "unsafe_code"}, report.reason
+    assert "HDF5 file does not open: the HDF5 parser crashed (SIGSEGV)" in failed["structure"]
+    hdf5._read.cache_clear()

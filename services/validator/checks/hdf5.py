@@ -1,0 +1,73 @@
+"""HDF5 files (Keras .h5) read by h5py in a child process: libhdf5 is C, and a crafted file can
+crash it, hang it or exhaust its memory. The child can; the validator cannot."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["H5_MEMORY_BYTES", "H5_TIMEOUT_S", "Hdf5Read", "read_hdf5"]
+
+H5_TIMEOUT_S = 10.0
+H5_MEMORY_BYTES = 2 * 1024**3
+# The child sets its own limits before it imports h5py: a preexec_fn is unsafe in a process
+# with threads (the validator hashes in a thread pool). It opens the file, lists the root's
+# attributes and groups (what the structure check needs) and returns model_config, the Keras
+# model description the unsafe-code check walks.
+_H5_READER = """
+import json, resource, sys
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+import h5py
+with h5py.File(sys.argv[1], "r") as h5:
+    list(h5.attrs.keys())
+    list(h5.keys())
+    raw = h5.attrs.get("model_config")
+if raw is not None and not isinstance(raw, str):
+    raw = bytes(raw).decode("utf-8")
+sys.stdout.write(json.dumps({"model_config": raw}))
+"""
+
+
+@dataclass(frozen=True)
+class Hdf5Read:
+    """What the child read: the model_config attribute, or why the file could not be read."""
+
+    model_config: str | None = None
+    problem: str | None = None
+
+
+def read_hdf5(path: Path) -> Hdf5Read:
+    """The file read once per content: the structure and unsafe-code checks both ask."""
+    st = path.stat()
+    return _read(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _read(path: str, size: int, mtime_ns: int, inode: int) -> Hdf5Read:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _H5_READER, path, str(H5_MEMORY_BYTES)],
+            capture_output=True,
+            timeout=H5_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Hdf5Read(problem=f"the HDF5 parser did not finish in {H5_TIMEOUT_S:g} s (killed)")
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        return Hdf5Read(problem=f"the HDF5 parser crashed ({sig}) on this file")
+    if proc.returncode != 0:
+        last = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        return Hdf5Read(problem=f"the HDF5 parser could not read it: {last[0][:300]}")
+    try:
+        raw = json.loads(proc.stdout)["model_config"]
+    except (ValueError, KeyError, TypeError):
+        return Hdf5Read(problem="the HDF5 parser gave no readable answer")
+    return Hdf5Read(model_config=raw if isinstance(raw, str) else None)
