@@ -11,7 +11,13 @@ shared machine:
              cold (empty digest cache) and warm (every digest from the cache)
     scan     every fixture of tests/unit/validator/hostile.py (HOSTILE and BENIGN): our
              unsafe-code check in-process and through `preflight validate --json`, against the
-             picklescan and modelscan CLIs; timings and which fixtures each one flags
+             picklescan, modelscan, ModelAudit and fickling CLIs; timings and which fixtures
+             each one flags; and every CLI's process wall on one small model, with
+             `preflight validate DIR` running all default checks
+
+Each reference scanner but picklescan (a dependency of ours) runs from its own venv, where it
+installs: `bash bench/scanner_venvs.sh` creates them under .cache/scanners/ with pinned
+versions, and this script finds them there (or pass --modelscan, --modelaudit, --fickling).
 
 Everything is written under one temp dir that is removed at the end. Run
 `python bench/validator_bench.py --help`.
@@ -42,7 +48,7 @@ from machine import command_line  # bench/machine.py (scripts run from bench/)
 
 from services.contracts.events import StageReport, Status
 from services.contracts.policy import ValidationChecks, ValidationPolicy
-from services.stack.samples import MANIFEST, write_sparse_sharded_model
+from services.stack.samples import MANIFEST, write_sample_model, write_sparse_sharded_model
 from services.validator.checks.base import CheckContext
 from services.validator.checks.checksum import DigestCache, hash_files, sha256_file
 from services.validator.checks.inventory import build_inventory
@@ -55,11 +61,16 @@ MIB: Final = 1024 * 1024
 WRITE_CHUNK: Final = 8 * MIB
 CLI_TIMEOUT_S: Final = 120.0
 PARTS: Final = ("headers", "hash", "cache", "scan")
+# Where bench/scanner_venvs.sh puts each reference scanner's own venv.
+SCANNER_VENVS: Final = REPO / ".cache" / "scanners"
+EXTERNAL_SCANNERS: Final = ("modelscan", "modelaudit", "fickling")
 
 # Goals from issue #3.
 GOAL_HEADERS_S: Final = 0.1
 GOAL_ONE_CORE_X_OPENSSL: Final = 0.9
 GOAL_WARM_VALIDATE_S: Final = 0.05
+# Goal from issue #12: `preflight validate DIR` on a small model, process wall.
+GOAL_CLI_SMALL_MODEL_S: Final = 0.25
 
 # Header-only checks: what a request without digests costs before any tensor byte is read.
 HEADER_POLICY: Final = ValidationPolicy(
@@ -438,15 +449,31 @@ class ToolSummary:
 
 
 @dataclass(frozen=True)
+class SmallModelPart:
+    """Each CLI's process wall on one small model, as a user runs it."""
+
+    model: str
+    files: int
+    total_bytes: int
+    runs: int
+    median_ms: dict[str, float | None]
+    min_ms: dict[str, float | None]
+    verdicts: dict[str, str]
+    goal_ms: float
+    goal_met: bool
+
+
+@dataclass(frozen=True)
 class ScanPart:
     rounds: int
     in_process_reps: int
-    modelscan: str | None
-    modelscan_version: str | None
+    scanners: dict[str, str | None]  # external scanner -> executable (None: not found)
+    scanner_versions: dict[str, str | None]
     picklescan_version: str
     floor_ms: dict[str, float | None]
     tools: list[ToolSummary]
     fixtures: list[FixtureResult]
+    small_model: SmallModelPart | None
     notes: list[str]
 
 
@@ -454,15 +481,37 @@ TOOLS: Final = {
     "ours_inproc": "preflight check_unsafe_code, in-process (inventory + check)",
     "ours_cli": "preflight validate --json (unsafe_code only), CLI",
     "picklescan": "picklescan --path, CLI",
-    "modelscan": "modelscan -p, CLI",
+    "modelscan": "modelscan scan -p, CLI (own venv)",
+    "modelaudit": "modelaudit scan --format json --no-cache, CLI (own venv)",
+    "fickling": "fickling --check-safety per pickle file, CLI (own venv)",
 }
+SHORT: Final = {"ours_inproc": "ours", "ours_cli": "ours CLI", "ours_validate": "ours CLI",
+                "picklescan": "pickles.", "modelscan": "models.", "modelaudit": "modelaud.",
+                "fickling": "fickling"}  # fmt: skip
+
+# ModelAudit (promptfoo) sends telemetry unless told not to; there is no network here anyway.
+MODELAUDIT_ENV: Final = {"PROMPTFOO_DISABLE_TELEMETRY": "1", "NO_ANALYTICS": "1"}
+# The files fickling's own Hub scanner treats as pickles (fickling/cli.py,
+# HF_PICKLE_EXTENSIONS); its CLI takes one file, so a gate runs it on each. Files that start
+# like a pickle (PROTO 2-5) are given to it too, whatever their name.
+FICKLING_PICKLE_SUFFIXES: Final = (".bin", ".pkl", ".pickle", ".pt", ".pth")
+# fickling --check-safety's exit codes (fickling/constants.py); a Python traceback also exits 1.
+FICKLING_EXIT_UNSAFE: Final = 1
 
 
-def _run_cli(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str] | None]:
+def _run_cli(
+    argv: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[float, subprocess.CompletedProcess[str] | None]:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False
+            argv,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+            env={**os.environ, **env} if env else None,
         )
     except subprocess.TimeoutExpired:
         return time.perf_counter() - t0, None
@@ -548,6 +597,116 @@ def run_modelscan(exe: str, path: Path, work: Path) -> tuple[float, Verdict]:
     return elapsed, Verdict(verdict, proc.returncode)
 
 
+def run_modelaudit(exe: str, path: Path, work: Path) -> tuple[float, Verdict]:
+    """`modelaudit scan PATH --format json`: exit 0 clean, 1 WARNING/CRITICAL findings, 2 an
+    operational error, an inconclusive scan or nothing scanned (modelaudit/core_results.py,
+    determine_exit_code). INFO findings do not count."""
+    out_file = work / "modelaudit-report.json"
+    out_file.unlink(missing_ok=True)
+    argv = [exe, "scan", str(path), "--format", "json", "--output", str(out_file), "--no-cache"]
+    elapsed, proc = _run_cli(argv, work, MODELAUDIT_ENV)
+    if proc is None:
+        return elapsed, Verdict("timeout")
+    try:
+        report = json.loads(out_file.read_text())
+    except (OSError, ValueError):
+        return elapsed, Verdict("error", proc.returncode, (proc.stderr or proc.stdout)[-200:])
+    issues = [i for i in report.get("issues") or [] if isinstance(i, dict)]
+    serious = [i for i in issues if str(i.get("severity", "")).lower() in ("warning", "critical")]
+    if serious or proc.returncode == 1:
+        severities = "/".join(sorted({str(i.get("severity")) for i in serious})) or "exit 1"
+        first = str(serious[0].get("message", "")) if serious else ""
+        return elapsed, Verdict("FLAG", proc.returncode, f"{severities}: {first}"[:200])
+    if not report.get("files_scanned"):
+        return elapsed, Verdict("skip", proc.returncode, "nothing scanned (0 files)")
+    if proc.returncode != 0 or report.get("has_errors"):
+        what = next((str(i.get("message")) for i in issues), "") or "inconclusive (exit 2)"
+        return elapsed, Verdict("error", proc.returncode, what[:200])
+    return elapsed, Verdict("clean", proc.returncode)
+
+
+def fickling_candidates(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    picked = []
+    for f in files:
+        with f.open("rb") as fh:
+            head = fh.read(2)
+        pickle_header = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        if f.suffix.lower() in FICKLING_PICKLE_SUFFIXES or pickle_header:
+            picked.append(f)
+    return picked
+
+
+def _json_documents(path: Path) -> list[Any]:
+    """fickling appends one JSON document per pickle to its --json-output file."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    decoder, docs, pos = json.JSONDecoder(), [], 0
+    while pos < len(text):
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            break
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break
+        docs.append(doc)
+    return docs
+
+
+def run_fickling(exe: str, path: Path, work: Path) -> tuple[float | None, Verdict]:
+    """`fickling --check-safety FILE` on each file a gate would hand it (see
+    FICKLING_PICKLE_SUFFIXES); the time is their sum. Exit 0: likely safe; 1: unsafe; 2: does
+    not parse. fickling reads a file as one raw pickle stream: a zip (torch .pt) is parsed as
+    protocol-0 opcodes and fails, which is what its CLI does with one."""
+    files = fickling_candidates(path)
+    if not files:
+        return None, Verdict("skip", None, "nothing scanned (no pickle-named or -headed file)")
+    total, flagged, errors, worst_rc = 0.0, [], [], 0
+    for i, f in enumerate(files):
+        out_file = work / f"fickling-{i}.json"
+        out_file.unlink(missing_ok=True)
+        elapsed, proc = _run_cli(
+            [exe, "--check-safety", "--json-output", str(out_file), str(f)], work
+        )
+        total += elapsed
+        if proc is None:
+            return total, Verdict("timeout")
+        rel = f.name if path.is_file() else f.relative_to(path).as_posix()
+        worst_rc = max(worst_rc, proc.returncode)
+        stderr = proc.stderr.strip()
+        if "Traceback (most recent call last)" in stderr:
+            errors.append(f"{rel}: crashed: {stderr.splitlines()[-1][:120]}")
+        elif proc.returncode == FICKLING_EXIT_UNSAFE:
+            levels = [
+                str(d.get("severity")) for d in _json_documents(out_file) if isinstance(d, dict)
+            ]
+            unsafe = [lvl for lvl in levels if lvl != "LIKELY_SAFE"]
+            flagged.append(f"{rel}: {unsafe[0] if unsafe else 'unsafe'}")
+        elif proc.returncode != 0:
+            first = stderr.splitlines()[0][:120] if stderr else f"exit {proc.returncode}"
+            errors.append(f"{rel}: {first}")
+    if flagged:
+        return total, Verdict("FLAG", worst_rc, "; ".join(flagged + errors)[:200])
+    if errors:
+        return total, Verdict("error", worst_rc, "; ".join(errors)[:200])
+    return total, Verdict("clean", 0)
+
+
+def run_ours_validate(path: Path, work: Path) -> tuple[float, Verdict]:
+    """`preflight validate DIR` as a user types it: every default check, the table output."""
+    argv = [str(BIN / "preflight"), "validate", str(path), "--data-dir", str(work / "pf-data")]
+    elapsed, proc = _run_cli(argv, work)
+    if proc is None:
+        return elapsed, Verdict("timeout")
+    verdict = {0: "clean", 1: "FLAG"}.get(proc.returncode, "error")
+    last = (proc.stdout.strip().splitlines() or [""])[-1]  # "validation: failed - ..."
+    return elapsed, Verdict(verdict, proc.returncode, (proc.stderr.strip() or last)[-200:])
+
+
 def ours_in_process(path: Path) -> tuple[float, Verdict]:
     t0 = time.perf_counter()
     result = check_unsafe_code(build_inventory(str(path)), CheckContext())
@@ -558,13 +717,20 @@ def ours_in_process(path: Path) -> tuple[float, Verdict]:
     return elapsed, Verdict(verdict, None, result.reason[:200])
 
 
-def find_modelscan(explicit: str | None) -> str | None:
+def find_scanner(name: str, explicit: str | None) -> str | None:
+    """--NAME, else bench/scanner_venvs.sh's venv, else the project venv's bin/, else PATH."""
     if explicit:
         return explicit if Path(explicit).exists() else None
-    local = BIN / "modelscan"
-    if local.exists():
-        return str(local)
-    return shutil.which("modelscan")
+    for local in (SCANNER_VENVS / name / "bin" / name, BIN / name):
+        if local.exists():
+            return str(local)
+    return shutil.which(name)
+
+
+def scanner_version(name: str, exe: str) -> str | None:
+    argv = {"modelscan": [exe, "scan", "--version"]}.get(name, [exe, "--version"])
+    text = tool_version(argv) or ""
+    return text.removeprefix(f"{name}, ").removeprefix("version ") or None
 
 
 def tool_version(argv: list[str]) -> str | None:
@@ -576,7 +742,63 @@ def tool_version(argv: list[str]) -> str | None:
     return text[-1].strip() if text else None
 
 
-def bench_scan(root: Path, rounds: int, reps: int, modelscan: str | None) -> ScanPart:
+Runner = Callable[[Path], tuple[float | None, Verdict]]
+
+
+def external_runners(scanners: dict[str, str | None], work: Path) -> dict[str, Runner]:
+    """The reference CLIs that were found, by tool name."""
+    runs: dict[str, Callable[[str, Path, Path], tuple[float | None, Verdict]]] = {
+        "modelscan": run_modelscan,
+        "modelaudit": run_modelaudit,
+        "fickling": run_fickling,
+    }
+
+    def bind(name: str, exe: str) -> Runner:
+        return lambda path: runs[name](exe, path, work)
+
+    return {name: bind(name, exe) for name, exe in scanners.items() if exe is not None}
+
+
+def bench_small_model(root: Path, work: Path, scanners: dict[str, str | None],
+                      runs: int) -> SmallModelPart:  # fmt: skip
+    """Process wall of each CLI on one small Hugging Face model (safetensors + config + card):
+    what a user waits for in CI. Ours runs every default check, not only the unsafe-code one."""
+    model = write_sample_model(root / "small-model")
+    runners: dict[str, Runner] = {
+        "ours_validate": lambda p: run_ours_validate(p, work),
+        "picklescan": lambda p: run_picklescan(p, work),
+        **external_runners(scanners, work),
+    }
+    samples: dict[str, list[float]] = {tool: [] for tool in runners}
+    verdicts: dict[str, str] = {}
+    order = list(runners)
+    for r in range(runs + 1):  # the first round warms the page cache and .pyc files, untimed
+        shift = r % len(order)
+        for tool in order[shift:] + order[:shift]:
+            elapsed, verdict = runners[tool](model)
+            said = verdict.verdict + (f" ({verdict.note})" if verdict.verdict == "FLAG" else "")
+            if said not in verdicts.get(tool, "").split("; "):
+                verdicts[tool] = "; ".join(filter(None, (verdicts.get(tool), said)))
+            if r and elapsed is not None:
+                samples[tool].append(ms(elapsed))
+    medians = {t: round(statistics.median(v), 1) if v else None for t, v in samples.items()}
+    ours = medians["ours_validate"]
+    files = [f for f in model.rglob("*") if f.is_file()]
+    return SmallModelPart(
+        model=f"{model.name}: {', '.join(sorted(f.name for f in files))}",
+        files=len(files),
+        total_bytes=sum(f.stat().st_size for f in files),
+        runs=runs,
+        median_ms=medians,
+        min_ms={t: round(min(v), 1) if v else None for t, v in samples.items()},
+        verdicts=verdicts,
+        goal_ms=GOAL_CLI_SMALL_MODEL_S * 1000,
+        goal_met=ours is not None and ours <= GOAL_CLI_SMALL_MODEL_S * 1000,
+    )
+
+
+def bench_scan(root: Path, rounds: int, reps: int, scanners: dict[str, str | None],
+               small_model_runs: int) -> ScanPart:  # fmt: skip
     hostile, benign = load_fixtures()
     work = root / "scan-work"
     work.mkdir()
@@ -594,12 +816,11 @@ def bench_scan(root: Path, rounds: int, reps: int, modelscan: str | None) -> Sca
     floor.mkdir(parents=True)
     (floor / "README.md").write_text("# nothing to scan\n")
 
-    runners: dict[str, Callable[[Path], tuple[float, Verdict]]] = {
+    runners: dict[str, Runner] = {
         "ours_cli": lambda p: run_ours_cli(p, work),
         "picklescan": lambda p: run_picklescan(p, work),
+        **external_runners(scanners, work),
     }
-    if modelscan is not None:
-        runners["modelscan"] = lambda p: run_modelscan(modelscan, p, work)
     floor_samples: dict[str, list[float]] = {tool: [] for tool in runners}
     usable = [f for f in fixtures if f.error is None]
 
@@ -614,9 +835,11 @@ def bench_scan(root: Path, rounds: int, reps: int, modelscan: str | None) -> Sca
             for tool in order[shift:] + order[:shift]:
                 elapsed, verdict = runners[tool](Path(fx.path) if fx else floor)
                 if fx is None:
-                    floor_samples[tool].append(ms(elapsed))
+                    if elapsed is not None:
+                        floor_samples[tool].append(ms(elapsed))
                     continue
-                fx.times_ms.setdefault(tool, []).append(ms(elapsed))
+                if elapsed is not None:  # None: the tool had no file to run on
+                    fx.times_ms.setdefault(tool, []).append(ms(elapsed))
                 previous = fx.verdicts.setdefault(tool, verdict)
                 if previous.verdict != verdict.verdict:
                     previous.note += f"; round {r + 1} said {verdict.verdict}"
@@ -645,29 +868,36 @@ def bench_scan(root: Path, rounds: int, reps: int, modelscan: str | None) -> Sca
                 blocked_benign=[f.name for f in benign_results if f.verdicts[tool].blocks],
             )
         )
-    notes = []
-    if modelscan is None:
+    notes = [
+        f"{name} not found (looked for --{name}, {SCANNER_VENVS.relative_to(REPO)}/{name}/, "
+        f"the venv's bin/ and PATH): run `bash bench/scanner_venvs.sh`; its column is left out"
+        for name, exe in scanners.items()
+        if exe is None
+    ]
+    if "fickling" in runners:
         notes.append(
-            "modelscan not found (looked for --modelscan, the venv's bin/ and PATH): "
-            "`pip install 'modelscan[h5py]==0.8.8'`; its column is left out"
+            "fickling: its CLI reads one file as one raw pickle stream; the bench runs it on "
+            f"each file named {'/'.join(FICKLING_PICKLE_SUFFIXES)} or starting with PROTO 2-5 "
+            "(its time is the sum); skip = no such file"
         )
     broken = [f"{f.group}/{f.name}: {f.error}" for f in fixtures if f.error]
     notes += [f"fixture not written, left out: {b}" for b in broken]
     return ScanPart(
         rounds=rounds,
         in_process_reps=reps,
-        modelscan=modelscan,
-        modelscan_version=(
-            (tool_version([modelscan, "scan", "--version"]) or "").removeprefix("modelscan, ")
-            if modelscan
-            else None
-        ),
+        scanners=scanners,
+        scanner_versions={
+            name: scanner_version(name, exe) if exe else None for name, exe in scanners.items()
+        },
         picklescan_version=metadata.version("picklescan"),
         floor_ms={
             tool: round(statistics.median(v), 1) if v else None for tool, v in floor_samples.items()
         },
         tools=summaries,
         fixtures=fixtures,
+        small_model=(
+            bench_small_model(root, work, scanners, small_model_runs) if small_model_runs else None
+        ),
         notes=notes,
     )
 
@@ -793,14 +1023,15 @@ def render(report: Report) -> str:
 
 def _render_scan(sc: ScanPart) -> list[str]:
     tools = [t.tool for t in sc.tools]
-    short = {"ours_inproc": "ours", "ours_cli": "ours CLI", "picklescan": "pickles.",
-             "modelscan": "models."}  # fmt: skip
+    short = SHORT
+    versions = "; ".join(
+        f"{name} {sc.scanner_versions.get(name) or 'not installed'}" for name in sc.scanners
+    )
     lines = [
         "",
         f"4. Unsafe-code scan: {len(sc.fixtures)} fixtures (tests/unit/validator/hostile.py); "
         f"CLIs {sc.rounds} rounds interleaved, in-process median of {sc.in_process_reps}",
-        f"   picklescan {sc.picklescan_version}; modelscan "
-        f"{sc.modelscan_version or 'not installed'}",
+        f"   picklescan {sc.picklescan_version}; {versions}",
         "  verdict: FLAG = says dangerous, clean, error (scan failed; exit code != 0), "
         "skip (nothing scanned)",
         f"  {'fixture':<32}"
@@ -867,6 +1098,22 @@ def _render_scan(sc: ScanPart) -> list[str]:
         if not f.error and f.verdicts["ours_cli"].verdict != f.verdicts["ours_inproc"].verdict
     ]
     lines.append(f"  ours CLI and in-process disagree on: {', '.join(disagree) or 'none'}")
+    if (sm := sc.small_model) is not None:
+        lines += [
+            "",
+            f"  CLI process wall on one small model ({sm.files} files, "
+            f"{sm.total_bytes / 1e6:.1f} MB: {sm.model}); {sm.runs} runs after a warm-up",
+            f"  {'tool':<62}{'median ms':>10}{'min ms':>8}  verdict",
+        ]
+        labels = {"ours_validate": "preflight validate DIR (all default checks), CLI"} | TOOLS
+        for tool, median in sm.median_ms.items():
+            lines.append(
+                f"  {labels[tool]:<62}{_t(median, 10, 1)}{_t(sm.min_ms[tool], 8, 1)}"
+                f"  {sm.verdicts.get(tool, '-')}"
+            )
+        lines.append(
+            f"  goal <= {sm.goal_ms:.0f} ms for `preflight validate DIR`: {_goal(sm.goal_met)}"
+        )
     lines += [f"  note: {n}" for n in sc.notes]
     return lines
 
@@ -886,15 +1133,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scan-rounds", type=int, default=2, help="CLI runs per fixture (2)")
     parser.add_argument("--scan-reps", type=int, default=5, help="in-process runs per fixture (5)")
     parser.add_argument(
-        "--modelscan", help="modelscan executable (default: the venv's bin/, then PATH)"
+        "--small-model-runs",
+        type=int,
+        default=5,
+        help="CLI runs per tool on one small model, part 4 (5; 0 leaves it out)",
     )
+    for name in EXTERNAL_SCANNERS:
+        parser.add_argument(
+            f"--{name}",
+            metavar="PATH",
+            help=f"{name} executable (default: {SCANNER_VENVS.relative_to(REPO)}/{name}/bin/, "
+            "made by bench/scanner_venvs.sh; then the venv's bin/, then PATH)",
+        )
     parser.add_argument("--tmp", type=Path, help="where to put the temp dir (default: $TMPDIR)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     positive = ("header_runs", "hash_files", "hash_mib", "hash_rounds", "cache_rounds",
                 "warm_runs", "scan_rounds", "scan_reps")  # fmt: skip
-    if any(getattr(args, name) < 1 for name in positive) or args.warmup < 0:
-        parser.error("counts must be positive (--warmup may be 0)")
+    if (
+        any(getattr(args, name) < 1 for name in positive)
+        or min(args.warmup, args.small_model_runs) < 0
+    ):
+        parser.error("counts must be positive (--warmup and --small-model-runs may be 0)")
     return args
 
 
@@ -904,7 +1164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     machine = machine_info()
-    modelscan = find_modelscan(args.modelscan) if "scan" in parts else None
+    scanners = (
+        {name: find_scanner(name, getattr(args, name)) for name in EXTERNAL_SCANNERS}
+        if "scan" in parts
+        else {}
+    )
     params = {k: v for k, v in vars(args).items() if k not in ("json", "tmp")}
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="preflight-bench-validator-", dir=args.tmp) as tmp:
@@ -928,7 +1192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (model / MANIFEST).write_text(json.dumps({"files": manifest}, indent=2) + "\n")
                 results["cache"] = bench_cache(model, root, args.cache_rounds, args.warm_runs)
         if "scan" in parts:
-            results["scan"] = bench_scan(root, args.scan_rounds, args.scan_reps, modelscan)
+            results["scan"] = bench_scan(
+                root, args.scan_rounds, args.scan_reps, scanners, args.small_model_runs
+            )
     report = Report(
         command=command_line(),
         when_utc=when,
