@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -415,17 +414,9 @@ class DeadLetter(Message):
 
 
 def _deferred(tp: Any) -> Any:
-    """A TypeAdapter built on first use, so importing the contracts builds no validator."""
-
-    class Deferred:
-        @functools.cached_property
-        def adapter(self) -> TypeAdapter[Any]:
-            return TypeAdapter(tp)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.adapter, name)
-
-    return Deferred()
+    """A TypeAdapter whose validator is built on first use, so importing the contracts builds
+    none (the CLI's start)."""
+    return TypeAdapter(tp, config=ConfigDict(defer_build=True))
 
 
 DeploymentEvent = Annotated[
