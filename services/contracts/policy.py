@@ -256,6 +256,9 @@ def _describe(exc: ValidationError, where: str) -> str:
 
 
 DEFAULT_POLICY_RESOURCE = "default_policy.yaml"
+# libyaml's safe loader where PyYAML was built with it (the same YAML, ~10x faster: every CLI
+# start reads the default policy).
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def load_policy_file(path: Path | None) -> PolicyFile:
@@ -270,7 +273,7 @@ def load_policy_file(path: Path | None) -> PolicyFile:
             raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
         source = str(path)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - CSafeLoader or SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""

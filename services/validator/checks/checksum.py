@@ -13,7 +13,6 @@ import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +159,8 @@ def hash_files(
         cache is not None and all(cache.get(FileKey.of(f.path)) is not None for f in files)
     ):
         return [one(f) for f in files]  # nothing to hash in parallel: skip the pool
+    from concurrent.futures import ThreadPoolExecutor  # only when there is hashing to share
+
     n = workers or min(len(files), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="sha256") as pool:
         return list(pool.map(one, files))

@@ -25,7 +25,6 @@ from services.validator.checks.base import CheckContext, result, summarise_findi
 from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import parsed_headers
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
-from services.validator.checks.keras_tf import keras_layer_issue, saved_model_op_issues
 from services.validator.checks.pickle_machine import (
     UNRESOLVED,
     Budget,
@@ -663,6 +662,8 @@ def _keras_object_issue(node: dict[str, Any], where: str) -> _Issue | None:
         label = inner.get("name") if isinstance(inner, dict) else None
         layer = f"Lambda layer {label!r}" if isinstance(label, str) else "lambda"
         return FindingKind.KERAS_LAMBDA, f"{where}Keras {layer}: its Python bytecode runs on load"
+    from services.validator.checks.keras_tf import keras_layer_issue  # only for Keras files
+
     outside = keras_layer_issue(node)
     if outside is not None:
         return FindingKind.KERAS_LAYER, f"{where}{outside}"
@@ -735,6 +736,8 @@ def _scan_saved_model(mf: ModelFile) -> list[_Issue]:
 
 
 def _graph_issues(buf: Buffer, start: int, end: int, where: str = "") -> list[_Issue]:
+    from services.validator.checks.keras_tf import saved_model_op_issues  # only for SavedModels
+
     data = memoryview(buf)[start:end] if isinstance(buf, mmap.mmap) else buf[start:end]
     try:
         return [(FindingKind.TF_OP, f"{where}{what}") for what in saved_model_op_issues(data)]
