@@ -9,7 +9,7 @@ shared machine:
              sha256_file on one core and hash_files' thread pool on all cores; rounds interleave
     cache    validate() of the same files shipped as safetensors with a preflight manifest:
              cold (empty digest cache) and warm (every digest from the cache)
-    scan     every fixture of tests/unit/validator/hostile.py (HOSTILE and BENIGN): our
+    scan     every fixture of tests/unit/validator/fixtures.py (HOSTILE and BENIGN): our
              unsafe-code check in-process and through `preflight validate --json`, against the
              picklescan, modelscan, ModelAudit and fickling CLIs; timings and which fixtures
              each one flags; and every CLI's process wall on one small model, with
@@ -394,7 +394,7 @@ def load_fixtures() -> tuple[dict[str, Writer], dict[str, Writer]]:
     runs as a script)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tests.unit.validator.hostile import BENIGN, HOSTILE
+    from tests.unit.validator.fixtures import BENIGN, HOSTILE
 
     return dict(HOSTILE), dict(BENIGN)
 
@@ -1036,7 +1036,7 @@ def _render_scan(sc: ScanPart) -> list[str]:
     )
     lines = [
         "",
-        f"4. Unsafe-code scan: {len(sc.fixtures)} fixtures (tests/unit/validator/hostile.py); "
+        f"4. Unsafe-code scan: {len(sc.fixtures)} fixtures (tests/unit/validator/fixtures.py); "
         f"CLIs {sc.rounds} rounds interleaved, in-process median of {sc.in_process_reps}",
         f"   picklescan {sc.picklescan_version}; {versions}",
         "  verdict: FLAG = says dangerous, clean, error (scan failed; exit code != 0), "
