@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # Enough bytes to recognise every supported format from its start.
-SNIFF_BYTES = 64
+SNIFF_BYTES = 512  # a tar header's magic is at byte 257
 # The safetensors format refuses headers over 100 MB; we do too.
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 # Small text files we parse as JSON (config, tokenizer config, index); bigger ones are not config.
@@ -177,6 +177,10 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
     ):
         return Kind.PICKLE, "pickle protocol 0/1"  # old protocols have no header; name is the hint
+    if head[257:262] == b"ustar":
+        # Before the JSON and text rules: a tar whose first member is named "{..." or "[..."
+        # starts like JSON, and torch.load still unpickles legacy tar checkpoints.
+        return Kind.UNKNOWN, "tar archive"
     if lower == "saved_model.pb" or lower == "saved_model.pbtxt":
         return Kind.TF_SAVED_MODEL, "TensorFlow SavedModel graph"
     if lower.endswith("variables.index") and _leveldb_footer(path, size):

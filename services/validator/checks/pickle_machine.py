@@ -134,9 +134,11 @@ _PUSH: Final = {
     0x4E: _NONE, 0x88: _NUMBER, 0x89: _NUMBER, 0x7D: _CONTAINER, 0x5D: _CONTAINER,
     0x29: _CONTAINER, 0x8F: _CONTAINER,
 }  # fmt: skip
-# Length-prefixed values: (bytes of the length, signed, what it pushes; None = a str).
+# Length-prefixed values: (bytes of the length, signed, what it pushes; None = a str). BINSTRING
+# and SHORT_BINSTRING are Python 2 strs: Python 3 loads them as str (encoding="ASCII" by
+# default), so they can name a STACK_GLOBAL's module.
 _SIZED: Final = {
-    0x54: (4, True, _BYTES), 0x55: (1, False, _BYTES), 0x58: (4, False, None),
+    0x54: (4, True, None), 0x55: (1, False, None), 0x58: (4, False, None),
     0x42: (4, False, _BYTES), 0x43: (1, False, _BYTES), 0x8C: (1, False, None),
     0x8D: (8, False, None), 0x8E: (8, False, _BYTES), 0x96: (8, False, _BYTES),
     0x8A: (1, False, _NUMBER), 0x8B: (4, True, _NUMBER),
@@ -212,9 +214,12 @@ class _Machine:
         at = self.take(n, what)
         if n > MAX_NAME_CHARS * 4:
             return _LONG_STR
+        raw = self.buf[at : at + n]
         try:
-            return self.buf[at : at + n].decode("utf-8", "surrogatepass")
+            return raw.decode("utf-8", "surrogatepass")
         except UnicodeDecodeError as exc:
+            if what in ("BINSTRING", "SHORT_BINSTRING"):
+                return raw.decode("latin-1")  # what encoding="latin1" loads; never a stop
             raise _Stop(f"{what} is not UTF-8: {exc.reason}") from None
 
     # --- the machine ---------------------------------------------------------------------
@@ -410,9 +415,8 @@ class _Machine:
             elif op in (0x49, 0x4C, 0x46):  # INT, LONG, FLOAT as text
                 _number(self.line(name), op, name)
                 push(_NUMBER)
-            elif op == 0x53:  # STRING: a quoted bytes literal
-                _quoted(self.line(name), name)
-                push(_BYTES)
+            elif op == 0x53:  # STRING: a quoted Python 2 str literal, a str in Python 3
+                push(_quoted(self.line(name), name))
             elif op == 0x56:  # UNICODE: raw-unicode-escape text
                 raw = self.line(name)
                 try:
@@ -458,21 +462,30 @@ def _decimal(raw: bytes, what: str) -> int:
 
 
 def _number(raw: bytes, op: int, what: str) -> None:
+    """INT and LONG are read by C's strtol / PyLong_FromString with base 0 (hex, octal and
+    binary prefixes; leading zeros), FLOAT by PyOS_string_to_double. Only text that none of
+    them reads stops the machine."""
+    text = raw.strip()
     try:
         if op == 0x46:
-            float(raw)
-        elif op == 0x4C:
-            int(raw[:-1] if raw.endswith(b"L") else raw)
-        elif raw not in (b"00", b"01"):
-            int(raw)
+            float(text)
+            return
+        digits = text[:-1] if op == 0x4C and text.endswith(b"L") else text
+        if digits in (b"00", b"01"):
+            return
+        try:
+            int(digits, 0)
+        except ValueError:
+            int(digits.lstrip(b"+-").lstrip(b"0") or b"0", 8)  # strtol's C octal: 017
     except ValueError:
         raise _Stop(f"{what} argument {raw[:40]!r} is not a number") from None
 
 
-def _quoted(raw: bytes, what: str) -> None:
+def _quoted(raw: bytes, what: str) -> str | _Value:
     if len(raw) < 2 or raw[0] != raw[-1] or raw[:1] not in (b"'", b'"'):
         raise _Stop(f"{what} argument is not a quoted string")
     try:
-        codecs.escape_decode(raw[1:-1])
+        value: bytes = codecs.escape_decode(raw[1:-1])[0]
     except ValueError as exc:
         raise _Stop(f"{what} argument does not decode: {exc}") from None
+    return value.decode("latin-1") if len(value) <= MAX_NAME_CHARS else _LONG_STR

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import itertools
 import json
 import mmap
 import pickletools
@@ -125,6 +126,8 @@ _ALLOW_TRAINING_STATE = "validation.allow_training_state"
 # Per pickle stream. A state dict's pickle is ~100 bytes and ~30 opcodes per tensor, so this
 # allows ~60k tensors in one file; the simulated stack and memo grow with it, so it bounds memory.
 MAX_PICKLE_OPS = 2_000_000
+# A weights pickle imports a few dozen names; past this many, listing them is the attack.
+MAX_DISTINCT_IMPORTS = 1000
 # A compressed zip member is inflated into memory to scan, up to this size.
 MAX_PICKLE_READ_BYTES = 256 * 1024 * 1024
 # Pickles back to back in one file; the legacy torch format has 5, nothing we know has more.
@@ -308,13 +311,16 @@ class _PickleScan:
     limit: str | None = None
 
 
-def _scan_pickles(buf: Buffer, start: int, end: int) -> _PickleScan:
+def _scan_pickles(
+    buf: Buffer, start: int, end: int, budget: Budget | None = None
+) -> _PickleScan:
     """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
     own as an unpickler would: its own memo, and a reason wherever one would stop loading.
     Whitespace after the last STOP is allowed: pickle.load never reads it (hand-edited files
     end in a newline); anything else after it is parsed as the next pickle."""
     scan = _PickleScan()
-    budget = Budget(ops=MAX_PICKLE_OPS)
+    budget = budget or Budget(ops=MAX_PICKLE_OPS)  # an archive shares one among its members
+    seen: set[tuple[str, str]] = set()
     pos, count, expected = start, 0, None
     while pos < end:
         if count and _only_whitespace(buf, pos, end):
@@ -328,8 +334,13 @@ def _scan_pickles(buf: Buffer, start: int, end: int) -> _PickleScan:
             scan.limit = f"more than {MAX_PICKLE_OPS:,} opcodes"
             break
         for imported in run.imports:
-            if imported not in scan.imports:
+            if imported not in seen:
+                seen.add(imported)
                 scan.imports.append(imported)
+        if len(scan.imports) > MAX_DISTINCT_IMPORTS:
+            del scan.imports[MAX_DISTINCT_IMPORTS:]
+            scan.limit = f"more than {MAX_DISTINCT_IMPORTS:,} distinct imports"
+            break
         scan.extensions += run.extensions
         if not run.loads:
             after = "" if count == 0 else f" (after {count} complete pickle{'s' * (count > 1)})"
@@ -429,8 +440,15 @@ def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
             return None
         scan = _scan_pickles(buf, 0, len(buf))
     if not _looks_like_pickle(head):
+        # Text that breaks at its first byte, or runs out before a STOP, is no pickle (a
+        # README line can read as a GLOBAL); any other break, a frame evasion or an import is
+        # what pickle.load would have run into.
         scan.imports = [g for g in scan.imports if all(map(_importable, g))]
-        if not scan.imports and not scan.extensions:
+        if scan.error is not None and (
+            scan.error.startswith("at byte 0:") or scan.error.endswith("(truncated)")
+        ):
+            scan.error = None
+        if not (scan.imports or scan.extensions or scan.error or scan.frame_error):
             return None
     return _pickle_issues(scan)
 
@@ -461,7 +479,9 @@ def _is_tar(head: bytes) -> bool:
 _NPY_HEADER_BYTES = 64 * 1024
 
 
-def _npy_issues(buf: Buffer, start: int, end: int, where: str = "") -> list[_Issue]:
+def _npy_issues(
+    buf: Buffer, start: int, end: int, where: str = "", budget: Budget | None = None
+) -> list[_Issue]:
     """A .npy is safe unless its dtype holds Python objects: then its data is a pickle."""
     import numpy as np  # only when there is a .npy: numpy's import is most of a fast CLI run
 
@@ -482,7 +502,7 @@ def _npy_issues(buf: Buffer, start: int, end: int, where: str = "") -> list[_Iss
             "(numpy.load needs allow_pickle=True, which unpickles them)",
         )
     ]
-    return issues + _pickle_issues(_scan_pickles(buf, start + head.tell(), end), where)
+    return issues + _pickle_issues(_scan_pickles(buf, start + head.tell(), end, budget), where)
 
 
 def _scan_npy_file(mf: ModelFile) -> list[_Issue]:
@@ -498,13 +518,51 @@ def _scan_zip(mf: ModelFile) -> list[_Issue]:
         infos = zf.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:
             return [(FindingKind.ARCHIVE, f"more than {MAX_ZIP_ENTRIES:,} entries")]
-        issues = _entry_issues(infos)
+        issues = _entry_issues(infos) + _layout_issues(zf, infos)
         bombs = _bomb_issues(infos, mf.size)
         if bombs:
             return issues + bombs  # nothing inside is worth inflating
-        for info in infos:
-            if not info.is_dir():
-                issues += _member_issues(zf, info, mf.kind)
+        budget = Budget(ops=MAX_PICKLE_OPS)
+        try:
+            for info in infos:
+                if not info.is_dir():
+                    issues += _member_issues(zf, info, mf.kind, budget)
+        except LimitReached:
+            issues.append((FindingKind.UNSCANNABLE, f"more than {MAX_PICKLE_OPS:,} opcodes"))
+    return issues
+
+
+def _layout_issues(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> list[_Issue]:
+    """Readers must agree on what an archive holds. Python's zipfile finds the central
+    directory just before the end record and shifts every offset by the difference; torch's
+    reader (miniz) trusts the offset the end record declares. So a central directory that is
+    not where the end record says it is lets two directories describe one file; and entries
+    whose data overlap let one stored pickle be scanned, and counted, many times."""
+    issues: list[_Issue] = []
+    fp = zf.fp
+    assert fp is not None
+    end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]  # stable since Python 2
+    if end is not None:
+        declared = end[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+        if zf.start_dir != declared and declared != 0xFFFFFFFF:
+            issues.append(
+                (
+                    FindingKind.ARCHIVE,
+                    f"central directory at byte {zf.start_dir:,}, but the end record says "
+                    f"{declared:,}: zip readers disagree on its entries (data before the "
+                    "archive, or a second directory)",
+                )
+            )
+    spans = sorted(infos, key=lambda i: i.header_offset)
+    for prev, info in itertools.pairwise(spans):
+        if info.header_offset < prev.header_offset + 30 + prev.compress_size:
+            issues.append(
+                (
+                    FindingKind.ARCHIVE,
+                    f"entries {prev.orig_filename!r} and {info.orig_filename!r} overlap",
+                )
+            )
+            break
     return issues
 
 
@@ -547,7 +605,9 @@ def _bomb_issues(infos: list[zipfile.ZipInfo], archive_size: int) -> list[_Issue
     return issues
 
 
-def _member_issues(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind) -> list[_Issue]:
+def _member_issues(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind, budget: Budget
+) -> list[_Issue]:
     name = info.orig_filename
     lower = name.lower()
     where = f"{name}: "
@@ -567,10 +627,10 @@ def _member_issues(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind) -> li
         with _member_bytes(zf, info) as (buf, start, end):
             head = buf[start : start + 8]
             if head.startswith(b"\x93NUMPY"):
-                return _npy_issues(buf, start, end, where)
+                return _npy_issues(buf, start, end, where, budget)
             if not (named_pickle or _looks_like_pickle(head)):
                 return []
-            scan = _scan_pickles(buf, start, end)
+            scan = _scan_pickles(buf, start, end, budget)
     except _TooBig as exc:
         return [(FindingKind.UNSCANNABLE, f"{where}{exc}")]
     except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as exc:

