@@ -311,9 +311,7 @@ class _PickleScan:
     limit: str | None = None
 
 
-def _scan_pickles(
-    buf: Buffer, start: int, end: int, budget: Budget | None = None
-) -> _PickleScan:
+def _scan_pickles(buf: Buffer, start: int, end: int, budget: Budget | None = None) -> _PickleScan:
     """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
     own as an unpickler would: its own memo, and a reason wherever one would stop loading.
     Whitespace after the last STOP is allowed: pickle.load never reads it (hand-edited files
