@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,6 +22,8 @@ SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024
 # A directory walk stops here: a model directory is not a file system.
 MAX_FILES = 10_000
+# Real layouts (diffusers, checkpoints of adapters) nest a few levels; a walk stops deeper.
+MAX_DEPTH = 32
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -246,27 +249,8 @@ def build_inventory(location: str) -> Inventory:
         _add(inv, root, root.name)
         return inv
     inv = Inventory(root=root, is_dir=True)
-    count = 0
-
-    def unreadable(error: OSError) -> None:
-        inv.problems.append(f"{error.filename}: unreadable: {error.strerror}")
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".git"))
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            count += 1
-            if count > MAX_FILES:
-                inv.problems.append(f"more than {MAX_FILES} files; stopped listing")
-                return inv
-            if full.is_symlink():
-                target = os.readlink(full)
-                resolved = full.resolve()
-                if not resolved.is_relative_to(root.resolve()):
-                    inv.problems.append(f"{rel}: symlink pointing outside the model ({target})")
-                    continue
-            _add(inv, full, rel)
+    if not _walk(inv, root):
+        return inv
     config = inv.named("config.json")
     if config is not None:
         try:
@@ -275,6 +259,66 @@ def build_inventory(location: str) -> Inventory:
         except (OSError, ValueError) as exc:
             inv.problems.append(f"config.json: not valid JSON: {exc}")
     return inv
+
+
+def _walk(inv: Inventory, root: Path) -> bool:
+    """Every file under root, depth first in name order, without recursion (a tree 10,000
+    levels deep is an answer, not a RecursionError) and without following symlinks (a loop
+    is a finding, not a hang). False when it stopped at a limit."""
+    real_root = root.resolve()
+    count = 0
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            inv.problems.append(f"{exc.filename}: unreadable: {exc.strerror}")
+            continue
+        subdirs: list[Path] = []
+        for entry in entries:
+            full = Path(entry.path)
+            rel = full.relative_to(root).as_posix()
+            if entry.is_symlink():
+                problem = _symlink_problem(full, real_root)
+                if problem is not None:
+                    inv.problems.append(f"{rel}: {problem}")
+                    continue
+                if entry.is_dir():
+                    continue  # inside the model: its files are listed where they really are
+            elif entry.is_dir(follow_symlinks=False):
+                if not entry.name.startswith(".git"):
+                    subdirs.append(full)
+                continue
+            count += 1
+            if count > MAX_FILES:
+                inv.problems.append(f"more than {MAX_FILES} files; stopped listing")
+                return False
+            _add(inv, full, rel)
+        if subdirs and depth + 1 > MAX_DEPTH:
+            inv.problems.append(
+                f"{directory.relative_to(root).as_posix() or '.'}: directories nested more than "
+                f"{MAX_DEPTH} levels deep; stopped listing"
+            )
+            return False
+        stack.extend((d, depth + 1) for d in reversed(subdirs))
+    return True
+
+
+def _symlink_problem(link: Path, real_root: Path) -> str | None:
+    target = os.readlink(link)
+    try:
+        resolved = link.resolve(strict=True)
+    except RuntimeError:  # Python 3.11: a symlink loop
+        return f"symlink loop ({target})"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"symlink loop ({target})"
+        return f"symlink to nothing ({target})"
+    if not resolved.is_relative_to(real_root):
+        return f"symlink pointing outside the model ({target})"
+    return None
 
 
 def _add(inv: Inventory, path: Path, rel: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from services.contracts.events import Status, TargetHardware
@@ -100,3 +102,58 @@ def test_secrets_in_safetensors_metadata_are_found(tmp_path: Path) -> None:
     assert "__metadata__ notes" in secrets.reason
     assert leaked not in report.model_dump_json()
     assert json.loads(report.model_dump_json())["status"] == "failed"
+
+
+# --- Trees a walk must answer, not crash on (issue #13) --------------------------------------
+
+
+def _nest(root: Path, levels: int) -> None:
+    """`levels` directories one inside the other, built through directory fds: the full path is
+    far past PATH_MAX, which is the point."""
+    fds = [os.open(root, os.O_RDONLY)]
+    for _ in range(levels):
+        os.mkdir("d", dir_fd=fds[-1])
+        fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+    for fd in fds:
+        os.close(fd)
+
+
+def _unnest(root: Path, levels: int) -> None:
+    fds = [os.open(root, os.O_RDONLY)]
+    for _ in range(levels):
+        fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+    for parent, child in zip(reversed(fds[:-1]), reversed(fds[1:]), strict=True):
+        os.close(child)
+        os.rmdir("d", dir_fd=parent)
+    os.close(fds[0])
+
+
+def test_a_tree_10000_levels_deep_is_blocked_with_a_reason(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "deep")
+    _nest(model, 10_000)
+    try:
+        started = time.perf_counter()
+        report = validate(str(model))
+        assert time.perf_counter() - started < 5
+    finally:
+        _unnest(model, 10_000)
+    assert report.status is Status.FAILED
+    assert "directories nested more than 32 levels deep" in report.reason
+
+
+def test_symlink_loops_are_blocked_with_a_reason(tmp_path: Path) -> None:
+    model = write_sample_model(tmp_path / "loops")
+    (model / "a.bin").symlink_to("b.bin")
+    (model / "b.bin").symlink_to("a.bin")
+    (model / "self").symlink_to(".")
+    (model / "sub").mkdir()
+    (model / "sub" / "up").symlink_to("..")
+    (model / "outside").symlink_to(tmp_path)
+    report = validate(str(model))
+    assert report.status is Status.FAILED
+    fmt = next(c for c in report.checks if c.name == "format")
+    assert "a.bin: symlink loop (b.bin)" in fmt.reason
+    assert "outside: symlink pointing outside the model" in fmt.reason
+    # links to directories inside the model are not walked twice, and are no finding
+    assert "self:" not in fmt.reason
+    assert "sub/up" not in fmt.reason
