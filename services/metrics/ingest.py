@@ -106,7 +106,7 @@ class Fetched:
 def parse_batch(data: bytes) -> RequestMetricsBatch | Unusable:
     """A batch ready to insert, or why not."""
     try:
-        batch = RequestMetricsBatch.model_validate_json(data)
+        batch = RequestMetricsBatch.model_validate_json(data, strict=True)
     except ValidationError as exc:
         return Unusable(describe_validation_error(exc))
     for i, record in enumerate(batch.records):

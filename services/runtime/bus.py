@@ -225,7 +225,7 @@ async def read_history(js: JetStreamContext, filter_subject: str) -> list[Deploy
 
 def _parse(data: bytes) -> DeploymentEvent | None:
     try:
-        return DEPLOYMENT_EVENT.validate_json(data)
+        return DEPLOYMENT_EVENT.validate_json(data, strict=True)
     except ValueError:
         return None
 

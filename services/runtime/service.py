@@ -151,9 +151,14 @@ class ServiceApp:
         """
         stream, filters = bus.consumer_filters(durable)
         config = bus.consumer_config(durable, filters, self.settings)
-        parse: Callable[[bytes], M] = (
-            model.validate_json if isinstance(model, TypeAdapter) else model.model_validate_json
-        )
+
+        # Strict, as schemas/ is: lax pydantic reads an integer as a datetime, a string as a
+        # number; what the published schema rejects must be dead-lettered, not acted on.
+        def parse(data: bytes) -> M:
+            if isinstance(model, TypeAdapter):
+                parsed: M = model.validate_json(data, strict=True)
+                return parsed
+            return model.model_validate_json(data, strict=True)
 
         def register(fn: Callable[[M], Awaitable[None]]) -> Callable[[M], Awaitable[None]]:
             @self.broker.subscriber(

@@ -21,6 +21,7 @@ from services.contracts.events import (
     Route,
     ValidationCompleted,
 )
+from services.contracts.routing import subject_for
 from services.runtime import bus, registry
 from services.runtime.service import ServiceApp
 from services.runtime.settings import Settings
@@ -177,6 +178,24 @@ async def test_malformed_events_are_dead_lettered_and_the_service_goes_on(
     assert letter["payload_text"] == '{"model": 1}'
     assert "deployment_id: Field required" in letter["reason"]
     assert done.deployment_id == "d-good"
+
+
+async def test_what_the_schemas_reject_is_dead_lettered_not_coerced(
+    js: JetStreamContext, settings: Settings
+) -> None:
+    # Lax pydantic reads 1796000000 as a datetime and "2" as an int; schemas/ says a date-time
+    # string and an integer, and so must the services (issue #13).
+    lax = json.loads(request("d-lax").model_dump_json())
+    lax["occurred_at"] = 1796000000
+    lax["target"]["gpu_count"] = "2"
+    async with running(registry.build("validator", settings)):
+        await js.publish(
+            subject_for(request("d-lax")),
+            json.dumps(lax).encode(),
+            stream=subjects.EVENTS_STREAM,
+        )
+        [letter] = await dead_letters(js, 1)
+    assert "occurred_at" in letter["reason"] and "gpu_count" in letter["reason"], letter["reason"]
 
 
 async def test_a_handler_that_keeps_failing_is_retried_then_dead_lettered(
