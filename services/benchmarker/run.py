@@ -400,6 +400,11 @@ def _verdict(checks: list[CheckResult], started: float, service: str, device: st
     elif errored:
         status = Status.ERROR
         reason = "could not run: " + "; ".join(f"{c.name}: {c.reason}" for c in errored)
+    elif not any(c.status is Status.PASSED for c in checks):
+        # Nothing was measured: saying "passed" would be a check that always passes.
+        status = Status.SKIPPED
+        reason = "skipped: no check ran (" + ", ".join(f"{c.name}: {c.reason}" for c in checks)
+        reason += ")"
     else:
         status = Status.PASSED
         reason = ", ".join(f"{c.name} {c.status.value}" for c in checks)

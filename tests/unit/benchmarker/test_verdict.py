@@ -138,3 +138,11 @@ def test_fingerprint_reuses_digests_the_validator_already_computed(
     assert reads == []  # every file came from the cache
     assert model_fingerprint(model) == first  # same digest without a cache
     cache.close()
+
+
+def test_a_stage_where_no_check_ran_is_skipped_never_passed() -> None:
+    # `preflight benchmark` with every check off used to print "passed" (issue #13).
+    names = ("perplexity", "latency", "consistency")
+    report = _verdict([check(n, Status.SKIPPED) for n in names], time.perf_counter(), "b", "cpu")
+    assert report.status is Status.SKIPPED
+    assert report.reason.startswith("skipped: no check ran (perplexity: perplexity said skipped")
