@@ -121,6 +121,16 @@ def perplexity_check(
     started = time.perf_counter()
     cand, config, _ = _measure_perplexity(candidate, policy, None, None)
     details: dict[str, Any] = {"config": config, "candidate": asdict(cand)}
+    if cand.tokens == 0:
+        # exp(0 / 0 tokens) reads as a perplexity of 1.000: a measurement of nothing.
+        return _check(
+            "perplexity",
+            Status.ERROR,
+            "scored 0 tokens of the evaluation text (does the tokenizer produce any?): "
+            "nothing was measured",
+            started,
+            details=details,
+        )
     if baseline is None:
         return _check(
             "perplexity",
@@ -133,6 +143,15 @@ def perplexity_check(
         )
     fingerprint = model_fingerprint(baseline.path, store.digests) if store else None
     base, _, reused = _measure_perplexity(baseline, policy, store, fingerprint)
+    if base.tokens == 0:
+        return _check(
+            "perplexity",
+            Status.ERROR,
+            "scored 0 tokens of the evaluation text with the previous version: nothing to "
+            "compare against",
+            started,
+            details=details,
+        )
     same_tokenizer = _tokenizer_signature(candidate) == _tokenizer_signature(baseline)
     if same_tokenizer:
         metric, c, b = "token perplexity", cand.perplexity, base.perplexity

@@ -108,8 +108,8 @@ def after_benchmark(
     # Outcomes first, then BenchmarkCompleted: the next stage reacts to BenchmarkCompleted, so a
     # subscriber always sees `degraded` before whatever the canary decides.
     events: list[Event] = []
-    if report.status in (Status.DEGRADED, Status.FAILED):
-        failed = tuple(c for c in report.checks if c.status in (Status.FAILED, Status.DEGRADED))
+    if report.status in _NOT_SHOWN_GOOD:
+        failed = tuple(c for c in report.checks if c.status in _NOT_SHOWN_GOOD)
         reasons = tuple(f"{c.name}: {c.reason}" for c in failed) or (report.reason,)
         events.append(
             DeploymentDegraded(
@@ -134,10 +134,14 @@ def after_benchmark(
     return events
 
 
+# A benchmark that failed, or could not run (a model without tokenizer files, a measurement
+# that raised), has not shown the model is fit: degraded, or blocked where the policy blocks.
+_NOT_SHOWN_GOOD = (Status.DEGRADED, Status.FAILED, Status.ERROR)
+
+
 def proceeds_to_canary(benchmarked: BenchmarkCompleted, policy: Policy) -> bool:
-    if benchmarked.report.status in (Status.DEGRADED, Status.FAILED):
+    if benchmarked.report.status in _NOT_SHOWN_GOOD:
         return policy.benchmark.on_failure != "block"
-    # A benchmark that could not run says nothing bad about the model; the canary still guards.
     return True
 
 

@@ -131,8 +131,12 @@ def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
         report=pipeline.not_built("validation"),
         request=REQUEST,
     )
-    [benchmarked] = handle_validated(validated, PolicyFile(), "b-1")
+    degraded, benchmarked = handle_validated(validated, PolicyFile(), "b-1")
     assert isinstance(benchmarked, BenchmarkCompleted)
+    # A benchmark that could not run has not shown the model fit: degraded, with the reason.
+    assert isinstance(degraded, DeploymentDegraded)
+    assert benchmarked.report.status is Status.ERROR
+    assert degraded.reasons == (benchmarked.report.reason,)
     settings = Settings(
         instance="c-1", metrics_url_template="https://grafana/d/x?var-id={deployment_id}"
     )

@@ -146,3 +146,19 @@ def test_a_stage_where_no_check_ran_is_skipped_never_passed() -> None:
     report = _verdict([check(n, Status.SKIPPED) for n in names], time.perf_counter(), "b", "cpu")
     assert report.status is Status.SKIPPED
     assert report.reason.startswith("skipped: no check ran (perplexity: perplexity said skipped")
+
+
+def test_perplexity_over_zero_tokens_could_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # exp(0/0) read "1.000 vs 1.000, passed" for a model whose tokenizer produced nothing.
+    from services.benchmarker import run
+    from services.benchmarker.perplexity import PerplexityResult
+    from services.contracts.policy import BenchmarkPolicy
+
+    nothing = PerplexityResult(
+        perplexity=1.0, bits_per_byte=0.0, tokens=0, bytes=100, windows=0, max_length=256,
+        stride=128,
+    )  # fmt: skip
+    monkeypatch.setattr(run, "_measure_perplexity", lambda *a, **k: (nothing, {}, False))
+    result = run.perplexity_check(object(), None, BenchmarkPolicy(), None)
+    assert result.status is Status.ERROR
+    assert "scored 0 tokens" in result.reason
