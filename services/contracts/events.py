@@ -11,9 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 SCHEMA_VERSION = 1
 
-# Names travel as subject tokens (see subjects.py), so they are restricted to what a token may hold
-# once `/` and `.` are mapped. Hugging Face style names such as `org/model-7b.v2` are accepted.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$"
+# Names travel as subject tokens (see subjects.py) and are NATS KV keys (routes, rollouts), so
+# one rule serves both: what a token may hold once `.` is mapped, and what a key may be (no
+# leading or trailing `.`, no `..`). Every `.` or `/` is followed by a letter, digit, `_` or `-`:
+# Hugging Face style names such as `org/model-7b.v2` are accepted; `a.`, `a..b`, `org/..` and
+# `org/` are refused at the request, never passed on to fail in the controller.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|[./][A-Za-z0-9_-])*$"
+MODEL_NAME_MAX = 128
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 DEPLOYMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -42,7 +46,11 @@ class Message(BaseModel):
 class ModelRef(Message):
     """One version of one model and where its files are."""
 
-    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name, e.g. `org/chat-7b`.")
+    name: str = Field(
+        pattern=MODEL_NAME_PATTERN,
+        max_length=MODEL_NAME_MAX,
+        description="Model name, e.g. `org/chat-7b`.",
+    )
     version: str = Field(pattern=VERSION_PATTERN, description="Version label, e.g. `2024-06-01`.")
     location: str = Field(
         min_length=1,
@@ -94,7 +102,7 @@ class Event(Message):
     """Fields common to every deployment event."""
 
     deployment_id: DeploymentId
-    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    model: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MODEL_NAME_MAX)
     version: str = Field(pattern=VERSION_PATTERN)
     occurred_at: datetime = Field(default_factory=utc_now)
 
@@ -359,7 +367,7 @@ class RequestRecord(Message):
             "id on both roles' records, so one window query compares them; otherwise the stable's."
         ),
     )
-    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    model: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MODEL_NAME_MAX)
     version: str = Field(pattern=VERSION_PATTERN)
     role: Literal["stable", "canary"]
     latency_ms: float = Field(ge=0)
@@ -392,7 +400,7 @@ class Route(Message):
     """Value of a model's key in the route-weights KV bucket; routers apply it on change."""
 
     type: Literal["Route"] = "Route"
-    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    model: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MODEL_NAME_MAX)
     stable: RouteTarget | None = None
     canary: RouteTarget | None = None
     canary_weight: float = Field(default=0.0, ge=0, le=100, description="Percent, fractional ok.")

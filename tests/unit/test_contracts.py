@@ -17,6 +17,7 @@ from services.contracts.events import (
     DeploymentPromoted,
     DeploymentRequested,
     Message,
+    ModelRef,
     PromoteDeployment,
     new_deployment_id,
 )
@@ -186,3 +187,22 @@ def test_an_oversized_dead_letter_is_truncated_with_a_digest() -> None:
     assert letter.payload_b64 is not None
     assert len(letter.model_dump_json()) < 1024 * 1024
     assert "truncated" in letter.reason and "sha256" in letter.reason
+
+
+@pytest.mark.parametrize(
+    "name", ["a.", "a..b", "org/..", "org/", "org//m", "org/.hidden", "x" * 129]
+)
+def test_model_names_nats_kv_cannot_key_are_refused_at_the_request(name: str) -> None:
+    # They used to pass validation and the benchmark, then fail in the controller with
+    # InvalidKeyError (issue #13). One rule for subjects and KV keys, in the contracts.
+    with pytest.raises(ValidationError):
+        ModelRef(name=name, version="1", location="/m")
+
+
+@pytest.mark.parametrize("name", ["org/m.v2", "meta-llama/Llama-3.1-8B-Instruct", "gpt2", "a_b-c"])
+def test_hub_style_model_names_are_keys_and_subject_tokens(name: str) -> None:
+    from nats.js.kv import VALID_KEY_RE  # nats-py's own rule for keys
+
+    ModelRef(name=name, version="1", location="/m")
+    assert VALID_KEY_RE.match(name)
+    assert "." not in subjects.model_token(name)
