@@ -50,7 +50,7 @@ def keras_layer_issue(node: dict[str, Any]) -> str | None:
         config = {}
     label = _label(class_name, config)
     if class_name == _TORCH_WRAPPER:
-        # from_config base64-decodes config["module"] and torch.load(weights_only=False)s it.
+        # from_config base64-decodes config["module"] and gives it to torch.load, weights_only off.
         return (
             f"{label}: a pickled torch module that torch.load runs when the model is built "
             "(CVE-2025-49655)"
