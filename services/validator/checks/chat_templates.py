@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from services.validator.checks.headers import GGUFHeader, ParsedHeaders
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
 
-__all__ = ["TEMPLATE_JSON_NAMES", "find_templates", "located_templates", "scan_chat_templates"]
+__all__ = [
+    "TEMPLATE_JSON_NAMES",
+    "TemplateScan",
+    "find_templates",
+    "located_templates",
+    "scan_chat_templates",
+]
 
 # JSON files that carry a chat_template key (processors carry one for multimodal models).
 TEMPLATE_JSON_NAMES = frozenset(
@@ -26,14 +33,24 @@ def find_templates(inv: Inventory, headers: ParsedHeaders) -> Iterator[tuple[str
         yield f"{rel}: {label}", text
 
 
-def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> list[tuple[str, str]]:
-    """(file, message) for each issue in each chat template of the model."""
+@dataclass
+class TemplateScan:
+    """The files that hold chat templates, and (file, message) for each issue in them."""
+
+    files: list[str] = field(default_factory=list)
+    findings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> TemplateScan:
+    """Every chat template of the model, parsed (never rendered) for what can run code."""
     from services.validator.checks.chat_template_syntax import template_issues  # Jinja
 
-    findings: list[tuple[str, str]] = []
+    scan = TemplateScan()
     for rel, label, text in located_templates(inv, headers):
-        findings.extend((rel, f"{label}: {issue}") for issue in template_issues(text))
-    return findings
+        if rel not in scan.files:
+            scan.files.append(rel)
+        scan.findings.extend((rel, f"{label}: {issue}") for issue in template_issues(text))
+    return scan
 
 
 # ---- where templates live ---------------------------------------------------------------------

@@ -241,14 +241,11 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
                 issues = [(FindingKind.TRAINING_STATE, _TRAINING_STATE_FINDING), *issues]
         findings += [Finding(mf.rel, kind, what) for kind, what in issues]
     if _may_hold_chat_templates(inv):
-        from services.validator.checks.chat_template_syntax import template_issues  # Jinja
-        from services.validator.checks.chat_templates import located_templates
+        from services.validator.checks.chat_templates import scan_chat_templates
 
-        for rel, label, text in located_templates(inv, parsed_headers(ctx.shared)):
-            if rel not in scanned:
-                scanned.append(rel)
-            for issue in template_issues(text):
-                findings.append(Finding(rel, FindingKind.CHAT_TEMPLATE, f"{label}: {issue}"))
+        templates = scan_chat_templates(inv, parsed_headers(ctx.shared))
+        scanned += [rel for rel in templates.files if rel not in scanned]
+        findings += [Finding(rel, FindingKind.CHAT_TEMPLATE, w) for rel, w in templates.findings]
     details: dict[str, Any] = {
         "findings": [f.as_dict() for f in findings],
         "scanned": scanned,

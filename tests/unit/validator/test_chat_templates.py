@@ -283,7 +283,7 @@ _write_gguf = write_gguf_with_templates
 
 
 def _scan(directory: Path) -> list[tuple[str, str]]:
-    return scan_chat_templates(build_inventory(str(directory)), ParsedHeaders())
+    return scan_chat_templates(build_inventory(str(directory)), ParsedHeaders()).findings
 
 
 def _where(directory: Path) -> dict[str, str]:
@@ -351,7 +351,7 @@ def test_a_jinja_file_that_looks_like_json_is_still_read(tmp_path: Path) -> None
 
 def test_a_single_gguf_file_location_is_scanned(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "m.gguf", {"default": HOSTILE_TEMPLATES["cve-2024-34359"]})
-    findings = scan_chat_templates(build_inventory(str(path)), ParsedHeaders())
+    findings = scan_chat_templates(build_inventory(str(path)), ParsedHeaders()).findings
     assert findings and all(rel == "m.gguf" for rel, _ in findings)
 
 
@@ -394,7 +394,7 @@ def test_oversized_files_are_not_read(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": hostile}))
     (tmp_path / "chat_template.jinja").write_text(hostile)
     inv = build_inventory(str(tmp_path))
-    found = {rel for rel, _ in scan_chat_templates(inv, ParsedHeaders())}
+    found = {rel for rel, _ in scan_chat_templates(inv, ParsedHeaders()).findings}
     assert found == {"tokenizer_config.json", "chat_template.jinja"}
     # Entries over the JSON limit are skipped without being opened.
     inv = Inventory(
@@ -402,7 +402,7 @@ def test_oversized_files_are_not_read(tmp_path: Path) -> None:
         is_dir=True,
         files=[replace(f, size=MAX_JSON_BYTES + 1) for f in inv.files],
     )
-    assert scan_chat_templates(inv, ParsedHeaders()) == []
+    assert scan_chat_templates(inv, ParsedHeaders()).findings == []
 
 
 # ---- nothing is ever rendered -----------------------------------------------------------------
