@@ -5,15 +5,18 @@ dead-letters what does not parse, inserts the records of every good batch in one
 and acks them only after the insert returned. A failed insert naks with a delay and pauses
 fetching until the store answers again, so an outage uses up no delivery attempts; a batch that
 fails alone while the store answers is dead-lettered on its last attempt. Nothing is dropped
-without a dead letter. Redelivered batches are harmless: batches the table already holds are
-skipped before the insert, and queries read FINAL for the rare race that slips past
-(docs/metrics.md).
+without a dead letter, and a dead letter always fits the server's max_payload: a large payload
+is cut (the letter keeps the sha256 of the whole and its stream sequence), and a letter the
+dead-letter stream still refuses is sent again without the payload. Redelivered batches are
+harmless: batches the table already holds are skipped before the insert, and queries read FINAL
+for the rare race that slips past (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +33,13 @@ from services.contracts.events import DeadLetter, RequestMetricsBatch
 from services.metrics import queries
 from services.runtime import bus
 from services.runtime.clickhouse import METRICS_COLUMNS, check_table_name
-from services.runtime.service import delivery_attempt, describe_validation_error, make_dead_letter
+from services.runtime.service import (
+    DEFAULT_MAX_PAYLOAD,
+    delivery_attempt,
+    describe_validation_error,
+    make_dead_letter,
+    stream_position,
+)
 from services.runtime.settings import Settings
 
 SERVICE: Final = "metrics-ingest"
@@ -73,6 +82,8 @@ class IngestStats:
     redelivered: int = 0
     """Batches JetStream delivered more than once; the table's FINAL read counts them once."""
     dead_letters: int = 0
+    dead_letter_failures: int = 0
+    """Dead letters the stream refused even without their payload (the message comes back)."""
     insert_failures: int = 0
     last_insert_lag_s: float | None = None
     """From the newest record's ts to the end of the insert that made it queryable."""
@@ -392,26 +403,52 @@ class Ingestor:
                 self.stats.duplicates += 1
                 await item.msg.ack()
 
-    async def dead_letter(self, item: Fetched, reason: str) -> None:
+    def max_payload(self) -> int:
+        """The server's max_payload, as the connection learned it (a dead letter must fit)."""
+        value = getattr(getattr(self.js, "_nc", None), "max_payload", None)
+        return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD
+
+    async def dead_letter(self, item: Fetched, reason: str) -> bool:
+        """To the dead-letter stream, then `term`: True. The letter fits max_payload (a large
+        payload is cut); if the stream refuses it anyway, it goes again without the payload.
+        Only when even that fails (the bus itself is failing) is the message naked, to be
+        dead-lettered when it comes back."""
         msg = item.msg
+        payload: bytes = msg.data or b""
+        stream, sequence = stream_position(msg)
         letter = make_dead_letter(
             service=SERVICE,
             subject=str(msg.subject),
-            payload=msg.data,
+            payload=payload,
             headers=dict(msg.headers or {}),
             reason=reason,
             attempt=item.attempt,
+            max_bytes=self.max_payload(),
+            stream=stream,
+            stream_sequence=sequence,
         )
-        try:
-            await publish_dead_letter(self.js, letter)
-        except Exception as exc:
-            # Not even the dead-letter stream took it: keep it in the metrics stream for later.
-            log.warning("could not dead-letter a metrics batch (%s); will retry it", exc)
-            await msg.nak(delay=retry_delay(item.attempt, self.retry_base_s))
-            return
-        log.warning("dead-lettered a metrics message on %s: %s", msg.subject, reason[:300])
-        self.stats.dead_letters += 1
-        await msg.term()
+        failures: list[str] = []
+        for candidate in (letter, without_payload(letter, payload)):
+            try:
+                await publish_dead_letter(self.js, candidate)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if failures:
+                log.warning("dead letter sent without its payload (%s)", failures[0])
+            log.warning("dead-lettered a metrics message on %s: %s", msg.subject, reason[:300])
+            self.stats.dead_letters += 1
+            await msg.term()
+            return True
+        delay = retry_delay(item.attempt, self.retry_base_s)
+        log.error(
+            "could not dead-letter a metrics message (%s); it comes back in %.1f s",
+            "; ".join(failures),
+            delay,
+        )
+        self.stats.dead_letter_failures += 1
+        await msg.nak(delay=delay)
+        return False
 
     async def store_answers(self) -> bool:
         try:
@@ -440,17 +477,39 @@ class Ingestor:
         lag = f"{s.last_insert_lag_s:.2f} s" if s.last_insert_lag_s is not None else "-"
         log.info(
             "metrics ingest: %d records in %d batches (%.0f/s lately), %d duplicates skipped, "
-            "%d redelivered, %d dead letters, %d failed inserts, last lag %s",
+            "%d redelivered, %d dead letters (%d refused, retried), %d failed inserts, "
+            "last lag %s",
             s.records,
             s.batches,
             rate,
             s.duplicates,
             s.redelivered,
             s.dead_letters,
+            s.dead_letter_failures,
             s.insert_failures,
             lag,
         )
         self._last_log, self._logged_records = now, s.records
+
+
+def without_payload(letter: DeadLetter, payload: bytes) -> DeadLetter:
+    """The smallest letter that still says what was lost and where the original is kept."""
+    digest = hashlib.sha256(payload).hexdigest()
+    where = (
+        f"; the whole is {letter.stream} sequence {letter.stream_sequence}"
+        if letter.stream_sequence
+        else ""
+    )
+    note = f" [payload of {len(payload)} bytes not kept; sha256 of the whole: {digest}{where}]"
+    return letter.model_copy(
+        update={
+            "reason": letter.reason[: 4000 - len(note)] + note,
+            "payload_text": None,
+            "payload_b64": None,
+            "headers": {},
+            "truncated": bool(payload),
+        }
+    )
 
 
 async def publish_dead_letter(js: JetStreamContext, letter: DeadLetter) -> None:

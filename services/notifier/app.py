@@ -61,6 +61,13 @@ NOTICE_EVENT: TypeAdapter[NoticeEventField] = TypeAdapter(NoticeEventField)
 """What the notifier's durable consumer delivers: every outcome, and canary steps."""
 
 
+def rollout_page(settings: Settings, deployment_id: str) -> str | None:
+    """The controller's page of a rollout, where people can reach it (a public URL is set)."""
+    if not settings.controller_public_url:
+        return None
+    return f"{settings.controller_public_url.rstrip('/')}/rollouts/{deployment_id}"
+
+
 class NoticeNotDelivered(RuntimeError):
     """Some channel failed in a way a later redelivery may fix; the stream will try again."""
 
@@ -89,6 +96,7 @@ class Channels:
             if settings.slack_webhook_url and not settings.slack_token
             else None
         )
+        self.slack_ids: dict[str, str] = {}  # channel name -> id, for looking messages up
         self._warned_no_channel = False
 
     def describe(self) -> str:
@@ -113,7 +121,7 @@ class Channels:
         channels: list[Channel] = []
         if self.bot is not None:
             if targets.slack_channel:
-                channels.append(SlackBotChannel(self.bot, targets.slack_channel))
+                channels.append(SlackBotChannel(self.bot, targets.slack_channel, self.slack_ids))
             else:
                 if not self._warned_no_channel:
                     log.warning(
@@ -157,7 +165,11 @@ class Notifier:
             default_channel=self.svc.settings.slack_channel,
             default_webhook=self.svc.settings.webhook_url,
         )
-        notice = make_notice(event, request.requested_by if request else None)
+        notice = make_notice(
+            event,
+            request.requested_by if request else None,
+            rollout_page(self.svc.settings, event.deployment_id),
+        )
         report = await self.deliverer.deliver(
             notice,
             self.channels.for_targets(targets),
@@ -185,6 +197,7 @@ class Notifier:
             headers=bus.headers_for(event),
             reason=reason,
             attempt=None,
+            max_bytes=self.svc.max_payload(),
         )
         await self.svc.dead_letter(letter)
         log.error("notice dead-lettered: %s", reason)

@@ -1,7 +1,8 @@
 """Pure rendering of notices: an event in, Slack Block Kit + fallback text (or console text) out.
 
 Nothing here does I/O or reads a clock; every number shown comes from the event itself.
-Slack limits respected: header 150 chars, section text 3000, 10 fields of 2000, 50 blocks.
+Slack limits respected: header 150 chars, section and context text 3000, 10 fields of 2000,
+50 blocks, a button's url 3000. A link is never cut: one that does not fit is replaced (`Link`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
+from urllib.parse import quote, urlsplit
 
 from services.contracts.events import (
     CanaryStepStarted,
@@ -28,17 +30,20 @@ from services.contracts.events import (
 
 __all__ = [
     "KINDS",
+    "Link",
     "NoticeEvent",
     "NoticeKind",
     "ProgressRank",
     "SlackMessage",
     "check_numbers",
     "kind_of",
+    "metrics_link",
     "occurrence_of",
     "progress_rank",
     "render",
     "render_console",
     "render_progress",
+    "rollback_reason",
 ]
 
 NoticeKind = Literal["blocked", "degraded", "promoted", "rolled_back", "held", "failed", "progress"]
@@ -105,11 +110,22 @@ _TRIGGER: Final[dict[str, str]] = {
     "superseded": "a newer version replaced it",
 }
 
+_ROLLBACK_WORDS: Final[dict[str, str]] = {
+    "inconclusive": "could not be judged, and nobody promoted it by the deadline",
+    "manual": "aborted by a person",
+    "superseded": "replaced by a newer version",
+}
+
 HEADER_MAX: Final = 150
 TEXT_MAX: Final = 3000
 FIELD_MAX: Final = 2000
 FALLBACK_MAX: Final = 3000
 REASONS_SHOWN: Final = 8
+URL_MAX: Final = 3000  # a button's `url`; a link in mrkdwn must also fit its text's 3000
+LABEL_MAX: Final = 200  # a longer URL is labelled by its host
+# Characters a URL keeps as they are inside `<url|label>`; the rest (`|`, `<`, `>`, spaces,
+# quotes, control characters, non-ASCII) are percent-encoded, so the markup cannot break.
+_URL_SAFE: Final = "!#$%&'()*+,/:;=?@[]~"
 
 
 @dataclass(frozen=True)
@@ -357,6 +373,34 @@ def summary(event: NoticeEvent) -> str:
     return ""  # pragma: no cover - every kind is matched above
 
 
+def rollback_reason(event: DeploymentRolledBack) -> str:
+    """Why, in words, with the deciding numbers when the event has them:
+    `error rate 4.2% above the 1% limit`, `p95 latency 73.3% above stable's, over the 20% limit`.
+    """
+    canary, stable, limit = event.canary, event.stable, event.threshold
+    if event.trigger == "error_rate":
+        rate = canary.error_rate if canary is not None else None
+        if rate is not None and limit is not None:
+            return f"error rate {_pct(rate)} above the {_pct(limit)} limit"
+        return "error rate above the limit"
+    if event.trigger == "latency":
+        if (
+            canary is not None
+            and stable is not None
+            and canary.p95_ms is not None
+            and stable.p95_ms is not None
+            and stable.p95_ms > 0
+        ):
+            rise = canary.p95_ms / stable.p95_ms - 1
+            limit_text = f", over the {_pct(limit)} limit" if limit is not None else ""
+            return (
+                f"p95 latency {_num(canary.p95_ms)} ms, {_pct(rise)} above stable's "
+                f"{_num(stable.p95_ms)} ms{limit_text}"
+            )
+        return "p95 latency rose more than allowed over stable's"
+    return _ROLLBACK_WORDS.get(event.trigger, event.trigger.replace("_", " "))
+
+
 def _commands(deployment_id: str) -> str:
     return f"`preflight promote {deployment_id}`  ·  `preflight abort {deployment_id}`"
 
@@ -399,14 +443,72 @@ def _requester(event: NoticeEvent, requested_by: Requester | None) -> Requester:
     return requested_by or Requester()
 
 
-def _link(url: str, label: str) -> str:
-    return f"<{url.replace('|', '%7C').replace('>', '%3E')}|{label}>"
+@dataclass(frozen=True)
+class Link:
+    """The metrics link of a message: `url` for a button (None: no button) and the context
+    line's mrkdwn `text`, both within Slack's limits."""
+
+    url: str | None
+    text: str
 
 
-def render(event: NoticeEvent, *, requested_by: Requester | None = None) -> SlackMessage:
+def link_target(url: str) -> str:
+    """`url` as it may stand in `<url|label>` and in a button."""
+    return quote(url, safe=_URL_SAFE)
+
+
+def _label(url: str) -> str:
+    if len(url) <= LABEL_MAX:
+        return escape(url)
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        host = ""
+    return escape(clip(host, 80)) if host else "open"
+
+
+def metrics_link(event: NoticeEvent, rollout_url: str | None = None) -> Link | None:
+    """The outcome's metrics link, or what stands for it when Slack cannot take it: the
+    controller's rollout page (`rollout_url`, when it has a public address), else a note that
+    says where the link is."""
+    url = event.metrics_url if isinstance(event, Outcome) else None
+    if not url:
+        return None
+    too_long = f"the metrics link is {len(url):,} characters, more than Slack takes"
+    candidates = [(url, _label(url), "")]
+    if rollout_url:
+        candidates.append((rollout_url, "rollout page", f" ({too_long})"))
+    for raw, label, note in candidates:
+        target = link_target(raw)
+        text = f"metrics: <{target}|{label}>{note}"
+        if len(target) <= URL_MAX and len(text) <= TEXT_MAX:
+            return Link(url=target, text=text)
+    return Link(
+        url=None, text=f"metrics: {too_long}; `preflight status {event.deployment_id}` shows it"
+    )
+
+
+def _metrics_button(url: str) -> dict[str, Any]:
+    return {
+        "type": "actions",
+        "elements": [
+            {
+                "type": "button",
+                "text": {"type": "plain_text", "text": "Metrics"},
+                "url": url,
+                "action_id": "metrics",
+            }
+        ],
+    }
+
+
+def render(
+    event: NoticeEvent, *, requested_by: Requester | None = None, rollout_url: str | None = None
+) -> SlackMessage:
     """The notice of one event: what happened, to what, the numbers, who, the link, the commands.
 
-    `requested_by` is used for events that do not carry it (canary steps); outcomes carry their own.
+    `requested_by` is used for events that do not carry it (canary steps); outcomes carry their
+    own. `rollout_url`: linked instead of a metrics URL too long for Slack.
     """
     kind = kind_of(event)
     who = _requester(event, requested_by)
@@ -432,22 +534,10 @@ def render(event: NoticeEvent, *, requested_by: Requester | None = None) -> Slac
             blocks.append(_context(stages))
     if isinstance(event, DeploymentHeld | CanaryStepStarted):
         blocks.append(_section("*Decide*\n" + _commands(event.deployment_id)))
-    metrics_url = event.metrics_url if isinstance(event, Outcome) else None
-    if metrics_url:
-        blocks.append(
-            {
-                "type": "actions",
-                "elements": [
-                    {
-                        "type": "button",
-                        "text": {"type": "plain_text", "text": "Metrics"},
-                        "url": clip(metrics_url, 3000),
-                        "action_id": "metrics",
-                    }
-                ],
-            }
-        )
-        blocks.append(_context(f"metrics: {_link(metrics_url, metrics_url)}"))
+    if (link := metrics_link(event, rollout_url)) is not None:
+        if link.url is not None:
+            blocks.append(_metrics_button(link.url))
+        blocks.append(_context(link.text))
     blocks.append(_context(f"{_slack_time(event.occurred_at)}  ·  preflight"))
     return SlackMessage(text=fallback_text(event, figures, who), blocks=blocks[:50])
 
@@ -460,7 +550,9 @@ def fallback_text(event: NoticeEvent, figures: list[str], who: Requester) -> str
     lines += figures[:3]
     lines.append(f"requested by {_who(who)}")
     if isinstance(event, Outcome) and event.metrics_url:
-        lines.append(f"metrics: {event.metrics_url}")
+        # A long URL would push the rest out of the notification, and be cut itself.
+        fits = len(event.metrics_url) <= LABEL_MAX
+        lines.append(f"metrics: {event.metrics_url if fits else 'linked in the message'}")
     if isinstance(event, DeploymentHeld | CanaryStepStarted):
         lines.append(
             f"preflight promote {event.deployment_id} | preflight abort {event.deployment_id}"
@@ -468,7 +560,9 @@ def fallback_text(event: NoticeEvent, figures: list[str], who: Requester) -> str
     return clip(escape("\n".join(lines)), FALLBACK_MAX)
 
 
-def render_progress(event: NoticeEvent, *, requested_by: Requester | None = None) -> SlackMessage:
+def render_progress(
+    event: NoticeEvent, *, requested_by: Requester | None = None, rollout_url: str | None = None
+) -> SlackMessage:
     """The one message per rollout that `chat.update` keeps current: step, then the final word."""
     who = _requester(event, requested_by)
     kind = kind_of(event)
@@ -484,7 +578,7 @@ def render_progress(event: NoticeEvent, *, requested_by: Requester | None = None
     else:
         state = _TITLE[kind].lower()
         if isinstance(event, DeploymentRolledBack):
-            state += f" ({event.trigger})"
+            state += f": {rollback_reason(event)}"
         live = False
     title = f"{_EMOJI['progress'] if live else _EMOJI[kind]} Canary {event.model} {event.version}: "
     blocks: list[dict[str, Any]] = [
@@ -497,9 +591,8 @@ def render_progress(event: NoticeEvent, *, requested_by: Requester | None = None
         blocks.append(_section("*Numbers*\n" + _bullets(figures)))
     if live:
         blocks.append(_section("*Decide*\n" + _commands(event.deployment_id)))
-    metrics_url = event.metrics_url if isinstance(event, Outcome) else None
-    if metrics_url:
-        blocks.append(_context(f"metrics: {_link(metrics_url, metrics_url)}"))
+    if (link := metrics_link(event, rollout_url)) is not None:
+        blocks.append(_context(link.text))
     blocks.append(_context(f"updated {_slack_time(event.occurred_at)}  ·  preflight"))
     text = clip(
         escape(f"Canary {event.model} {event.version} ({event.deployment_id}): {state}"),

@@ -7,7 +7,9 @@ chDB opens one data path per process, so every test shares the session's `chdb_c
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import secrets
@@ -27,6 +29,7 @@ from services.metrics import app as ingest_app
 from services.metrics import ingest, queries
 from services.runtime import bus, clickhouse
 from services.runtime.settings import Settings
+from tests.dead_letters import sized_dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -450,3 +453,126 @@ def test_a_user_who_hangs_up_mid_stream_is_not_an_error(chdb_client: Any, table:
     chdb_client.insert_arrow(table, ingest.to_arrow([batch(records)]))
     result = window(chdb_client, table)
     assert (result.canary.requests, result.canary.errors) == (101, 1)
+
+
+# ---- dead letters that always fit, and nothing left in redelivery (issue #13) -----------------
+
+
+def garbage(max_payload: int) -> dict[str, bytes]:
+    """What a broken or hostile gateway can publish, near-max payloads included."""
+    good = batch([rec(0, "canary", 1.0)]).model_dump(mode="json")
+    near_max = max_payload - 2048  # the message's headers need the rest
+    return {
+        "random bytes": secrets.token_bytes(1000),
+        "near-max random bytes": secrets.token_bytes(near_max),
+        "near-max JSON": json.dumps({**good, "source": "x" * near_max})[:near_max].encode(),
+        "near-max valid JSON, wrong schema": json.dumps(
+            {**good, "extra": "é" * ((near_max - 400) // 2)}, ensure_ascii=False
+        ).encode(),
+        "truncated JSON": json.dumps(good).encode()[:-7],
+        "wrong types": json.dumps({**good, "records": [{"ts": 12345}]}).encode(),
+        "control characters": b'{"type": "RequestMetricsBatch", "batch_id": "\x00\x01\x1b[2J"}',
+        "extra field": json.dumps({**good, "admin": True}).encode(),
+        "wrong schema_version": json.dumps({**good, "schema_version": 2}).encode(),
+        "ts out of range": json.dumps(
+            {**good, "records": [{**good["records"][0], "ts": "2300-01-01T00:00:00Z"}]}
+        ).encode(),
+    }
+
+
+async def published(js: JetStreamContext, data: bytes) -> int:
+    ack = await js.publish(
+        subjects.metrics("router-test"),
+        data,
+        stream=subjects.METRICS_STREAM,
+        headers={bus.MSG_ID_HEADER: secrets.token_hex(8)},
+    )
+    return int(ack.seq)
+
+
+async def every_dead_letter(js: JetStreamContext) -> list[tuple[int, DeadLetter]]:
+    """(size on the wire, letter) of every ingest dead letter, in order."""
+    return await sized_dead_letters(js)
+
+
+async def nothing_left(js: JetStreamContext, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await js.consumer_info(subjects.METRICS_STREAM, subjects.INGEST_DURABLE)
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"messages left in redelivery: {info}")
+        await asyncio.sleep(0.05)
+
+
+async def test_garbage_and_near_max_payloads_all_end_dead_lettered_and_acked(
+    js: JetStreamContext, chdb_client: Any, table: str, ingest_settings: Settings
+) -> None:
+    max_payload = js._nc.max_payload
+    sent = garbage(max_payload)
+    seqs = {await published(js, data): (name, data) for name, data in sent.items()}
+    good = batch([rec(i, "canary", 2.0) for i in range(20)])
+    await publish_batch(js, good)
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await waiter.until(lambda: ingestor.stats.records == 20)
+        await waiter.until(lambda: ingestor.stats.dead_letters == len(sent))
+        await nothing_left(js)
+        assert ingestor.stats.dead_letter_failures == 0
+
+    letters = await every_dead_letter(js)
+    assert sorted(letter.stream_sequence or 0 for _, letter in letters) == sorted(seqs)
+    for size, letter in letters:
+        name, original = seqs[letter.stream_sequence or 0]
+        assert size <= max_payload - 1024, name  # it fitted, with room for headers
+        assert letter.service == ingest.SERVICE and letter.stream == subjects.METRICS_STREAM
+        assert letter.reason, name
+        kept = (letter.payload_text or "").encode() or base64.b64decode(letter.payload_b64 or "")
+        if letter.truncated:
+            assert original.startswith(kept) and len(kept) < len(original), name
+            assert hashlib.sha256(original).hexdigest() in letter.reason, name
+        else:
+            assert kept == original, name
+    truncated = {seqs[letter.stream_sequence or 0][0] for _, letter in letters if letter.truncated}
+    assert truncated == {n for n in sent if n.startswith("near-max")}
+    assert count_rows(chdb_client, table, "d-ingest-1") == 20
+
+
+async def test_a_letter_the_dead_letter_stream_refuses_goes_again_without_its_payload(
+    js: JetStreamContext, chdb_client: Any, ingest_settings: Settings
+) -> None:
+    await set_dead_letter_limit(js, 4096)  # full letters of a 100 kB payload are refused
+    original = b'{"records": "' + b"y" * 100_000 + b'"}'
+    seq = await published(js, original)
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await waiter.until(lambda: ingestor.stats.dead_letters == 1)
+        await nothing_left(js)
+    [(_, letter)] = await every_dead_letter(js)
+    assert letter.payload_text is None and letter.payload_b64 is None and letter.truncated
+    assert "does not validate" in letter.reason and "not kept" in letter.reason
+    assert hashlib.sha256(original).hexdigest() in letter.reason
+    assert (letter.stream, letter.stream_sequence) == (subjects.METRICS_STREAM, seq)
+    assert f"{subjects.METRICS_STREAM} sequence {seq}" in letter.reason
+
+
+async def test_a_message_that_cannot_be_dead_lettered_yet_waits_then_is(
+    js: JetStreamContext, chdb_client: Any, ingest_settings: Settings
+) -> None:
+    """The dead-letter stream takes nothing for a while: the message is kept, not lost."""
+    await set_dead_letter_limit(js, 64)
+    await published(js, b"not json at all")
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await waiter.until(lambda: ingestor.stats.dead_letter_failures >= 2)
+        assert ingestor.stats.dead_letters == 0
+        await set_dead_letter_limit(js, 9 * 1024 * 1024)
+        await waiter.until(lambda: ingestor.stats.dead_letters == 1)
+        await nothing_left(js)
+    [(_, letter)] = await every_dead_letter(js)
+    assert letter.payload_text == "not json at all" and not letter.truncated
+
+
+async def set_dead_letter_limit(js: JetStreamContext, max_msg_size: int) -> None:
+    info = await js.stream_info(subjects.DEADLETTER_STREAM)
+    config = info.config
+    config.max_msg_size = max_msg_size
+    await js.update_stream(config)

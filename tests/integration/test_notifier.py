@@ -10,9 +10,14 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,11 +44,14 @@ from services.contracts.events import (
     Status,
 )
 from services.notifier.app import build
+from services.notifier.channels.base import channel_key
 from services.notifier.channels.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from services.notifier.dedup import progress_key, sent_key
 from services.notifier.retry import RetryPolicy
 from services.runtime import bus
 from services.runtime.service import ServiceApp
 from services.runtime.settings import Settings
+from tests.dead_letters import dead_letters
 from tests.slack_api import TOKEN, SlackApi
 
 pytestmark = pytest.mark.integration
@@ -194,17 +202,6 @@ async def publish_all(js: JetStreamContext, *events: Event, nonce: str | None = 
     return seq
 
 
-async def dead_letters(js: JetStreamContext) -> list[DeadLetter]:
-    info = await js.stream_info(subjects.DEADLETTER_STREAM)
-    letters = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        if info.state.messages == 0:
-            break
-        msg = await js.get_msg(subjects.DEADLETTER_STREAM, seq)
-        letters.append(DeadLetter.model_validate_json(msg.data or b""))
-    return letters
-
-
 async def test_every_outcome_reaches_slack_exactly_once_with_numbers_and_link(
     js: JetStreamContext, slack_settings: Settings, slack: SlackApi, waits: Waits
 ) -> None:
@@ -293,7 +290,10 @@ async def test_a_notice_that_keeps_failing_goes_to_the_dead_letters(
     slack.fail("chat.postMessage", status=500, times=1000)
     async with TestApp(notifier(slack_settings, waits).app):
         await publish_all(js, rolled_back())
-        await until(lambda: len(slack.calls) == 3 * slack_settings.max_deliver, timeout=20)
+        every_attempt = 3 * slack_settings.max_deliver
+        await until(
+            lambda: len(slack.calls_to("chat.postMessage", ok=False)) == every_attempt, timeout=20
+        )
         letters: list[DeadLetter] = []
         while not letters:
             letters = await dead_letters(js)
@@ -345,11 +345,11 @@ async def test_rollout_progress_is_one_message_updated_in_place(
     ]
     assert "step 1 at 5%" in posts[0].json["text"] and "alice via ci" in json.dumps(posts[0].json)
     assert len(updates) == 2
-    assert {(u.json["channel"], u.json["ts"]) for u in updates} == {
-        ("CDEPLOYS", "1700000000.000001")
-    }
+    progress, rolled = slack.messages_in("#deploys")  # no third message
+    assert {(u.json["channel"], u.json["ts"]) for u in updates} == {("C0DEPLOYS", progress["ts"])}
+    assert progress["text"] == updates[1].json["text"] and rolled["text"].startswith("Rolled back")
     assert "step 2 at 50%" in updates[0].json["text"]
-    assert "rolled back (error_rate)" in updates[1].json["text"]
+    assert "rolled back: error rate 4.2% above the 1% limit" in updates[1].json["text"]
     assert "preflight promote" not in json.dumps(updates[1].json["blocks"])
 
 
@@ -452,7 +452,7 @@ async def test_a_backlog_of_one_rollout_fetched_at_once_keeps_one_progress_messa
     assert len(progress) <= 1
     if progress:
         updates = texts(slack.calls_to("chat.update"))
-        assert updates and "rolled back (error_rate)" in updates[-1]
+        assert updates and "rolled back: error rate 4.2% above the 1% limit" in updates[-1]
 
 
 async def test_a_second_hold_at_the_same_step_after_resume_is_announced(
@@ -532,7 +532,7 @@ async def test_a_failed_edit_of_the_final_outcome_is_retried_by_redelivery(
     assert sum(t.startswith("Rolled back") for t in posts) == 1  # the redelivery only edits
     assert len(slack.calls_to("chat.update", ok=False)) == slack_settings.slack_max_attempts + 1
     [update] = texts(slack.calls_to("chat.update"))
-    assert "rolled back (error_rate)" in update
+    assert "rolled back: error rate 4.2% above the 1% limit" in update
     assert await dead_letters(js) == []
 
 
@@ -581,5 +581,173 @@ async def test_a_notice_that_failed_is_redelivered_after_the_notifier_s_own_dela
     async with TestApp(notifier(slack_settings, waits, redelivery_s=1.2).app):
         await drained(js, await publish_all(js, rolled_back(26)))
     attempts = slack_settings.slack_max_attempts
-    assert [c.status for c in slack.calls] == [503] * attempts + [200]
+    posts = slack.calls_to("chat.postMessage", ok=False)
+    assert [c.status for c in posts] == [503] * attempts + [200]
+    # The redelivery looked for the notice first (a 503 may come after Slack took it).
+    assert len(slack.calls_to("conversations.history")) == 1
     assert times[attempts] - times[attempts - 1] >= 1.0  # not ServiceApp's default 0.5 s
+
+
+# ---- a kill between Slack's answer and the ledger write (issue #13) ----------------------------
+
+
+class NotifierProcess:
+    """`preflight service run notifier` as a child process, pointed at the fake Slack."""
+
+    def __init__(self, settings: Settings, slack: SlackApi, log: Path) -> None:
+        self.log = log
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
+        self.env |= {
+            "PREFLIGHT_NATS_URL": settings.nats_url,
+            "PREFLIGHT_DATA_DIR": str(settings.data_dir),
+            "PREFLIGHT_INSTANCE": "notifier-under-test",
+            "PREFLIGHT_ACK_WAIT_S": str(settings.ack_wait_s),  # as the consumer was made
+            "PREFLIGHT_MAX_DELIVER": str(settings.max_deliver),
+            "PREFLIGHT_SLACK_TOKEN": TOKEN,
+            "PREFLIGHT_SLACK_BASE_URL": slack.base_url,
+            "PREFLIGHT_SLACK_CHANNEL": "#deploys",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> int:
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.stack.cli", "service", "run", "notifier"],
+                env=self.env,
+                stdout=out,
+                stderr=out,
+            )
+        self.procs.append(proc)
+        return proc.pid
+
+    async def exited(self, timeout: float = 60.0) -> int:
+        proc = self.procs[-1]
+        deadline = asyncio.get_running_loop().time() + timeout
+        while proc.poll() is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the notifier did not die; log:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+        return proc.returncode
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def notifier_process(
+    settings: Settings, slack: SlackApi, tmp_path: Path
+) -> Iterator[NotifierProcess]:
+    process = NotifierProcess(settings, slack, tmp_path / "notifier.log")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+async def ledger_record(js: JetStreamContext, key: str) -> dict[str, Any]:
+    kv = await js.key_value(subjects.NOTICES_BUCKET)
+    entry = await kv.get(key)
+    record: dict[str, Any] = json.loads(entry.value or b"{}")
+    return record
+
+
+async def killed_after_slack_answered(
+    js: JetStreamContext, slack: SlackApi, notifier_process: NotifierProcess, event: Event
+) -> int:
+    """Publish `event` to a notifier that Slack kills right after answering its post; then
+    start a fresh one and wait until the redelivered event is done. The event's sequence."""
+    pid = notifier_process.start()
+    slack.kill_after("chat.postMessage", pid)
+    last = await publish_all(js, event)
+    assert await notifier_process.exited() == -signal.SIGKILL
+    assert slack.killed == [pid]
+    notifier_process.start()
+    try:
+        await drained(js, last, timeout=90)
+    except AssertionError:
+        raise AssertionError(f"not drained; log:\n{notifier_process.tail()}") from None
+    return last
+
+
+@pytest.mark.timeout(240)
+async def test_a_notifier_killed_after_slack_answered_does_not_post_again(
+    js: JetStreamContext, slack: SlackApi, notifier_process: NotifierProcess
+) -> None:
+    key = sent_key("d-notify-30", "rolled_back", None, channel_key("slack", "#deploys"))
+    await killed_after_slack_answered(js, slack, notifier_process, rolled_back(30))
+    [message] = slack.messages_in("#deploys")  # exactly one message in the channel
+    assert message["text"].startswith("Rolled back: org/chat-7b.v2 v30 (d-notify-30)")
+    assert message["metadata"]["event_payload"]["key"] == key
+    assert len(slack.calls_to("chat.postMessage")) == 1
+    # The restarted notifier asked Slack rather than posting: it found its message by the key.
+    [history] = slack.calls_to("conversations.history")
+    assert history.query["include_all_metadata"] == "1" and history.query["channel"] == "C0DEPLOYS"
+    record = await ledger_record(js, key)
+    assert record["status"] == "sent" and record["ts"] == message["ts"]
+    assert await dead_letters(js) == []
+
+
+@pytest.mark.timeout(240)
+async def test_a_progress_message_posted_before_a_kill_is_kept_and_edited(
+    js: JetStreamContext, slack: SlackApi, notifier_process: NotifierProcess
+) -> None:
+    step = {**ids(31), "duration_s": 60}
+    await killed_after_slack_answered(
+        js, slack, notifier_process, CanaryStepStarted(**step, step_index=0, weight=5)
+    )
+    last = await publish_all(
+        js, CanaryStepStarted(**step, step_index=1, weight=50), rolled_back(31)
+    )
+    await drained(js, last, timeout=60)
+    progress, rolled = slack.messages_in("#deploys")  # one progress message, one notice
+    assert progress["text"].endswith("rolled back: error rate 4.2% above the 1% limit")
+    assert rolled["text"].startswith("Rolled back")
+    key = progress_key("d-notify-31", channel_key("slack", "#deploys"))
+    assert progress["metadata"]["event_payload"]["key"] == key
+    record = await ledger_record(js, key)
+    assert record["ts"] == progress["ts"] and "status" not in record
+    assert len(slack.calls_to("conversations.history")) == 1
+
+
+async def test_slack_finds_a_notice_by_its_key_through_pages_of_history(slack: SlackApi) -> None:
+    from services.notifier.channels.base import CannotTell, DeliveryError
+    from services.notifier.channels.slack import SlackBotChannel, web_client
+    from services.notifier.delivery import make_notice
+
+    retry = RetryPolicy(max_attempts=1, sleep=Waits())
+    channel = SlackBotChannel(web_client(SecretStr(TOKEN), slack.base_url, retry), "#busy")
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    notice = make_notice(rolled_back(40))
+    posted = await channel.post(notice, key="d-notify-40.sent.rolled_back.slack-busy")
+    for i in range(450):  # the channel moves on: our message is on the third page
+        slack._answer("chat.postMessage", {"channel": "#busy", "text": f"chatter {i}"})
+    found = await channel.find("d-notify-40.sent.rolled_back.slack-busy", since=since)
+    assert found == posted
+    assert len(slack.calls_to("conversations.history")) == 3
+    assert await channel.find("d-notify-40.sent.other", since=since) is None
+    assert (
+        await channel.find("d-notify-40.sent.rolled_back.slack-busy", since=datetime.now(UTC))
+        is None
+    )  # posted before `since`
+    # A fresh channel object for the same name asks conversations.list for its id once.
+    fresh = SlackBotChannel(channel.client, "#busy")
+    assert await fresh.find("d-notify-40.sent.rolled_back.slack-busy", since=since) == posted
+    assert len(slack.calls_to("conversations.list")) == 1
+    slack.fail("conversations.history", status=200, error="missing_scope")
+    with pytest.raises(CannotTell, match="missing_scope"):
+        await channel.find("d-notify-40.sent.rolled_back.slack-busy", since=since)
+    slack.fail("conversations.history", status=503)
+    with pytest.raises(DeliveryError) as caught:
+        await channel.find("d-notify-40.sent.rolled_back.slack-busy", since=since)
+    assert not caught.value.permanent

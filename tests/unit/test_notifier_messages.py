@@ -40,6 +40,7 @@ from services.contracts.events import (
 from services.contracts.policy import PolicyFile
 from services.notifier import messages
 from services.notifier.channels.base import (
+    CannotTell,
     DeliveryError,
     Notice,
     Receipt,
@@ -271,7 +272,7 @@ def test_a_rollout_waiting_on_people_shows_the_commands(case: str) -> None:
 def test_a_finished_rollout_offers_no_commands() -> None:
     progress = messages.render_progress(CASES["rolled_back_error_rate"])
     assert "preflight promote" not in json.dumps(progress.blocks)
-    assert "rolled back (error_rate)" in progress.text
+    assert "rolled back: error rate 4.2% above the 1% limit" in progress.text
 
 
 def test_slack_control_characters_are_escaped_and_long_text_is_clipped() -> None:
@@ -561,15 +562,28 @@ class FakeChannel:
     posts: list[str] = field(default_factory=list)
     updates: list[str] = field(default_factory=list)
     fail_updates: int = 0
+    fail_posts: int = 0
+    crash_after_post: int = 0
+    findable: bool = True
     ts: int = 0
+    keys: dict[str, Receipt] = field(default_factory=dict)
+    lookups: list[datetime] = field(default_factory=list)
 
-    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+    async def post(self, notice: Notice, *, progress: bool = False, key: str = "") -> Receipt:
         await asyncio.sleep(0)  # let concurrent deliveries interleave, as real I/O does
+        if self.fail_posts:
+            self.fail_posts -= 1
+            raise DeliveryError(self.key, "Slack chat.postMessage: HTTP 503", permanent=False)
         self.posts.append((notice.progress if progress else notice.message).text)
         self.ts += 1
-        return Receipt(channel="C1", ts=f"1700000000.{self.ts:06d}")
+        receipt = Receipt(channel="C1", ts=f"1700000000.{self.ts:06d}")
+        self.keys[key] = receipt
+        if self.crash_after_post:
+            self.crash_after_post -= 1
+            raise Crash  # the process dies with Slack's answer in hand, before the ledger write
+        return receipt
 
-    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+    async def update(self, receipt: Receipt, notice: Notice, *, key: str = "") -> Receipt:
         await asyncio.sleep(0)
         if self.fail_updates:
             self.fail_updates -= 1
@@ -577,12 +591,24 @@ class FakeChannel:
         self.updates.append(notice.progress.text)
         return receipt
 
+    async def find(self, key: str, *, since: datetime) -> Receipt | None:
+        self.lookups.append(since)
+        if not self.findable:
+            raise CannotTell("not searchable")
+        return self.keys.get(key)
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: nothing after it runs (not an `Exception`, so nothing catches it)."""
+
 
 class BrokenWrites(MemoryLedger):
-    """A ledger whose writes fail (the KV store is unreachable after the send)."""
+    """A ledger whose writes after the send fail (the KV store became unreachable)."""
 
-    async def create(self, key: str, value: dict[str, Any]) -> bool:
-        raise TimeoutError("nats: timeout")
+    async def put(self, key: str, value: dict[str, Any]) -> None:
+        if value.get("status") == "sent":
+            raise TimeoutError("nats: timeout")
+        await super().put(key, value)
 
 
 class OneConflict(MemoryLedger):
@@ -591,7 +617,7 @@ class OneConflict(MemoryLedger):
     conflicted: bool = False
 
     async def update(self, key: str, value: dict[str, Any], revision: int) -> bool:
-        if not self.conflicted:
+        if not self.conflicted and self.entries[key].get("status") != "posting":
             self.conflicted = True
             await self.put(key, {**self.entries[key], "at": "another instance"})
         return await super().update(key, value, revision)
@@ -663,7 +689,7 @@ async def test_a_failed_edit_of_the_final_outcome_fails_the_delivery_after_the_p
     again = await target.deliver(outcome, [channel])  # the redelivery: only the edit
     assert again.failed == [] and again.skipped == [channel.key]
     assert sum(p.startswith("Rolled back") for p in channel.posts) == 1
-    assert channel.updates[-1].endswith("rolled back (error_rate)")
+    assert channel.updates[-1].endswith("rolled back: error rate 4.2% above the 1% limit")
 
 
 async def test_degraded_leaves_the_progress_message_alone() -> None:
@@ -682,3 +708,206 @@ async def test_a_ledger_that_fails_after_a_send_does_not_stop_the_other_channels
     )
     assert report.sent == ["fake-a", "fake-b"] and report.failed == []
     assert len(first.posts) == len(second.posts) == 1
+
+
+# ---- the progress edit says why in words (issue #13) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("update", "words"),
+    [
+        ({}, "error rate 4.2% above the 1% limit"),
+        ({"threshold": None}, "error rate above the limit"),
+        ({"canary": None}, "error rate above the limit"),
+        (
+            {"trigger": "latency", "threshold": 0.2},
+            "p95 latency 312 ms, 73.3% above stable's 180 ms",
+        ),
+        ({"trigger": "latency", "stable": None}, "p95 latency rose more than allowed"),
+        ({"trigger": "manual"}, "aborted by a person"),
+        ({"trigger": "superseded"}, "replaced by a newer version"),
+        ({"trigger": "inconclusive"}, "could not be judged, and nobody promoted it"),
+    ],
+)
+def test_the_progress_edit_of_a_rollback_says_why_in_words(
+    update: dict[str, Any], words: str
+) -> None:
+    event = CASES["rolled_back_error_rate"].model_copy(update=update)
+    assert isinstance(event, DeploymentRolledBack)
+    progress = messages.render_progress(event)
+    assert words in progress.text and words in progress.blocks[0]["text"]["text"]
+    assert "_" not in messages.rollback_reason(event)  # no codes such as error_rate
+
+
+# ---- metrics links Slack cannot take (issue #13) ------------------------------------------------
+
+
+def _link_texts(message: messages.SlackMessage) -> list[str]:
+    return [
+        e["text"]
+        for b in message.blocks
+        if b["type"] == "context"
+        for e in b["elements"]
+        if "metrics" in e["text"]
+    ]
+
+
+def _buttons(message: messages.SlackMessage) -> list[str]:
+    return [e["url"] for b in message.blocks if b["type"] == "actions" for e in b["elements"]]
+
+
+def _valid_for_slack(message: messages.SlackMessage) -> None:
+    for block in message.blocks:
+        texts = [block["text"]["text"]] if "text" in block else []
+        texts += [e["text"] for e in block.get("elements", []) if isinstance(e.get("text"), str)]
+        for text in texts:
+            assert len(text) <= messages.TEXT_MAX
+            assert text.count("<") == text.count(">")  # every link's markup is whole
+    assert all(len(url) <= messages.URL_MAX for url in _buttons(message))
+    assert len(message.text) <= messages.FALLBACK_MAX
+
+
+@pytest.mark.parametrize("length", [500, 2_900, 2_990, 3_000, 3_001, 20_000])
+def test_a_metrics_url_of_any_length_leaves_a_valid_message(length: int) -> None:
+    base = "https://grafana.example.com/d/preflight?var-deployment=d-1&from=0&panel="
+    url = base + "x" * (length - len(base))
+    event = CASES["rolled_back_error_rate"].model_copy(update={"metrics_url": url})
+    for message in (messages.render(event), messages.render_progress(event)):
+        _valid_for_slack(message)
+        [text] = _link_texts(message)
+        if f"<{url}|" in text:
+            assert not _buttons(message) or _buttons(message) == [url]
+        else:  # not linked: said so, and where to find it
+            assert f"the metrics link is {length:,} characters" in text
+            assert f"preflight status {IDS['deployment_id']}" in text
+            assert _buttons(message) == []
+    # The notification text names a long link without it (it would be cut, and push out the rest).
+    assert url not in messages.render(event).text
+
+
+def test_a_metrics_url_too_long_for_slack_links_the_rollout_page_instead() -> None:
+    url = "https://grafana.example.com/d/x?" + "var-x=1&" * 1000
+    page = "https://preflight.example.com/rollouts/d-20261125T174501-3f9a1c"
+    event = CASES["rolled_back_error_rate"].model_copy(update={"metrics_url": url})
+    message = messages.render(event, rollout_url=page)
+    _valid_for_slack(message)
+    assert _buttons(message) == [page]
+    [text] = _link_texts(message)
+    assert text.startswith(f"metrics: <{page}|rollout page> (the metrics link is 8,032 characters")
+    assert url not in message.text and "linked in the message" in message.text
+
+
+def test_a_short_metrics_url_is_linked_as_before_and_its_markup_cannot_break() -> None:
+    url = "https://grafana.example.com/d/a|b>c?q=<x> y"
+    event = CASES["rolled_back_error_rate"].model_copy(update={"metrics_url": url})
+    message = messages.render(event)
+    _valid_for_slack(message)
+    [button] = _buttons(message)
+    assert button == "https://grafana.example.com/d/a%7Cb%3Ec?q=%3Cx%3E%20y"
+    [text] = _link_texts(message)
+    assert text == f"metrics: <{button}|{messages.escape(url)}>"
+
+
+# ---- a notice is posted once, even across a crash after Slack's answer (issue #13) ------------
+
+
+async def crash_then_redeliver(target: Deliverer, channel: FakeChannel, notice: Notice) -> None:
+    channel.crash_after_post = 1
+    with pytest.raises(Crash):
+        await target.deliver(notice, [channel])
+    # A restarted notifier: a fresh Deliverer on the same ledger (in-process state is gone).
+    await Deliverer(target.ledger, clock=target.clock).deliver(notice, [channel])
+
+
+async def test_a_notice_posted_right_before_a_crash_is_found_not_posted_again() -> None:
+    channel, target = FakeChannel(), deliverer()
+    notice = make_notice(CASES["rolled_back_error_rate"])
+    await crash_then_redeliver(target, channel, notice)
+    assert [p.split(":")[0] for p in channel.posts] == ["Rolled back"]
+    assert channel.lookups == [AT - timedelta(minutes=5)]  # from the intent, with a margin
+    key = sent_key(IDS["deployment_id"], "rolled_back", None, channel.key)
+    record = await target.ledger.get(key)
+    assert record is not None and record["status"] == "sent" and record["ts"]
+    await target.deliver(notice, [channel])  # later copies: the ledger answers, no lookup
+    assert len(channel.posts) == 1 and len(channel.lookups) == 1
+
+
+async def test_a_notice_whose_post_failed_is_looked_for_then_posted_once() -> None:
+    channel, target = FakeChannel(fail_posts=1), deliverer()
+    notice = make_notice(CASES["blocked"])
+    first = await target.deliver(notice, [channel], progress=False)
+    assert [f.permanent for f in first.failed] == [False] and channel.posts == []
+    again = await target.deliver(notice, [channel], progress=False)
+    assert again.sent == [channel.key] and len(channel.posts) == 1
+    assert len(channel.lookups) == 1
+
+
+async def test_a_channel_that_cannot_be_searched_gets_the_notice_again() -> None:
+    """At-least-once where nobody can tell: a webhook drops the repeat by its notice id."""
+    channel, target = FakeChannel(findable=False), deliverer()
+    await crash_then_redeliver(target, channel, make_notice(CASES["rolled_back_error_rate"]))
+    assert sum(p.startswith("Rolled back") for p in channel.posts) == 2
+
+
+async def test_a_progress_message_posted_right_before_a_crash_is_found_and_edited() -> None:
+    channel, target = FakeChannel(), deliverer()
+    await crash_then_redeliver(target, channel, make_notice(step(0)))
+    assert len(channel.posts) == 1
+    key = progress_key(IDS["deployment_id"], channel.key)
+    record = await target.ledger.get(key)
+    assert record is not None and record.get("status") is None and record["ts"]
+    assert record["rank"][0] == 0.0
+    await target.deliver(make_notice(step(1, 2)), [channel])
+    await target.deliver(make_notice(CASES["rolled_back_error_rate"]), [channel])
+    assert [p.split(":")[0] for p in channel.posts] == [
+        "Canary org/chat-7b.v2 2024-06-02 (d-20261125T174501-3f9a1c)",
+        "Rolled back",
+    ]
+    assert len(channel.updates) == 3  # the redelivered step 1 (same text), step 2, the outcome
+
+
+async def test_the_outcome_finds_the_progress_message_of_a_step_that_crashed() -> None:
+    """The step's redelivery has not come yet when the outcome is handled."""
+    channel, target = FakeChannel(crash_after_post=1), deliverer()
+    with pytest.raises(Crash):
+        await target.deliver(make_notice(step(0)), [channel])
+    restarted = Deliverer(target.ledger, clock=target.clock)
+    await restarted.deliver(make_notice(CASES["rolled_back_error_rate"]), [channel])
+    await restarted.deliver(make_notice(step(0)), [channel])  # the redelivery, late
+    assert sum(p.startswith("Canary") for p in channel.posts) == 1
+    assert channel.updates[-1].endswith("rolled back: error rate 4.2% above the 1% limit")
+
+
+async def test_another_step_waits_for_a_fresh_progress_intent_and_the_outcome_retries() -> None:
+    """Another instance wrote the intent and is posting now: nobody posts a second message."""
+    ledger = MemoryLedger()
+    key = progress_key(IDS["deployment_id"], "fake-a")
+    intent = {"status": "posting", "notice": "elsewhere", "at": AT.isoformat(), "rank": [0, ""]}
+    await ledger.put(key, intent)
+    channel, target = FakeChannel(), deliverer(ledger)
+    assert (await target.deliver(make_notice(step(1, 2)), [channel])).failed == []
+    report = await target.deliver(make_notice(CASES["rolled_back_error_rate"]), [channel])
+    assert [f.permanent for f in report.failed] == [False]  # redelivered: the edit comes later
+    assert not any(p.startswith("Canary") for p in channel.posts)
+
+
+async def test_a_stale_or_abandoned_progress_intent_is_taken_over_after_a_lookup() -> None:
+    ledger = MemoryLedger()
+    key = progress_key(IDS["deployment_id"], "fake-a")
+    old = (AT - timedelta(minutes=11)).isoformat()
+    await ledger.put(key, {"status": "posting", "notice": "gone", "at": old, "rank": [0, ""]})
+    channel, target = FakeChannel(), deliverer(ledger)
+    await target.deliver(make_notice(step(1, 2)), [channel])
+    assert len(channel.posts) == 1 and len(channel.lookups) == 1
+    record = ledger.entries[key]
+    assert record["rank"][0] == 1.0 and record["ts"] and "status" not in record
+
+
+async def test_a_step_whose_progress_post_failed_lets_the_next_step_post() -> None:
+    """A failed step is dead-lettered, not redelivered: its intent must not block the rollout."""
+    channel, target = FakeChannel(fail_posts=1), deliverer()
+    first = await target.deliver(make_notice(step(0)), [channel])
+    assert [f.permanent for f in first.failed] == [False]
+    await target.deliver(make_notice(step(1, 2)), [channel])
+    assert [p.split(": ")[1] for p in channel.posts] == ["step 2 at 5% of traffic (for 60 s)"]
+    assert len(channel.lookups) == 1  # looked first: a timed-out post may have been taken

@@ -1,7 +1,10 @@
 """What every notice channel is: one Protocol, the notice it takes, its receipt and its errors.
 
-DeliveryError            a channel could not deliver; `permanent` says whether asking again
-                         can help (429, 5xx, timeouts: no; a wrong channel or token: yes)
+Exception
+ +-- DeliveryError       a channel could not deliver (or look); `permanent` says whether asking
+ |                       again can help (429, 5xx, timeouts: yes; a wrong channel or token: no)
+ +-- CannotTell          a channel cannot say whether a notice is already there (it cannot be
+                         searched, or the search cannot finish): the caller sends it again
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 from urllib.parse import quote, unquote, urlsplit
 
@@ -58,9 +62,19 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
+class CannotTell(Exception):
+    """`Channel.find` cannot say whether the message is there (not searchable, no permission to
+    read, or more history than a lookup reads)."""
+
+
 class Channel(Protocol):
     """Somewhere notices go. `post` must be safe to call again after a failure; a channel that
-    cannot edit what it posted says so with `updatable = False`."""
+    cannot edit what it posted says so with `updatable = False`.
+
+    `key` in `post` and `update` is the notice's ledger key: a channel that can be searched
+    stores it with the message, so that `find` can tell later whether a delivery that died
+    before its ledger write had already posted it.
+    """
 
     @property
     def key(self) -> str:
@@ -70,12 +84,19 @@ class Channel(Protocol):
     @property
     def updatable(self) -> bool: ...
 
-    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+    async def post(self, notice: Notice, *, progress: bool = False, key: str = "") -> Receipt:
         """Send the notice (its progress rendering when `progress`); raise `DeliveryError`."""
         ...
 
-    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+    async def update(self, receipt: Receipt, notice: Notice, *, key: str = "") -> Receipt:
         """Replace the progress message at `receipt`; raise `DeliveryError`."""
+        ...
+
+    async def find(self, key: str, *, since: datetime) -> Receipt | None:
+        """The message posted under `key` at or after `since`, or None when it is not there.
+
+        Raise `CannotTell` when the channel cannot be searched, `DeliveryError` when the search
+        failed in a way a later try may fix."""
         ...
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from typing import TextIO
 
-from services.notifier.channels.base import Notice, Receipt
+from services.notifier.channels.base import CannotTell, Notice, Receipt
 
 
 class ConsoleChannel:
@@ -17,9 +18,12 @@ class ConsoleChannel:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
 
-    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+    async def post(self, notice: Notice, *, progress: bool = False, key: str = "") -> Receipt:
         print(notice.console, file=self.stream or sys.stdout, flush=True)
         return Receipt()
 
-    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+    async def update(self, receipt: Receipt, notice: Notice, *, key: str = "") -> Receipt:
         return receipt
+
+    async def find(self, key: str, *, since: datetime) -> Receipt | None:
+        raise CannotTell("the console cannot be read back")

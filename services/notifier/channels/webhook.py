@@ -18,6 +18,7 @@ import aiohttp
 from pydantic import SecretStr
 
 from services.notifier.channels.base import (
+    CannotTell,
     DeliveryError,
     Notice,
     Receipt,
@@ -113,7 +114,7 @@ class WebhookChannel:
             )
         return headers
 
-    async def post(self, notice: Notice, *, progress: bool = False) -> Receipt:
+    async def post(self, notice: Notice, *, progress: bool = False, key: str = "") -> Receipt:
         if (problem := url_problem(self.url)) is not None:
             raise DeliveryError(self.key, f"webhook {self.where}: {problem}", permanent=True)
         last = ""
@@ -154,5 +155,9 @@ class WebhookChannel:
             permanent=False,
         )
 
-    async def update(self, receipt: Receipt, notice: Notice) -> Receipt:
+    async def update(self, receipt: Receipt, notice: Notice, *, key: str = "") -> Receipt:
         return receipt
+
+    async def find(self, key: str, *, since: datetime) -> Receipt | None:
+        # A receiver drops a repeat by its X-Preflight-Notice-Id.
+        raise CannotTell(f"webhook {self.where} cannot be asked what it received")
