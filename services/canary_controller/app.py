@@ -34,7 +34,7 @@ from services.contracts.events import (
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.metrics import queries
 from services.runtime import bus, clickhouse, pipeline
-from services.runtime.service import ServiceApp, build_service
+from services.runtime.service import Rejected, ServiceApp, build_service
 from services.runtime.settings import Settings
 
 NAME = "canary-controller"
@@ -166,7 +166,6 @@ def build(settings: Settings) -> ServiceApp:
         log.info("request-metrics table %s ready (%s)", settings.metrics_table, where)
         nc = await bus.connect(settings, f"preflight-{NAME}-{settings.instance}", reconnect=True)
         js = nc.jetstream()
-        await bus.ensure_topology(js, settings)
         state["nc"] = nc
         metrics = ClickHouseMetrics(client, settings.metrics_table)
         state["metrics"] = metrics
@@ -236,6 +235,12 @@ def build(settings: Settings) -> ServiceApp:
 
     @svc.consume(subjects.CONTROLLER_COMMANDS_DURABLE, ANY_COMMAND)
     async def on_command(command: AnyCommand) -> None:
+        sender = command.requested_by.nats_user  # from the subject: the authenticated user
+        if sender not in settings.command_senders():
+            raise Rejected(
+                f"{command.type} for {command.deployment_id} refused: NATS user {sender!r} may "
+                f"not send commands (PREFLIGHT_COMMAND_USERS: {settings.command_users})"
+            )
         engine: Engine = state["engine"]
         outcome = await engine.on_command(command)
         log.info("%s for %s: %s", command.type, command.deployment_id, outcome)

@@ -331,7 +331,10 @@ class Engine:
 
     async def on_command(self, command: Command) -> str:
         """Apply a person's command; returns what happened, for the log."""
-        who = f"{command.requested_by.user} via {command.requested_by.system}"
+        by = command.requested_by
+        who = f"{by.user} via {by.system}"
+        if by.nats_user:
+            who += f" as NATS user {by.nats_user}"
         if command.reason:
             who += f" ({command.reason})"
         for _ in range(5):

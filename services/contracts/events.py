@@ -86,6 +86,15 @@ class Requester(Message):
     user: str = Field(default="unknown", max_length=200)
     system: str = Field(default="cli", max_length=200, description="e.g. `cli`, `github-actions`.")
     team: str | None = Field(default=None, max_length=200)
+    nats_user: str | None = Field(
+        default=None,
+        max_length=200,
+        description=(
+            "The authenticated NATS user that sent a command. The receiving service takes it "
+            "from the command's subject, which the server lets each user publish only under "
+            "its own name; whatever the body says is replaced."
+        ),
+    )
 
 
 class NotifyTarget(Message):
@@ -418,6 +427,13 @@ class DeadLetter(Message):
     payload_b64: str | None = Field(default=None, description="Original payload, if not UTF-8.")
     headers: dict[str, str] = Field(default_factory=dict)
     delivery_attempt: int | None = None
+    stream: str | None = Field(default=None, description="Stream the original was read from.")
+    stream_sequence: int | None = Field(
+        default=None, description="Its sequence there: the original, whole, while it is kept."
+    )
+    truncated: bool = Field(
+        default=False, description="The payload here is a prefix; see `reason` for its sha256."
+    )
     received_at: datetime = Field(default_factory=utc_now)
 
 

@@ -31,6 +31,9 @@ class ValidationChecks(_Strict):
     unsafe_code: bool = Field(default=True, description="Nothing runs code on load.")
     secrets: bool = Field(default=True, description="No keys in the card or config.")
     vram_fit: bool = Field(default=True, description="Weights + KV cache fit the GPU.")
+    tokenizer: bool = Field(
+        default=True, description="A language model ships the tokenizer it needs to serve."
+    )
 
 
 class ValidationPolicy(_Strict):

@@ -54,8 +54,9 @@ def subject_for(event: Event) -> str:
         return subjects.stage(event.model, event.deployment_id, _STAGES[kind])
     if kind in _OUTCOMES:
         return subjects.outcome(event.model, event.deployment_id, _OUTCOMES[kind])
-    if kind in _COMMANDS:
-        return subjects.command(event.model, event.deployment_id, _COMMANDS[kind])
+    if isinstance(event, Command):
+        sender = event.requested_by.nats_user
+        return subjects.command(event.model, event.deployment_id, _COMMANDS[kind], sender)
     raise TypeError(f"no subject for {kind.__name__}")
 
 
@@ -65,7 +66,10 @@ def message_id_for(event: Event, nonce: str | None = None) -> str:
     Commands are intents a person may repeat (pause, resume, pause): they carry a nonce chosen
     once per invocation, so a retried publish of the same invocation is still deduplicated.
     """
-    name = subject_for(event).rsplit(".", 1)[1]
+    kind = type(event)
+    name = _COMMANDS.get(kind) or _STAGES.get(kind) or _OUTCOMES.get(kind)
+    if name is None:
+        raise TypeError(f"no subject for {kind.__name__}")
     # A step can start (and a rollout be held) more than once: resumed after a hold, the step
     # starts again. The start time, or the deadline, tells the occurrences apart.
     if isinstance(event, CanaryStepStarted):

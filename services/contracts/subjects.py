@@ -1,15 +1,18 @@
 """Subject, stream, consumer and KV bucket names: the one place the bus topology is spelled.
 
-Deployment subjects all have five tokens, so one wildcard selects any slice of them:
+Deployment subjects start with the same four tokens, so one wildcard selects any slice of them:
 
-    preflight.<kind>.<model>.<deployment_id>.<name>
+    preflight.<kind>.<model>.<deployment_id>.<name>            kind: stage | outcome
+    preflight.command.<model>.<deployment_id>.<name>.<user>
 
-    kind   stage | outcome | command
     model  the model name with every `.` written `%2E` (subject tokens cannot hold dots)
+    user   the NATS user that sent the command, written the same way. The server lets each user
+           publish commands only under its own name (deploy/nats/nats.conf), so the token is the
+           authenticated sender, not a name the sender chose.
 
     preflight.outcome.>                      every outcome of every model
     preflight.outcome.<model>.>              every outcome of one model
-    preflight.*.*.<deployment_id>.*          everything about one deployment
+    preflight.*.*.<deployment_id>.>          everything about one deployment
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ DEADLETTER_STREAM: Final = "PREFLIGHT_DEADLETTER"
 ROUTES_BUCKET: Final = "preflight_routes"
 ROLLOUTS_BUCKET: Final = "preflight_rollouts"
 NOTICES_BUCKET: Final = "preflight_notices"
+LEASES_BUCKET: Final = "preflight_leases"  # which controller replica is active
+
+# The user token of commands sent over a bus without authentication.
+ANONYMOUS_USER: Final = "anonymous"
 
 StageName = Literal["requested", "validated", "benchmarked", "canary_step", "canary_analysed"]
 OutcomeName = Literal["blocked", "degraded", "promoted", "rolled_back", "held", "failed"]
@@ -64,8 +71,25 @@ def outcome(model: str, deployment_id: str, name: OutcomeName) -> str:
     return f"{PREFIX}.outcome.{model_token(model)}.{deployment_id}.{name}"
 
 
-def command(model: str, deployment_id: str, name: CommandName) -> str:
-    return f"{PREFIX}.command.{model_token(model)}.{deployment_id}.{name}"
+def user_token(user: str | None) -> str:
+    """The subject token of a NATS user name (`.` as `%2E`, as for models)."""
+    if not user:
+        return ANONYMOUS_USER
+    if any(c in user for c in " \t\r\n*>%"):
+        raise ValueError(f"NATS user {user!r} cannot be used in a subject")
+    return user.replace(".", "%2E")
+
+
+def command(model: str, deployment_id: str, name: CommandName, user: str | None) -> str:
+    return f"{PREFIX}.command.{model_token(model)}.{deployment_id}.{name}.{user_token(user)}"
+
+
+def command_sender(subject: str) -> str | None:
+    """The NATS user a command subject names (its sixth token), or None if it is not one."""
+    tokens = subject.split(".")
+    if len(tokens) != 6 or tokens[:2] != [PREFIX, "command"]:
+        return None
+    return tokens[5].replace("%2E", ".")
 
 
 def model_outcomes(model: str) -> str:
@@ -75,7 +99,7 @@ def model_outcomes(model: str) -> str:
 
 def deployment_events(deployment_id: str) -> str:
     """Wildcard for every event and command of one deployment."""
-    return f"{PREFIX}.*.*.{deployment_id}.*"
+    return f"{PREFIX}.*.*.{deployment_id}.>"
 
 
 def request_of(deployment_id: str) -> str:
@@ -84,7 +108,7 @@ def request_of(deployment_id: str) -> str:
 
 
 def model_events(model: str) -> str:
-    return f"{PREFIX}.*.{model_token(model)}.*.*"
+    return f"{PREFIX}.*.{model_token(model)}.*.>"
 
 
 def stage_filter(name: StageName) -> str:

@@ -212,7 +212,6 @@ async def serve(settings: Settings, *, ready: Callable[[str], None] | None = Non
     with stop_on_signals(stop):
         nc = await bus.connect(settings, f"preflight-router-{settings.instance}", reconnect=True)
         try:
-            await bus.ensure_topology(nc.jetstream(), settings)
             runner = web.AppRunner(build_app(settings, nc), access_log=None, handle_signals=False)
             await runner.setup()
             try:

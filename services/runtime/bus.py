@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import nats
@@ -26,6 +27,26 @@ class BusUnavailable(RuntimeError):
     """No NATS server answers at the configured URL."""
 
 
+class TopologyMissing(RuntimeError):
+    """A stream, KV bucket or durable consumer a service needs was never created."""
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where a user's replies arrive. deploy/nats/nats.conf lets each user subscribe only to its
+    own prefix, so no user reads replies (pulled messages included) meant for another."""
+    return f"_INBOX_{user}" if user else "_INBOX"
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """User, password and inbox prefix for nats-py and FastStream alike."""
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        pw = settings.nats_password
+        options["password"] = pw.get_secret_value() if pw else ""
+    return options
+
+
 def how_to_start(url: str) -> str:
     return (
         f"no NATS server answers at {redact_url(url)}. Start the embedded stack with "
@@ -42,11 +63,7 @@ async def connect(
     `reconnect=True` is for long-lived service connections that should ride out a server restart.
     """
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
-    options: dict[str, Any] = {}
-    if settings.nats_user:
-        options["user"] = settings.nats_user
-        pw = settings.nats_password
-        options["password"] = pw.get_secret_value() if pw else ""
+    options = connect_options(settings)
 
     async def quiet(_: Exception) -> None:
         """nats-py prints every failed attempt; we report once, below."""
@@ -64,6 +81,12 @@ async def connect(
             ),
             timeout=timeout * 2,
         )
+    except nats.errors.AuthorizationError as exc:
+        who = f"user {settings.nats_user!r}" if settings.nats_user else "no user"
+        raise BusUnavailable(
+            f"the NATS server at {redact_url(settings.nats_url)} refused {who}: check "
+            "PREFLIGHT_NATS_USER and PREFLIGHT_NATS_PASSWORD"
+        ) from exc
     except (NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
         raise BusUnavailable(how_to_start(settings.nats_url)) from exc
 
@@ -89,6 +112,7 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
             max_age=settings.events_max_age_days * _DAY,
             max_msg_size=1024 * 1024,
             discard=api.DiscardPolicy.OLD,
+            allow_direct=True,  # readers use direct get, never a consumer (nats.conf says why)
         ),
         api.StreamConfig(
             name=subjects.METRICS_STREAM,
@@ -157,21 +181,33 @@ def consumer_filters(durable: str) -> tuple[str, tuple[str, ...]]:
     raise KeyError(durable)
 
 
-async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update streams, KV buckets and durable consumers; safe to run at every start."""
+BUCKETS: tuple[tuple[str, str, int], ...] = (
+    (subjects.ROUTES_BUCKET, "Canary weight per model route; routers watch it.", 5),
+    (subjects.ROLLOUTS_BUCKET, "Rollout state per deployment; the controller's truth.", 10),
+    (subjects.NOTICES_BUCKET, "Notices sent per deployment (dedup, message to update).", 1),
+    (subjects.LEASES_BUCKET, "Which canary-controller replica is active.", 1),
+)
+
+
+async def ensure_topology(
+    js: JetStreamContext, settings: Settings, say: Callable[[str], None] | None = None
+) -> None:
+    """Create or update streams, KV buckets and durable consumers (`preflight bootstrap`, with
+    admin rights; services only bind to what this made). Safe to run again: an upgrade's new
+    limits are applied, what exists is kept."""
+    tell = say or (lambda _: None)
     for config in stream_configs(settings):
         try:
             await js.add_stream(config)
+            tell(f"stream {config.name}: ready")
         except BadRequestError:
             # Exists with another configuration (an upgrade changed a limit): bring it up to date.
             await js.update_stream(config)
-    for bucket, description, history in (
-        (subjects.ROUTES_BUCKET, "Canary weight per model route; routers watch it.", 5),
-        (subjects.ROLLOUTS_BUCKET, "Rollout state per deployment; the controller's truth.", 10),
-        (subjects.NOTICES_BUCKET, "Notices sent per deployment (dedup, message to update).", 1),
-    ):
+            tell(f"stream {config.name}: updated")
+    for bucket, description, history in BUCKETS:
         try:
             await js.key_value(bucket)
+            tell(f"KV bucket {bucket}: exists")
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
             await js.create_key_value(
                 api.KeyValueConfig(
@@ -179,8 +215,10 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
                     description=description,
                     history=history,
                     storage=api.StorageType.FILE,
+                    direct=True,
                 )
             )
+            tell(f"KV bucket {bucket}: created")
     for stream, durable, filters in CONSUMERS:
         consumer = consumer_config(durable, filters, settings)
         try:
@@ -188,6 +226,21 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> None:
         except BadRequestError:
             with contextlib.suppress(BadRequestError):
                 await js.add_consumer(stream, consumer)  # a concurrent start created it first
+        tell(f"durable consumer {stream}/{durable}: ready")
+
+
+async def require_consumers(js: JetStreamContext, durables: Sequence[str]) -> None:
+    """Raise `TopologyMissing`, naming the fix, if a durable consumer a service binds to does not
+    exist (services may not create them: least privilege, deploy/nats/nats.conf)."""
+    for durable in durables:
+        stream, _ = consumer_filters(durable)
+        try:
+            await js.consumer_info(stream, durable)
+        except NotFoundError as exc:
+            raise TopologyMissing(
+                f"durable consumer {durable!r} on stream {stream} does not exist: run "
+                "`preflight bootstrap` with the admin NATS user first (docs/operating.md)"
+            ) from exc
 
 
 # ---- events on the wire -----------------------------------------------------------------------
@@ -213,14 +266,7 @@ async def publish_event(js: JetStreamContext, event: Event, nonce: str | None = 
 
 async def read_history(js: JetStreamContext, filter_subject: str) -> list[DeploymentEvent]:
     """Every event in the events stream matching a filter, oldest first."""
-    info = await js.stream_info(subjects.EVENTS_STREAM, subjects_filter=filter_subject)
-    total = sum((info.state.subjects or {}).values())
-    if total == 0:
-        return []
-    events: list[DeploymentEvent] = []
-    async for event in follow(js, filter_subject, stop_when_caught_up=True):
-        events.append(event)
-    return events
+    return [event async for event in follow(js, filter_subject, stop_when_caught_up=True)]
 
 
 def _parse(data: bytes) -> DeploymentEvent | None:
@@ -230,32 +276,65 @@ def _parse(data: bytes) -> DeploymentEvent | None:
         return None
 
 
+DIRECT_BATCH = 256
+FOLLOW_POLL_S = 0.2
+
+
+async def direct_get(
+    nc: NATS, stream: str, filter_subject: str, start_seq: int, batch: int = DIRECT_BATCH
+) -> tuple[list[tuple[int, bytes]], int]:
+    """(sequence, payload) of up to `batch` messages matching a filter from `start_seq` on, and
+    how many more match after them: one batched direct get (`$JS.API.DIRECT.GET`), which needs
+    no consumer, so readers need no right to create one."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[tuple[int, bytes]] = []
+    pending = 0
+    try:
+        request = {"seq": start_seq, "next_by_subj": filter_subject, "batch": batch}
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status == "404":
+                return found, 0
+            if status is not None:  # 204 end of batch; 408 or other: what we have is all
+                pending = int(headers.get("Nats-Num-Pending", 0) or 0)
+                if status not in ("204",):
+                    raise BusUnavailable(
+                        f"direct get on {stream} answered {status} {headers.get('Description')}"
+                    )
+                return found, pending
+            found.append((int(headers["Nats-Sequence"]), msg.data))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 async def follow(
     js: JetStreamContext,
     filter_subject: str,
     *,
     stop_when_caught_up: bool = False,
+    poll_s: float = FOLLOW_POLL_S,
 ) -> AsyncIterator[DeploymentEvent]:
-    """Events matching a filter from the start of the stream, then live ones as they come.
+    """Events matching a filter from the start of the stream, then live ones as they come
+    (polled by direct get every `poll_s` once caught up).
 
     Messages that do not parse are skipped here (readers are not the place to dead-letter them;
     the consuming service already did).
     """
-    sub = await js.subscribe(
-        filter_subject,
-        stream=subjects.EVENTS_STREAM,
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.ALL,
-    )
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=None)
-            pending = msg.metadata.num_pending
-            event = _parse(msg.data)
+    nc: NATS = js._nc
+    seq = 1
+    while True:
+        batch, pending = await direct_get(nc, subjects.EVENTS_STREAM, filter_subject, seq)
+        for number, data in batch:
+            seq = number + 1
+            event = _parse(data)
             if event is not None:
                 yield event
-            if stop_when_caught_up and pending == 0:
+        if pending == 0:
+            if stop_when_caught_up:
                 return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+            await asyncio.sleep(poll_s)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +44,10 @@ class NatsServer:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     monitor_url: str = ""
+    # A configuration file to run (users and permissions: deploy/nats/nats.conf) and the
+    # environment its `$VARIABLES` are read from; its store_dir is replaced by ours.
+    config: Path | None = None
+    env: dict[str, str] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -55,22 +61,43 @@ class NatsServer:
     def log_file(self) -> Path:
         return self.root / "nats.log"
 
+    def _config_file(self) -> list[str]:
+        """`-c FILE` for a copy of the configuration with this server's store directory (the one
+        setting a flag cannot override)."""
+        if self.config is None:
+            return []
+        text, replaced = re.subn(
+            r"(?m)^(\s*store_dir:\s*)\S+$",
+            lambda m: m.group(1) + json.dumps(str(self.root / "store")),
+            self.config.read_text("utf-8"),
+        )
+        if replaced != 1:
+            raise NatsServerError(f"{self.config}: expected one `store_dir:` line")
+        path = self.run_dir / "nats.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return ["-c", str(path)]
+
     def start(self, timeout: float = 10.0) -> NatsServer:
+        """Start, on `port` (-1: a free one, kept for restarts) and the same store."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob("nats-server_*.ports"):
             stale.unlink()
         argv = [
             str(binary()),
+            *self._config_file(),
             "-js",
             "-a", self.host,
             "-p", str(self.port),
             "-m", "-1",
-            "-sd", str(self.root / "store"),
+            *([] if self.config else ["-sd", str(self.root / "store")]),
             "--ports_file_dir", str(self.run_dir),
             "-P", str(self.pid_file),
             "-l", str(self.log_file),
         ]  # fmt: skip
-        self.proc = processes.spawn(argv)
+        env = {"PATH": os.environ.get("PATH", ""), **self.env} if self.env is not None else None
+        self.proc = processes.spawn(argv, env=env)
         ports_file = self.run_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -83,6 +110,7 @@ class NatsServer:
                     ports = json.loads(ports_file.read_text())
                     self.url = ports["nats"][0]
                     self.monitor_url = ports["monitoring"][0]
+                    self.port = int(self.url.rsplit(":", 1)[1])  # a restart reuses it
                 except (ValueError, KeyError, IndexError):
                     time.sleep(0.01)
                     continue

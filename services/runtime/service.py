@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import nats.js.client
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.annotations import NatsMessage
@@ -53,8 +54,16 @@ class BrokerSink:
         )
 
 
-# A dead letter must fit in one NATS message (1 MiB by default) with room to spare.
+# A dead letter must fit in one NATS message: the server's max_payload (1 MiB by default) less
+# room for headers. The payload is kept whole up to this size, cut to fit beyond it.
 MAX_DEAD_LETTER_PAYLOAD = 256 * 1024
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+HEADER_ROOM = 4096
+
+
+class Rejected(Exception):
+    """Raised by a handler for a message that is well-formed but must not be acted on (a command
+    from a user not allowed to send it): dead-lettered with this reason at once, never retried."""
 
 
 def make_dead_letter(
@@ -65,28 +74,83 @@ def make_dead_letter(
     headers: dict[str, str] | None,
     reason: str,
     attempt: int | None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD,
+    stream: str | None = None,
+    stream_sequence: int | None = None,
 ) -> DeadLetter:
-    if len(payload) > MAX_DEAD_LETTER_PAYLOAD:
-        digest = hashlib.sha256(payload).hexdigest()
-        reason = (
-            f"{reason} [payload of {len(payload)} bytes truncated to "
-            f"{MAX_DEAD_LETTER_PAYLOAD}; sha256 of the whole: {digest}]"
+    """The dead letter of a message, always small enough to publish: `max_bytes` is the
+    server's max_payload. A payload that does not fit is cut (the letter says so, with the
+    sha256 of the whole and where the original is kept: its stream and sequence)."""
+    kept_headers = {k[:256]: str(v)[:1024] for k, v in list((headers or {}).items())[:32]}
+    budget = max(1024, min(MAX_DEAD_LETTER_PAYLOAD, max_bytes - HEADER_ROOM))
+    cut = min(len(payload), budget)
+    while True:
+        letter = _dead_letter(
+            service, subject, payload, cut, kept_headers, reason, attempt, stream, stream_sequence
         )
-        payload = payload[:MAX_DEAD_LETTER_PAYLOAD]
+        size = len(letter.model_dump_json())
+        if size <= max_bytes - HEADER_ROOM or cut == 0:
+            return letter
+        cut = min(cut // 2, max(0, cut - (size - (max_bytes - HEADER_ROOM))))
+
+
+def _dead_letter(
+    service: str,
+    subject: str,
+    payload: bytes,
+    cut: int,
+    headers: dict[str, str],
+    reason: str,
+    attempt: int | None,
+    stream: str | None,
+    stream_sequence: int | None,
+) -> DeadLetter:
+    kept = payload[:cut]
+    truncated = cut < len(payload)
+    if truncated:
+        digest = hashlib.sha256(payload).hexdigest()
+        where = f"; the whole is {stream} sequence {stream_sequence}" if stream_sequence else ""
+        reason = (
+            f"{reason[:3000]} [payload of {len(payload)} bytes truncated to {cut}; "
+            f"sha256 of the whole: {digest}{where}]"
+        )
     try:
-        text: str | None = payload.decode("utf-8")
+        text: str | None = kept.decode("utf-8")
         b64 = None
     except UnicodeDecodeError:
-        text, b64 = None, base64.b64encode(payload).decode()
+        text, b64 = None, base64.b64encode(kept).decode()
     return DeadLetter(
         service=service,
-        subject=subject,
+        subject=subject[:1024],
         reason=reason[:4000],
         payload_text=text,
         payload_b64=b64,
-        headers={k: str(v) for k, v in (headers or {}).items()},
+        headers=headers,
         delivery_attempt=attempt,
+        stream=stream,
+        stream_sequence=stream_sequence,
+        truncated=truncated,
     )
+
+
+def stream_position(raw: Any) -> tuple[str | None, int | None]:
+    """(stream, stream sequence) of a JetStream message; (None, None) for core NATS."""
+    try:
+        meta = raw.metadata
+        return str(meta.stream), int(meta.sequence.stream)
+    except (AttributeError, TypeError, ValueError, nats_errors.NotJSMessageError):
+        return None, None
+
+
+def with_sender(event: M, subject: str) -> M:
+    """A command with `requested_by.nats_user` set from its subject, the authenticated sender
+    (the server lets each user publish commands only under its own name); the body's claim is
+    replaced. Anything else is returned as it is."""
+    if not isinstance(event, Command):
+        return event
+    sender = subjects.command_sender(subject)
+    requester = event.requested_by.model_copy(update={"nats_user": sender})
+    return event.model_copy(update={"requested_by": requester})
 
 
 def delivery_attempt(raw: Any) -> int | None:
@@ -122,6 +186,12 @@ class ServiceApp:
     sink: EventSink
     policy_file: PolicyFile
     listening: dict[str, str] = field(default_factory=dict)
+    durables: list[str] = field(default_factory=list)
+
+    def max_payload(self) -> int:
+        connection = getattr(self.broker, "_connection", None)
+        value = getattr(connection, "max_payload", None)
+        return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_PAYLOAD
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         await self.broker.publish(
@@ -151,6 +221,7 @@ class ServiceApp:
         """
         stream, filters = bus.consumer_filters(durable)
         config = bus.consumer_config(durable, filters, self.settings)
+        self.durables.append(durable)
 
         # Strict, as schemas/ is: lax pydantic reads an integer as a datetime, a string as a
         # number; what the published schema rejects must be dead-lettered, not acted on.
@@ -168,6 +239,8 @@ class ServiceApp:
                 config=config,
                 pull_sub=PullSub(batch_size=1 if one_at_a_time else 10, timeout=1.0),
                 ack_policy=AckPolicy.MANUAL,
+                # Pulled messages arrive on this user's own inbox prefix (nats.conf).
+                inbox_prefix=f"{bus.inbox_prefix(self.settings.nats_user)}.".encode(),
                 title=f"{self.name}:{durable}",
             )
             async def handler(msg: NatsMessage) -> None:
@@ -189,20 +262,26 @@ class ServiceApp:
         subject = str(getattr(raw, "subject", "") or msg.path.get("subject", ""))
         headers = dict(msg.headers or {})
         body: bytes = msg.body
+        position = stream_position(raw)
         try:
-            event = parse(body)
+            event = with_sender(parse(body), subject)
         except ValidationError as exc:
-            await self._reject(subject, body, headers, describe_validation_error(exc), attempt)
+            reason = describe_validation_error(exc)
+            await self._reject(subject, body, headers, reason, attempt, position)
             await msg.ack()
             return
         heartbeat = asyncio.create_task(self._keep_alive(msg)) if attempt is not None else None
         try:
             await fn(event)
+        except Rejected as exc:
+            await self._reject(subject, body, headers, str(exc), attempt, position)
+            await msg.ack()
+            return
         except Exception as exc:
             if attempt is not None and attempt >= self.settings.max_deliver:
                 log.exception("%s: giving up on %s after %d attempts", self.name, subject, attempt)
                 reason = f"handler failed on attempt {attempt}: {type(exc).__name__}: {exc}"
-                await self._reject(subject, body, headers, reason, attempt)
+                await self._reject(subject, body, headers, reason, attempt, position)
                 await self._fail_deployment(event, reason)
                 await msg.ack()
                 return
@@ -255,38 +334,73 @@ class ServiceApp:
         )
 
     async def _reject(
-        self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None
+        self,
+        subject: str,
+        body: bytes,
+        headers: dict[str, str],
+        reason: str,
+        attempt: int | None,
+        position: tuple[str | None, int | None] = (None, None),
     ) -> None:
-        log.warning("%s: dead-lettering message on %s: %s", self.name, subject, reason)
+        log.warning("%s: dead-lettering message on %s: %s", self.name, subject, reason[:500])
+        letter = make_dead_letter(
+            service=self.name,
+            subject=subject,
+            payload=body,
+            headers=headers,
+            reason=reason,
+            attempt=attempt,
+            max_bytes=self.max_payload(),
+            stream=position[0],
+            stream_sequence=position[1],
+        )
         try:
-            await self._publish_dead_letter(subject, body, headers, reason, attempt)
+            await self.dead_letter(letter)
         except Exception:
             # Not even the dead-letter stream took it: say so loudly; the caller's ack still
             # ends redelivery of a message that can never be handled.
             log.exception("%s: could not dead-letter the message on %s", self.name, subject)
 
-    async def _publish_dead_letter(
-        self, subject: str, body: bytes, headers: dict[str, str], reason: str, attempt: int | None
-    ) -> None:
-        await self.dead_letter(
-            make_dead_letter(
-                service=self.name,
-                subject=subject,
-                payload=body,
-                headers=headers,
-                reason=reason,
-                attempt=attempt,
-            )
-        )
+
+def _fetch_times_out_as_nats_does() -> None:
+    """nats-py (2.15 and 2.16 alike) ends an empty batch fetch with asyncio's TimeoutError, where
+    FastStream 0.7.8's pull loop suppresses only nats' own `nats.errors.TimeoutError`; so every
+    idle pull consumer logged an ERROR traceback and FastStream restarted its task. nats' error
+    is a subclass of asyncio's, so raising it instead keeps every other caller's `except` true.
+    """
+    pull = nats.js.client.JetStreamContext.PullSubscription
+    if getattr(pull.fetch, "_preflight", False):
+        return
+    original = pull.fetch
+
+    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        except nats_errors.TimeoutError:
+            raise
+        except TimeoutError as exc:
+            raise nats_errors.TimeoutError from exc
+
+    fetch._preflight = True  # type: ignore[attr-defined]
+    pull.fetch = fetch  # type: ignore[method-assign]
 
 
 def build_service(
     name: str, settings: Settings, *, policy_file: PolicyFile | None = None
 ) -> ServiceApp:
     """The broker and app of one service; its module adds handlers with `consume`."""
+    _fetch_times_out_as_nats_does()
     logger = logging.getLogger(f"preflight.{name}")
+    options = bus.connect_options(settings)
+    security = None
+    if "user" in options:  # FastStream takes credentials as a security object, not kwargs
+        from faststream.security import SASLPlaintext
+
+        security = SASLPlaintext(username=options["user"], password=options["password"])
     broker = NatsBroker(
         [s.strip() for s in settings.nats_url.split(",")],
+        inbox_prefix=options["inbox_prefix"],
+        security=security,
         name=f"preflight-{name}-{settings.instance}",
         logger=logger,
         log_level=logging.DEBUG,  # per-message logs at DEBUG: they halve throughput at INFO
@@ -303,9 +417,12 @@ def build_service(
     )
 
     async def topology() -> None:
+        """Bind, never create: the admin's `preflight bootstrap` made the durables."""
+        if not service.durables:
+            return
         nc = await bus.connect(settings, f"preflight-{name}-topology")
         try:
-            await bus.ensure_topology(nc.jetstream(), settings)
+            await bus.require_consumers(nc.jetstream(), service.durables)
         finally:
             await nc.close()
 

@@ -119,7 +119,17 @@ class Settings(BaseSettings):
     )
     stack_host: str = "127.0.0.1"
     stack_nats_port: int = Field(default=-1, description="-1: a free port.")
-    stack_http_port: int = Field(default=8470, ge=0, le=65535)
+    command_users: str = Field(
+        default="client,admin",
+        description=(
+            "NATS users whose promote/abort/pause/resume the controller obeys, comma-separated. "
+            "The sender is the authenticated user (the command's subject, checked by the "
+            "server); `anonymous` stands for a bus without authentication."
+        ),
+    )
+
+    def command_senders(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.command_users.split(",") if u.strip())
 
     def chdb_path(self) -> Path:
         return self.clickhouse_path or (self.data_dir / "clickhouse")

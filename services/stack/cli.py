@@ -90,9 +90,12 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_settings(data_dir: Path | None = None, *, uses_bus: bool = True) -> "Settings":
-    """Settings from the environment; the NATS URL of a running embedded stack if none is set
-    (a command that never uses the bus skips that, and the NATS client's import with it)."""
+def load_settings(
+    data_dir: Path | None = None, *, uses_bus: bool = True, nats_user: str = "client"
+) -> "Settings":
+    """Settings from the environment; the NATS URL of a running embedded stack if none is set,
+    with the credentials of `nats_user` that the stack generated for its data directory (a
+    command that never uses the bus skips that, and the NATS client's import with it)."""
     from services.runtime.settings import Settings
 
     try:
@@ -106,7 +109,18 @@ def load_settings(data_dir: Path | None = None, *, uses_bus: bool = True) -> "Se
 
         running = read_stack_file(settings.data_dir)
         if running:
-            settings = settings.model_copy(update={"nats_url": running["nats_url"]})
+            update: dict[str, Any] = {"nats_url": running["nats_url"]}
+            if "PREFLIGHT_NATS_USER" not in os.environ:
+                from pydantic import SecretStr
+
+                from services.runtime.nats_users import CredentialsError, load_credentials
+
+                try:
+                    password = load_credentials(settings.data_dir)[nats_user]
+                except (CredentialsError, KeyError) as exc:
+                    fail(f"cannot connect to the embedded stack as {nats_user!r}: {exc}")
+                update |= {"nats_user": nats_user, "nats_password": SecretStr(password)}
+            settings = settings.model_copy(update=update)
     return settings
 
 
@@ -170,7 +184,12 @@ def up(
         load_policy_file(settings.policy_file)
     except PolicyError as exc:
         fail(str(exc))
-    stack = Stack(settings, say=lambda line: out.print(line, highlight=False), default_ports=True)
+    # soft_wrap: a line (a log path, a URL) stays one line in a pipe or a CI log.
+    stack = Stack(
+        settings,
+        say=lambda line: out.print(line, highlight=False, soft_wrap=True),
+        default_ports=True,
+    )
     stopping = False
 
     def on_signal(signum: int, _: Any) -> None:
@@ -179,13 +198,16 @@ def up(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    out.print(f"[bold]preflight[/bold] embedded stack in {settings.data_dir.resolve()}")
+    out.print(
+        f"[bold]preflight[/bold] embedded stack in {settings.data_dir.resolve()}", soft_wrap=True
+    )
     try:
         stack.start()
         stack.wait_ready()
         out.print(
             f"[green]ready[/green]: PREFLIGHT_NATS_URL={stack.nats.url if stack.nats else '?'} "
-            "— deploy with `preflight deploy PATH --model NAME --version V`; Ctrl-C stops."
+            "— deploy with `preflight deploy PATH --model NAME --version V`; Ctrl-C stops.",
+            soft_wrap=True,
         )
         while not stopping:
             stack.check_children()
@@ -471,7 +493,11 @@ def _command(
             deployment_id=deployment_id,
             model=first.model,
             version=first.version,
-            requested_by=Requester(user=user or os.environ.get("USER", "unknown"), system="cli"),
+            requested_by=Requester(
+                user=user or os.environ.get("USER", "unknown"),
+                system="cli",
+                nats_user=settings.nats_user,  # the subject's sender token; the server checks it
+            ),
             reason=reason,
         )
         import secrets
@@ -685,8 +711,49 @@ def service_run(
         fail(registry.not_built_reason(name), EXIT_NOT_BUILT)
     try:
         run_service(name, load_settings())
-    except (bus.BusUnavailable, PolicyError) as exc:
+    except (bus.BusUnavailable, bus.TopologyMissing, PolicyError) as exc:
         fail(str(exc))
+
+
+@app.command()
+def bootstrap(
+    data_dir: DataDir = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Create or update the streams, KV buckets and durable consumers (admin rights).
+
+    Services only bind to these (least privilege: deploy/nats/nats.conf), so run this once per
+    NATS server and after each upgrade: an init container in docker-compose and Kubernetes does.
+    Connects as PREFLIGHT_NATS_USER (the admin user), or as the embedded stack's admin.
+    """
+    settings = load_settings(data_dir, nats_user="admin")
+    done: list[str] = []
+
+    def say(line: str) -> None:
+        done.append(line)
+        if not json_out:
+            out.print(f"  {line}", highlight=False)
+
+    async def run(js: Any) -> None:
+        from nats.js.errors import APIError
+
+        try:
+            await bus.ensure_topology(js, settings, say)
+        except APIError as exc:
+            who = settings.nats_user or "no user"
+            fail(f"bootstrap as {who!r} was refused ({exc}); it needs the admin NATS user")
+        except TimeoutError:
+            who = settings.nats_user or "no user"
+            fail(
+                f"bootstrap as {who!r}: the JetStream API did not answer (a user without "
+                "the rights gets no answer); it needs the admin NATS user"
+            )
+
+    run_async(lambda: _connected(settings, run))
+    if json_out:
+        out.print_json(data={"ready": done})
+    else:
+        out.print("[green]bootstrap done[/green]: services can start", highlight=False)
 
 
 @service_app.command("health")

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from services.runtime import bus, processes, registry
-from services.runtime.nats_server import NatsServer
+from pydantic import SecretStr
+
+from services.runtime import bus, nats_users, processes, registry
+from services.runtime.nats_server import NatsServer, NatsServerError
 from services.runtime.settings import Settings, redact_url
 
 STACK_FILE = "stack.json"
@@ -86,6 +88,9 @@ class Stack:
     _stopping: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     default_ports: bool = False
+    credentials: dict[str, str] = field(default_factory=dict)
+    nats_restarts: list[float] = field(default_factory=list)  # within the last minute
+    nats_restart_count: int = 0
 
     @property
     def router_url(self) -> str:
@@ -155,19 +160,38 @@ class Stack:
             self.ports[key] = free_port(host)
 
     def _start_nats(self) -> None:
+        """nats-server with the shipped users and permissions (deploy/nats/nats.conf) and
+        passwords generated for this data directory (mode 0600), as in production."""
+        self.credentials = nats_users.ensure_credentials(self.data_dir)
         self.nats = NatsServer(
             self.data_dir / "nats",
             host=self.settings.stack_host,
             port=self.settings.stack_nats_port,
+            config=nats_users.conf_path(),
+            env=nats_users.server_env(self.credentials),
         ).start()
         self.say(
             f"  {'nats-server':<18} {self.nats.url}  (JetStream store {self.nats.root / 'store'})"
         )
         self.say(f"  {'nats monitoring':<18} {self.nats.monitor_url}")
+        self.say(
+            f"  {'nats users':<18} one per service; passwords in "
+            f"{nats_users.credentials_path(self.data_dir)} (mode 0600)"
+        )
+
+    def _settings_as(self, user: str) -> Settings:
+        assert self.nats is not None
+        return self.settings.model_copy(
+            update={
+                "nats_url": self.nats.url,
+                "nats_user": user,
+                "nats_password": SecretStr(self.credentials[user]),
+            }
+        )
 
     def _service_settings(self) -> Settings:
-        assert self.nats is not None
-        return self.settings.model_copy(update={"nats_url": self.nats.url})
+        """The supervisor's own connection (bootstrap, readiness): the admin user."""
+        return self._settings_as(nats_users.ADMIN)
 
     def _ensure_topology(self) -> None:
         settings = self._service_settings()
@@ -184,17 +208,25 @@ class Stack:
     def _env(self, name: str) -> dict[str, str]:
         """Every setting the user gave the stack, so services build the same topology; the
         stack's own values for where things are; Slack secrets only for the notifier."""
-        settings = self._service_settings()
+        settings = self._settings_as(nats_users.user_of_service(name))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
         given = self.settings.model_dump(exclude_unset=True, exclude={"instance"})
         for key, value in given.items():
-            if value is None or key in ("slack_token", "slack_webhook_url", "webhook_secret"):
+            if value is None or key in (
+                "slack_token",
+                "slack_webhook_url",
+                "webhook_secret",
+                "nats_user",
+                "nats_password",
+            ):
                 continue
             if hasattr(value, "get_secret_value"):
                 value = value.get_secret_value()
             env[f"PREFLIGHT_{key.upper()}"] = str(value)
         env |= {
             "PREFLIGHT_NATS_URL": settings.nats_url,
+            "PREFLIGHT_NATS_USER": str(settings.nats_user),
+            "PREFLIGHT_NATS_PASSWORD": self.credentials[str(settings.nats_user)],
             "PREFLIGHT_DATA_DIR": str(self.data_dir),
             "PREFLIGHT_INSTANCE": f"{name}-embedded",
             "PREFLIGHT_LOG_LEVEL": settings.log_level,
@@ -252,6 +284,9 @@ class Stack:
             "pid": os.getpid(),
             "nats_url": self.nats.url,
             "nats_monitor_url": self.nats.monitor_url,
+            "nats_pid": self.nats.proc.pid if self.nats.proc is not None else None,
+            "nats_restarts": self.nats_restart_count,
+            "credentials": str(nats_users.credentials_path(self.data_dir)),
             "clickhouse": str(self.settings.chdb_path().resolve())
             if self.settings.clickhouse_url == "chdb"
             else redact_url(self.settings.clickhouse_url),
@@ -267,10 +302,39 @@ class Stack:
 
     # ---- supervise ----------------------------------------------------------------------------
 
+    def check_nats(self) -> None:
+        """Restart a nats-server that died, on the same port and store (services reconnect by
+        themselves; JetStream recovers its streams from the store), with the same limit."""
+        if self._stopping or self.nats is None or self.nats.proc is None:
+            return
+        code = self.nats.proc.poll()
+        if code is None:
+            return
+        now = time.monotonic()
+        self.nats_restarts = [t for t in self.nats_restarts if now - t < 60] + [now]
+        self.nats_restart_count += 1
+        if len(self.nats_restarts) > 5:
+            raise StackError(
+                f"nats-server exited {len(self.nats_restarts)} times in a minute (last status "
+                f"{code}); see {self.nats.log_file}"
+            )
+        self.say(f"  nats-server exited with status {code}; restarting on {self.nats.url}")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.nats.start()  # same port: a killed server's socket may linger a moment
+                break
+            except NatsServerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        self._write_stack_file()
+
     def check_children(self) -> None:
         """Restart a service that died, with a limit so a crash loop is reported, not hidden."""
         if self._stopping:
             return
+        self.check_nats()
         for name, child in list(self.children.items()):
             code = child.proc.poll()
             if code is None:

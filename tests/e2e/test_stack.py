@@ -130,8 +130,11 @@ def subject_from(address: str, **params: str) -> str:
 
 
 async def deploy_and_read_outcome(
-    nats_url: str, deployment_id: str, location: Path
+    nats_url: str, deployment_id: str, location: Path, data_dir: Path
 ) -> dict[str, Any]:
+    """As an outside system would: `client` requests, `subscriber` follows outcomes (the
+    embedded stack's generated passwords, as docs/subscribing.md says)."""
+    passwords = json.loads((data_dir / "nats" / "credentials.json").read_text())
     asyncapi = yaml.safe_load((SCHEMAS / "asyncapi.yaml").read_text())
     request = {
         "type": "DeploymentRequested",
@@ -149,10 +152,19 @@ async def deploy_and_read_outcome(
         model="sample-gpt",
         deployment_id=deployment_id,
     )
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(
+        nats_url, user="client", password=passwords["client"], inbox_prefix="_INBOX_client"
+    )
+    follower = await nats.connect(
+        nats_url,
+        user="subscriber",
+        password=passwords["subscriber"],
+        inbox_prefix="_INBOX_subscriber",
+    )
     try:
         js = nc.jetstream()
-        outcomes = await nc.subscribe("preflight.outcome.sample-gpt.>")  # one model's outcomes
+        outcomes = await follower.subscribe("preflight.outcome.sample-gpt.>")  # one model's
+        await follower.flush()
         await js.publish(
             subject,
             json.dumps(request).encode(),
@@ -162,6 +174,7 @@ async def deploy_and_read_outcome(
         outcome: dict[str, Any] = json.loads(msg.data)
     finally:
         await nc.close()
+        await follower.close()
     schema = json.loads((SCHEMAS / f"{outcome['type']}.json").read_text())
     jsonschema.validate(outcome, schema)
     return outcome
@@ -181,7 +194,9 @@ def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_a_plain_client_deploys_from_schemas_and_reads_the_outcome(
     stack: RunningStack, trained: Path
 ) -> None:
-    outcome = asyncio.run(deploy_and_read_outcome(stack.info["nats_url"], "d-e2e-1", trained))
+    outcome = asyncio.run(
+        deploy_and_read_outcome(stack.info["nats_url"], "d-e2e-1", trained, stack.data_dir)
+    )
     assert outcome["type"] == "DeploymentPromoted"
     assert outcome["deployment_id"] == "d-e2e-1"
     assert [s["status"] for s in outcome["stages"]] == ["passed", "passed", "skipped"]

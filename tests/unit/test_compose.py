@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import json
 import os
@@ -12,22 +10,18 @@ import secrets
 import shlex
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import nats
 import pytest
 import yaml
-from nats.aio.client import Client as NATS
 
-from services.contracts import subjects
 from services.contracts.policy import load_policy_file
-from services.runtime import bus, nats_server, processes
+from services.runtime import nats_server
 from services.runtime.clickhouse import metrics_table_ddl
 from services.runtime.registry import SERVICES
 from services.runtime.settings import Settings
@@ -293,6 +287,8 @@ def test_no_container_runs_an_unknown_service(services: dict[str, Service]) -> N
 
 def test_every_container_has_a_healthcheck(services: dict[str, Service]) -> None:
     for name, service in services.items():
+        if name == "bootstrap":
+            continue  # runs to completion; services wait for service_completed_successfully
         test = (service.get("healthcheck") or {}).get("test")
         assert test and test[0] in {"CMD", "CMD-SHELL"}, f"{name} has no healthcheck"
 
@@ -811,277 +807,23 @@ def test_dashboard_queries_run_on_the_clickhouse_engine(
     assert by_role["canary"]["p95_ms"] > by_role["stable"]["p95_ms"]
 
 
-# ---- NATS users and permissions, on a real nats-server running deploy/nats/nats.conf ------------
-
-MODEL, DEPLOYMENT = "org/chat-7b.v2", "d-perm-1"
-DURABLES = {
-    "validator": (subjects.EVENTS_STREAM, subjects.VALIDATOR_DURABLE),
-    "benchmarker": (subjects.EVENTS_STREAM, subjects.BENCHMARKER_DURABLE),
-    "canary-controller": (subjects.EVENTS_STREAM, subjects.CONTROLLER_DURABLE),
-    "notifier": (subjects.EVENTS_STREAM, subjects.NOTIFIER_DURABLE),
-    "metrics-ingest": (subjects.METRICS_STREAM, subjects.INGEST_DURABLE),
-}
-STAGES = ("requested", "validated", "benchmarked", "canary_step", "canary_analysed")
-OUTCOMES = ("blocked", "degraded", "promoted", "rolled_back", "held", "failed")
-COMMANDS = ("promote", "abort", "pause", "resume")
-BUCKETS = (subjects.ROUTES_BUCKET, subjects.ROLLOUTS_BUCKET, subjects.NOTICES_BUCKET)
+# NATS users and permissions on a real nats-server: tests/integration/test_nats_permissions.py.
 
 
-def kv_subject(bucket: str) -> str:
-    """A KV put is a publish on `$KV.<bucket>.<key>`; routes are keyed by model name."""
-    return f"$KV.{bucket}.{MODEL}"
+def test_services_start_after_bootstrap_made_the_topology(services: dict[str, Service]) -> None:
+    bootstrap = services["bootstrap"]
+    assert argv_of(bootstrap)[-1:] == ["bootstrap"]  # the image's entrypoint is preflight
+    env = environment_of(bootstrap)
+    assert env["PREFLIGHT_NATS_USER"] == "admin"
+    assert substituted_names(str(env["PREFLIGHT_NATS_PASSWORD"])) == {"NATS_ADMIN_PASSWORD"}
+    assert bootstrap.get("restart") == "no"
+    for name in EXPECTED_SERVICES:
+        assert depends_on(services[name]).get("bootstrap") == "service_completed_successfully"
+        assert "admin" not in str(environment_of(services[name]).get("PREFLIGHT_NATS_USER"))
 
 
-def data_subjects() -> dict[str, str]:
-    """One concrete subject per kind of message on the bus, by a short name."""
-    found = {f"stage.{n}": subjects.stage(MODEL, DEPLOYMENT, n) for n in STAGES}  # type: ignore[arg-type]
-    found |= {f"outcome.{n}": subjects.outcome(MODEL, DEPLOYMENT, n) for n in OUTCOMES}  # type: ignore[arg-type]
-    found |= {f"command.{n}": subjects.command(MODEL, DEPLOYMENT, n) for n in COMMANDS}  # type: ignore[arg-type]
-    found["metrics"] = subjects.metrics("router-1")
-    found |= {f"deadletter.{s}": subjects.deadletter(s) for s in (*EXPECTED_SERVICES, "client")}
-    found |= {f"kv.{b}": kv_subject(b) for b in BUCKETS}
-    return found
-
-
-# What each user publishes, by the names above; everything else must be refused.
-MAY_PUBLISH = {
-    "client": {"stage.requested", *(f"command.{n}" for n in COMMANDS)},
-    "validator": {"stage.validated", "outcome.blocked", "outcome.failed", "deadletter.validator"},
-    "benchmarker": {
-        "stage.benchmarked",
-        "outcome.degraded",
-        "outcome.blocked",
-        "outcome.failed",
-        "deadletter.benchmarker",
-    },
-    "canary-controller": {
-        "stage.canary_step",
-        "stage.canary_analysed",
-        *(f"outcome.{n}" for n in OUTCOMES),
-        "deadletter.canary-controller",
-        f"kv.{subjects.ROUTES_BUCKET}",
-        f"kv.{subjects.ROLLOUTS_BUCKET}",
-    },
-    "notifier": {"outcome.failed", "deadletter.notifier", f"kv.{subjects.NOTICES_BUCKET}"},
-    "router": {"metrics", "deadletter.router"},
-    "metrics-ingest": {"deadletter.metrics-ingest"},
-}
-
-
-@pytest.fixture
-def nats_passwords() -> dict[str, str]:
-    return {variable: secrets.token_hex(16) for variable in nats_users().values()}
-
-
-@pytest.fixture
-def configured_nats(tmp_path: Path, nats_passwords: dict[str, str]) -> Iterator[str]:
-    """nats-server with deploy/nats/nats.conf; only the store dir (a line the flag cannot
-    override) and the ports (flags) differ."""
-    run = tmp_path / "run"
-    run.mkdir()
-    text, replaced = re.subn(
-        r"(?m)^(\s*store_dir:\s*)\S+$", rf"\g<1>{tmp_path / 'store'}", NATS_CONF.read_text()
-    )
-    assert replaced == 1
-    config = tmp_path / "nats.conf"
-    config.write_text(text)
-    log = tmp_path / "nats.log"
-    argv = [
-        str(nats_server.binary()), "-c", str(config), "-a", "127.0.0.1", "-p", "-1", "-m", "-1",
-        "--ports_file_dir", str(run), "-P", str(run / "nats.pid"),
-    ]  # fmt: skip
-    env = {"PATH": os.environ.get("PATH", ""), **nats_passwords}
-    proc = processes.spawn(argv, env=env, log=log)
-    try:
-        ports_file = run / f"nats-server_{proc.pid}.ports"
-        deadline = time.monotonic() + 10
-        while not ports_file.exists():
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.01)
-        time.sleep(0.05)  # the file is written in one go, but give JetStream its first tick
-        yield json.loads(ports_file.read_text())["nats"][0]
-    finally:
-        processes.terminate(proc, timeout=10)
-
-
-def test_nats_conf_is_valid_and_names_every_password(
-    tmp_path: Path, nats_passwords: dict[str, str]
-) -> None:
-    binary = str(nats_server.binary())
-    env = {"PATH": os.environ.get("PATH", ""), **nats_passwords}
-    checked = subprocess.run(
-        [binary, "-t", "-c", str(NATS_CONF)], env=env, capture_output=True, text=True, check=False
-    )
-    assert checked.returncode == 0, checked.stderr + checked.stdout
-    missing = dict(env)
-    del missing[nats_users()["router"]]
-    refused = subprocess.run(
-        [binary, "-t", "-c", str(NATS_CONF)],
-        env=missing,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert refused.returncode != 0 and nats_users()["router"] in refused.stderr + refused.stdout
-
-
-def test_nats_users_cover_every_service_and_subject() -> None:
-    users = nats_users()
-    assert set(users) == {"admin", "client", *EXPECTED_SERVICES}
-    assert set(MAY_PUBLISH) == set(users) - {"admin"}
-    published = set().union(*MAY_PUBLISH.values())
-    unpublished = set(data_subjects()) - published - {"deadletter.client"}
-    assert not unpublished, f"nobody may publish {sorted(unpublished)}"
-
-
-class Connection:
-    """A nats-py connection that records the permission errors the server sends back."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.nc: NATS | None = None
-        self.new_error = asyncio.Event()
-
-    async def open(self, url: str, user: str, password: str) -> NATS:
-        async def record(exc: Exception) -> None:
-            self.errors.append(str(exc))
-            self.new_error.set()
-
-        self.nc = await nats.connect(
-            url, user=user, password=password, error_cb=record, allow_reconnect=False
-        )
-        return self.nc
-
-    def refused_subjects(self) -> set[str]:
-        """Subjects the server refused so far (nats-py lower-cases the error text)."""
-        found = (re.search(r'permissions violation for publish to "(.+)"', e) for e in self.errors)
-        return {match.group(1) for match in found if match}
-
-    async def refused(self, *attempts: str) -> set[str]:
-        """Publish each subject; return those refused. A refusal can arrive after the flush's
-        PONG, so wait (up to 2 s) until every attempt is either refused or given up on."""
-        assert self.nc is not None
-        for subject in attempts:
-            await self.nc.publish(subject, b"{}")
-        await self.nc.flush(timeout=2)
-        wanted = {subject.lower(): subject for subject in attempts}
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2):
-                while not set(wanted) <= self.refused_subjects():
-                    await self.new_error.wait()
-                    self.new_error.clear()
-        return {wanted[s] for s in set(wanted) & self.refused_subjects()}
-
-
-@contextlib.asynccontextmanager
-async def connected(url: str, user: str, password: str) -> AsyncIterator[Connection]:
-    conn = Connection()
-    nc = await conn.open(url, user, password)
-    try:
-        yield conn
-    finally:
-        await nc.close()
-
-
-@pytest.mark.integration
-async def test_each_nats_user_publishes_its_subjects_and_nothing_else(
-    configured_nats: str, nats_passwords: dict[str, str], tmp_path: Path
-) -> None:
-    users = nats_users()
-
-    def password(user: str) -> str:
-        return nats_passwords[users[user]]
-
-    # Every service runs ensure_topology at start: each user must be able to.
-    for user in ("validator", *sorted(set(users) - {"admin", "validator"})):
-        settings = Settings(
-            nats_url=configured_nats,
-            nats_user=user,
-            nats_password=password(user),
-            data_dir=tmp_path,
-        )
-        nc = await bus.connect(settings, f"topology-{user}")
-        try:
-            await bus.ensure_topology(nc.jetstream(), settings)
-        finally:
-            await nc.close()
-
-    subjects_by_name = data_subjects()
-    for user, allowed in MAY_PUBLISH.items():
-        async with connected(configured_nats, user, password(user)) as conn:
-            assert conn.nc is not None
-            js = conn.nc.jetstream()
-            for name in sorted(allowed):
-                ack = await js.publish(subjects_by_name[name], b"{}", timeout=2)
-                assert ack.seq > 0, (user, name)
-            denied = {n: s for n, s in subjects_by_name.items() if n not in allowed}
-            refused = await conn.refused(*denied.values())
-            assert refused == set(denied.values()), (user, sorted(set(denied.values()) - refused))
-            destructive = [
-                f"$JS.API.STREAM.{verb}.{stream}"
-                for verb in ("PURGE", "DELETE")
-                for stream in (subjects.EVENTS_STREAM, f"KV_{subjects.ROUTES_BUCKET}")
-            ] + [f"$JS.API.CONSUMER.DELETE.{s}.{d}" for s, d in DURABLES.values()]
-            assert await conn.refused(*destructive) == set(destructive), user
-
-    with pytest.raises(nats.errors.Error):
-        await nats.connect(configured_nats, allow_reconnect=False, connect_timeout=2)
-    with pytest.raises(nats.errors.Error):
-        await nats.connect(configured_nats, user="router", password="wrong", allow_reconnect=False)
-
-
-@pytest.mark.integration
-async def test_each_service_takes_work_from_its_own_consumer_and_routers_see_routes(
-    configured_nats: str, nats_passwords: dict[str, str]
-) -> None:
-    users = nats_users()
-
-    def password(user: str) -> str:
-        return nats_passwords[users[user]]
-
-    async with connected(configured_nats, "admin", password("admin")) as admin:
-        assert admin.nc is not None
-        settings = Settings(nats_url=configured_nats)
-        await bus.ensure_topology(admin.nc.jetstream(), settings)
-        work = {
-            "validator": subjects.stage(MODEL, DEPLOYMENT, "requested"),
-            "benchmarker": subjects.stage(MODEL, DEPLOYMENT, "validated"),
-            "canary-controller": subjects.stage(MODEL, DEPLOYMENT, "benchmarked"),
-            "notifier": subjects.outcome(MODEL, DEPLOYMENT, "promoted"),
-            "metrics-ingest": subjects.metrics("router-1"),
-        }
-        for subject in work.values():
-            await admin.nc.jetstream().publish(subject, b"{}")
-
-    for user, (stream, durable) in DURABLES.items():
-        async with connected(configured_nats, user, password(user)) as conn:
-            assert conn.nc is not None
-            js = conn.nc.jetstream()
-            sub = await js.pull_subscribe_bind(durable, stream)
-            (msg,) = await sub.fetch(1, timeout=2)
-            assert msg.subject == work[user]
-            await msg.in_progress()
-            await msg.ack_sync(timeout=2)
-            info = await js.consumer_info(stream, durable)
-            assert info.num_ack_pending == 0 and info.ack_floor.consumer_seq == 1, user
-            assert not conn.errors, (user, conn.errors)
-
-    key = MODEL
-    async with (
-        connected(configured_nats, "router", password("router")) as router,
-        connected(configured_nats, "canary-controller", password("canary-controller")) as ctl,
-    ):
-        assert router.nc is not None and ctl.nc is not None
-        routes = await router.nc.jetstream().key_value(subjects.ROUTES_BUCKET)
-        watcher = await routes.watch(key)
-        # Nothing stored yet: the watcher's first answer is the end-of-initial-values marker.
-        assert await watcher.updates(timeout=2) is None  # type: ignore[no-untyped-call]
-        await (await ctl.nc.jetstream().key_value(subjects.ROUTES_BUCKET)).put(key, b"{}")
-        update = await watcher.updates(timeout=2)  # type: ignore[no-untyped-call]
-        assert update is not None and update.value == b"{}"
-        assert (await routes.get(key)).value == b"{}"
-        subject = kv_subject(subjects.ROUTES_BUCKET)
-        assert await router.refused(subject) == {subject}, "a router may not write routes"
-        await watcher.stop()  # type: ignore[no-untyped-call]
-        assert not ctl.errors, ctl.errors
+def test_two_canary_controllers_each_with_a_page(services: dict[str, Service]) -> None:
+    controller = services["canary-controller"]
+    assert controller["deploy"]["replicas"] == 2
+    (port,) = controller["ports"]
+    assert re.search(r"\}-\$\{CONTROLLER_STANDBY_PORT:-8472\}:8471$", str(port)), port

@@ -123,14 +123,18 @@ def test_model_token_is_lossless_and_a_single_token() -> None:
         subjects.model_token("bad name")
 
 
-def test_every_subject_has_five_tokens() -> None:
+def test_deployment_subjects_have_five_tokens_and_commands_name_their_sender() -> None:
     event = request()
-    for subject in (
-        subject_for(event),
-        subjects.outcome(event.model, "d-1", "rolled_back"),
-        subjects.command(event.model, "d-1", "abort"),
-    ):
+    for subject in (subject_for(event), subjects.outcome(event.model, "d-1", "rolled_back")):
         assert len(subject.split(".")) == 5
+    command = subjects.command(event.model, "d-1", "abort", "alice.ops")
+    assert command.split(".")[:5] == ["preflight", "command", "org/chat-7b%2Ev2", "d-1", "abort"]
+    assert subjects.command_sender(command) == "alice.ops"
+    assert subjects.command(event.model, "d-1", "abort", None).endswith(".anonymous")
+    assert subjects.command_sender(subject_for(event)) is None
+    assert matches(subjects.deployment_events("d-1"), command)
+    with pytest.raises(ValueError, match="cannot be used"):
+        subjects.user_token("a*b")
 
 
 def test_message_ids_make_republishing_harmless() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import subprocess
@@ -326,10 +327,23 @@ def test_pods_run_non_root_on_a_read_only_root_with_resources(
     assert spec["resources"]["limits"]["memory"]
 
 
-def test_one_canary_controller_and_never_two(resources: list[Doc]) -> None:
+def test_two_canary_controllers_one_active_by_lease(resources: list[Doc]) -> None:
     controller = of_kind(resources, "Deployment")["canary-controller"]
-    assert controller["spec"]["replicas"] == 1
-    assert controller["spec"]["strategy"]["type"] == "Recreate"
+    assert controller["spec"]["replicas"] == 2
+    # A rolling update never stops both: the standby holds on while the other restarts.
+    assert controller["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+
+
+def test_bootstrap_runs_as_admin_and_nothing_else_does(resources: list[Doc]) -> None:
+    (job,) = of_kind(resources, "Job").values()
+    spec = job["spec"]["template"]["spec"]["containers"][0]
+    assert spec["args"] == ["bootstrap"]
+    env = {e["name"]: e for e in spec["env"]}
+    assert env[PREFIX + "NATS_USER"]["value"] == "admin"
+    ref = env[PREFIX + "NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "NATS_ADMIN_PASSWORD"
+    for name, deployment in of_kind(resources, "Deployment").items():
+        assert "NATS_ADMIN_PASSWORD" not in json.dumps(deployment), name
 
 
 def test_services_route_to_their_deployments(resources: list[Doc]) -> None:
