@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -15,7 +15,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from services.contracts import subjects
-from services.contracts.events import DEPLOYMENT_EVENT, DeploymentEvent, Event
+from services.contracts.events import DEPLOYMENT_EVENT, Command, DeploymentEvent, Event
 from services.contracts.routing import message_id_for, subject_for
 from services.runtime.settings import Settings, redact_url
 
@@ -239,7 +239,7 @@ async def require_consumers(js: JetStreamContext, durables: Sequence[str]) -> No
         except NotFoundError as exc:
             raise TopologyMissing(
                 f"durable consumer {durable!r} on stream {stream} does not exist: run "
-                "`preflight bootstrap` with the admin NATS user first (docs/operating.md)"
+                "`preflight bootstrap` with the admin NATS user first (docs/nats-permissions.md)"
             ) from exc
 
 
@@ -269,9 +269,23 @@ async def read_history(js: JetStreamContext, filter_subject: str) -> list[Deploy
     return [event async for event in follow(js, filter_subject, stop_when_caught_up=True)]
 
 
-def _parse(data: bytes) -> DeploymentEvent | None:
+E = TypeVar("E")
+
+
+def with_sender(event: E, subject: str) -> E:
+    """A command with `requested_by.nats_user` set from its subject, the authenticated sender
+    (the server lets each user publish commands only under its own name); the body's claim is
+    replaced. Anything else is returned as it is."""
+    if not isinstance(event, Command):
+        return event
+    sender = subjects.command_sender(subject)
+    requester = event.requested_by.model_copy(update={"nats_user": sender})
+    return event.model_copy(update={"requested_by": requester})
+
+
+def _parse(data: bytes, subject: str) -> DeploymentEvent | None:
     try:
-        return DEPLOYMENT_EVENT.validate_json(data, strict=True)
+        return with_sender(DEPLOYMENT_EVENT.validate_json(data, strict=True), subject)
     except ValueError:
         return None
 
@@ -282,19 +296,26 @@ FOLLOW_POLL_S = 0.2
 
 async def direct_get(
     nc: NATS, stream: str, filter_subject: str, start_seq: int, batch: int = DIRECT_BATCH
-) -> tuple[list[tuple[int, bytes]], int]:
-    """(sequence, payload) of up to `batch` messages matching a filter from `start_seq` on, and
-    how many more match after them: one batched direct get (`$JS.API.DIRECT.GET`), which needs
-    no consumer, so readers need no right to create one."""
+) -> tuple[list[tuple[int, str, bytes]], int]:
+    """(sequence, subject, payload) of up to `batch` messages matching a filter from
+    `start_seq` on, and how many more match after them: one batched direct get
+    (`$JS.API.DIRECT.GET`), which needs no consumer, so readers need no right to create one."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    found: list[tuple[int, bytes]] = []
+    found: list[tuple[int, str, bytes]] = []
     pending = 0
     try:
         request = {"seq": start_seq, "next_by_subj": filter_subject, "batch": batch}
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
         while True:
-            msg = await sub.next_msg(timeout=5)
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except TimeoutError as exc:
+                # A read the server refuses (permissions) is never answered.
+                raise BusUnavailable(
+                    f"the NATS server did not answer a read of {stream} within 5 s: this user "
+                    "may not read it (deploy/nats/nats.conf), or the server is overloaded"
+                ) from exc
             headers = msg.headers or {}
             status = headers.get("Status")
             if status == "404":
@@ -306,7 +327,7 @@ async def direct_get(
                         f"direct get on {stream} answered {status} {headers.get('Description')}"
                     )
                 return found, pending
-            found.append((int(headers["Nats-Sequence"]), msg.data))
+            found.append((int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data))
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
@@ -329,9 +350,9 @@ async def follow(
     seq = 1
     while True:
         batch, pending = await direct_get(nc, subjects.EVENTS_STREAM, filter_subject, seq)
-        for number, data in batch:
+        for number, subject, data in batch:
             seq = number + 1
-            event = _parse(data)
+            event = _parse(data, subject)
             if event is not None:
                 yield event
         if pending == 0:

@@ -142,17 +142,6 @@ def stream_position(raw: Any) -> tuple[str | None, int | None]:
         return None, None
 
 
-def with_sender(event: M, subject: str) -> M:
-    """A command with `requested_by.nats_user` set from its subject, the authenticated sender
-    (the server lets each user publish commands only under its own name); the body's claim is
-    replaced. Anything else is returned as it is."""
-    if not isinstance(event, Command):
-        return event
-    sender = subjects.command_sender(subject)
-    requester = event.requested_by.model_copy(update={"nats_user": sender})
-    return event.model_copy(update={"requested_by": requester})
-
-
 def delivery_attempt(raw: Any) -> int | None:
     """Which delivery of a JetStream message this is; None for core NATS (and in-memory tests)."""
     try:
@@ -264,7 +253,7 @@ class ServiceApp:
         body: bytes = msg.body
         position = stream_position(raw)
         try:
-            event = with_sender(parse(body), subject)
+            event = bus.with_sender(parse(body), subject)
         except ValidationError as exc:
             reason = describe_validation_error(exc)
             await self._reject(subject, body, headers, reason, attempt, position)

@@ -257,6 +257,38 @@ def _parse_expected(values: list[str]) -> dict[str, str]:
     return expected
 
 
+async def _check_stable_matches_route(js: Any, model: str, version: str, force: bool) -> None:
+    """--stable names the version this one replaces; the controller compares the canary with the
+    route's stable. Where the two disagree the user's comparison would silently not be the one
+    made: refuse, unless forced (then say which one the controller will use)."""
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+
+    from services.contracts import subjects as subj
+    from services.contracts.events import Route
+
+    try:
+        kv = await js.key_value(subj.ROUTES_BUCKET)
+        entry = await kv.get(model)
+    except (KeyNotFoundError, BucketNotFoundError, NotFoundError):
+        return  # no route yet: --stable is what there is
+    try:
+        route = Route.model_validate_json(entry.value or b"")
+    except ValidationError:
+        return
+    if route.stable is None or route.stable.version == version:
+        return
+    message = (
+        f"--stable {version} disagrees with the route of {model}, which serves stable "
+        f"{route.stable.version}"
+        + (f" (deployment {route.stable.deployment_id})" if route.stable.deployment_id else "")
+        + ": the canary is compared with the route's stable"
+    )
+    if not force:
+        fail(f"{message}. Pass --stable {route.stable.version} ..., drop --stable, or "
+             "--force-stable to send it anyway")  # fmt: skip
+    err.print(f"warning: {message}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def deploy(
     location: Annotated[str, typer.Argument(help="Model directory or URI.")],
@@ -270,6 +302,13 @@ def deploy(
         str | None,
         typer.Option(help="Inference server already serving this version (the canary's target)."),
     ] = None,
+    force_stable: Annotated[
+        bool,
+        typer.Option(
+            "--force-stable",
+            help="Send --stable even where the model's route serves another stable version.",
+        ),
+    ] = False,
     stable_endpoint: Annotated[
         str | None, typer.Option(help="Inference server of the stable version, if not routed yet.")
     ] = None,
@@ -337,6 +376,8 @@ def deploy(
         fail(str(exc))
 
     async def send(js: Any) -> Any:
+        if request.stable is not None:
+            await _check_stable_matches_route(js, model, request.stable.version, force_stable)
         return await bus.publish_event(js, request)
 
     ack = run_async(lambda: _connected(settings, send))
@@ -502,7 +543,15 @@ def _command(
         )
         import secrets
 
-        await bus.publish_event(js, command, nonce=secrets.token_hex(4))
+        try:
+            await bus.publish_event(js, command, nonce=secrets.token_hex(4))
+        except TimeoutError:
+            # A publish the server refuses (permissions) gets no acknowledgement.
+            fail(
+                f"the NATS server did not take the command from user {settings.nats_user!r}: "
+                "only users allowed to send commands may (deploy/nats/nats.conf: `client`)",
+                EXIT_FAILED,
+            )
         return first.model
 
     model = run_async(lambda: _connected(settings, send))

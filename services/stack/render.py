@@ -103,7 +103,9 @@ def describe(event: DeploymentEvent) -> str:
         case DeploymentFailed():
             return f"{head}[bold red]FAILED[/bold red] in {event.stage}: {event.error}"
         case Command():
-            return f"{head}command {event.type} by {event.requested_by.user}: {event.reason}"
+            by = event.requested_by
+            sender = f" as NATS user {by.nats_user}" if by.nats_user else ""
+            return f"{head}command {event.type} by {by.user}{sender}: {event.reason}"
     return f"{head}{event.type}"  # pragma: no cover - every type is matched above
 
 

@@ -88,3 +88,22 @@ async def test_notifier_renders_every_outcome_it_receives(capsys: Any) -> None:
     printed = capsys.readouterr().out
     assert "BLOCKED: m 2 (d-1)" in printed
     assert "checksum: model.safetensors differs" in printed
+
+
+async def test_a_command_from_a_user_not_allowed_to_send_it_is_dead_lettered() -> None:
+    """The sender is the subject's last token (the server checks it); the body's claim is
+    replaced, and a user outside `command_users` gets a dead letter, not a rollout change."""
+    from services.contracts.events import AbortDeployment, Requester
+
+    svc = registry.build("canary-controller", Settings(instance="c-test", controller_http_port=0))
+    dead = collector(svc, subjects.DEADLETTER_SUBJECTS, subjects.DEADLETTER_STREAM)
+    claimed = Requester(user="mallory", nats_user="client")  # a claim in the body, ignored
+    command = AbortDeployment(deployment_id="d-1", model="m", version="1", requested_by=claimed)
+    async with TestNatsBroker(svc.broker) as broker:
+        await broker.publish(
+            command.model_dump_json().encode(),
+            subjects.command("m", "d-1", "abort", "router"),
+            stream=subjects.EVENTS_STREAM,
+        )
+    (letter,) = dead
+    assert "NATS user 'router' may not send commands" in letter["reason"]

@@ -180,10 +180,12 @@ async def deploy_and_read_outcome(
     return outcome
 
 
-def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args, "--data-dir", str(data_dir)],
-        env=clean_env(),
+        env=clean_env() | (env or {}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -303,6 +305,19 @@ def test_cli_deploy_wait_promote_and_status(
     )  # fmt: skip
     assert "deduplicated" in again.stdout
 
+    # Another local user with a service's password cannot steer the rollout: refused by the
+    # server, nothing recorded.
+    passwords = json.loads((stack.data_dir / "nats" / "credentials.json").read_text())
+    forged = cli(
+        "abort", "d-cli-1", "--user", "alice",
+        data_dir=stack.data_dir,
+        env={"PREFLIGHT_NATS_USER": "router", "PREFLIGHT_NATS_PASSWORD": passwords["router"],
+             "PREFLIGHT_NATS_URL": stack.info["nats_url"]},
+    )  # fmt: skip
+    assert forged.returncode != 0, forged.stdout + forged.stderr
+    assert "did not answer a read of PREFLIGHT_EVENTS" in forged.stderr  # routers read no history
+    assert "Traceback" not in forged.stderr
+
     promoted = cli("promote", "d-cli-1", "--reason", "looks good", data_dir=stack.data_dir)
     assert promoted.returncode == 0, promoted.stderr
     assert "PromoteDeployment sent" in promoted.stdout
@@ -311,8 +326,20 @@ def test_cli_deploy_wait_promote_and_status(
     assert "PROMOTED org/chat.v2 7" in watched.stdout
     status = cli("status", "d-cli-1", data_dir=stack.data_dir)
     assert "command PromoteDeployment by" in status.stdout
+    assert "AbortDeployment" not in status.stdout
+    assert "as NATS user client" in status.stdout  # the authenticated sender, from the subject
     assert "looks good" in status.stdout
     assert "promoted by" in status.stdout
+
+    # The route now serves 7 as stable: a request that says it replaces 6 is refused.
+    mismatched = cli(
+        "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "8",
+        "--stable", "6", str(model_dir), data_dir=stack.data_dir,
+    )  # fmt: skip
+    assert mismatched.returncode == 2, mismatched.stdout + mismatched.stderr
+    assert "--stable 6 disagrees with the route of org/chat.v2, which serves stable 7" in (
+        " ".join(mismatched.stderr.split())
+    )
 
     listing = cli("status", "--json", data_dir=stack.data_dir)
     rows = json.loads(listing.stdout)
