@@ -74,12 +74,12 @@ GOAL_CLI_SMALL_MODEL_S: Final = 0.25
 
 # Header-only checks: what a request without digests costs before any tensor byte is read.
 HEADER_POLICY: Final = ValidationPolicy(
-    checks=ValidationChecks(checksum=False, unsafe_code=False, secrets=False)
+    checks=ValidationChecks(checksum=False, unsafe_code=False, secrets=False, tokenizer=False)
 )
 # Only the unsafe-code check, for `preflight validate --policy` (same work as in-process).
 ONLY_UNSAFE_YAML: Final = (
     "validation:\n  checks: {format: false, checksum: false, structure: false, "
-    "secrets: false, vram_fit: false}\n"
+    "secrets: false, vram_fit: false, tokenizer: false}\n"
 )
 
 Writer = Callable[[Path], Path]

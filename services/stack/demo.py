@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
 from rich.console import Console
 
 from services.contracts import subjects
@@ -24,13 +27,18 @@ from services.contracts.events import (
     Requester,
     new_deployment_id,
 )
-from services.runtime import bus, processes
+from services.runtime import bus, nats_users, processes
 from services.runtime.settings import Settings
 from services.stack import render
 from services.stack.samples import MANIFEST
-from services.stack.supervisor import Stack, StackError
+from services.stack.supervisor import LOCK_FILE, Stack, StackError, read_stack_file
 
 MODEL = "sample-gpt"
+# Where `preflight demo` keeps its state unless --data-dir says otherwise (relative to the
+# working directory, as the CLI passes it).
+DEFAULT_DATA_DIR = Path(".preflight") / "demo"
+# Written into a data directory the demo has made its own; the next run may clear it.
+OWNER_FILE = ".preflight-demo"
 
 
 def _expected_digests(model_dir: Path) -> dict[str, str]:
@@ -70,6 +78,50 @@ def _worth_showing(event: CanaryAnalysed, seen: list[DeploymentEvent]) -> bool:
     if not earlier or earlier[-1].verdict != event.verdict:
         return True
     return len(earlier) % 5 == 0
+
+
+def claim_data_dir(data_dir: Path) -> None:
+    """Make ``data_dir`` the demo's own and empty, so every run starts as the first did.
+
+    State a run leaves (the routes of ``sample-gpt`` to that run's inference servers, rollouts,
+    request metrics) would turn the next run's first version into a canary with no traffic.
+    Cleared: the default demo directory, one this demo marked as its own, or an empty one. Any
+    other directory is refused, never cleared, and so is one a running stack holds.
+    """
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StackError(f"{data_dir} is not a directory; pass a new or empty --data-dir")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    entries = [e for e in os.scandir(data_dir) if e.name != LOCK_FILE]
+    owned = (
+        data_dir.resolve() == DEFAULT_DATA_DIR.resolve()
+        or (data_dir / OWNER_FILE).is_file()
+        or not entries
+    )
+    if not owned:
+        raise StackError(
+            f"{data_dir} holds files the demo did not write, and the demo clears its data "
+            f"directory at every start; pass a new or empty --data-dir (default: "
+            f"{DEFAULT_DATA_DIR})"
+        )
+    # The stack's own lock, held while clearing: a stack running here keeps it.
+    with (data_dir / LOCK_FILE).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = (read_stack_file(data_dir) or {}).get("pid", "?")
+            raise StackError(
+                f"a stack (pid {pid}) is running on {data_dir}; stop it first or pass another "
+                "--data-dir"
+            ) from None
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        (data_dir / OWNER_FILE).write_text(
+            "Written by `preflight demo`: this directory is the demo's own, and every demo run\n"
+            "clears it before it starts.\n"
+        )
 
 
 def write_corrupted_upload(source: Path, directory: Path) -> Path:
@@ -185,6 +237,14 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
     data_dir = settings.data_dir.resolve()
     models = data_dir / "models"
     console.rule("[bold]preflight demo")
+    try:
+        claim_data_dir(data_dir)
+    except (StackError, OSError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    console.print(
+        f"data: {data_dir} (the demo's own, cleared at every start: each run tells the same story)"
+    )
     console.print(
         f"policy: {settings.policy_file} (TIME-COMPRESSED profile: canary 5% for 10 s, 50% for "
         "8 s, analysis every second; production runs 180 s and 120 s)"
@@ -210,7 +270,15 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         stack.start()
         stack.wait_ready()
         assert stack.nats is not None
-        service_settings = settings.model_copy(update={"nats_url": stack.nats.url})
+        # The demo requests deployments and follows them as a person would: the `client` user,
+        # with the password the stack generated for this data directory.
+        client_settings = settings.model_copy(
+            update={
+                "nats_url": stack.nats.url,
+                "nats_user": nats_users.CLIENT,
+                "nats_password": SecretStr(stack.credentials[nats_users.CLIENT]),
+            }
+        )
         traffic = Traffic(stack.router_url, DEMO_RPS)
         for scenario in SCENARIOS:
             version = scenario.version
@@ -230,7 +298,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
                 f"3/4 deploying {MODEL} {version}{replacing} as {request.deployment_id}, "
                 f"expected: {scenario.expected}"
             )
-            seen = asyncio.run(_deploy_and_follow(service_settings, request, console, timeout))
+            seen = asyncio.run(_deploy_and_follow(client_settings, request, console, timeout))
             events += seen
             if any(isinstance(e, DeploymentPromoted) for e in seen):
                 previous = ModelRef(

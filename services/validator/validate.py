@@ -16,6 +16,7 @@ from services.validator.checks.headers import HeaderError, parsed_headers
 from services.validator.checks.inventory import Inventory, Kind, LocationError, build_inventory
 from services.validator.checks.secrets import check_secrets
 from services.validator.checks.structure import check_structure
+from services.validator.checks.tokenizer import check_tokenizer
 from services.validator.checks.unsafe_code import check_unsafe_code
 from services.validator.checks.vram import check_vram
 
@@ -30,6 +31,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("unsafe_code", check_unsafe_code),
     ("secrets", lambda inv, ctx: check_secrets(inv, ctx, extra_texts=metadata_texts(inv, ctx))),
     ("vram_fit", check_vram),
+    ("tokenizer", check_tokenizer),
 )
 
 

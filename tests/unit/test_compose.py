@@ -827,3 +827,42 @@ def test_two_canary_controllers_each_with_a_page(services: dict[str, Service]) -
     assert controller["deploy"]["replicas"] == 2
     (port,) = controller["ports"]
     assert re.search(r"\}-\$\{CONTROLLER_STANDBY_PORT:-8472\}:8471$", str(port)), port
+
+
+def _gpus_of(service: Service) -> set[str] | None:
+    """The GPUs Docker gives each container of a service: `count: N` is devices 0..N-1 in every
+    replica, `device_ids` exactly those; None when it reserves none. `all` stands for every GPU."""
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    gpus: set[str] = set()
+    requests = [d for d in devices.get("devices", []) if d.get("driver") == "nvidia"]
+    for request in requests:
+        assert not ("count" in request and "device_ids" in request), "Docker refuses both"
+        count = request.get("count")
+        gpus |= {"all"} if count == "all" else {str(i) for i in range(int(count or 0))}
+        gpus |= {str(i) for i in request.get("device_ids", [])}
+    return gpus if requests else None
+
+
+def test_the_gpu_override_says_which_gpu_each_benchmarker_gets() -> None:
+    """Replicas of one service all get the same devices, so one GPU per benchmarker takes one
+    service per GPU; the override and the recipe in its header say so, and pin distinct ids."""
+    text = GPU_OVERRIDE.read_text("utf-8")
+    override = yaml.safe_load(text)
+    assert "each replica reserves its own GPU" not in text
+    assert "device 0" in text
+    recipe = text.split("# --- one service per extra GPU ---\n", 1)[1].split("# --- end ---")[0]
+    extra = yaml.safe_load("\n".join(line.removeprefix("# ") for line in recipe.splitlines()))
+    base = yaml.safe_load(COMPOSE_FILE.read_text("utf-8"))["services"]
+    taken: dict[str, str] = {}
+    for name, service in {**override["services"], **extra["services"]}.items():
+        gpus = _gpus_of(service)
+        assert gpus, f"{name} reserves no GPU"
+        assert "all" not in gpus, f"{name} would see every GPU and use device 0"
+        assert service.get("deploy", {}).get("replicas", 1) == 1, f"{name}: replicas share GPUs"
+        for gpu in gpus:
+            assert gpu not in taken, f"{name} and {taken[gpu]} both get GPU {gpu}"
+            taken[gpu] = name
+        if "extends" in service:
+            assert service["extends"] == {"file": COMPOSE_FILE.name, "service": "benchmarker"}
+            assert set(service["depends_on"]) == set(base["benchmarker"]["depends_on"])
+    assert taken == {"0": "benchmarker", "1": "benchmarker-gpu1"}

@@ -424,3 +424,56 @@ def test_no_manifest_mentions_a_variable_compose_would_interpolate() -> None:
     for path in manifest_files():
         for text in strings_in(documents(path)):
             assert "${" not in text, f"{path.name}: {text}"
+
+
+# ---- KEDA owns the benchmarker's scale, in whatever namespace kustomize renders -----------------
+
+
+@pytest.mark.parametrize("directory", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_only_keda_sets_the_benchmarker_replica_count(directory: Path) -> None:
+    """A `replicas` in the Deployment would reset the HPA's count at every `kubectl apply`."""
+    built = kustomize(directory)
+    (scaled,) = (d for d in built if d["kind"] == "ScaledObject")
+    target = scaled["spec"]["scaleTargetRef"]["name"]
+    (deployment,) = (
+        d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == target
+    )
+    assert "replicas" not in deployment["spec"], f"{directory.name}: KEDA's HPA sets {target}'s"
+    assert scaled["spec"]["minReplicaCount"] >= 1  # what an absent count would start from: 1
+
+
+def _monitoring_namespace(scaled: Doc) -> str:
+    (trigger,) = scaled["spec"]["triggers"]
+    host = trigger["metadata"]["natsServerMonitoringEndpoint"].rsplit(":", 1)[0]
+    service, namespace, *rest = host.split(".")
+    assert service == "nats" and rest == ["svc", "cluster", "local"], host
+    return str(namespace)
+
+
+@pytest.mark.parametrize("directory", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_keda_reaches_nats_in_the_namespace_kustomize_renders(directory: Path) -> None:
+    """KEDA polls from its own namespace: the endpoint must name the one NATS runs in."""
+    built = kustomize(directory)
+    (scaled,) = (d for d in built if d["kind"] == "ScaledObject")
+    (nats,) = (d for d in built if d["kind"] == "Service" and d["metadata"]["name"] == "nats")
+    assert _monitoring_namespace(scaled) == nats["metadata"]["namespace"]
+    assert scaled["metadata"]["namespace"] == nats["metadata"]["namespace"]
+
+
+def _with_namespace(tmp_path: Path, where: str, namespace: str) -> Path:
+    """A copy of deploy/k8s whose base, or example overlay, sets another namespace."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    path = copy / where / "kustomization.yaml"
+    doc = yaml.safe_load(path.read_text("utf-8"))
+    doc["namespace"] = namespace
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), "utf-8")
+    return copy / "overlays" / "example"
+
+
+@pytest.mark.parametrize("where", ["base", "overlays/example"])
+def test_a_namespace_set_in_kustomize_reaches_the_scaledobject(where: str, tmp_path: Path) -> None:
+    built = kustomize(_with_namespace(tmp_path, where, "ml-platform"))
+    (scaled,) = (d for d in built if d["kind"] == "ScaledObject")
+    assert scaled["metadata"]["namespace"] == "ml-platform"
+    assert _monitoring_namespace(scaled) == "ml-platform"

@@ -58,7 +58,7 @@ def test_validator_passes_a_sound_model(sample_model: Path) -> None:
     assert event.report.status is Status.PASSED, event.report.reason
     assert event.report.service == "v-1"
     assert [c.name for c in event.report.checks] == [
-        "format", "checksum", "structure", "unsafe_code", "secrets", "vram_fit"
+        "format", "checksum", "structure", "unsafe_code", "secrets", "vram_fit", "tokenizer"
     ]  # fmt: skip
 
 

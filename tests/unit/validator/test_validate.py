@@ -22,7 +22,7 @@ def test_a_sound_model_passes_every_check_within_budget(tmp_path: Path) -> None:
     assert all(c.status is Status.PASSED for c in report.checks), [c.reason for c in report.checks]
     assert all(c.duration_ms >= 0 for c in report.checks)
     assert report.duration_ms < 2000
-    assert "6 checks passed" in report.reason
+    assert "7 checks passed" in report.reason
 
 
 def test_a_failure_blocks_and_names_the_check(tmp_path: Path) -> None:
