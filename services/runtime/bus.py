@@ -88,6 +88,15 @@ async def connect(
             "PREFLIGHT_NATS_USER and PREFLIGHT_NATS_PASSWORD"
         ) from exc
     except (NoServersError, OSError, TimeoutError, nats.errors.Error) as exc:
+        if "authorization violation" in str(exc).lower():
+            who = (
+                f"user {settings.nats_user!r}" if settings.nats_user else "a client without a user"
+            )
+            raise BusUnavailable(
+                f"the NATS server at {redact_url(settings.nats_url)} refused {who}: set "
+                "PREFLIGHT_NATS_USER and PREFLIGHT_NATS_PASSWORD (the embedded stack's are in "
+                "<data-dir>/nats/credentials.json, which the CLI reads itself)"
+            ) from exc
         raise BusUnavailable(how_to_start(settings.nats_url)) from exc
 
 

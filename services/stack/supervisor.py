@@ -91,6 +91,7 @@ class Stack:
     credentials: dict[str, str] = field(default_factory=dict)
     nats_restarts: list[float] = field(default_factory=list)  # within the last minute
     nats_restart_count: int = 0
+    started_at: float = field(default_factory=time.time)
 
     @property
     def router_url(self) -> str:
@@ -293,7 +294,7 @@ class Stack:
             "services": {c.name: c.proc.pid for c in self.children.values()},
             "router_url": self.router_url,
             "rollouts_url": f"{self.page_url}/rollouts",
-            "started_at": time.time(),
+            "started_at": self.started_at,
         }
         path = self.data_dir / STACK_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
