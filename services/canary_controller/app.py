@@ -1,8 +1,10 @@
 """canary-controller service: BenchmarkCompleted -> rollout -> DeploymentPromoted/RolledBack.
 
-Wiring only: the decision is in decision.py, the transitions in engine.py. In the embedded stack
-this process also owns the chDB data path (one owner per path), so it runs the metrics ingest
-and serves the rollout page there too.
+Wiring only: the decision is in decision.py, the transitions in engine.py, the lease in
+lease.py. Replicas run side by side; the one holding the lease is active: it opens the metrics
+store, ticks and consumes. The others only serve the rollout page (from KV) and wait for the
+lease; they never pull from the controller's durables. In the embedded stack the active process
+also owns the chDB data path (one owner per path), so it runs the metrics ingest too.
 """
 
 from __future__ import annotations
@@ -10,15 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from services.canary_controller import decision as rules
-from services.canary_controller.engine import Engine, canary_target, run_ticks, stable_target
+from services.canary_controller.engine import (
+    Engine,
+    RolloutStore,
+    canary_target,
+    run_ticks,
+    stable_target,
+)
+from services.canary_controller.lease import RENEW_S, Lease
+from services.canary_controller.outages import BusOutages, watch_connection
 from services.canary_controller.state import RolloutState
+from services.canary_controller.upstreams import TcpProbe
 from services.contracts import subjects
 from services.contracts.events import (
     ANY_COMMAND,
@@ -34,7 +49,7 @@ from services.contracts.events import (
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.metrics import queries
 from services.runtime import bus, clickhouse, pipeline
-from services.runtime.service import Rejected, ServiceApp, build_service
+from services.runtime.service import EventSink, Rejected, ServiceApp, build_service
 from services.runtime.settings import Settings
 
 NAME = "canary-controller"
@@ -139,10 +154,73 @@ class ClickHouseMetrics:
             )
 
 
+class PageSeries:
+    """The page's charts: the metrics store once this replica is active and has opened it."""
+
+    def __init__(self) -> None:
+        self.metrics: ClickHouseMetrics | None = None
+
+    async def series(
+        self, deployment_id: str, start: datetime, end: datetime, bucket_s: float
+    ) -> list[dict[str, Any]]:
+        if self.metrics is None:
+            raise queries.MetricsUnavailable(
+                "this controller replica is the standby: the active replica owns the metrics "
+                "store and draws the charts"
+            )
+        return await self.metrics.series(deployment_id, start, end, bucket_s)
+
+
+@dataclass
+class GuardedSink:
+    """Events from handlers go out only while this replica may act (it holds the lease)."""
+
+    sink: EventSink
+    engine: Engine
+
+    async def publish_event(self, event: Event) -> None:
+        await self.engine.ensure_may_act()
+        await self.sink.publish_event(event)
+
+
+def lease_holder(settings: Settings) -> str:
+    """Unique per process: two replicas may share an instance name (compose `replicas: 2`)."""
+    return f"{settings.instance}/{os.getpid()}-{secrets.token_hex(2)}"
+
+
+async def open_metrics_store(settings: Settings) -> Any:
+    """The request-metrics client; with chDB, waits while another process holds the data path
+    (the previous active replica, still exiting)."""
+
+    def create() -> Any:
+        client = clickhouse.open_client(settings)
+        clickhouse.ensure_metrics_table(client, settings)
+        return client
+
+    warned = False
+    while True:
+        try:
+            return await asyncio.to_thread(create)
+        except clickhouse.MetricsStoreLocked as exc:
+            if not warned:
+                log.warning("%s; waiting for it to be free", exc)
+                warned = True
+            await asyncio.sleep(0.5)
+
+
+async def parked() -> None:
+    """Never returns: an on_startup hook that must not let FastStream start the consumers waits
+    here until FastStream, shutting down, cancels it."""
+    await asyncio.Event().wait()
+
+
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     state: dict[str, Any] = {}
     stop = asyncio.Event()
+    outages = BusOutages()
+    page_series = PageSeries()
+    tasks: list[asyncio.Task[None]] = []
 
     def link(rollout: RolloutState, now: datetime) -> str | None:
         return metrics_url(
@@ -153,40 +231,26 @@ def build(settings: Settings) -> ServiceApp:
             rollout.finished_at or now,
         )
 
-    @svc.app.on_startup  # before consuming: a ready controller has its stores open
-    async def open_stores() -> None:
-        def create() -> Any:
-            client = clickhouse.open_client(settings)
-            clickhouse.ensure_metrics_table(client, settings)
-            return client
+    def deposed() -> None:
+        # Every write already refuses (the lease says so); exit so that the supervisor
+        # (compose, Kubernetes, `preflight up`) starts this replica again as a standby, which
+        # with chDB also frees the data path for the new leader.
+        log.error("another replica holds the lease: stopping this one (it restarts as standby)")
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        client = await asyncio.to_thread(create)
-        state["clickhouse"] = client
-        where = settings.chdb_path() if settings.clickhouse_url == "chdb" else "server"
-        log.info("request-metrics table %s ready (%s)", settings.metrics_table, where)
+    @svc.app.on_startup  # before consuming: consumers start only once this hook returns
+    async def open_stores() -> None:
         nc = await bus.connect(settings, f"preflight-{NAME}-{settings.instance}", reconnect=True)
         js = nc.jetstream()
         state["nc"] = nc
-        metrics = ClickHouseMetrics(client, settings.metrics_table)
-        state["metrics"] = metrics
-        engine = Engine(
-            js,
-            await js.key_value(subjects.ROLLOUTS_BUCKET),
-            await js.key_value(subjects.ROUTES_BUCKET),
-            metrics,
-            metrics_url=link,
+        rollouts = await js.key_value(subjects.ROLLOUTS_BUCKET)
+        routes = await js.key_value(subjects.ROUTES_BUCKET)
+        lease = Lease(
+            await js.key_value(subjects.LEASES_BUCKET), lease_holder(settings), on_deposed=deposed
         )
-        state["engine"] = engine
-        tasks = [asyncio.create_task(run_ticks(engine, stop), name="rollout-ticks")]
-        if settings.clickhouse_url == "chdb":
-            from services.metrics.ingest import run_ingest
-
-            # chDB: one process per data path, so the ingest lives with the queries.
-            tasks.append(
-                asyncio.create_task(run_ingest(js, client, settings, stop), name="metrics-ingest")
-            )
-            log.info("metrics ingest runs in this process (embedded ClickHouse engine)")
-        state["tasks"] = tasks
+        state["lease"] = lease
+        watch_connection(nc, outages, on_reconnected=lease.bus_reconnected)
+        tasks.append(asyncio.create_task(lease.run(stop), name="lease"))
         if settings.controller_http_port:
 
             def health() -> dict[str, Any]:
@@ -195,16 +259,63 @@ def build(settings: Settings) -> ServiceApp:
                     problems.append("not connected to NATS")
                 problems += [f"{t.get_name()} stopped" for t in tasks if t.done()]
                 status = "unavailable" if problems else "ok"
-                return {"status": status, "problems": problems, "instance": settings.instance}
+                return {
+                    "status": status,
+                    "problems": problems,
+                    "instance": settings.instance,
+                    **lease.describe(),
+                }
 
-            state["page"] = await start_page(settings, engine, metrics, health)
+            def ready() -> dict[str, Any]:
+                return {"status": "ok" if lease.active() else "standby", **lease.describe()}
+
+            state["page"] = await start_page(
+                settings, RolloutStore(rollouts), page_series, health, ready
+            )
+        log.info("waiting for the controller lease (standby until it is free)")
+        if not await lease.wait_active(stop):
+            await parked()  # stopping, or deposed before acting: consumers must never start
+
+        client = await open_metrics_store(settings)
+        state["clickhouse"] = client
+        where = settings.chdb_path() if settings.clickhouse_url == "chdb" else "server"
+        log.info("request-metrics table %s ready (%s)", settings.metrics_table, where)
+        metrics = ClickHouseMetrics(client, settings.metrics_table)
+        state["metrics"] = metrics
+        page_series.metrics = metrics
+        engine = Engine(
+            js,
+            rollouts,
+            routes,
+            metrics,
+            metrics_url=link,
+            may_act=lease.active,
+            act_wait_s=2 * RENEW_S,  # a renewal delayed by a bus blip, not a lost lease
+            outages=outages.known,
+            upstreams=TcpProbe(),
+        )
+        state["engine"] = engine
+        svc.sink = GuardedSink(svc.sink, engine)
+        tasks.append(asyncio.create_task(run_ticks(engine, stop), name="rollout-ticks"))
+        if settings.clickhouse_url == "chdb":
+            from services.metrics.ingest import run_ingest
+
+            # chDB: one process per data path, so the ingest lives with the queries.
+            tasks.append(
+                asyncio.create_task(run_ingest(js, client, settings, stop), name="metrics-ingest")
+            )
+            log.info("metrics ingest runs in this process (embedded ClickHouse engine)")
+        if stop.is_set():
+            await parked()
 
     @svc.app.after_shutdown
     async def close_stores() -> None:
         stop.set()
-        tasks = state.get("tasks", [])
         if tasks:
             await asyncio.wait(tasks, timeout=10)
+        lease = state.get("lease")
+        if lease is not None:
+            await lease.release()  # nothing acts any more: the standby may take over now
         runner = state.get("page")
         if runner is not None:
             await runner.cleanup()
@@ -216,6 +327,7 @@ def build(settings: Settings) -> ServiceApp:
     @svc.consume(subjects.CONTROLLER_DURABLE, BenchmarkCompleted)
     async def on_benchmarked(benchmarked: BenchmarkCompleted) -> None:
         engine: Engine = state["engine"]
+        await engine.ensure_may_act()  # NotLeader: nak'ed, so the active replica takes it
         for event in handle_benchmarked(benchmarked, svc.policy_file, settings):
             if isinstance(event, DeploymentPromoted):
                 # Canary off for this one: a rollout of the model still running would have its
@@ -301,11 +413,13 @@ async def start_rollout(
 
 async def start_page(
     settings: Settings,
-    engine: Engine,
-    metrics: ClickHouseMetrics,
+    store: RolloutStore,
+    series: PageSeries,
     health: Callable[[], dict[str, Any]],
+    ready: Callable[[], dict[str, Any]],
 ) -> Any:
-    """The rollout page (the link target in the embedded stack); none if not built."""
+    """The rollout page (the link target in the embedded stack); none if not built. Every
+    replica serves it from the rollout KV; only the active one has charts and is ready."""
     try:
         from services.canary_controller.page import build_page_app
     except ImportError:
@@ -314,15 +428,19 @@ async def start_page(
 
     class Reader:
         async def get(self, deployment_id: str) -> RolloutState | None:
-            stored = await engine.store.get(deployment_id)
+            stored = await store.get(deployment_id)
             return stored.state if stored else None
 
         async def list(self) -> list[RolloutState]:
-            return [s.state for s in await engine.store.all()]
+            return [s.state for s in await store.all()]
 
     # The page gives up on a slow series query a little after the store's own timeout would.
     app = build_page_app(
-        Reader(), metrics, health=health, series_timeout_s=queries.DEFAULT_TIMEOUT_S + 2
+        Reader(),
+        series,
+        health=health,
+        ready=ready,
+        series_timeout_s=queries.DEFAULT_TIMEOUT_S + 2,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
 from services.canary_controller import stats
-from services.canary_controller.state import Phase, RolloutState
+from services.canary_controller.state import Interval, Phase, RolloutState
 from services.contracts.events import DeploymentRequested, RouteTarget, StageReport
 from services.contracts.policy import CanaryPolicy, CanaryThresholds
 from services.metrics.queries import WindowResult
@@ -24,6 +25,9 @@ Trigger = Literal["error_rate", "latency", "inconclusive", "manual", "superseded
 # A step start a little in the future is clock skew between controllers, not a jump.
 CLOCK_TOLERANCE = timedelta(seconds=2)
 TESTS_PER_WINDOW = 2  # error rate and latency
+# After the bus comes back, routers publish the request records they buffered while it was down,
+# and the ingest stores them: no decision on time until they had this long to arrive.
+OUTAGE_GRACE = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def begin_step(state: RolloutState, index: int, now: datetime) -> RolloutState:
             "step_starts": (*state.step_starts[:index], now),
             "step_ends_at": now + timedelta(seconds=step.duration_s),
             "held_deadline": None,
+            "held_since": None,
+            "bus_outages": (),  # they were in the steps before: this one's clock starts now
             "paused_from": None,
             "paused_remaining_s": None,
         }
@@ -126,6 +132,8 @@ def begin_bake(state: RolloutState, now: datetime) -> RolloutState:
             "step_started_at": now,
             "step_ends_at": now + timedelta(seconds=state.policy.bake_s),
             "held_deadline": None,
+            "held_since": None,
+            "bus_outages": (),  # they were in the steps before: this one's clock starts now
             "paused_from": None,
             "paused_remaining_s": None,
         }
@@ -216,6 +224,8 @@ def decide(
     def look(action: Action, reason: str, trigger: Trigger | None = None) -> Decision:
         return Decision(action, reason, verdict, trigger, step_assessment, step_window, True)
 
+    if in_outage_grace(state, now):
+        return look("wait", f"{_grace_reason(state)}: {step_assessment.reason}")
     if phase is Phase.HELD:
         if state.held_deadline is not None and now >= state.held_deadline:
             return look(
@@ -282,6 +292,8 @@ def _assess(
 
 def _without_data(state: RolloutState, now: datetime) -> Decision:
     reason = "the metrics store did not answer: no verdict (missing data is never healthy)"
+    if in_outage_grace(state, now):
+        return Decision("wait", f"{_grace_reason(state)}; {reason}", "no_data")
     if state.phase is Phase.HELD:
         if state.held_deadline is not None and now >= state.held_deadline:
             return Decision(
@@ -294,6 +306,93 @@ def _without_data(state: RolloutState, now: datetime) -> Decision:
     if deadline is not None and now >= deadline:
         return Decision("hold", reason, "no_data", "inconclusive")
     return Decision("wait", reason, "no_data")
+
+
+def in_outage_grace(state: RolloutState, now: datetime) -> bool:
+    """Whether metrics buffered during a bus outage may still be arriving (no decision on time)."""
+    return state.judge_after is not None and now < state.judge_after
+
+
+def _grace_reason(state: RolloutState) -> str:
+    assert state.judge_after is not None
+    down = sum(i.seconds for i in state.bus_outages)
+    return (
+        f"after a bus outage ({_seconds(down)} not counted against the step) the buffered "
+        f"request metrics are still arriving: no decision on time before "
+        f"{state.judge_after.strftime('%H:%M:%S')} UTC"
+    )
+
+
+def allow_for_outages(
+    state: RolloutState,
+    outages: Sequence[tuple[datetime, datetime]],
+    grace: timedelta = OUTAGE_GRACE,
+) -> RolloutState:
+    """`state` with the bus outages it has not allowed for yet; the same state when none is new.
+
+    Time the bus was down does not count against a step (or the bake) or a hold: the step's end
+    (and with it the extension's) and the held deadline move on by the part of each outage
+    inside the step or hold that is not already in `bus_outages`, and no decision on time is
+    taken until `grace` after the outage ended (routers' buffered records are in transit). Outages
+    already allowed for, or seen twice (two replicas), add nothing: they merge.
+    """
+    phase = state.phase
+    if phase.terminal or phase is Phase.QUEUED:
+        return state
+    since = state.step_started_at or state.created_at
+    covered = [(i.start, i.end) for i in state.bus_outages if i.end > since]
+    added: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(outages):
+        start = max(start, since)
+        if end <= start:
+            continue
+        for piece in _minus((start, end), _merge([*covered, *added])):
+            added.append(piece)
+    if not added:
+        return state
+    update: dict[str, object] = {
+        "bus_outages": tuple(Interval(start=a, end=b) for a, b in _merge([*covered, *added])),
+        "judge_after": max(
+            [t for t in (state.judge_after,) if t is not None] + [b + grace for _, b in added]
+        ),
+    }
+    down = timedelta(seconds=sum((b - a).total_seconds() for a, b in added))
+    if phase in (Phase.STEP, Phase.BAKE) and state.step_ends_at is not None:
+        update["step_ends_at"] = state.step_ends_at + down
+    if phase is Phase.HELD and state.held_deadline is not None:
+        held_from = state.held_since or since
+        in_hold = sum((b - max(a, held_from)).total_seconds() for a, b in added if b > held_from)
+        update["held_deadline"] = state.held_deadline + timedelta(seconds=in_hold)
+    return state.model_copy(update=update)
+
+
+def _merge(spans: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _minus(
+    span: tuple[datetime, datetime], covered: Sequence[tuple[datetime, datetime]]
+) -> list[tuple[datetime, datetime]]:
+    """The parts of `span` outside the (merged, sorted) `covered` spans."""
+    start, end = span
+    out = []
+    for c_start, c_end in covered:
+        if c_end <= start or c_start >= end:
+            continue
+        if c_start > start:
+            out.append((start, c_start))
+        start = max(start, c_end)
+        if start >= end:
+            return out
+    if start < end:
+        out.append((start, end))
+    return out
 
 
 def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutState:
@@ -335,7 +434,9 @@ def apply(state: RolloutState, decision: Decision, now: datetime) -> RolloutStat
         return state.model_copy(update={"phase": Phase.ROLLED_BACK, "finished_at": now})
     if action == "hold":
         deadline = now + timedelta(seconds=state.policy.held_timeout_s)
-        return state.model_copy(update={"phase": Phase.HELD, "held_deadline": deadline})
+        return state.model_copy(
+            update={"phase": Phase.HELD, "held_deadline": deadline, "held_since": now}
+        )
     if action == "pause":
         remaining = None
         if state.step_ends_at is not None:

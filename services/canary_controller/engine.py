@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -24,7 +26,9 @@ from pydantic import ValidationError
 
 from services.canary_controller import decision as rules
 from services.canary_controller.effects import effects
+from services.canary_controller.outages import Span
 from services.canary_controller.state import Phase, RolloutState
+from services.canary_controller.upstreams import UpstreamProbe, unreachable
 from services.contracts.events import (
     DEPLOYMENT_EVENT,
     BenchmarkCompleted,
@@ -51,6 +55,28 @@ class Conflict(RuntimeError):
     """Another controller changed the rollout since we read it."""
 
 
+# What a request to a bus that is down or restarting raises (timeouts, closed connections).
+BUS_ERRORS = (
+    TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class NotLeader(RuntimeError):
+    """This replica does not hold a fresh lease: it must not write state, routes or events."""
+
+
+async def _always() -> None:
+    return None
+
+
 @dataclass
 class Stored:
     state: RolloutState
@@ -60,8 +86,9 @@ class Stored:
 class RolloutStore:
     """Rollout states in the KV bucket, one key per deployment, written with revision checks."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, guard: Callable[[], Awaitable[None]] = _always) -> None:
         self.kv = kv
+        self.guard = guard  # raises NotLeader before a write by a replica that must not act
         # Finished rollouts never change again: once seen, `all` stops reading them.
         self.finished: set[str] = set()
 
@@ -101,12 +128,14 @@ class RolloutStore:
         return out
 
     async def create(self, state: RolloutState) -> int:
+        await self.guard()
         try:
             return await self.kv.create(state.deployment_id, state.to_bytes())
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"rollout {state.deployment_id} exists already") from exc
 
     async def update(self, state: RolloutState, revision: int) -> int:
+        await self.guard()
         try:
             return await self.kv.update(state.deployment_id, state.to_bytes(), last=revision)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
@@ -125,14 +154,43 @@ class Engine:
         *,
         metrics_url: Callable[[RolloutState, datetime], str | None],
         clock: Callable[[], datetime] = utc_now,
+        may_act: Callable[[], bool] = lambda: True,
+        act_wait_s: float = 0.0,
+        outages: Callable[[datetime], Sequence[Span]] = lambda now: (),
+        outage_grace: timedelta = rules.OUTAGE_GRACE,
+        upstreams: UpstreamProbe | None = None,
     ) -> None:
+        """`may_act`: whether this replica holds a fresh lease (every write checks it, waiting up
+        to `act_wait_s` for a renewal first). `outages`: the bus outages seen so far, given now.
+        `upstreams`: checks the route's upstreams when a rollout is held without traffic."""
         self.js = js
-        self.store = RolloutStore(rollouts)
+        self.store = RolloutStore(rollouts, guard=self.ensure_may_act)
         self.routes = routes
         self.metrics = metrics
         self.metrics_url = metrics_url
         self.clock = clock
+        self.may_act = may_act
+        self.act_wait_s = act_wait_s
+        self.outages = outages
+        self.outage_grace = outage_grace
+        self.upstreams = upstreams
         self._model_locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure_may_act(self) -> None:
+        """Return when this replica may write; raise `NotLeader` if it may not (soon enough).
+
+        A deposed leader's late write cannot clobber the new leader's: rollout states are
+        written under a revision check anyway; routes and events are not, so they wait here.
+        """
+        if self.may_act():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.act_wait_s
+        while loop.time() < deadline:
+            await asyncio.sleep(0.1)
+            if self.may_act():
+                return
+        raise NotLeader("this controller replica does not hold the lease")
 
     # ---- routes ---------------------------------------------------------------------------
 
@@ -150,6 +208,7 @@ class Engine:
             return None
 
     async def write_route(self, route: Route) -> None:
+        await self.ensure_may_act()
         await self.routes.put(route.model, route.model_dump_json().encode())
 
     # ---- starting ---------------------------------------------------------------------------
@@ -241,8 +300,17 @@ class Engine:
                 continue
             try:
                 await self.step(stored)
+            except NotLeader:
+                log.warning("lease lost during a tick: stopped acting")
+                return
             except Conflict:
                 log.info("rollout %s moved on elsewhere; re-reading", stored.state.deployment_id)
+            except BUS_ERRORS as exc:
+                log.warning(
+                    "rollout %s: the bus did not answer (%s); will retry",
+                    stored.state.deployment_id,
+                    describe(exc),
+                )
             except Exception:
                 log.exception("rollout %s: tick failed; will retry", stored.state.deployment_id)
 
@@ -260,12 +328,19 @@ class Engine:
             await self.maybe_start(stored)
             return
         now = self.clock()
+        stored = await self.allow_for_outages(stored, now)
+        state = stored.state
         # A deadline earns one look of its own when it passes; after that the normal cadence
         # applies, so a step's extension does not spend a look (and alpha) on every tick.
         last = state.last_analysis_at
         deadline_passed = any(
             t is not None and now >= t and (last is None or last < t)
-            for t in (state.step_ends_at, state.step_deadline, state.held_deadline)
+            for t in (
+                state.step_ends_at,
+                state.step_deadline,
+                state.held_deadline,
+                state.judge_after,
+            )
         )
         if not rules.analysis_due(state, now) and not deadline_passed:
             return
@@ -276,7 +351,39 @@ class Engine:
         decision = rules.decide(state, observation, state.policy, state.thresholds, now)
         if decision.action == "wait" and not decision.analysed and decision.verdict is None:
             return
+        overdue = state.step_ends_at is not None and now >= state.step_ends_at
+        if overdue or state.phase is Phase.HELD or decision.trigger == "inconclusive":
+            decision = await self.explain_silence(state, decision)
         await self.transition(stored, decision, now)
+
+    async def allow_for_outages(self, stored: Stored, now: datetime) -> Stored:
+        """Store the rollout with the bus outages it has not allowed for yet (once: failover
+        and the other replica's view of the same outage add nothing)."""
+        allowed = rules.allow_for_outages(stored.state, self.outages(now), self.outage_grace)
+        if allowed == stored.state:
+            return stored
+        revision = await self.store.update(allowed, stored.revision)
+        log.warning(
+            "rollout %s: %.1f s of bus outage not counted against its %s; no decision on time "
+            "before %s",
+            allowed.deployment_id,
+            sum(i.seconds for i in allowed.bus_outages),
+            "hold" if allowed.phase is Phase.HELD else "step",
+            allowed.judge_after.isoformat() if allowed.judge_after else "-",
+        )
+        return Stored(allowed, revision)
+
+    async def explain_silence(
+        self, state: RolloutState, decision: rules.Decision
+    ) -> rules.Decision:
+        """A step past its end, a hold, or a held rollout's end without traffic in a role: say if
+        that role's upstream is to blame (no endpoint, or no TCP connection)."""
+        if self.upstreams is None:
+            return decision
+        found = await unreachable(decision.window, state.canary, state.stable, self.upstreams)
+        if not found:
+            return decision
+        return dataclasses.replace(decision, reason=f"{decision.reason}; {'; '.join(found)}")
 
     async def observe(self, state: RolloutState, now: datetime) -> rules.Observation | None:
         (start, end), recent = rules.analysis_windows(state, now)
@@ -322,6 +429,7 @@ class Engine:
             await self.write_route(Route.model_validate_json(pending.route_json))
         for raw in pending.events_json:
             event = DEPLOYMENT_EVENT.validate_json(raw)
+            await self.ensure_may_act()
             await bus.publish_event(self.js, event)
         cleared = stored.state.model_copy(update={"pending": None})
         revision = await self.store.update(cleared, stored.revision)
@@ -382,7 +490,10 @@ async def run_ticks(engine: Engine, stop: asyncio.Event, interval_s: float = 0.5
     """Tick until `stop` is set; a failing tick is logged and retried, never fatal."""
     while not stop.is_set():
         try:
-            await engine.tick()
+            if engine.may_act():  # a standby, or a leader whose lease lapsed, does nothing
+                await engine.tick()
+        except BUS_ERRORS as exc:  # an outage: said once by the connection, not as a traceback
+            log.warning("controller tick: the bus did not answer (%s); retrying", describe(exc))
         except Exception:
             log.exception("controller tick failed; retrying")
         with contextlib.suppress(TimeoutError):

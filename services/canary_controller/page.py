@@ -615,6 +615,7 @@ class _Page:
     rollouts: RolloutReader
     series: SeriesSource
     health: Callable[[], dict[str, Any]] | None
+    ready: Callable[[], dict[str, Any]] | None
     clock: Callable[[], datetime]
     series_timeout_s: float
     static: dict[str, tuple[bytes, str]]
@@ -650,16 +651,24 @@ def _error(request: web.Request, status: int, title: str, message: str) -> web.R
     return _html(render_message(title, message), status=status)
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    page = request.app[PAGE]
-    if page.health is None:
+def _status(check: Callable[[], dict[str, Any]] | None) -> web.Response:
+    if check is None:
         return _json({"status": "ok"})
     try:
-        body = dict(page.health())
+        body = dict(check())
     except Exception as exc:
         log.exception("health check failed")
         body = {"status": "unavailable", "problems": [f"health check failed: {exc}"]}
     return _json(body, status=200 if body.get("status") == "ok" else 503)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return _status(request.app[PAGE].health)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    page = request.app[PAGE]
+    return _status(page.ready or page.health)
 
 
 async def _list_states(request: web.Request) -> list[RolloutState] | web.Response:
@@ -776,17 +785,21 @@ def build_page_app(
     series: SeriesSource,
     *,
     health: Callable[[], dict[str, Any]] | None = None,
+    ready: Callable[[], dict[str, Any]] | None = None,
     clock: Callable[[], datetime] = utc_now,
     series_timeout_s: float = SERIES_TIMEOUT_S,
 ) -> web.Application:
     """The rollout page and its JSON API.
 
-    `health()` answers `/healthz`: 200 when its dict says `"status": "ok"`, else 503.
+    `health()` answers `/healthz` (alive: a standby replica is healthy too), `ready()` answers
+    `/readyz` (only the active replica is ready, so a load balancer sends people to the page
+    with charts): 200 when the dict says `"status": "ok"`, else 503.
     `clock` is injected so tests and the time axis agree on "now".
     """
     app = web.Application()
-    app[PAGE] = _Page(rollouts, series, health, clock, series_timeout_s, _load_static())
+    app[PAGE] = _Page(rollouts, series, health, ready, clock, series_timeout_s, _load_static())
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/", _list_page)
     app.router.add_get("/rollouts", _list_page)
     app.router.add_get("/rollouts/{deployment_id}", _detail_page)

@@ -57,6 +57,19 @@ class PendingEffects(BaseModel):
     events_json: tuple[str, ...] = ()
 
 
+class Interval(BaseModel):
+    """A span of wall-clock time, start before end (a bus outage)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start: datetime
+    end: datetime
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, (self.end - self.start).total_seconds())
+
+
 class RolloutState(BaseModel):
     """The controller's whole truth about one rollout; the step clock lives here, not in memory."""
 
@@ -84,6 +97,23 @@ class RolloutState(BaseModel):
     paused_from: Phase | None = None
     paused_remaining_s: float | None = None
     held_deadline: datetime | None = None
+    held_since: datetime | None = Field(
+        default=None, description="When it was held: bus outages after this extend the hold."
+    )
+    bus_outages: tuple[Interval, ...] = Field(
+        default=(),
+        description=(
+            "Bus outages in the current step (or hold) already allowed for, merged: their time "
+            "did not count against it. Kept here so a failover does not allow for them twice."
+        ),
+    )
+    judge_after: datetime | None = Field(
+        default=None,
+        description=(
+            "No decision on time (a step's end, a deadline) before this: after a bus outage the "
+            "request metrics buffered by routers are still arriving."
+        ),
+    )
     looks: int = Field(default=0, ge=0, description="Analyses so far (alpha is spent per look).")
     last_analysis_at: datetime | None = None
     canary_measurement: RoleMeasurement | None = None

@@ -16,7 +16,6 @@ from nats.js import JetStreamContext
 from services.contracts import subjects
 from services.contracts.events import (
     BenchmarkCompleted,
-    DeploymentDegraded,
     DeploymentPromoted,
     DeploymentRequested,
     Route,
@@ -95,23 +94,19 @@ async def test_a_deployment_travels_the_pipeline_to_an_outcome(
     apps = [registry.build(n, settings) for n in ("validator", "benchmarker", "canary-controller")]
     async with running(*apps):
         await bus.publish_event(js, request("d-flow", location=str(sample_model)))
-        events = await collect(js, subjects.deployment_events("d-flow"), 5)
+        events = await collect(js, subjects.deployment_events("d-flow"), 4)
     assert [type(e) for e in events] == [
         DeploymentRequested,
         ValidationCompleted,
-        DeploymentDegraded,
         BenchmarkCompleted,
         DeploymentPromoted,
-    ]
+    ], [type(e).__name__ for e in events]
     promoted = events[-1]
-    # The sample here has random weights and no tokenizer: the benchmark says it could not run
-    # (a result, not a crash), which marks the deployment degraded with the reason; this
-    # request carries no endpoint, so there is no canary to run.
-    assert [s.status.value for s in promoted.stages] == ["passed", "error", "skipped"]
-    assert "could not" in promoted.stages[1].reason
-    degraded = events[2]
-    assert isinstance(degraded, DeploymentDegraded)
-    assert "perplexity: scored 0 tokens" in degraded.reasons[0]
+    # The sample has random weights and a character tokenizer: its benchmark runs (the first
+    # version: nothing to compare with), and with no endpoint there is no canary to run. A model
+    # without tokenizer files is blocked by the validator (tests/unit/validator).
+    assert promoted.stages[0].status.value == "passed"
+    assert promoted.stages[-1].status.value == "skipped"
     kv = await js.key_value(subjects.ROUTES_BUCKET)
     entry = await kv.get("org/m.v2")
     route = Route.model_validate_json(entry.value or b"")

@@ -23,6 +23,7 @@ from services.contracts import subjects
 from services.contracts.events import (
     AbortDeployment,
     CanaryStepStarted,
+    DeploymentHeld,
     DeploymentPromoted,
     DeploymentRequested,
     DeploymentRolledBack,
@@ -424,3 +425,94 @@ async def test_queued_versions_start_in_the_order_they_arrived(
     await engine.tick()
     route = await route_of(engine, "org/order")
     assert route.canary is not None and route.canary.deployment_id == older.deployment_id
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens on it any more
+
+
+async def test_a_hold_without_canary_traffic_names_an_upstream_that_refuses_connections(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    from services.canary_controller.upstreams import TcpProbe
+
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    engine.upstreams = TcpProbe(timeout_s=1.0)
+    req = request("org/unreachable")
+    dead = f"http://127.0.0.1:{closed_port()}"
+    rollout = new_rollout(req, clock).model_copy(
+        update={"canary": RouteTarget(deployment_id=req.deployment_id, version="v2", upstream=dead)}
+    )
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    await engine.begin(rollout)
+    for _ in range(25):  # the step and its extension, with stable traffic only
+        traffic.run(clock.now, 5, 0.0)
+        clock.now += timedelta(seconds=5)
+        await engine.tick()
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.HELD
+    said = f"no canary requests in the window; the canary upstream {dead} refuses connections"
+    assert said in stored.state.last_reason
+    [held] = [e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentHeld)]
+    assert said in held.reasons[0]
+
+
+async def test_a_replica_without_a_fresh_lease_writes_nothing(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    from services.canary_controller.engine import NotLeader
+
+    clock = Clock()
+    leader = {"fresh": True}
+    engine = await make_engine(js, chdb_client, clock)
+    engine.may_act = lambda: leader["fresh"]
+    req = request("org/lapsed")
+    await engine.begin(new_rollout(req, clock))
+    before = await engine.store.get(req.deployment_id)
+    route = await route_of(engine, req.model)
+    leader["fresh"] = False  # the lease lapsed (or was taken) mid-rollout
+    with pytest.raises(NotLeader):
+        await engine.on_command(AbortDeployment(**ids(req), requested_by=Requester(user="ana")))
+    with pytest.raises(NotLeader):
+        await engine.write_route(Route(model=req.model, stable=route.stable))
+    after = await engine.store.get(req.deployment_id)
+    assert before is not None and after is not None and after.revision == before.revision
+    assert await route_of(engine, req.model) == route
+    assert not [
+        e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentRolledBack)
+    ]
+
+
+async def test_a_bus_outage_is_allowed_for_once_even_across_a_failover(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    clock = Clock()
+    t0 = clock.now
+    seen = [(t0 + timedelta(seconds=10), t0 + timedelta(seconds=36))]  # 26 s down
+    engine = await make_engine(js, chdb_client, clock)
+    engine.outages = lambda now: seen
+    req = request("org/outage-once")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    await engine.begin(new_rollout(req, clock))
+    await drive(engine, traffic, clock, 40)
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.STEP
+    assert stored.state.step_ends_at == t0 + timedelta(seconds=60 + 26)
+    assert stored.state.judge_after == seen[0][1] + rules.OUTAGE_GRACE
+    # The new leader saw the same outage a little differently: only the difference counts.
+    successor = await make_engine(js, chdb_client, clock)
+    successor.outages = lambda now: [(t0 + timedelta(seconds=9), t0 + timedelta(seconds=36))]
+    await drive(successor, traffic, clock, 5)
+    again = await successor.store.get(req.deployment_id)
+    assert again is not None and again.state.step_ends_at == t0 + timedelta(seconds=60 + 27)
+    # The step ends on the moved schedule: not at 60 s, at 87 s.
+    await drive(successor, traffic, clock, 50)
+    steps = [e for e in await events_of(js, req.deployment_id) if isinstance(e, CanaryStepStarted)]
+    assert [s.step_index for s in steps] == [0, 1]
+    assert (steps[1].occurred_at - t0).total_seconds() >= 87

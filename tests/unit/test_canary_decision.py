@@ -464,3 +464,149 @@ def test_paused_and_held_looks_do_not_spend_the_false_rollback_budget() -> None:
 def test_a_policy_without_canary_steps_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CanaryPolicy(steps=())
+
+
+# ---- bus outages: time the bus was down does not count against a step or a hold --------------
+
+
+def s(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+GRACE = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class OutageCase:
+    name: str
+    state: RolloutState
+    outages: tuple[tuple[float, float], ...]
+    step_end_s: float | None  # the step's end after allowing for them (None: unchanged)
+    held_deadline_s: float | None = None
+    judge_after_s: float | None = None
+
+
+HELD = rollout(phase=Phase.HELD, held_deadline=s(841), held_since=s(241))
+OUTAGE_CASES = [
+    OutageCase(
+        "a 26 s outage mid-step moves the step's end by 26 s",
+        rollout(),
+        ((60, 86),),
+        206,
+        judge_after_s=96,
+    ),
+    OutageCase("two outages add up", rollout(), ((10, 20), (100, 105)), 195, judge_after_s=115),
+    OutageCase(
+        "overlapping views of one outage count once",
+        rollout(),
+        ((60, 86), (58, 80)),
+        208,
+        judge_after_s=96,
+    ),
+    OutageCase("an outage before the step started does not count", rollout(), ((-50, -10),), None),
+    OutageCase(
+        "only the part after the step start counts", rollout(), ((-10, 5),), 185, judge_after_s=15
+    ),
+    OutageCase(
+        "during the extension it still moves the end (and the deadline with it)",
+        rollout(),
+        ((200, 230),),
+        210,
+        judge_after_s=240,
+    ),
+    OutageCase(
+        "a hold's deadline moves by the part after the hold began",
+        HELD,
+        ((200, 300),),
+        None,
+        held_deadline_s=900,
+        judge_after_s=310,
+    ),
+    OutageCase(
+        "a paused step's clock is stopped already",
+        rollout(phase=Phase.PAUSED, paused_from=Phase.STEP, paused_remaining_s=100.0),
+        ((60, 90),),
+        None,
+        judge_after_s=100,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", OUTAGE_CASES, ids=lambda c: c.name)
+def test_bus_outages_extend_the_step_or_the_hold(case: OutageCase) -> None:
+    spans = [(s(a), s(b)) for a, b in case.outages]
+    after = rules.allow_for_outages(case.state, spans, GRACE)
+    if case.step_end_s is None:
+        assert after.step_ends_at == case.state.step_ends_at
+    else:
+        assert after.step_ends_at == s(case.step_end_s)
+    if case.held_deadline_s is not None:
+        assert after.held_deadline == s(case.held_deadline_s)
+    else:
+        assert after.held_deadline == case.state.held_deadline
+    assert after.judge_after == (s(case.judge_after_s) if case.judge_after_s else None)
+    # Allowing for the same outages again (the next tick, a failover) changes nothing.
+    assert rules.allow_for_outages(after, spans, GRACE) == after
+
+
+def test_an_outage_seen_longer_later_adds_only_the_difference() -> None:
+    ongoing = rules.allow_for_outages(rollout(), [(s(60), s(70))], GRACE)  # counted up to now
+    ended = rules.allow_for_outages(ongoing, [(s(60), s(86))], GRACE)  # then it ended
+    assert ended.step_ends_at == s(206) and ended.judge_after == s(96)
+    assert [(i.start, i.end) for i in ended.bus_outages] == [(s(60), s(86))]
+
+
+def test_outages_survive_in_the_state_bytes_so_a_failover_does_not_count_them_twice() -> None:
+    after = rules.allow_for_outages(rollout(), [(s(60), s(86))], GRACE)
+    restored = RolloutState.from_bytes(after.to_bytes())
+    assert rules.allow_for_outages(restored, [(s(60), s(86))], GRACE) == restored
+
+
+def test_finished_and_queued_rollouts_ignore_outages() -> None:
+    for state in (
+        rollout(phase=Phase.ROLLED_BACK, finished_at=s(10)),
+        rollout(phase=Phase.QUEUED),
+    ):
+        assert rules.allow_for_outages(state, [(s(0), s(100))], GRACE) == state
+
+
+def test_a_new_step_starts_with_no_outages_of_its_own() -> None:
+    after = rules.allow_for_outages(rollout(), [(s(60), s(86))], GRACE)
+    advanced = rules.apply(after, rules.Decision("advance", "ok"), s(206))
+    assert advanced.bus_outages == () and advanced.step_ends_at == s(206 + 120)
+    assert rules.allow_for_outages(advanced, [(s(60), s(86))], GRACE) == advanced
+
+
+def test_no_decision_on_time_while_records_are_in_transit_but_a_failing_canary_still_goes() -> None:
+    state = rules.allow_for_outages(rollout(), [(s(150), s(176))], GRACE)
+    assert state.step_ends_at == s(206) and state.judge_after == s(186)
+
+    def at(t: float, spec: tuple[list[float], int, list[float], int] | None) -> rules.Decision:
+        observation = rules.Observation(case_window(spec, s(t))) if spec else None
+        return rules.decide(state, observation, POLICY, THRESHOLDS, s(t))
+
+    # Without the outage a healthy canary would advance at 180; now its step runs to 206.
+    assert at(185, HEALTHY).action == "wait"
+    assert at(207, HEALTHY).action == "advance"
+    # Too little data: waits for the records in transit, then the (moved) extension, then holds.
+    in_transit = at(180, FEW)
+    assert in_transit.action == "wait" and "still arriving" in in_transit.reason
+    assert at(265, FEW).action == "wait"
+    assert at(267, FEW).action == "hold"
+    # A canary that is failing on what has arrived is rolled back at once, outage or not.
+    assert at(180, (lat(100, seed=4), 10, lat(2000, seed=5), 2)).action == "rollback"
+    blind = at(180, None)
+    assert blind.action == "wait" and "still arriving" in blind.reason
+
+
+def test_a_held_rollout_is_not_rolled_back_at_its_deadline_while_records_are_in_transit() -> None:
+    state = rules.allow_for_outages(HELD, [(s(830), s(845))], GRACE)
+    assert state.held_deadline == s(856) and state.judge_after == s(855)
+    obs = rules.Observation(case_window(FEW, s(855)))
+    assert rules.decide(state, obs, POLICY, THRESHOLDS, s(850)).action == "wait"
+    assert rules.decide(state, obs, POLICY, THRESHOLDS, s(856)).action == "rollback"
+
+
+def test_a_hold_records_when_it_began() -> None:
+    held = rules.apply(rollout(), rules.Decision("hold", "inconclusive"), s(241))
+    assert held.held_since == s(241) and held.held_deadline == s(241 + 600)
