@@ -354,6 +354,11 @@ def build(settings: Settings) -> ServiceApp:
                 f"not send commands (PREFLIGHT_COMMAND_USERS: {settings.command_users})"
             )
         engine: Engine = state["engine"]
+        if await engine.store.get(command.deployment_id) is None:
+            raise Rejected(
+                f"{command.type} for {command.deployment_id} refused: no rollout with that id "
+                "(unknown, or a deployment that never reached its canary)"
+            )
         outcome = await engine.on_command(command)
         log.info("%s for %s: %s", command.type, command.deployment_id, outcome)
 

@@ -228,6 +228,10 @@ class ServiceApp:
                 config=config,
                 pull_sub=PullSub(batch_size=1 if one_at_a_time else 10, timeout=1.0),
                 ack_policy=AckPolicy.MANUAL,
+                # The body stays bytes: FastStream's own decoder json.loads a body sent as
+                # application/json and raises on one that is not, before `_handle` can
+                # dead-letter it (the message was redelivered, then dropped).
+                decoder=_raw_body,
                 # Pulled messages arrive on this user's own inbox prefix (nats.conf).
                 inbox_prefix=f"{bus.inbox_prefix(self.settings.nats_user)}.".encode(),
                 title=f"{self.name}:{durable}",
@@ -349,6 +353,11 @@ class ServiceApp:
             # Not even the dead-letter stream took it: say so loudly; the caller's ack still
             # ends redelivery of a message that can never be handled.
             log.exception("%s: could not dead-letter the message on %s", self.name, subject)
+
+
+async def _raw_body(msg: Any) -> Any:
+    """FastStream decoder that leaves the body undecoded; `_handle` parses it strictly."""
+    return msg.body
 
 
 def _fetch_times_out_as_nats_does() -> None:
