@@ -8,10 +8,12 @@ would read them. Each fault gets a fresh stack (and data directory); this script
 supervisor's check loop (`Stack.check_children`, as `preflight up` does).
 
     malformed     10,000 malformed messages over every consumed subject (stage requested /
-                  validated / benchmarked, commands as the `client` user, outcomes and canary
-                  steps for the notifier, metric batches), published as `admin` with JetStream
-                  acks while a deployment runs; then every consumer drained; every one must be
-                  dead-lettered once, with a reason, and no service may restart
+                  validated / benchmarked, commands, outcomes and canary steps for the notifier,
+                  metric batches), published with JetStream acks as `admin` (commands as
+                  `client`) while a deployment runs, a quarter with `content-type:
+                  application/json`; every consumer drained; each must be dead-lettered once,
+                  with a reason, and no service may restart. Well-formed commands for unknown
+                  deployments, first versions and finished rollouts are counted apart
     nats-kill     SIGKILL nats-server mid-canary (the supervisor restarts it at its next check;
                   `--outages` holds the restart back that many seconds): promoted, once
     service-kill  healthy canaries, failing canaries (20% errors from the canary's server) and
@@ -44,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -671,7 +673,8 @@ FAMILY_CATEGORIES: dict[Family, dict[str, float]] = {
     "outcome": {"held_integer_deadline": 1.0},
     "command": {
         "command_unknown_deployment": 0.5,
-        "command_finished_deployment": 0.5,
+        "command_finished_rollout": 0.5,
+        "command_first_version": 0.25,
         "command_sender_not_allowed": 0.5,
     },
     "metrics": {"record_out_of_range": 1.0},
@@ -679,7 +682,9 @@ FAMILY_CATEGORIES: dict[Family, dict[str, float]] = {
 TYPE_NAMES = ("DeploymentSomething", "deploymentrequested", "", "DeadLetter", "Route")
 JSON_HEADER_SHARE = 0.25
 # Well-formed commands a person may send too late or with a typo: not malformed; counted apart.
-WELL_FORMED = frozenset({"command_unknown_deployment", "command_finished_deployment"})
+WELL_FORMED = frozenset(
+    {"command_unknown_deployment", "command_finished_rollout", "command_first_version"}
+)
 
 
 @dataclass
@@ -861,19 +866,20 @@ def malformed_messages(
     count: int,
     rng: random.Random,
     max_payload: int,
-    finished: Sequence[tuple[str, str]],
+    ended: Mapping[str, tuple[str, str]],
     *,
     cycle: bool = False,
 ) -> list[Malformed]:
     """`count` messages spread evenly over the families, each kind drawn by weight (`cycle`:
     every kind in turn); each one checked against the consumer's own parser, so "malformed" is
-    never a guess. `finished`: (model, deployment id) of deployments that have ended."""
+    never a guess. `ended`: (model, deployment id) of a `command_finished_rollout` and of a
+    `command_first_version` (a first version is promoted without a rollout), where known."""
     out: list[Malformed] = []
     for i in range(count):
         family = FAMILIES[i % len(FAMILIES)]
         weights = {**CATEGORIES, **FAMILY_CATEGORIES.get(family, {})}
-        if family != "outcome":
-            weights.pop("held_integer_deadline", None)
+        for missing in WELL_FORMED - {"command_unknown_deployment"} - set(ended):
+            weights.pop(missing, None)
         if cycle:
             category = list(weights)[(i // len(FAMILIES)) % len(weights)]
         else:
@@ -885,10 +891,7 @@ def malformed_messages(
             user = nats_users.CLIENT
             assert isinstance(template, Event)
             if category in WELL_FORMED:
-                if category == "command_finished_deployment" and finished:
-                    model, dep = rng.choice(list(finished))
-                else:
-                    model = FAULT_MODEL
+                model, dep = ended.get(category, (FAULT_MODEL, dep))
                 command = template.model_copy(update={"deployment_id": dep, "model": model})
                 subject = _subject(family, command)
                 out.append(Malformed(family, category, subject, bus.encode(command), user))
@@ -1004,6 +1007,8 @@ class Tally:
     """Letters for no message in `sent` (another source of dead letters)."""
     expected_by_service: Counter[str] = field(default_factory=Counter)
     received_by_service: Counter[str] = field(default_factory=Counter)
+    well_formed_by: Counter[str] = field(default_factory=Counter)
+    well_formed_lettered_by: Counter[str] = field(default_factory=Counter)
 
 
 def tally(sent: Sequence[Published], letters: Sequence[DeadLetter]) -> Tally:
@@ -1019,6 +1024,8 @@ def tally(sent: Sequence[Published], letters: Sequence[DeadLetter]) -> Tally:
         if not p.message.expects_dead_letter:
             out.well_formed += 1
             out.well_formed_lettered += bool(found)
+            out.well_formed_by[p.message.category] += 1
+            out.well_formed_lettered_by[p.message.category] += bool(found)
             continue
         out.expected += 1
         out.expected_by_service[p.message.service] += 1
@@ -1058,6 +1065,7 @@ def run_malformed(args: argparse.Namespace, console: Console, rng: random.Random
     with world_for("malformed", args.rps, console, args.keep) as world:
         finished = world.deploy("healthy", "v2")  # a finished rollout, for late commands
         world.follow([finished], timeout=240)
+        world.deployments.remove(finished)  # the setting: only v3 runs through the flood
         pids = dict(world.pids)
         during = world.deploy("healthy", "v3")  # rolls out through the flood
 
@@ -1065,9 +1073,11 @@ def run_malformed(args: argparse.Namespace, console: Console, rng: random.Random
             return int(js._nc.max_payload)
 
         limit = world.bus_call(max_payload) or 1024 * 1024
-        # A finished rollout (v2) and a first version, promoted without a rollout (v1).
         assert world.first is not None
-        done = [(MODEL, finished.id), (MODEL, world.first.id)]
+        done = {
+            "command_finished_rollout": (MODEL, finished.id),
+            "command_first_version": (MODEL, world.first.id),
+        }
         messages = malformed_messages(args.malformed, rng, limit, done)
         console.print(f"  publishing {len(messages)} malformed messages (max_payload {limit})")
 
@@ -1132,11 +1142,14 @@ def run_malformed(args: argparse.Namespace, console: Console, rng: random.Random
         f"original's stream sequence; {found.duplicated} duplicated, {found.wrong_service} "
         f"from another service, {found.without_reason} without a reason, {found.unmatched} "
         "for no message published here",
-        f"{found.well_formed} well-formed commands for unknown or finished deployments: "
-        f"{found.well_formed_lettered} dead-lettered, "
-        f"{found.well_formed - found.well_formed_lettered} acked with an INFO log line only"
+        "well-formed commands (dead-lettered / sent): "
+        + ", ".join(
+            f"{kind.removeprefix('command_')} {found.well_formed_lettered_by[kind]}/{n}"
+            for kind, n in sorted(found.well_formed_by.items())
+        )
         + (
-            " (FINDING: issue #13 asks for a dead letter with a reason)"
+            "; the rest acked with an INFO log line only (FINDING: issue #13 asks for a dead "
+            "letter with a reason)"
             if found.well_formed_lettered < found.well_formed
             else ""
         ),
@@ -1436,7 +1449,11 @@ def main() -> None:
     parser.add_argument("--malformed", type=int, default=None, help="messages (10,000; quick 700)")
     parser.add_argument("--deployments", type=int, default=18, help="service-kill series (18)")
     parser.add_argument(
-        "--outages", type=float, nargs="+", default=[0.0, 20.0], help="nats-kill: s held back"
+        "--outages",
+        type=float,
+        nargs="+",
+        default=[0.0, 20.0, 40.0],
+        help="nats-kill: seconds the restart is held back, one trial each (0 20 40)",
     )
     parser.add_argument(
         "--metrics-gap", type=float, default=6.0, help="metrics-down: a short stop (6 s)"

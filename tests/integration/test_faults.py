@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import sys
 import time
@@ -27,12 +28,21 @@ from nats.js import JetStreamContext
 from services.contracts import subjects
 from services.contracts.events import (
     TERMINAL_TYPES,
+    AbortDeployment,
+    CanaryStepStarted,
+    Command,
+    DeadLetter,
     DeploymentEvent,
     DeploymentPromoted,
     DeploymentRequested,
+    DeploymentRolledBack,
+    ModelRef,
+    PauseDeployment,
+    Requester,
     ValidationCompleted,
     new_deployment_id,
 )
+from services.contracts.routing import subject_for
 from services.runtime import bus, nats_users
 from services.runtime.service import MAX_DEAD_LETTER_PAYLOAD
 from services.runtime.settings import Settings
@@ -117,18 +127,14 @@ def generate(stack: Stack, count: int, seed: int) -> list[faults.Malformed]:
         return int(js._nc.max_payload)
 
     limit = on_bus(stack, max_payload)
-    return faults.malformed_messages(count, random.Random(seed), limit, [], cycle=True)
+    return faults.malformed_messages(count, random.Random(seed), limit, {}, cycle=True)
 
 
 def test_malformed_messages_on_every_consumed_subject_are_dead_lettered_once(
     stack: Stack,
 ) -> None:
     before = pids(stack)
-    messages = [
-        m
-        for m in generate(stack, 700, seed=13)
-        if m.expects_dead_letter and not faults.decoder_refuses(m)  # those: the xfail below
-    ]
+    messages = [m for m in generate(stack, 600, seed=13) if m.expects_dead_letter]
     assert len(messages) >= 500
     assert {m.family for m in messages} == set(faults.FAMILIES)
     kinds = {m.category for m in messages}
@@ -147,6 +153,9 @@ def test_malformed_messages_on_every_consumed_subject_are_dead_lettered_once(
 
 
 def test_bodies_the_json_decoder_raises_on_are_dead_lettered_too(stack: Stack) -> None:
+    """Bodies sent as application/json that are not JSON, and JSON nested past Python's
+    recursion limit: FastStream's own decoder used to raise on them before the service's
+    handler ran, and they were redelivered, then dropped without a dead letter."""
     messages = [m for m in generate(stack, 700, seed=14) if faults.decoder_refuses(m)][:30]
     assert {m.category for m in messages} >= {"deep_nesting", "truncated_json"}
     sent = publish(stack, messages)
@@ -170,6 +179,102 @@ def test_commands_for_unknown_deployments_are_dead_lettered(stack: Stack) -> Non
     assert found.well_formed_lettered == found.well_formed == len(sent)
 
 
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.benchmarker.samples import write_trained_model
+
+    return write_trained_model(tmp_path_factory.mktemp("model") / "model", seed=0)
+
+
+def request_for(model: Path, name: str, version: str, **extra: Any) -> DeploymentRequested:
+    from services.stack.demo import _expected_digests
+
+    return DeploymentRequested(
+        deployment_id=new_deployment_id(),
+        model=name,
+        version=version,
+        location=str(model),
+        expected_sha256=_expected_digests(model),
+        **extra,
+    )
+
+
+def send(stack: Stack, event: DeploymentRequested | Command) -> None:
+    """As the `client` user (people and CI), with a nonce for a command's message id."""
+
+    async def publish(js: JetStreamContext) -> Any:
+        return await bus.publish_event(js, event, secrets.token_hex(4))
+
+    on_bus(stack, publish, user=nats_users.CLIENT)
+
+
+def follow(
+    stack: Stack,
+    deployment_id: str,
+    until: Callable[[list[DeploymentEvent]], bool],
+    timeout: float = 60.0,
+) -> list[DeploymentEvent]:
+    deadline = time.monotonic() + timeout
+    events: list[DeploymentEvent] = []
+    while time.monotonic() < deadline:
+        stack.check_children()
+        events = history(stack, deployment_id) or events
+        if until(events):
+            return events
+        time.sleep(0.2)
+    pytest.fail(f"{deployment_id}: not there within {timeout:g} s: {[type(e) for e in events]}")
+
+
+def ended(events: list[DeploymentEvent]) -> bool:
+    return any(isinstance(e, TERMINAL_TYPES) for e in events)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # the setting fails with pytest.fail, which this does not hide
+    reason=(
+        "FINDING (issue #13 asks that commands for unknown or finished deployments be "
+        "dead-lettered with a reason): a well-formed command for a rollout that already ended "
+        "is acked with an INFO log line only ('ignored: the rollout already ended'; "
+        "services/canary_controller/app.py on_command, Engine.on_command)"
+    ),
+)
+def test_commands_for_a_finished_rollout_are_dead_lettered(stack: Stack, model: Path) -> None:
+    first = request_for(model, "fault-late", "1")
+    send(stack, first)
+    follow(stack, first.deployment_id, ended)
+    stable = ModelRef(name="fault-late", version="1", location=str(model))
+    canary = request_for(model, "fault-late", "2", stable=stable)
+    send(stack, canary)
+    follow(
+        stack, canary.deployment_id, lambda ev: any(isinstance(e, CanaryStepStarted) for e in ev)
+    )
+    who = Requester(user="test", nats_user=nats_users.CLIENT)
+    ids = {"deployment_id": canary.deployment_id, "model": "fault-late", "version": "2"}
+    send(stack, AbortDeployment(**ids, requested_by=who))
+    rolled = [
+        e for e in follow(stack, canary.deployment_id, ended) if isinstance(e, TERMINAL_TYPES)
+    ]
+    if not (isinstance(rolled[0], DeploymentRolledBack) and rolled[0].trigger == "manual"):
+        pytest.fail(f"the abort did not roll back: {rolled}")
+
+    late = PauseDeployment(**ids, requested_by=who)
+    send(stack, late)
+
+    async def letters(js: JetStreamContext) -> list[DeadLetter]:
+        return [
+            letter
+            for letter in await faults.read_dead_letters(js)
+            if letter.subject == subject_for(late)
+        ]
+
+    deadline = time.monotonic() + 5  # a dead letter takes well under a second
+    while not (found := on_bus(stack, letters)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert [letter.service for letter in found] == ["canary-controller"]
+    assert "ended" in found[0].reason
+
+
 def history(stack: Stack, deployment_id: str) -> list[DeploymentEvent] | None:
     async def read(js: JetStreamContext) -> list[DeploymentEvent]:
         return await bus.read_history(js, subjects.deployment_events(deployment_id))
@@ -181,24 +286,10 @@ def history(stack: Stack, deployment_id: str) -> list[DeploymentEvent] | None:
 
 
 def test_a_deployment_reaches_its_one_outcome_through_a_nats_server_sigkill(
-    stack: Stack, tmp_path: Path
+    stack: Stack, model: Path
 ) -> None:
-    from services.benchmarker.samples import write_trained_model
-    from services.stack.demo import _expected_digests
-
-    model = write_trained_model(tmp_path / "model", variant="good", seed=0)
-    request = DeploymentRequested(
-        deployment_id=new_deployment_id(),
-        model="fault-suite",
-        version="1",
-        location=str(model),
-        expected_sha256=_expected_digests(model),
-    )
-
-    async def deploy(js: JetStreamContext) -> Any:
-        return await bus.publish_event(js, request)
-
-    on_bus(stack, deploy, user=nats_users.CLIENT)
+    request = request_for(model, "fault-suite", "1")
+    send(stack, request)
     restarts = stack.nats_restart_count
     killed = False
     events: list[DeploymentEvent] = []
