@@ -43,7 +43,7 @@ from services.contracts.events import (
     ModelRef,
     new_deployment_id,
 )
-from services.runtime import bus
+from services.runtime import bus, nats_users
 from services.runtime.settings import Settings
 from services.stack.demo import MODEL, InferenceServers, Traffic, _expected_digests
 from services.stack.supervisor import Stack
@@ -150,7 +150,7 @@ def main() -> None:
             stack.start()
             stack.wait_ready()
             assert stack.nats is not None
-            bus_settings = settings.model_copy(update={"nats_url": stack.nats.url})
+            bus_settings = stack.settings_as(nats_users.CLIENT)  # requests, as a person would
             stable_url = servers.start("v1", 0.0)
             first = DeploymentRequested(
                 deployment_id=new_deployment_id(),

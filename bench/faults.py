@@ -55,6 +55,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import nats
 import yaml
+from canary_real import FAST_BENCHMARK as FAST_BENCHMARK  # bench/canary_real.py: one fast profile
 from machine import command_line, describe_machine  # bench/machine.py (scripts run from bench/)
 from pydantic import BaseModel, SecretStr, ValidationError
 from rich.console import Console
@@ -108,17 +109,6 @@ FAULTS = ("malformed", "nats-kill", "service-kill", "metrics-down")
 CHANNEL = "#deploys"
 FAULT_MODEL = "fault-model"  # the model of every malformed message: no real deployment's
 
-FAST_BENCHMARK = {
-    "defaults": {
-        "benchmark": {
-            "consistency_prompts": 5,
-            "latency_runs": 3,
-            "latency_warmup_runs": 1,
-            "max_length": 128,
-            "stride": 128,
-        }
-    }
-}
 CANARY: dict[str, Any] = {
     "canary": {
         "steps": [{"weight": 20, "duration_s": 8}, {"weight": 50, "duration_s": 6}],
@@ -339,15 +329,15 @@ class World:
 
     @property
     def admin(self) -> Settings:
-        return self.stack._service_settings()
+        return self.stack.settings_as(nats_users.ADMIN)
 
     @property
     def client(self) -> Settings:
-        return self.stack._settings_as(nats_users.CLIENT)
+        return self.stack.settings_as(nats_users.CLIENT)
 
     def bus_call(self, fn: Callable[[Any], Awaitable[T]], *, user: str = "admin") -> T | None:
         """`fn(jetstream)` on a fresh connection; None while the bus does not answer."""
-        settings = self.stack._settings_as(user)
+        settings = self.stack.settings_as(user)
 
         async def call() -> T:
             nc = await bus.connect(settings, f"bench-faults-{user}", timeout=1.0)

@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import SecretStr
 from rich.console import Console
 
 from services.contracts import subjects
@@ -272,13 +271,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         assert stack.nats is not None
         # The demo requests deployments and follows them as a person would: the `client` user,
         # with the password the stack generated for this data directory.
-        client_settings = settings.model_copy(
-            update={
-                "nats_url": stack.nats.url,
-                "nats_user": nats_users.CLIENT,
-                "nats_password": SecretStr(stack.credentials[nats_users.CLIENT]),
-            }
-        )
+        client_settings = stack.settings_as(nats_users.CLIENT)
         traffic = Traffic(stack.router_url, DEMO_RPS)
         for scenario in SCENARIOS:
             version = scenario.version

@@ -180,7 +180,9 @@ class Stack:
             f"{nats_users.credentials_path(self.data_dir)} (mode 0600)"
         )
 
-    def _settings_as(self, user: str) -> Settings:
+    def settings_as(self, user: str) -> Settings:
+        """Settings to connect to this stack's NATS as `user` (deploy/nats/nats.conf's users),
+        with the password generated for its data directory."""
         assert self.nats is not None
         return self.settings.model_copy(
             update={
@@ -192,7 +194,7 @@ class Stack:
 
     def _service_settings(self) -> Settings:
         """The supervisor's own connection (bootstrap, readiness): the admin user."""
-        return self._settings_as(nats_users.ADMIN)
+        return self.settings_as(nats_users.ADMIN)
 
     def _ensure_topology(self) -> None:
         settings = self._service_settings()
@@ -209,7 +211,7 @@ class Stack:
     def _env(self, name: str) -> dict[str, str]:
         """Every setting the user gave the stack, so services build the same topology; the
         stack's own values for where things are; Slack secrets only for the notifier."""
-        settings = self._settings_as(nats_users.user_of_service(name))
+        settings = self.settings_as(nats_users.user_of_service(name))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFLIGHT_")}
         given = self.settings.model_dump(exclude_unset=True, exclude={"instance"})
         for key, value in given.items():

@@ -11,9 +11,6 @@ import asyncio
 import os
 import random
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -41,6 +38,7 @@ from services.contracts.events import (
 from services.runtime import bus
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
+from tests.integration.controllers import Controller
 
 pytestmark = pytest.mark.e2e
 
@@ -58,39 +56,6 @@ POLICY = {
 }
 
 
-class Controller:
-    """`preflight service run canary-controller` as a child we can SIGKILL and start again."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.stack.cli", "service", "run", "canary-controller"],
-                env=self.env,
-                stdout=out,
-                stderr=out,
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Settings, Controller]]:
     server = NatsServer(tmp_path / "nats").start()
@@ -105,7 +70,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Settings, Controller]]:
         "PREFLIGHT_CONTROLLER_HTTP_PORT": "0",
         "PREFLIGHT_INSTANCE": "controller-under-test",
     }
-    controller = Controller(env, tmp_path / "controller.log")
+    controller = Controller("crash-test", env, tmp_path / "controller.log")
     try:
         yield settings, controller
     finally:

@@ -92,8 +92,9 @@ class Controller:
     name: str
     env: dict[str, str]
     log: Path
-    http_port: int
+    http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    kills: int = 0
 
     def start(self) -> None:
         with self.log.open("ab") as out:
@@ -108,6 +109,7 @@ class Controller:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self.kills += 1
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -75,7 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def on_bus(stack: Stack, fn: Callable[[JetStreamContext], Awaitable[T]], user: str = "admin") -> T:
     async def call() -> T:
-        nc = await bus.connect(stack._settings_as(user), "test-faults", timeout=2.0)
+        nc = await bus.connect(stack.settings_as(user), "test-faults", timeout=2.0)
         try:
             return await fn(nc.jetstream())
         finally:
@@ -91,8 +91,8 @@ def pids(stack: Stack) -> dict[str, int]:
 
 def publish(stack: Stack, messages: list[faults.Malformed]) -> list[faults.Published]:
     async def send() -> list[faults.Published]:
-        admin = await bus.connect(stack._service_settings(), "test-faults-admin")
-        client = await bus.connect(stack._settings_as(nats_users.CLIENT), "test-faults-client")
+        admin = await bus.connect(stack.settings_as(nats_users.ADMIN), "test-faults-admin")
+        client = await bus.connect(stack.settings_as(nats_users.CLIENT), "test-faults-client")
         try:
             sent, refused = await faults.publish_malformed(
                 admin.jetstream(), client.jetstream(), messages

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.contracts import subjects
-from services.runtime import bus
+from services.runtime import bus, nats_users
 from services.runtime.settings import Settings
 from services.stack.supervisor import STACK_FILE, Stack
 
@@ -24,7 +24,7 @@ def test_a_killed_nats_server_is_restarted_on_the_same_port_and_store(tmp_path: 
     try:
         assert stack.nats is not None and stack.nats.proc is not None
         url, first_pid = stack.nats.url, stack.nats.proc.pid
-        admin = stack._service_settings()
+        admin = stack.settings_as(nats_users.ADMIN)
 
         async def publish() -> int:
             nc = await bus.connect(admin, "restart-test")
