@@ -13,7 +13,8 @@ supervisor's check loop (`Stack.check_children`, as `preflight up` does).
                   `client`) while a deployment runs, a quarter with `content-type:
                   application/json`; every consumer drained; each must be dead-lettered once,
                   with a reason, and no service may restart. Well-formed commands for unknown
-                  deployments, first versions and finished rollouts are counted apart
+                  deployments, first versions and finished rollouts change nothing: dead-
+                  lettered with the reason too, and counted apart by kind
     nats-kill     SIGKILL nats-server mid-canary (the supervisor restarts it at its next check;
                   `--outages` holds the restart back that many seconds): promoted, once
     service-kill  healthy canaries, failing canaries (20% errors from the canary's server) and
@@ -671,7 +672,8 @@ FAMILY_CATEGORIES: dict[Family, dict[str, float]] = {
 }
 TYPE_NAMES = ("DeploymentSomething", "deploymentrequested", "", "DeadLetter", "Route")
 JSON_HEADER_SHARE = 0.25
-# Well-formed commands a person may send too late or with a typo: not malformed; counted apart.
+# Well-formed commands a person may send too late or with a typo: not malformed, but they change
+# nothing, so they are dead-lettered with the reason too; counted apart as well, by kind.
 WELL_FORMED = frozenset(
     {"command_unknown_deployment", "command_finished_rollout", "command_first_version"}
 )
@@ -698,10 +700,6 @@ class Malformed:
     @property
     def service(self) -> str:
         return CONSUMER_OF[self.family][2]
-
-    @property
-    def expects_dead_letter(self) -> bool:
-        return self.category not in WELL_FORMED
 
 
 def _template(family: Family, dep: str, rng: random.Random) -> BaseModel:
@@ -1011,12 +1009,11 @@ def tally(sent: Sequence[Published], letters: Sequence[DeadLetter]) -> Tally:
         position = (p.message.stream, p.seq)
         found = by_position.get(position, [])
         matched.add(position)
-        if not p.message.expects_dead_letter:
+        if p.message.category in WELL_FORMED:  # also counted apart, by kind
             out.well_formed += 1
             out.well_formed_lettered += bool(found)
             out.well_formed_by[p.message.category] += 1
             out.well_formed_lettered_by[p.message.category] += bool(found)
-            continue
         out.expected += 1
         out.expected_by_service[p.message.service] += 1
         if not found:
@@ -1138,8 +1135,8 @@ def run_malformed(args: argparse.Namespace, console: Console, rng: random.Random
             for kind, n in sorted(found.well_formed_by.items())
         )
         + (
-            "; the rest acked with an INFO log line only (FINDING: issue #13 asks for a dead "
-            "letter with a reason)"
+            "; the rest got no dead letter (DEFECT: a command that changes nothing must be "
+            "answered with its reason)"
             if found.well_formed_lettered < found.well_formed
             else ""
         ),

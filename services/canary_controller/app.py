@@ -360,7 +360,11 @@ def build(settings: Settings) -> ServiceApp:
                 "(unknown, or a deployment that never reached its canary)"
             )
         outcome = await engine.on_command(command)
-        log.info("%s for %s: %s", command.type, command.deployment_id, outcome)
+        if not outcome.applied:
+            # Well-formed but changes nothing (the rollout ended, or the phase does not allow
+            # it): the sender's answer is a dead letter with the reason, not only a log line.
+            raise Rejected(f"{command.type} for {command.deployment_id}: {outcome.reason}")
+        log.info("%s for %s: %s", command.type, command.deployment_id, outcome.reason)
 
     return svc
 

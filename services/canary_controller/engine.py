@@ -77,6 +77,15 @@ async def _always() -> None:
     return None
 
 
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What a person's command did: `applied` is False when it changed nothing (the rollout
+    already ended, or the command does not apply in its phase); `reason` says why, in words."""
+
+    applied: bool
+    reason: str
+
+
 @dataclass
 class Stored:
     state: RolloutState
@@ -437,8 +446,8 @@ class Engine:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    async def on_command(self, command: Command) -> str:
-        """Apply a person's command; returns what happened, for the log."""
+    async def on_command(self, command: Command) -> CommandOutcome:
+        """Apply a person's command; says whether it applied and what happened."""
         by = command.requested_by
         who = f"{by.user} via {by.system}"
         if by.nats_user:
@@ -448,19 +457,21 @@ class Engine:
         for _ in range(5):
             stored = await self.store.get(command.deployment_id)
             if stored is None:
-                return (
-                    f"{type(command).__name__} for {command.deployment_id}: no rollout with that id"
+                return CommandOutcome(
+                    False,
+                    f"{type(command).__name__} for {command.deployment_id}: no rollout with "
+                    "that id",
                 )
             if stored.state.pending is not None:
                 stored = await self.finish_pending(stored)
             decision = rules.command(stored.state, type(command).__name__, who, self.clock())
             if decision.action == "wait":
-                return decision.reason
+                return CommandOutcome(False, decision.reason)
             try:
                 await self.transition(stored, decision, self.clock())
             except Conflict:
                 continue
-            return decision.reason
+            return CommandOutcome(True, decision.reason)
         raise Conflict(
             f"{type(command).__name__} for {command.deployment_id}: rollout kept changing"
         )

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from services.contracts import subjects
 from services.contracts.events import (
+    TERMINAL_TYPES,
     AbortDeployment,
     Command,
     DeploymentEvent,
@@ -525,11 +526,20 @@ def _command(
     settings = load_settings(data_dir)
 
     async def send(js: Any) -> str:
-        events = await bus.read_history(js, subjects.request_of(deployment_id))
+        events = await bus.read_history(js, subjects.deployment_events(deployment_id))
         requested = [e for e in events if isinstance(e, DeploymentRequested)]
         if not requested:
             return ""
         first = requested[0]
+        ended = [e for e in events if isinstance(e, TERMINAL_TYPES)]
+        if ended:
+            # The controller would dead-letter it; say so here, before anything is sent.
+            fail(
+                f"{deployment_id} already ended: {ended[0].type} at "
+                f"{ended[0].occurred_at:%Y-%m-%d %H:%M:%S} UTC; a {kind.__name__} changes "
+                "nothing (`preflight status` shows why it ended)",
+                EXIT_FAILED,
+            )
         command = kind(
             deployment_id=deployment_id,
             model=first.model,

@@ -330,6 +330,9 @@ def test_cli_deploy_wait_promote_and_status(
     assert "as NATS user client" in status.stdout  # the authenticated sender, from the subject
     assert "looks good" in status.stdout
     assert "promoted by" in status.stdout
+    late = cli("abort", "d-cli-1", data_dir=stack.data_dir)
+    assert late.returncode == 1, late.stdout + late.stderr
+    assert "d-cli-1 already ended: DeploymentPromoted at" in " ".join(late.stderr.split())
 
     # The route now serves 7 as stable: a request that says it replaces 6 is refused.
     mismatched = cli(

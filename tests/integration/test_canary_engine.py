@@ -302,6 +302,8 @@ async def test_manual_pause_resume_and_abort(js: JetStreamContext, chdb_client: 
     ]
     assert rolled.trigger == "manual" and "bo via cli (bad vibes)" in rolled.reasons[0]
     assert (await route_of(engine, req.model)).canary is None
+    late = await engine.on_command(ResumeDeployment(**ids(req), requested_by=Requester(user="ana")))
+    assert not late.applied and "already ended (rolled_back)" in late.reason
 
 
 async def test_a_second_version_waits_for_the_first_rollout_of_its_model(
