@@ -51,6 +51,8 @@ from services.metrics import queries
 from services.runtime import bus, clickhouse, pipeline
 from services.runtime.service import EventSink, Rejected, ServiceApp, build_service
 from services.runtime.settings import Settings
+from services.traffic import RouterCache
+from services.traffic.base import RouterConfigError, RouterContext
 
 NAME = "canary-controller"
 ROLLOUTS_BUILT = True
@@ -293,6 +295,7 @@ def build(settings: Settings) -> ServiceApp:
             act_wait_s=2 * RENEW_S,  # a renewal delayed by a bus blip, not a lost lease
             outages=outages.known,
             upstreams=TcpProbe(),
+            routers=RouterCache(RouterContext(settings, js)),
         )
         state["engine"] = engine
         svc.sink = GuardedSink(svc.sink, engine)
@@ -328,6 +331,10 @@ def build(settings: Settings) -> ServiceApp:
     async def on_benchmarked(benchmarked: BenchmarkCompleted) -> None:
         engine: Engine = state["engine"]
         await engine.ensure_may_act()  # NotLeader: nak'ed, so the active replica takes it
+        try:
+            policy: Policy | None = pipeline.resolve_policy(svc.policy_file, benchmarked.request)
+        except PolicyError:
+            policy = None  # handle_benchmarked reports it
         for event in handle_benchmarked(benchmarked, svc.policy_file, settings):
             if isinstance(event, DeploymentPromoted):
                 # Canary off for this one: a rollout of the model still running would have its
@@ -335,11 +342,12 @@ def build(settings: Settings) -> ServiceApp:
                 await engine.supersede(
                     benchmarked.model, benchmarked.deployment_id, benchmarked.version
                 )
-                await engine.write_route(promoted_route(event, canary_target(benchmarked)))
+                await engine.write_route(
+                    promoted_route(event, canary_target(benchmarked)),
+                    policy.canary.traffic if policy else None,
+                )
             await svc.sink.publish_event(event)
-        try:
-            policy = pipeline.resolve_policy(svc.policy_file, benchmarked.request)
-        except PolicyError:
+        if policy is None:
             return  # reported above
         if not pipeline.proceeds_to_canary(benchmarked, policy) or not policy.canary.enabled:
             return
@@ -391,11 +399,16 @@ async def start_rollout(
         report = first_version_report(request.model, settings.instance)
         url = metrics_url(settings, benchmarked.deployment_id, benchmarked.model, rollout=False)
         promoted = pipeline.promoted_without_canary(benchmarked, report, url)
-        await engine.write_route(promoted_route(promoted, canary))
+        await engine.write_route(promoted_route(promoted, canary), policy.canary.traffic)
         await svc.sink.publish_event(promoted)
         return
     try:
         thresholds = policy.canary_thresholds(request.model_class)
+        engine.routers(policy.canary.traffic)  # the router's own options, checked up front
+    except RouterConfigError as exc:
+        error = PolicyError(f"canary.traffic: {exc}")
+        await svc.sink.publish_event(pipeline.policy_failure(request, "canary", error))
+        return
     except PolicyError as exc:
         await svc.sink.publish_event(pipeline.policy_failure(request, "canary", exc))
         return

@@ -17,6 +17,7 @@ from services.canary_controller.state import Interval, Phase, RolloutState
 from services.contracts.events import DeploymentRequested, RouteTarget, StageReport
 from services.contracts.policy import CanaryPolicy, CanaryThresholds
 from services.metrics.queries import WindowResult
+from services.traffic.base import Applied
 
 Action = Literal["wait", "advance", "promote", "rollback", "hold", "pause", "resume", "start"]
 Verdict = Literal["healthy", "unhealthy", "insufficient_data", "no_data"]
@@ -169,8 +170,12 @@ def decide(
     policy: CanaryPolicy,
     thresholds: CanaryThresholds,
     now: datetime,
+    *,
+    traffic: Applied | None = None,
 ) -> Decision:
     """What the rollout does now. `observation` None means the metrics store did not answer.
+    `traffic`: what the data plane has in force (read back by the rollout's traffic router);
+    None when not read (phases where no weight is being judged).
 
     Rules, worst wins: a canary significantly over a threshold in the step or the recent window
     is rolled back at once, in any phase that has a canary in traffic. A step ends only when its
@@ -226,6 +231,21 @@ def decide(
 
     if in_outage_grace(state, now):
         return look("wait", f"{_grace_reason(state)}: {step_assessment.reason}")
+    if traffic is not None and not traffic.confirmed and phase in (Phase.STEP, Phase.BAKE):
+        # A step never ends on a weight the data plane has not confirmed; rollback above
+        # still applies (taking the canary out is safe whatever is in force).
+        router = policy.traffic.router
+        since = state.step_started_at or state.created_at
+        waited = (now - since).total_seconds()
+        weight = f"canary weight {state.weight:g}%"
+        if waited >= policy.traffic.confirm_timeout_s:
+            return look(
+                "hold",
+                f"the {router} router has not confirmed {weight} {_seconds(waited)} after it "
+                f"was written: {traffic.detail}",
+                "inconclusive",
+            )
+        return look("wait", f"waiting for the {router} router to apply {weight}: {traffic.detail}")
     if phase is Phase.HELD:
         if state.held_deadline is not None and now >= state.held_deadline:
             return look(

@@ -37,8 +37,17 @@ from services.contracts.events import (
     RouteTarget,
     utc_now,
 )
+from services.contracts.policy import TrafficPolicy
 from services.metrics.queries import MetricsUnavailable, WindowResult
 from services.runtime import bus
+from services.traffic import RouterCache
+from services.traffic.base import (
+    Applied,
+    RouterConfigError,
+    RouterContext,
+    RouterError,
+    TrafficRouter,
+)
 
 log = logging.getLogger("preflight.canary-controller")
 
@@ -168,10 +177,15 @@ class Engine:
         outages: Callable[[datetime], Sequence[Span]] = lambda now: (),
         outage_grace: timedelta = rules.OUTAGE_GRACE,
         upstreams: UpstreamProbe | None = None,
+        routers: Callable[[TrafficPolicy], TrafficRouter] | None = None,
+        reapply_s: float = 5.0,
     ) -> None:
         """`may_act`: whether this replica holds a fresh lease (every write checks it, waiting up
         to `act_wait_s` for a renewal first). `outages`: the bus outages seen so far, given now.
-        `upstreams`: checks the route's upstreams when a rollout is held without traffic."""
+        `upstreams`: checks the route's upstreams when a rollout is held without traffic.
+        `routers`: the traffic router for a rollout's `canary.traffic` policy (default: one per
+        name and options, built from services/traffic); a weight it does not confirm is written
+        to it again every `reapply_s` (writes are idempotent)."""
         self.js = js
         self.store = RolloutStore(rollouts, guard=self.ensure_may_act)
         self.routes = routes
@@ -183,6 +197,9 @@ class Engine:
         self.outages = outages
         self.outage_grace = outage_grace
         self.upstreams = upstreams
+        self.routers = routers or RouterCache(RouterContext(None, js))
+        self.reapply_s = reapply_s
+        self._applied_at: dict[str, datetime] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
 
     async def ensure_may_act(self) -> None:
@@ -216,9 +233,42 @@ class Engine:
             log.error("route of %s in KV does not parse; treating as absent", model)
             return None
 
-    async def write_route(self, route: Route) -> None:
+    async def write_route(self, route: Route, traffic: TrafficPolicy | None = None) -> None:
+        """Put the route in the routes KV bucket (the record of intent, and the built-in
+        router's source), then write it into the model's data plane. RouterError propagates."""
         await self.ensure_may_act()
         await self.routes.put(route.model, route.model_dump_json().encode())
+        await self.apply_traffic(route, traffic or TrafficPolicy())
+
+    async def apply_traffic(self, route: Route, traffic: TrafficPolicy) -> None:
+        router = self.routers(traffic)
+        self._applied_at[route.model] = self.clock()
+        await router.apply(route)
+
+    async def confirm_traffic(self, state: RolloutState) -> Applied:
+        """What the rollout's data plane has in force, read back from it. Not confirmed: the
+        route is written to it again (at most every `reapply_s`: a data plane that restarted
+        empty, or a write that failed, heals), and the reason says what was read back."""
+        traffic = state.policy.traffic
+        route = await self.current_route(state.model)
+        if route is None:
+            return Applied(False, None, f"no route for {state.model} in the routes bucket")
+        try:
+            router = self.routers(traffic)
+            applied = await router.read(route)
+        except (RouterError, RouterConfigError) as exc:
+            applied = Applied(False, None, str(exc))
+        if applied.confirmed:
+            return applied
+        last = self._applied_at.get(route.model)
+        now = self.clock()
+        if last is None or (now - last).total_seconds() >= self.reapply_s:
+            try:
+                await self.ensure_may_act()
+                await self.apply_traffic(route, traffic)
+            except (RouterError, RouterConfigError) as exc:
+                return Applied(False, applied.weight, f"{applied.detail}; writing it failed: {exc}")
+        return applied
 
     # ---- starting ---------------------------------------------------------------------------
 
@@ -357,7 +407,12 @@ class Engine:
         if now <= start:
             return  # the clock is at or behind the step start: nothing to measure yet
         observation = await self.observe(state, now)
-        decision = rules.decide(state, observation, state.policy, state.thresholds, now)
+        traffic = None
+        if state.phase in (Phase.STEP, Phase.BAKE):
+            traffic = await self.confirm_traffic(state)
+        decision = rules.decide(
+            state, observation, state.policy, state.thresholds, now, traffic=traffic
+        )
         if decision.action == "wait" and not decision.analysed and decision.verdict is None:
             return
         overdue = state.step_ends_at is not None and now >= state.step_ends_at
@@ -435,7 +490,18 @@ class Engine:
         if pending is None:
             return stored
         if pending.route_json is not None:
-            await self.write_route(Route.model_validate_json(pending.route_json))
+            route = Route.model_validate_json(pending.route_json)
+            try:
+                await self.write_route(route, stored.state.policy.traffic)
+            except (RouterError, RouterConfigError) as exc:
+                # In KV; the data plane refused. The step cannot end on it (confirm_traffic
+                # writes it again and a lasting refusal holds the rollout with this reason).
+                log.warning(
+                    "rollout %s: the %s router did not take the route: %s",
+                    stored.state.deployment_id,
+                    stored.state.policy.traffic.router,
+                    exc,
+                )
         for raw in pending.events_json:
             event = DEPLOYMENT_EVENT.validate_json(raw)
             await self.ensure_may_act()

@@ -416,6 +416,28 @@ class Route(Message):
     updated_at: datetime = Field(default_factory=utc_now)
 
 
+class AppliedRoute(Message):
+    """One model's route as a built-in router instance serves it (see RouterReport)."""
+
+    updated_at: datetime = Field(description="The served Route's `updated_at`: which write.")
+    canary_weight: float = Field(ge=0, le=100)
+    stable_deployment_id: str | None = None
+    canary_deployment_id: str | None = None
+
+
+class RouterReport(Message):
+    """Value of a built-in router instance's key in the router-status KV bucket: what it serves.
+
+    Written on every route change and every few seconds (a heartbeat), so the controller can tell
+    a weight that is in force from one that was only written (services/traffic/builtin.py)."""
+
+    type: Literal["RouterReport"] = "RouterReport"
+    instance: str = Field(min_length=1, max_length=200)
+    reported_at: datetime = Field(default_factory=utc_now)
+    live: bool = Field(description="The route watch is live: the table follows the bucket.")
+    routes: dict[str, AppliedRoute] = Field(default_factory=dict, description="By model name.")
+
+
 class DeadLetter(Message):
     """A message a service could not take, with the original payload and why."""
 
@@ -510,6 +532,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ResumeDeployment,
     RequestMetricsBatch,
     Route,
+    RouterReport,
     DeadLetter,
 )
 

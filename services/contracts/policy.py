@@ -105,6 +105,27 @@ class CanaryThresholds(_Strict):
     max_p95_increase: float = Field(default=0.20, ge=0, description="0.20 = +20% vs stable.")
 
 
+class TrafficPolicy(_Strict):
+    """Which data plane carries the canary's traffic (services/traffic/): one router per model."""
+
+    router: Literal["builtin", "envoy", "gateway-api", "istio", "kserve"] = Field(
+        default="builtin",
+        description="builtin: preflight's own proxy; envoy: Envoy through xDS; gateway-api: an "
+        "HTTPRoute; istio: a VirtualService; kserve: an InferenceService (docs/data-planes/).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The router's own settings (object names, namespace, backends); each router "
+        "checks its keys and refuses unknown ones when the rollout starts.",
+    )
+    confirm_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A weight the data plane has not confirmed this long after it was written "
+        "holds the rollout, with the router's reason; a step never ends on an unconfirmed weight.",
+    )
+
+
 class CanaryPolicy(_Strict):
     enabled: bool = Field(default=True, description="Canary on real traffic; off: promoted.")
     steps: tuple[CanaryStep, ...] = Field(
@@ -142,6 +163,7 @@ class CanaryPolicy(_Strict):
         default="queue",
         description="A newer version of a model in rollout waits, or rolls the older back.",
     )
+    traffic: TrafficPolicy = TrafficPolicy()
 
     @model_validator(mode="after")
     def _increasing(self) -> CanaryPolicy:

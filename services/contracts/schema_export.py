@@ -159,7 +159,8 @@ def asyncapi_document() -> dict[str, Any]:
                 f"(file storage, dedup window); `{subjects.METRICS_STREAM}` request metrics; "
                 f"`{subjects.DEADLETTER_STREAM}` dead letters. KV buckets: "
                 f"`{subjects.ROUTES_BUCKET}` (key: model name, value: Route), "
-                f"`{subjects.ROLLOUTS_BUCKET}` (rollout state)."
+                f"`{subjects.ROLLOUTS_BUCKET}` (rollout state), "
+                f"`{subjects.ROUTER_STATUS_BUCKET}` (key: router instance, value: RouterReport)."
             ),
         },
         "defaultContentType": "application/json",
@@ -244,6 +245,8 @@ def _subject_of(name: str) -> str:
             return address
     if name == "Route":
         return f"KV `{subjects.ROUTES_BUCKET}`, key: model name"
+    if name == "RouterReport":
+        return f"KV `{subjects.ROUTER_STATUS_BUCKET}`, key: router instance"
     return "-"
 
 

@@ -29,6 +29,7 @@ ROUTES_BUCKET: Final = "preflight_routes"
 ROLLOUTS_BUCKET: Final = "preflight_rollouts"
 NOTICES_BUCKET: Final = "preflight_notices"
 LEASES_BUCKET: Final = "preflight_leases"  # which controller replica is active
+ROUTER_STATUS_BUCKET: Final = "preflight_router_status"  # what each built-in router serves
 
 # The user token of commands sent over a bus without authentication.
 ANONYMOUS_USER: Final = "anonymous"

@@ -33,6 +33,7 @@ from services.router.metrics import (
     PublisherMetrics,
 )
 from services.router.proxy import Proxy, RouterMetrics
+from services.router.report import Reporter
 from services.router.routes import Change, RouteTable, Update, record_deployment_id
 from services.router.watch import RouteWatcher
 from services.runtime import bus
@@ -55,6 +56,7 @@ class Router:
     proxy: Proxy
     registry: CollectorRegistry
     prom: RouterMetrics
+    reporter: Reporter | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -109,6 +111,8 @@ def build_app(
     def on_update(update: Update, route: Route | None) -> None:
         prom.route_updates.labels(update.change.value).inc()
         prom.routes.set(len(table.routes))
+        if router.reporter is not None:
+            router.reporter.changed()  # say what is in force now, not at the next heartbeat
         if update.change is Change.APPLIED and route is not None:
             prom.canary_weight.labels(update.key).set(route.canary_weight)
         elif update.change is Change.REMOVED:
@@ -131,15 +135,17 @@ def build_app(
     )
     if draw is not None:
         proxy.draw = draw
+    watcher = RouteWatcher(js, table)
     router = Router(
         settings=settings,
         nc=nc,
         table=table,
-        watcher=RouteWatcher(js, table),
+        watcher=watcher,
         publisher=publisher,
         proxy=proxy,
         registry=registry,
         prom=prom,
+        reporter=Reporter(js, table, settings.instance, live=lambda: watcher.live),
     )
     app = web.Application(client_max_size=0)  # bodies stream through, never buffered whole
     app[ROUTER] = router
@@ -168,6 +174,8 @@ async def _lifecycle(app: web.Application) -> Any:
         asyncio.create_task(router.watcher.run(), name="router-route-watch"),
         asyncio.create_task(router.publisher.run(), name="router-metrics"),
     ]
+    if router.reporter is not None:
+        tasks.append(asyncio.create_task(router.reporter.run(), name="router-status-report"))
     router.tasks = tasks
     for task in tasks:
         task.add_done_callback(_report_death)
@@ -180,6 +188,8 @@ async def _lifecycle(app: web.Application) -> Any:
             # A task that died has been reported already; cleanup must still run.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if router.reporter is not None:
+            await router.reporter.withdraw()
         await router.publisher.close()
         await router.proxy.session.close()
 

@@ -27,6 +27,7 @@ from services.router.routes import (
     resolve_model,
     select,
 )
+from services.traffic.base import PIN_HEADER
 
 log = logging.getLogger("preflight.router")
 
@@ -162,7 +163,8 @@ class Proxy:
             self.prom.rejected.labels("unknown_model").inc()
             return error_response(404, "unknown_model", str(exc), header=MODEL_HEADER)
         client = request.headers.get(self.sticky_header) if self.sticky_header else None
-        selection = select(route, draw=self.draw(), client=client or None)
+        pin = request.headers.get(PIN_HEADER)
+        selection = select(route, draw=self.draw(), client=client or None, pin=pin)
         if selection.upstream is None or selection.version is None:
             self.prom.rejected.labels("no_upstream").inc()
             return error_response(

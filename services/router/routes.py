@@ -87,8 +87,18 @@ class Selection:
         return self.target.version if self.target is not None else None
 
 
-def select(route: Route, *, draw: float, client: str | None = None) -> Selection:
+def select(
+    route: Route, *, draw: float, client: str | None = None, pin: str | None = None
+) -> Selection:
+    """`pin`: the request's X-Preflight-Pin header (services/traffic/base.py): `canary` or
+    `stable` sends it there whatever the weight, while that role exists; anything else is
+    ignored (the weighted choice)."""
     role = pick_role(route, draw=draw, client=client)
+    wanted = (pin or "").strip().lower()
+    if wanted == "canary" and route.canary is not None and route.canary.upstream is not None:
+        role = "canary"
+    elif wanted == "stable" and route.stable is not None:
+        role = "stable"
     target = route.canary if role == "canary" else route.stable
     return Selection(route.model, role, target, record_deployment_id(route))
 

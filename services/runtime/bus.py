@@ -189,6 +189,7 @@ BUCKETS: tuple[tuple[str, str, int], ...] = (
     (subjects.ROLLOUTS_BUCKET, "Rollout state per deployment; the controller's truth.", 10),
     (subjects.NOTICES_BUCKET, "Notices sent per deployment (dedup, message to update).", 1),
     (subjects.LEASES_BUCKET, "Which canary-controller replica is active.", 1),
+    (subjects.ROUTER_STATUS_BUCKET, "What each built-in router instance serves (heartbeat).", 1),
 )
 
 

@@ -37,10 +37,12 @@ from services.contracts.events import (
     RequestMetricsBatch,
     RequestRecord,
     Route,
+    RouterReport,
     RouteTarget,
     StageReport,
     Status,
 )
+from services.router.report import applied
 from services.runtime import bus, nats_users
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
@@ -224,6 +226,7 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         nc = self.js._nc
         kv = await self.js.key_value(subjects.ROUTES_BUCKET)
+        status = await self.js.key_value(subjects.ROUTER_STATUS_BUCKET)
         rng = random.Random(3)
         route: Route | None = None
         back_at: float | None = None
@@ -232,6 +235,13 @@ class Gateway:
                 with contextlib.suppress(Exception):
                     entry = await asyncio.wait_for(kv.get(self.model), 0.5)
                     route = Route.model_validate_json(entry.value or b"")
+                    # Say what it serves, as a router does (services/router/report.py).
+                    report = RouterReport(
+                        instance="test-gateway", live=True, routes={self.model: applied(route)}
+                    )
+                    await asyncio.wait_for(
+                        status.put("test-gateway", report.model_dump_json().encode()), 0.5
+                    )
             if route is not None:
                 self._pending.append(self._batch(route, rng))
             self.kept_max = max(self.kept_max, len(self._pending))

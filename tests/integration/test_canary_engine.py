@@ -6,8 +6,11 @@ have produced in that time, then lets the engine tick.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,8 +37,12 @@ from services.contracts.events import (
     RouteTarget,
 )
 from services.contracts.policy import CanaryPolicy, CanaryStep, CanaryThresholds
+from services.router.report import Reporter
+from services.router.routes import RouteTable
+from services.router.watch import RouteWatcher
 from services.runtime import bus
 from services.runtime.settings import Settings
+from services.traffic.builtin import BuiltinOptions, BuiltinRouter
 
 pytestmark = pytest.mark.integration
 
@@ -149,6 +156,39 @@ async def events_of(js: JetStreamContext, deployment_id: str) -> list[Any]:
     return await bus.read_history(js, subjects.deployment_events(deployment_id))
 
 
+@pytest.fixture(autouse=True)
+async def builtin_router(js: JetStreamContext) -> AsyncIterator[None]:
+    """A built-in router instance's route watch and status report (services/router), in this
+    process: the engine's steps end only on a weight a router reports it serves."""
+    table = RouteTable()
+    watcher = RouteWatcher(js, table)
+    reporter = Reporter(js, table, "engine-test-router", live=lambda: watcher.live)
+    table._on_update = lambda update, route: reporter.changed()
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(reporter.run())]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def served(engine: Engine, model: str, timeout: float = 5.0) -> None:
+    """Wait (real time) until the router reports the model's current route: what a gateway
+    would be serving before the next request, where the test's clock has no real time."""
+    route = await engine.current_route(model)
+    if route is None:
+        return
+    router = BuiltinRouter(BuiltinOptions(), engine.js)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (await router.read(route)).confirmed:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"the router did not report {model}'s route within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
 async def drive(
     engine: Engine,
     traffic: Traffic,
@@ -161,6 +201,7 @@ async def drive(
     """Let `seconds` of traffic happen at the route's current weight, ticking as we go."""
     elapsed = 0.0
     while elapsed < seconds:
+        await served(engine, traffic.model)
         route = await route_of(engine, traffic.model)
         traffic.run(clock.now, tick_s, route.canary_weight, **behaviour)
         clock.now += timedelta(seconds=tick_s)

@@ -200,6 +200,12 @@ def calls() -> list[Call]:
             frozenset({"client", "router", "canary-controller"}),
         ),
         Call(
+            "read router reports (direct get)",
+            f"$JS.API.DIRECT.GET.KV_{subjects.ROUTER_STATUS_BUCKET}",
+            {"seq": 1, "next_by_subj": f"$KV.{subjects.ROUTER_STATUS_BUCKET}.>", "batch": 1},
+            frozenset({"canary-controller"}),
+        ),
+        Call(
             "read rollouts (direct get)",
             f"$JS.API.DIRECT.GET.{ROLLOUTS_KV}.$KV.{subjects.ROLLOUTS_BUCKET}.{DEPLOYMENT}",
             b"",
@@ -234,6 +240,11 @@ def calls() -> list[Call]:
             {"canary-controller"},
         ),
         "write a notice": (f"$KV.{subjects.NOTICES_BUCKET}.{DEPLOYMENT}", {"notifier"}),
+        # Only routers say what they serve: a forged report would let a weight count as applied.
+        "report what a router serves": (
+            f"$KV.{subjects.ROUTER_STATUS_BUCKET}.router-1",
+            {"router"},
+        ),
     }
     for name, (subject, allowed) in publishes.items():
         found.append(Call(name, subject, b"{}", frozenset(allowed), reply=False))
