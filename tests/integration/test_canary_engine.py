@@ -36,7 +36,7 @@ from services.contracts.events import (
     Route,
     RouteTarget,
 )
-from services.contracts.policy import CanaryPolicy, CanaryStep, CanaryThresholds
+from services.contracts.policy import CanaryPolicy, CanaryStep, CanaryThresholds, TrafficPolicy
 from services.router.report import Reporter
 from services.router.routes import RouteTable
 from services.router.watch import RouteWatcher
@@ -133,11 +133,11 @@ async def make_engine(js: JetStreamContext, client: Any, clock: Clock) -> Engine
     )
 
 
-def new_rollout(req: DeploymentRequested, clock: Clock) -> Any:
+def new_rollout(req: DeploymentRequested, clock: Clock, policy: CanaryPolicy = POLICY) -> Any:
     return rules.start_rollout(
         req,
         earlier=(),
-        policy=POLICY,
+        policy=policy,
         thresholds=CanaryThresholds(),
         stable=RouteTarget(deployment_id="d-stable", version="v1", upstream="http://s"),
         canary=RouteTarget(deployment_id=req.deployment_id, version="v2", upstream="http://c"),
@@ -559,3 +559,34 @@ async def test_a_bus_outage_is_allowed_for_once_even_across_a_failover(
     steps = [e for e in await events_of(js, req.deployment_id) if isinstance(e, CanaryStepStarted)]
     assert [s.step_index for s in steps] == [0, 1]
     assert (steps[1].occurred_at - t0).total_seconds() >= 87
+
+
+async def test_a_weight_no_router_confirms_holds_the_rollout_with_the_routers_reason(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    """The one router instance here serves the route, but the policy wants two: the step must
+    not end on it, and past confirm_timeout_s the rollout is held, saying why."""
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/unconfirmed")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    policy = POLICY.model_copy(
+        update={
+            "traffic": TrafficPolicy(options={"min_instances": 2}, confirm_timeout_s=20),
+        }
+    )
+    await engine.begin(new_rollout(req, clock, policy))
+    for _ in range(3):  # 15 s: healthy traffic, but no confirmation yet
+        await drive(engine, traffic, clock, 5)
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.STEP
+    assert "waiting for the builtin router to apply canary weight 5%" in stored.state.last_reason
+    await drive(engine, traffic, clock, 10)
+    stored = await engine.store.get(req.deployment_id)
+    assert stored is not None and stored.state.phase is Phase.HELD, stored.state.last_reason
+    [held] = [e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentHeld)]
+    assert "the builtin router has not confirmed canary weight 5%" in held.reasons[0]
+    assert "1 of 1 router instances serve canary weight 5%" in held.reasons[0]
+    assert "2 needed" in held.reasons[0]
+    steps = [e for e in await events_of(js, req.deployment_id) if isinstance(e, CanaryStepStarted)]
+    assert [s.step_index for s in steps] == [0]  # never advanced

@@ -32,6 +32,8 @@ from services.router.metrics import PublisherConfig
 from services.runtime import bus
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
+from services.traffic.base import PIN_HEADER
+from services.traffic.builtin import BuiltinOptions, BuiltinRouter
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +194,71 @@ async def test_sticky_clients_keep_their_version_and_only_move_to_canary(
     late = {c for c, role in seen[60.0].items() if role == "canary"}
     assert early <= late  # raising the weight moved clients stable -> canary, never back
     assert 0 < len(early) < len(late) < len(clients)
+
+
+async def test_the_pin_header_sends_a_tester_to_either_role_whatever_the_weight(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    await put_route(js, route(upstreams, 0.0))
+    async with router(router_settings(settings)) as (running, r), aiohttp.ClientSession() as s:
+        await eventually(lambda: r.watcher.live and weight_of(r) == 0.0)
+        pinned = {
+            (await completion(s, running.url, **{PIN_HEADER: "canary"}))[2]["X-Preflight-Role"]
+            for _ in range(10)
+        }
+        assert pinned == {"canary"}
+        await put_route(js, route(upstreams, 100.0))
+        await eventually(lambda: weight_of(r) == 100.0)
+        pinned = {
+            (await completion(s, running.url, **{PIN_HEADER: "stable"}))[2]["X-Preflight-Role"]
+            for _ in range(10)
+        }
+        assert pinned == {"stable"}
+        odd = {
+            (await completion(s, running.url, **{PIN_HEADER: "both"}))[2]["X-Preflight-Role"]
+            for _ in range(5)
+        }
+        assert odd == {"canary"}  # not a role: the weighted choice
+
+
+async def test_a_weight_counts_as_applied_only_when_every_live_router_reports_it(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    """Two real router instances report what they serve; the controller's view
+    (services/traffic/builtin.py) confirms a route write only when both serve it, and a stopped
+    instance withdraws its report so it is not waited for."""
+    check = BuiltinRouter(BuiltinOptions(max_report_age_s=5), js)
+    nobody = await check.read(route(upstreams, 5.0))
+    assert not nobody.confirmed and "no built-in router instance reports" in nobody.detail
+    first = router_settings(settings).model_copy(update={"instance": "router-a"})
+    second = router_settings(settings).model_copy(update={"instance": "router-b"})
+    written = route(upstreams, 5.0)
+    await put_route(js, written)
+    async with router(first) as (_, a):
+        await eventually(lambda: a.watcher.live and weight_of(a) == 5.0)
+        async with router(second) as (_, b):
+            await eventually(lambda: b.watcher.live and weight_of(b) == 5.0)
+            t0 = time.monotonic()
+            while not (applied := await check.read(written)).confirmed:
+                assert time.monotonic() - t0 < 5, applied.detail
+                await asyncio.sleep(0.02)
+            assert applied.weight == 5.0 and "2 router instance(s)" in applied.detail
+            newer = route(upstreams, 50.0)
+            behind = await check.read(newer)  # written nowhere yet: nobody serves it
+            assert not behind.confirmed
+            assert "0 of 2 router instances serve canary weight 50%" in behind.detail
+            await put_route(js, newer)
+            t0 = time.monotonic()
+            while not (await check.read(newer)).confirmed:
+                assert time.monotonic() - t0 < 5
+                await asyncio.sleep(0.02)
+            propagation = time.monotonic() - t0
+            assert propagation < 2.0
+        # router-b stopped cleanly: only router-a counts now.
+        t0 = time.monotonic()
+        while "1 router instance(s)" not in (await check.read(newer)).detail:
+            assert time.monotonic() - t0 < 5
+            await asyncio.sleep(0.05)
 
 
 # ---- weights from the KV bucket ---------------------------------------------------------------
