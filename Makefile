@@ -28,8 +28,9 @@ browser: ## Install Debian's chromium for the rollout-page test, if missing
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the rollout-page browser test will skip"; }
 
-demo: $(STAMP) ## Start the embedded stack, deploy a generated sample model, show the outcome, stop
+demo: $(STAMP) ## Start the embedded stack, deploy generated sample models, show the outcomes, stop; then again through a real Envoy
 	$(BIN)/preflight demo
+	$(BIN)/preflight demo --data-plane envoy
 
 up: $(STAMP) ## Run the embedded stack until Ctrl-C
 	$(BIN)/preflight up

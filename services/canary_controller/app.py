@@ -322,6 +322,10 @@ def build(settings: Settings) -> ServiceApp:
         runner = state.get("page")
         if runner is not None:
             await runner.cleanup()
+        engine = state.get("engine")
+        if engine is not None and isinstance(engine.routers, RouterCache):
+            with contextlib.suppress(Exception):
+                await engine.routers.aclose()  # data-plane clients (Envoy admin, Kubernetes)
         nc = state.get("nc")
         if nc is not None:
             with contextlib.suppress(Exception):

@@ -316,3 +316,13 @@ def load_policy_file(path: Path | None) -> PolicyFile:
     for model in policy_file.models:
         policy_file.resolve(model=model)
     return policy_file
+
+
+def with_default_router(policy: PolicyFile, router: str) -> dict[str, Any]:
+    """The policy file as a document whose defaults send canary traffic through `router`,
+    unless its defaults already choose one (teams, models and requests still override)."""
+    doc = policy.model_dump(mode="json")
+    canary = doc["defaults"].setdefault("canary", {})
+    traffic = canary.setdefault("traffic", {})
+    traffic.setdefault("router", router)
+    return doc

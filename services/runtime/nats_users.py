@@ -43,7 +43,10 @@ def users(conf: Path | None = None) -> dict[str, str]:
 
 
 def user_of_service(service: str) -> str:
-    """Each service connects as the user of its own name (deploy/nats/nats.conf)."""
+    """Each service connects as the user of its own name (deploy/nats/nats.conf); the Envoy
+    access-log receiver is a data plane's record source, so it is the `router` user."""
+    if service == "envoy-receiver":
+        return "router"
     if service not in users():
         raise CredentialsError(f"deploy/nats/nats.conf has no user for service {service!r}")
     return service

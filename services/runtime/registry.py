@@ -19,8 +19,13 @@ SERVICES: Final[dict[str, str]] = {
     "notifier": "services.notifier.app",
     "router": "services.router.app",
     "metrics-ingest": "services.metrics.app",
+    "envoy-receiver": "services.envoy.app",
 }
 """Bus services have `build(settings) -> ServiceApp`; HTTP ones (the router) `serve(settings)`."""
+
+DATA_PLANE_SERVICES: Final[dict[str, str]] = {"builtin": "router", "envoy": "envoy-receiver"}
+"""The embedded stack runs the one of these its `data_plane` names (Envoy itself is a child of
+the supervisor, beside nats-server)."""
 
 # In the embedded stack chDB allows one process per data path: the controller runs the ingest.
 EMBEDDED_IN_CONTROLLER: Final = frozenset({"metrics-ingest"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
@@ -116,6 +117,22 @@ class Settings(BaseSettings):
             "CPU threads for benchmarks; default: torch's own. On a small shared machine 1 is "
             "steadier (docs/benchmarks.md: 2 threads beside a busy neighbour ran 10-100x slower)."
         ),
+    )
+    data_plane: Literal["builtin", "envoy"] = Field(
+        default="builtin",
+        description="`preflight up`: what carries inference traffic: preflight's own router, or "
+        "a real Envoy fed by xDS files, its access logs received back (docs/data-planes/).",
+    )
+    envoy_xds_dir: Path | None = Field(
+        default=None, description="Envoy router: the directory Envoy watches for RDS/CDS files."
+    )
+    envoy_admin_url: str | None = Field(
+        default=None, description="Envoy router: its admin interface, read back (/config_dump)."
+    )
+    envoy_receiver_host: str = Field(default="127.0.0.1", description="Access-log receiver.")
+    envoy_receiver_port: int = Field(default=9902, ge=0, le=65535, description="Its gRPC port.")
+    envoy_receiver_http_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Receiver /healthz and /metrics; None: off."
     )
     stack_host: str = "127.0.0.1"
     stack_nats_port: int = Field(default=-1, description="-1: a free port.")

@@ -169,6 +169,13 @@ def up(
     data_dir: DataDir = None,
     nats_port: Annotated[int | None, typer.Option(help="NATS port; default: a free one.")] = None,
     policy: Annotated[Path | None, typer.Option(help="Policy YAML for every service.")] = None,
+    data_plane: Annotated[
+        str,
+        typer.Option(
+            help="What carries inference traffic: `builtin` (preflight's router) or `envoy` (a "
+            "real Envoy fed by xDS files, its access logs received back; docs/data-planes/)."
+        ),
+    ] = "builtin",
 ) -> None:
     """Start the embedded stack (nats-server, ClickHouse engine, every service) until Ctrl-C."""
     from services.runtime.nats_server import NatsServerError
@@ -180,6 +187,9 @@ def up(
         update["stack_nats_port"] = nats_port
     if policy is not None:
         update["policy_file"] = policy
+    if data_plane not in ("builtin", "envoy"):
+        fail(f"--data-plane {data_plane!r}: choose builtin or envoy")
+    update["data_plane"] = data_plane
     settings = settings.model_copy(update=update)
     try:
         load_policy_file(settings.policy_file)
@@ -224,11 +234,17 @@ def up(
 @app.command()
 def demo(
     data_dir: DataDir = None,
+    data_plane: Annotated[
+        str, typer.Option(help="`builtin` (preflight's router) or `envoy` (a real Envoy).")
+    ] = "builtin",
 ) -> None:
     """Start the stack, send a real sample deployment through the pipeline, show it, stop."""
     from services.stack.demo import run_demo
 
-    settings = load_settings(data_dir or Path(".preflight/demo"))
+    if data_plane not in ("builtin", "envoy"):
+        fail(f"--data-plane {data_plane!r}: choose builtin or envoy")
+    default_dir = Path(".preflight/demo" if data_plane == "builtin" else ".preflight/demo-envoy")
+    settings = load_settings(data_dir or default_dir).model_copy(update={"data_plane": data_plane})
     raise typer.Exit(run_demo(settings, out))
 
 

@@ -36,6 +36,7 @@ MODEL = "sample-gpt"
 # Where `preflight demo` keeps its state unless --data-dir says otherwise (relative to the
 # working directory, as the CLI passes it).
 DEFAULT_DATA_DIR = Path(".preflight") / "demo"
+ENVOY_DATA_DIR = Path(".preflight") / "demo-envoy"  # `preflight demo --data-plane envoy`
 # Written into a data directory the demo has made its own; the next run may clear it.
 OWNER_FILE = ".preflight-demo"
 
@@ -92,7 +93,7 @@ def claim_data_dir(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     entries = [e for e in os.scandir(data_dir) if e.name != LOCK_FILE]
     owned = (
-        data_dir.resolve() == DEFAULT_DATA_DIR.resolve()
+        data_dir.resolve() in (DEFAULT_DATA_DIR.resolve(), ENVOY_DATA_DIR.resolve())
         or (data_dir / OWNER_FILE).is_file()
         or not entries
     )
@@ -233,9 +234,17 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
 
     started = time.monotonic()
     settings = settings.model_copy(update={"policy_file": settings.policy_file or DEMO_POLICY})
+    through = "Envoy" if settings.data_plane == "envoy" else "the router"
     data_dir = settings.data_dir.resolve()
     models = data_dir / "models"
-    console.rule("[bold]preflight demo")
+    console.rule(
+        "[bold]preflight demo"
+        + (
+            " through a real Envoy (xDS files, access logs)"
+            if settings.data_plane == "envoy"
+            else ""
+        )
+    )
     try:
         claim_data_dir(data_dir)
     except (StackError, OSError) as exc:
@@ -299,8 +308,13 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
                 )
             if previous is not None and not traffic.started:
                 console.print(
-                    f"    users: {DEMO_RPS:g} requests/s to {MODEL} through the router at "
+                    f"    users: {DEMO_RPS:g} requests/s to {MODEL} through {through} at "
                     f"{stack.router_url} (rollout pages: {stack.page_url}/rollouts)"
+                    + (
+                        "; the canary's numbers come from Envoy's own access logs"
+                        if settings.data_plane == "envoy"
+                        else ""
+                    )
                 )
                 traffic.start()
             stack.check_children()
@@ -325,7 +339,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
             )
     if traffic is not None:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(traffic.by_status.items()))
-        console.print(f"user traffic: {traffic.sent} requests through the router ({statuses})")
+        console.print(f"user traffic: {traffic.sent} requests through {through} ({statuses})")
     console.print(
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
     )

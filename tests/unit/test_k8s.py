@@ -33,8 +33,24 @@ kubernetes_schemas: Any = importlib.import_module("kubernetes_validate.utils")
 # The oldest Kubernetes we claim to support; kubernetes-validate ships schemas up to its latest.
 KUBERNETES_VERSION = "1.31.0"
 BUILT_IN_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1"}
-SERVICES = ("validator", "benchmarker", "canary-controller", "notifier", "router", "metrics-ingest")
-HTTP_PORTS = {"canary-controller": 8471, "router": 8480}
+SERVICES = (
+    "validator",
+    "benchmarker",
+    "canary-controller",
+    "notifier",
+    "router",
+    "metrics-ingest",
+    "envoy-receiver",
+)
+HTTP_PORTS = {"canary-controller": 8471, "router": 8480, "envoy-receiver": 9903}
+# The settings naming each web service's HTTP port and host.
+HTTP_SETTINGS = {
+    "canary-controller": ("CONTROLLER_HTTP_PORT", "CONTROLLER_HTTP_HOST"),
+    "router": ("ROUTER_PORT", "ROUTER_HOST"),
+    "envoy-receiver": ("ENVOY_RECEIVER_HTTP_PORT", "ENVOY_RECEIVER_HOST"),
+}
+# The Envoy access-log receiver is a data plane's record source: it is the router's NATS user.
+NATS_USER_OF = {"envoy-receiver": "router"}
 # Trigger metadata the KEDA nats-jetstream scaler documents (keda.sh/docs/scalers/nats-jetstream).
 KEDA_NATS_REQUIRED = {
     "natsServerMonitoringEndpoint",
@@ -139,8 +155,8 @@ def validate_built_in(doc: Doc) -> None:
 
 def test_every_manifest_parses_and_names_itself() -> None:
     for path in sorted(K8S.rglob("*.yaml")):
-        if "config" in path.relative_to(K8S).parts:
-            continue  # copies of deploy/policy.yaml, read by a configMapGenerator
+        if "config" in path.relative_to(K8S).parts or path.name.startswith("policy"):
+            continue  # policy documents (copies, or examples' snippets), not Kubernetes objects
         for doc in documents(path):
             assert isinstance(doc, dict), path
             if path.name == "kustomization.yaml":
@@ -246,10 +262,11 @@ def test_images_and_commands_match_compose(resources: list[Doc], name: str) -> N
 @pytest.mark.parametrize("name", SERVICES)
 def test_each_service_connects_as_its_own_nats_user(resources: list[Doc], name: str) -> None:
     env = {e["name"]: e for e in container(of_kind(resources, "Deployment")[name])["env"]}
-    assert env[PREFIX + "NATS_USER"]["value"] == name
+    user = NATS_USER_OF.get(name, name)
+    assert env[PREFIX + "NATS_USER"]["value"] == user
     ref = env[PREFIX + "NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "preflight-nats-users"
-    assert ref["key"] == nats_users()[name], name
+    assert ref["key"] == nats_users()[user], name
     (generator,) = [g for g in kustomization(BASE)["secretGenerator"] if g["name"] == ref["name"]]
     assert set(env_names(BASE, generator["envs"][0])) == set(nats_users().values())
 
@@ -301,9 +318,9 @@ def test_probes_http_for_web_services_and_the_cli_for_the_others(
             ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
             assert get["path"] == "/healthz" and ports[get["port"]] == HTTP_PORTS[name]
             env = {e["name"]: e.get("value") for e in spec["env"]}
-            setting = "ROUTER" if name == "router" else "CONTROLLER_HTTP"
-            assert env[f"{PREFIX}{setting}_PORT"] == str(HTTP_PORTS[name])
-            assert env[f"{PREFIX}{setting}_HOST"] == "0.0.0.0"
+            port_setting, host_setting = HTTP_SETTINGS[name]
+            assert env[f"{PREFIX}{port_setting}"] == str(HTTP_PORTS[name])
+            assert env[f"{PREFIX}{host_setting}"] == "0.0.0.0"
         else:
             assert spec[probe]["exec"]["command"] == ["preflight", "service", "health", name]
 
