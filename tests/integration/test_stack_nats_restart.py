@@ -79,13 +79,15 @@ def test_a_killed_envoy_is_restarted_on_the_same_ports_with_its_routes(tmp_path:
         )
 
         async def scenario() -> None:
-            options = {"xds_dir": str(stack.envoy.xds_dir), "admin_url": admin}
+            envoy = stack.envoy
+            assert envoy is not None
+            options = {"xds_dir": str(envoy.xds_dir), "admin_url": admin}
             router = build("envoy", options, settings)
             try:
                 await router.apply(route)
                 assert await confirmed(router, route)
                 os.kill(first_pid, signal.SIGKILL)
-                await asyncio.to_thread(stack.envoy.proc.wait, 10)
+                await asyncio.to_thread(envoy.proc.wait, 10)
                 await asyncio.to_thread(stack.check_children)  # as `preflight up` does
                 assert await confirmed(router, route)  # loaded again from the files on disk
             finally:
