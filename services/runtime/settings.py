@@ -134,6 +134,16 @@ class Settings(BaseSettings):
     envoy_receiver_http_port: int | None = Field(
         default=None, ge=0, le=65535, description="Receiver /healthz and /metrics; None: off."
     )
+    kube_api_url: str | None = Field(
+        default=None,
+        description="Kubernetes routers: the API server; default: in-cluster, else kubeconfig.",
+    )
+    kube_token: SecretStr | None = Field(
+        default=None, description="Kubernetes routers: a bearer token for `kube_api_url`."
+    )
+    kube_ca_file: Path | None = Field(
+        default=None, description="Kubernetes routers: CA bundle for `kube_api_url`."
+    )
     stack_host: str = "127.0.0.1"
     stack_nats_port: int = Field(default=-1, description="-1: a free port.")
     command_users: str = Field(
