@@ -31,10 +31,12 @@ from services.contracts.events import (
     RequestMetricsBatch,
     RequestRecord,
     Route,
+    RouterReport,
     RouteTarget,
     StageReport,
     Status,
 )
+from services.router.report import applied
 from services.runtime import bus
 from services.runtime.nats_server import NatsServer
 from services.runtime.settings import Settings
@@ -95,10 +97,14 @@ def benchmarked(deployment_id: str) -> BenchmarkCompleted:
 async def gateway(js: JetStreamContext, stop: asyncio.Event, canary_error_rate: float) -> None:
     """200 requests a second, split by the route's weight, published as a router would."""
     kv = await js.key_value(subjects.ROUTES_BUCKET)
+    status = await js.key_value(subjects.ROUTER_STATUS_BUCKET)
     rng = random.Random(3)
     while not stop.is_set():
         entry = await kv.get(MODEL)
         route = Route.model_validate_json(entry.value or b"")
+        # Say what it serves, as a router does (services/router/report.py).
+        report = RouterReport(instance="crash-test", live=True, routes={MODEL: applied(route)})
+        await status.put("crash-test", report.model_dump_json().encode())
         live = route.canary is not None and route.canary_weight > 0
         rollout = route.canary if live and route.canary else route.stable
         records = []
