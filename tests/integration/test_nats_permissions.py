@@ -54,7 +54,9 @@ OWNERS = {
     # With chDB the ingest runs inside the controller (nats.conf says so).
     subjects.INGEST_DURABLE: {"metrics-ingest", "canary-controller"},
 }
-USERS = ("client", "subscriber", *SERVICES)  # every user but admin; services by their names
+# Every user but admin; services by their names (the Envoy access-log receiver is a data
+# plane's record source and connects as `router`).
+USERS = ("client", "subscriber", *(s for s in SERVICES if s != "envoy-receiver"))
 
 
 @dataclass(frozen=True)
