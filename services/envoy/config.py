@@ -93,6 +93,11 @@ class XdsOptions:
     upstream_timeout_s: float = 60.0
     default_model: str | None = None
     sticky_header: str | None = "x-preflight-client"
+    max_concurrency: int = 100_000
+    """Per cluster: connections, pending and active requests (Envoy's circuit breakers). Envoy's
+    default, 1,024, answered a burst at 2,000 requests/s with hundreds of 503s (UO) that nginx
+    and the built-in router never send, and the canary would be judged on them; the inference
+    servers' own limits are the ones that should shed load."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> XdsOptions:
@@ -367,6 +372,16 @@ def cluster(model: str, role: Role, target: RouteTarget, options: XdsOptions) ->
         "connect_timeout": _duration(options.connect_timeout_s),
         "lb_policy": "ROUND_ROBIN",
         "type": "STATIC",
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": options.max_concurrency,
+                    "max_pending_requests": options.max_concurrency,
+                    "max_requests": options.max_concurrency,
+                }
+            ]
+        },
         "metadata": {
             "filter_metadata": {
                 METADATA_NAMESPACE: {
