@@ -70,13 +70,20 @@ def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
+_FLAG_ORDER: Final = {flag: i for i, (flag, _) in enumerate(FLAG_KINDS)}
+
+
 def error_kind(flags: Any, details: str) -> str | None:
-    for flag, kind in FLAG_KINDS:
-        if getattr(flags, flag, False):
-            if kind == "connect" and "connection_timeout" in details:
-                return "connect_timeout"
-            return kind
-    return None
+    # Only the flags that are set (ListFields; most of the time none), not 21 getattr calls.
+    set_flags = [
+        _FLAG_ORDER[f.name] for f, on in flags.ListFields() if on and f.name in _FLAG_ORDER
+    ]
+    if not set_flags:
+        return None
+    kind = FLAG_KINDS[min(set_flags)][1]
+    if kind == "connect" and "connection_timeout" in details:
+        return "connect_timeout"
+    return kind
 
 
 def to_record(entry: Any) -> RequestRecord | Unmapped:

@@ -147,6 +147,9 @@ def build_app(
         prom=prom,
         reporter=Reporter(js, table, settings.instance, live=lambda: watcher.live),
     )
+    # A report written before the watch was live says "not live"; say so again once it is,
+    # not at the next heartbeat, so the controller does not wait 2 s to count this instance.
+    watcher.on_live = router.reporter.changed if router.reporter is not None else None
     app = web.Application(client_max_size=0)  # bodies stream through, never buffered whole
     app[ROUTER] = router
     app.router.add_get("/healthz", _healthz)

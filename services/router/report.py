@@ -77,6 +77,8 @@ class Reporter:
         kv = None
         while True:
             try:
+                # Cleared before the report is made: a change during the put wakes us again.
+                self._wake.clear()
                 if kv is None:
                     kv = await self.js.key_value(subjects.ROUTER_STATUS_BUCKET)
                 report = report_of(self.instance, self.table, self.live(), self.clock())
@@ -92,7 +94,6 @@ class Reporter:
                     )
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 kv = None
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats
@@ -32,6 +33,13 @@ class RouteWatcher:
     retry_max_s: float = 5.0
     live: bool = False
     problem: str | None = "route watch not started"
+    on_live: Callable[[], None] | None = None  # called when the watch turns live
+
+    def _went_live(self) -> None:
+        self.live = True
+        self.problem = None
+        if self.on_live is not None:
+            self.on_live()
 
     async def run(self) -> None:
         backoff = self.retry_initial_s
@@ -58,8 +66,7 @@ class RouteWatcher:
         try:
             async for entry in watcher:
                 if entry is None:  # the current values are all in
-                    self.live = True
-                    self.problem = None
+                    self._went_live()
                     log.info("route watch live: %d routes", len(self.table.routes))
                     continue
                 deleted = entry.operation in (KV_DEL, KV_PURGE)
