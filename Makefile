@@ -74,6 +74,7 @@ bench: $(STAMP) ## Run the benchmark scripts (figures for docs/benchmarks.md; se
 	$(BIN)/python bench/canary_real.py
 	$(BIN)/python bench/notifier_bench.py
 	$(BIN)/python bench/rollout_page.py
+	$(BIN)/python bench/analyse_bench.py
 
 clean: ## Remove the venv, caches and the embedded stack's data
 	rm -rf $(VENV) .preflight .pytest_cache .mypy_cache .ruff_cache

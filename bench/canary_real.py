@@ -124,6 +124,13 @@ def main() -> None:
     parser.add_argument(
         "--scenarios", nargs="+", default=["errors", "latency", "late"], help="which to run"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["bonferroni", "e-process"],
+        choices=["bonferroni", "e-process"],
+        help="canary methods, each trial run once per method (policy_overrides per request)",
+    )
     args = parser.parse_args()
     from services.benchmarker.samples import write_trained_model
 
@@ -144,7 +151,9 @@ def main() -> None:
             notices_to_terminal=False,
         )
         servers = InferenceServers(root / "data" / "logs")
-        results: dict[str, list[dict[str, Any]]] = {s: [] for s in args.scenarios}
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {
+            (s, m): [] for s in args.scenarios for m in args.methods
+        }
         traffic: Traffic | None = None
         try:
             stack.start()
@@ -169,29 +178,31 @@ def main() -> None:
             stable_ref = ModelRef(
                 name=MODEL, version="v1", location=str(stable_dir), endpoint=stable_url
             )
-            for scenario in args.scenarios:
-                for trial in range(args.trials):
-                    version = f"{scenario}-{trial}"
-                    url = servers.start(version, 0.0)
-                    knobs = {"latency_ms": MEDIAN_MS, "latency_jitter": 0.3, "error_rate": 0.0}
-                    if scenario == "errors":
-                        knobs["error_rate"] = 0.10
-                    if scenario == "latency":
-                        knobs["latency_ms"] = MEDIAN_MS * 1.5
-                    set_knobs(url, **knobs)
-                    request = DeploymentRequested(
-                        deployment_id=new_deployment_id(),
-                        model=MODEL,
-                        version=version,
-                        location=str(canary_dir),
-                        endpoint=url,
-                        expected_sha256=_expected_digests(canary_dir),
-                        stable=stable_ref,
-                    )
-                    late = (url, args.late_s) if scenario == "late" else None
-                    result = asyncio.run(follow(bus_settings, request, late))
-                    console.print(f"{scenario} trial {trial}: {result}", highlight=False)
-                    results[scenario].append(result)
+            for scenario, method, trial in [
+                (s, m, t) for s in args.scenarios for t in range(args.trials) for m in args.methods
+            ]:
+                version = f"{scenario}-{trial}-{method}"
+                url = servers.start(version, 0.0)
+                knobs = {"latency_ms": MEDIAN_MS, "latency_jitter": 0.3, "error_rate": 0.0}
+                if scenario == "errors":
+                    knobs["error_rate"] = 0.10
+                if scenario == "latency":
+                    knobs["latency_ms"] = MEDIAN_MS * 1.5
+                set_knobs(url, **knobs)
+                request = DeploymentRequested(
+                    deployment_id=new_deployment_id(),
+                    model=MODEL,
+                    version=version,
+                    location=str(canary_dir),
+                    endpoint=url,
+                    expected_sha256=_expected_digests(canary_dir),
+                    stable=stable_ref,
+                    policy_overrides={"canary": {"method": method}},
+                )
+                late = (url, args.late_s) if scenario == "late" else None
+                result = asyncio.run(follow(bus_settings, request, late))
+                console.print(f"{scenario} {method} trial {trial}: {result}", highlight=False)
+                results[(scenario, method)].append(result)
         finally:
             if traffic is not None:
                 traffic.stop()
@@ -209,16 +220,19 @@ def main() -> None:
         statuses = ", ".join(f"{k}: {v}" for k, v in sorted(traffic.by_status.items()))
         print(f"requests sent: {traffic.sent} ({statuses})")
     print()
-    print("| scenario | trials | rolled back | trigger | seconds to rollback (each) | median |")
-    print("|---|---|---|---|---|---|")
-    for scenario, rows in results.items():
+    print(
+        "| scenario | method | trials | rolled back | trigger | seconds to rollback (each) "
+        "| median |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (scenario, method), rows in results.items():
         times = [r["seconds"] for r in rows if r["seconds"] is not None]
         triggers = sorted({str(r["trigger"]) for r in rows if r["trigger"]})
         median = f"{statistics.median(times):.1f}" if times else "-"
         each = ", ".join(f"{t:.1f}" for t in times) or "-"
         rolled = sum(1 for r in rows if r["outcome"] == "DeploymentRolledBack")
         print(
-            f"| {scenario} | {len(rows)} | {rolled} | {', '.join(triggers) or '-'} | "
+            f"| {scenario} | {method} | {len(rows)} | {rolled} | {', '.join(triggers) or '-'} | "
             f"{each} | {median} |"
         )
 

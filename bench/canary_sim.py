@@ -38,17 +38,18 @@ from machine import command_line  # bench/machine.py (scripts run from bench/)
 from numpy.typing import NDArray
 
 from services.canary_controller import decision as rules
-from services.canary_controller import stats
+from services.canary_controller import sequential, stats
 from services.canary_controller.state import Phase, RolloutState
 from services.contracts.events import DeploymentRequested, RouteTarget
 from services.contracts.policy import CanaryPolicy, CanaryThresholds, load_policy_file
-from services.metrics.queries import RoleWindow, WindowResult
+from services.metrics.queries import BucketCounts, RoleWindow, WindowResult
 
 T0: Final = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 GOAL_DETECT_S: Final = 15.0
 GOAL_FALSE_ROLLBACKS: Final = 0.01
 Z95: Final = 1.6448536269514722
 Onset = Literal["start", "random", "never"]
+METHODS: Final = ("bonferroni", "e-process")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Traffic:
     stable_error_rate: float
     lag_s: float
     tick_s: float
+    ttft_median_ms: float | None = None  # streamed responses (TTFT recorded) when set
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Scenario:
     latency_scale: float
     onset: Onset
     trials: int
+    ttft_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -100,24 +103,30 @@ class Stream:
     def __init__(self) -> None:
         self.t = np.empty(4096)
         self.latency = np.empty(4096)
+        self.ttft = np.empty(4096)
         self.error = np.empty(4096, dtype=bool)
         self.size = 0
         # The step window grows at each look: keep it sorted and merge in what is new.
         self.cached: tuple[int, int, NDArray[np.float64]] = (0, 0, np.empty(0))
 
     def append(
-        self, t: NDArray[np.float64], latency: NDArray[np.float64], error: NDArray[np.bool_]
+        self,
+        t: NDArray[np.float64],
+        latency: NDArray[np.float64],
+        error: NDArray[np.bool_],
+        ttft: NDArray[np.float64],
     ) -> None:
         end = self.size + len(t)
         if end > len(self.t):
             capacity = max(end, 2 * len(self.t))
-            for name in ("t", "latency", "error"):
+            for name in ("t", "latency", "error", "ttft"):
                 old = getattr(self, name)
                 new = np.empty(capacity, dtype=old.dtype)
                 new[: self.size] = old[: self.size]
                 setattr(self, name, new)
         self.t[self.size : end] = t
         self.latency[self.size : end] = latency
+        self.ttft[self.size : end] = ttft
         self.error[self.size : end] = error
         self.size = end
 
@@ -139,6 +148,8 @@ class Stream:
         if grows:
             self.cached = (lo, hi, latencies)
         p50, p95, p99 = (stats.percentile_inclusive(latencies, q) for q in (0.5, 0.95, 0.99))
+        ttft = self.ttft[lo:hi]
+        ttft_ms = tuple(np.sort(ttft[~np.isnan(ttft)]).tolist())
         return RoleWindow(
             role=role,
             requests=int(hi - lo),
@@ -147,6 +158,7 @@ class Stream:
             p95_ms=p95,
             p99_ms=p99,
             latencies_ms=tuple(latencies.tolist()),
+            ttft_ms=ttft_ms,
         )
 
 
@@ -170,17 +182,73 @@ class Store:
         n = int(rng.poisson(traffic.rps * (end - start)))
         t = np.sort(start + (end - start) * rng.random(n))
         latency = np.exp(rng.normal(self.mu, traffic.sigma, n))
+        if traffic.ttft_median_ms:
+            # Streamed: the first token comes before the last byte (the rest is generation).
+            ttft = np.minimum(
+                latency, np.exp(rng.normal(math.log(traffic.ttft_median_ms), traffic.sigma, n))
+            )
+        else:
+            ttft = np.full(n, np.nan)
         errors_u = rng.random(n)
         to_canary = rng.random(n) < weight / 100.0
         stable = ~to_canary
-        self.stable.append(t[stable], latency[stable], errors_u[stable] < traffic.stable_error_rate)
+        self.stable.append(
+            t[stable], latency[stable], errors_u[stable] < traffic.stable_error_rate, ttft[stable]
+        )
         ct, cl, cu = t[to_canary], latency[to_canary], errors_u[to_canary]
         bad = ct >= self.onset_s
         cl = np.where(bad, cl * self.scenario.latency_scale, cl)
+        # A slower first token with the same total latency: the wait moves before the stream.
+        cttft = ttft[to_canary]
+        cttft = np.where(bad, np.minimum(cttft * self.scenario.ttft_scale, cl), cttft)
         rate = self.scenario.error_rate
         bad_rate = traffic.stable_error_rate if rate is None else rate
         cerr = np.where(bad, cu < bad_rate, cu < traffic.stable_error_rate)
-        self.canary.append(ct, cl, cerr)
+        self.canary.append(ct, cl, cerr, cttft)
+
+    def buckets(
+        self,
+        start: datetime,
+        end: datetime,
+        now_s: float,
+        bucket_s: float,
+        limit: float | None,
+        ttft_limit: float | None = None,
+    ) -> BucketCounts:
+        """What query_buckets answers: per bucket from `start`, both roles, canary over limit."""
+        a = (start - T0).total_seconds()
+        b_end = (end - T0).total_seconds()
+        b = min(b_end, now_s - self.traffic.lag_s)
+        size = max(0, math.ceil((b_end - a) / bucket_s - 1e-9))
+        edges = a + bucket_s * np.arange(size + 1)
+        edges[-1] = max(edges[-1], b_end)
+
+        def per_bucket(stream: Stream, mask: NDArray[np.bool_] | None) -> NDArray[np.int64]:
+            times = stream.t[: stream.size]
+            lo, hi = np.searchsorted(times, [a, b], side="left")
+            t = times[lo:hi]
+            if mask is not None:
+                t = t[mask[lo:hi]]
+            counts, _ = np.histogram(t, bins=edges) if size else (np.zeros(0, dtype=np.int64), None)
+            return np.asarray(counts, dtype=np.int64)
+
+        c, s_ = self.canary, self.stable
+        over = None if limit is None else c.latency[: c.size] > limit
+        zeros = tuple([0] * size)
+        streamed = ~np.isnan(c.ttft[: c.size])
+        ttft_over = None if ttft_limit is None else c.ttft[: c.size] > ttft_limit
+        return BucketCounts(
+            bucket_s=bucket_s,
+            latency_limit_ms=limit,
+            canary_requests=tuple(per_bucket(c, None).tolist()),
+            canary_errors=tuple(per_bucket(c, c.error[: c.size]).tolist()),
+            canary_over=zeros if over is None else tuple(per_bucket(c, over).tolist()),
+            stable_requests=tuple(per_bucket(s_, None).tolist()),
+            stable_errors=tuple(per_bucket(s_, s_.error[: s_.size]).tolist()),
+            ttft_limit_ms=ttft_limit,
+            canary_ttft=() if ttft_limit is None else tuple(per_bucket(c, streamed).tolist()),
+            canary_ttft_over=() if ttft_over is None else tuple(per_bucket(c, ttft_over).tolist()),
+        )
 
     def window(
         self, start: datetime, end: datetime, now_s: float, *, grows: bool = False
@@ -228,6 +296,24 @@ def step_of(policy: CanaryPolicy, at_s: float) -> int:
     return len(policy.steps) - 1
 
 
+def observe(store: Store, state: RolloutState, now: datetime, now_s: float) -> rules.Observation:
+    """What services/canary_controller/observe.py reads for one look, from the simulated store."""
+    (start, end), recent = rules.analysis_windows(state, now)
+    step = store.window(start, end, now_s, grows=True)
+    policy = state.policy
+    if policy.method == "e-process":
+        limit = sequential.latency_limit(
+            step.stable.latencies_ms, state.thresholds, policy, state.looks + 1
+        )
+        ttft = sequential.ttft_limit(step.stable.ttft_ms, state.thresholds, policy)
+        counts = store.buckets(start, end, now_s, policy.e_process.change_every_s, limit, ttft)
+        return rules.Observation(step=step, counts=counts)
+    return rules.Observation(
+        step=step,
+        recent=None if recent is None else store.window(recent[0], recent[1], now_s),
+    )
+
+
 def run_trial(
     seed: int,
     scenario_index: int,
@@ -260,11 +346,7 @@ def run_trial(
         )
         if not rules.analysis_due(state, now) and not deadline_passed:
             continue
-        (start, end), recent = rules.analysis_windows(state, now)
-        observation = rules.Observation(
-            step=store.window(start, end, now_s, grows=True),
-            recent=None if recent is None else store.window(recent[0], recent[1], now_s),
-        )
+        observation = observe(store, state, now, now_s)
         decision = rules.decide(state, observation, state.policy, state.thresholds, now)
         if decision.action == "wait" and not decision.analysed and decision.verdict is None:
             continue
@@ -367,6 +449,11 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario("healthy", "healthy (canary = stable)", None, 1.0, "never", healthy),
         Scenario("errors2_edge", "2% errors from t=0", 0.02, 1.0, "start", edge),
         Scenario("p95x1.25_edge", "p95 +25% from t=0", None, 1.25, "start", edge),
+        *(
+            [Scenario("ttft1.5_start", "TTFT +50% from t=0", None, 1.0, "start", bad, 1.5)]
+            if args.ttft_median_ms
+            else []
+        ),
     ]
 
 
@@ -435,8 +522,14 @@ def render(report: dict[str, Any]) -> str:
         f"{p['false_rollback_rate']:g} "
         f"spent over {report['planned_looks']} planned looks; step extension up to "
         f"{p['max_step_extension_s']:g} s",
-        "alpha   : per test at look k (4 tests: 2 windows x 2): "
-        + ", ".join(f"k={k}: {a:.2g}" for k, a in report["alpha_by_look"].items()),
+        (
+            "alpha   : per test at look k (4 tests: 2 windows x 2): "
+            + ", ".join(f"k={k}: {a:.2g}" for k, a in report["alpha_by_look"].items())
+            if report.get("method") != "e-process"
+            else "method  : e-process: a look every second over the phase so far (no lookback "
+            "window), change points every 5 s; alpha per test at every look: "
+            + ", ".join(f"{k} {a:.2g}" for k, a in report["e_process_alpha"].items())
+        ),
         f"seeds   : trial i of scenario s uses numpy default_rng([{report['seed']}, s, i]); "
         f"scenario s in the order listed below, from 0",
         "",
@@ -445,7 +538,8 @@ def render(report: dict[str, Any]) -> str:
         f"{'<= 15 s':>9}  other outcomes",
     ]
     det = report["detection"]
-    for key in ("errors10_start", "errors10_random", "p95x1.5_start", "p95x1.5_random"):
+    keys = ("errors10_start", "errors10_random", "p95x1.5_start", "p95x1.5_random")
+    for key in (*keys, *(["ttft1.5_start"] if "ttft1.5_start" in det else [])):
         lines.append(_detection_row(report["titles"][key], det[key]))
         for step, row in det.get(f"{key}_by_step", {}).items():
             lines.append(_detection_row(f"  onset in step {int(step) + 1}", row))
@@ -508,6 +602,8 @@ def report_of(
                 str(step): detection([t for t in trials if t.onset_step == step])
                 for step in range(len(policy.steps))
             }
+    if "ttft1.5_start" in results:
+        det["ttft1.5_start"] = detection(results["ttft1.5_start"])
     healthy = results["healthy"]
     rolled = [t for t in healthy if t.outcome == "rolled_back"]
     healthy_report = {
@@ -545,6 +641,11 @@ def report_of(
             for look in (1, 2, 6, 12, 36, 60)
         },
         "planned_looks": rules.planned_looks(policy),
+        "e_process_alpha": {
+            "error rate": sequential.budget(policy).error_rate,
+            "error ratio": sequential.budget(policy).error_ratio,
+            "latency": sequential.budget(policy).latency,
+        },
         "stable_p95_ms": traffic.median_ms * math.exp(traffic.sigma * Z95),
         "policy": {
             "steps": [s.model_dump() for s in policy.steps],
@@ -577,45 +678,137 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.35, help="lognormal sigma (0.35)")
     parser.add_argument("--stable-error-rate", type=float, default=0.002, help="(0.002)")
     parser.add_argument("--lag-s", type=float, default=0.5, help="request -> queryable (0.5)")
+    parser.add_argument(
+        "--ttft-median-ms",
+        type=float,
+        default=None,
+        help="streamed responses with this TTFT median (adds the TTFT +50%% scenario); off",
+    )
     parser.add_argument("--tick-s", type=float, default=0.5, help="controller tick (0.5)")
     parser.add_argument(
         "--policy-override",
         default="{}",
         help="JSON merged into the canary policy, e.g. '{\"min_canary_requests\": 30}'",
     )
+    parser.add_argument(
+        "--methods",
+        default="bonferroni,e-process",
+        help="canary methods to run side by side on the same seeds (bonferroni,e-process)",
+    )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if min(args.trials_bad, args.trials_healthy, args.trials_edge, args.workers) < 1:
         parser.error("trial counts and workers must be positive")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods or any(m not in METHODS for m in args.methods):
+        parser.error(f"--methods takes a comma-separated list of {', '.join(METHODS)}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     machine = machine_info()
-    override = (
-        {"canary": json.loads(args.policy_override)} if args.policy_override != "{}" else None
-    )
-    policy_full = load_policy_file(None).resolve(model="org/sim", overrides=override)
-    policy = policy_full.canary
-    thresholds = policy_full.canary_thresholds("default")
     traffic = Traffic(
-        args.rps, args.median_ms, args.sigma, args.stable_error_rate, args.lag_s, args.tick_s
+        args.rps,
+        args.median_ms,
+        args.sigma,
+        args.stable_error_rate,
+        args.lag_s,
+        args.tick_s,
+        args.ttft_median_ms,
     )
-    results = simulate(args, policy, thresholds, traffic)
-    report = report_of(args, results, policy, thresholds, traffic)
-    report.update(
-        command=command_line(),
-        when_utc=when,
-        machine=machine,
-        wall_s=round(time.perf_counter() - started, 1),
-        loadavg_1m_at_end=round(os.getloadavg()[0], 2),
-    )
-    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    reports = {}
+    for method in args.methods:
+        started = time.perf_counter()
+        override = {"method": method, **json.loads(args.policy_override)}
+        policy_full = load_policy_file(None).resolve(
+            model="org/sim", overrides={"canary": override}
+        )
+        policy = policy_full.canary
+        thresholds = policy_full.canary_thresholds("default")
+        results = simulate(args, policy, thresholds, traffic)
+        report = report_of(args, results, policy, thresholds, traffic)
+        report.update(
+            command=command_line(),
+            when_utc=when,
+            machine=machine,
+            wall_s=round(time.perf_counter() - started, 1),
+            loadavg_1m_at_end=round(os.getloadavg()[0], 2),
+            method=method,
+        )
+        reports[method] = report
+    if args.json:
+        print(json.dumps(reports, indent=2, default=str))
+    else:
+        print("\n\n".join(f"=== method: {m} ===\n{render(r)}" for m, r in reports.items()))
+        print("\n" + compare(reports))
     return 0
+
+
+def compare(reports: dict[str, dict[str, Any]]) -> str:
+    """Issue #15's figures, the methods side by side (same seeds, same traffic)."""
+    methods = list(reports)
+    rows: list[tuple[str, str, Any]] = [
+        ("10% errors at 5% from t=0: p95 s", "<= 12", lambda r: _d(r, "errors10_start", "p95_s")),
+        ("10% errors at 5% from t=0: median s", "-", lambda r: _d(r, "errors10_start", "median_s")),
+        (
+            "10% errors, onset in step 1: median s",
+            "<= 12",
+            lambda r: r["detection"]["errors10_random_by_step"]["0"]["median_s"],
+        ),
+        (
+            "p95 +50% at 5% from t=0: median s",
+            "<= 20",
+            lambda r: _d(r, "p95x1.5_start", "median_s"),
+        ),
+        (
+            "healthy: false rollbacks",
+            "0",
+            lambda r: f"{r['healthy']['rolled_back']}/{r['healthy']['trials']}",
+        ),
+        (
+            "2% errors: promoted",
+            "0",
+            lambda r: (
+                f"{r['edge']['errors2_edge']['promoted']}/{r['edge']['errors2_edge']['trials']}"
+            ),
+        ),
+        (
+            "p95 +25%: promoted",
+            "0",
+            lambda r: (
+                f"{r['edge']['p95x1.25_edge']['promoted']}/{r['edge']['p95x1.25_edge']['trials']}"
+            ),
+        ),
+    ]
+    if all("ttft1.5_start" in r["detection"] for r in reports.values()):
+        rows.append(
+            ("TTFT +50% at 5%: median s", "reported", lambda r: _d(r, "ttft1.5_start", "median_s"))
+        )
+        rows.append(("TTFT +50% at 5%: rolled back", "-", lambda r: _rolled(r, "ttft1.5_start")))
+    width = max(len(t) for t, _, _ in rows) + 2
+    lines = [
+        "Side by side (issue #15 figures)",
+        f"  {'figure':<{width}}{'goal':>10}" + "".join(f"{m:>14}" for m in methods),
+    ]
+    for title, goal, get in rows:
+        cells = []
+        for m in methods:
+            value = get(reports[m])
+            cells.append(f"{value:>14.1f}" if isinstance(value, float) else f"{value!s:>14}")
+        lines.append(f"  {title:<{width}}{goal:>10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _rolled(report: dict[str, Any], key: str) -> str:
+    d = report["detection"][key]
+    return f"{d['rolled_back']}/{d['trials']}"
+
+
+def _d(report: dict[str, Any], key: str, field: str) -> float:
+    return float(report["detection"][key][field])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -21,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from services.canary_controller import decision as rules
 from services.canary_controller.engine import (
@@ -32,6 +34,7 @@ from services.canary_controller.engine import (
 )
 from services.canary_controller.lease import RENEW_S, Lease
 from services.canary_controller.outages import BusOutages, watch_connection
+from services.canary_controller.prom import DecisionMetrics, keep_refreshed
 from services.canary_controller.state import RolloutState
 from services.canary_controller.upstreams import TcpProbe
 from services.contracts import subjects
@@ -155,6 +158,31 @@ class ClickHouseMetrics:
                 queries.query_series, self.client, self.table, deployment_id, start, end, bucket_s
             )
 
+    async def buckets(
+        self,
+        deployment_id: str,
+        start: datetime,
+        end: datetime,
+        bucket_s: float,
+        latency_limit_ms: float | None,
+        *,
+        ttft_limit_ms: float | None = None,
+    ) -> queries.BucketCounts:
+        async with self._lock:
+            return await asyncio.to_thread(
+                functools.partial(
+                    queries.query_buckets,
+                    self.client,
+                    self.table,
+                    deployment_id,
+                    start,
+                    end,
+                    bucket_s,
+                    latency_limit_ms,
+                    ttft_limit_ms=ttft_limit_ms,
+                )
+            )
+
 
 class PageSeries:
     """The page's charts: the metrics store once this replica is active and has opened it."""
@@ -223,6 +251,8 @@ def build(settings: Settings) -> ServiceApp:
     outages = BusOutages()
     page_series = PageSeries()
     tasks: list[asyncio.Task[None]] = []
+    registry = CollectorRegistry()  # GET /metrics on the page's port
+    decision_metrics = DecisionMetrics(registry)
 
     def link(rollout: RolloutState, now: datetime) -> str | None:
         return metrics_url(
@@ -251,6 +281,7 @@ def build(settings: Settings) -> ServiceApp:
             await js.key_value(subjects.LEASES_BUCKET), lease_holder(settings), on_deposed=deposed
         )
         state["lease"] = lease
+        decision_metrics.track_leader(lease.active)
         watch_connection(nc, outages, on_reconnected=lease.bus_reconnected)
         tasks.append(asyncio.create_task(lease.run(stop), name="lease"))
         if settings.controller_http_port:
@@ -272,7 +303,7 @@ def build(settings: Settings) -> ServiceApp:
                 return {"status": "ok" if lease.active() else "standby", **lease.describe()}
 
             state["page"] = await start_page(
-                settings, RolloutStore(rollouts), page_series, health, ready
+                settings, RolloutStore(rollouts), page_series, health, ready, registry
             )
         log.info("waiting for the controller lease (standby until it is free)")
         if not await lease.wait_active(stop):
@@ -296,8 +327,19 @@ def build(settings: Settings) -> ServiceApp:
             outages=outages.known,
             upstreams=TcpProbe(),
             routers=RouterCache(RouterContext(settings, js)),
+            decision_metrics=decision_metrics,
         )
         state["engine"] = engine
+
+        async def live_rollouts() -> list[RolloutState]:
+            return [s.state for s in await engine.store.all(live_only=True)]
+
+        # Only the active replica exports rollout series: they come from its decisions.
+        tasks.append(
+            asyncio.create_task(
+                keep_refreshed(decision_metrics, live_rollouts, stop), name="decision-metrics"
+            )
+        )
         svc.sink = GuardedSink(svc.sink, engine)
         tasks.append(asyncio.create_task(run_ticks(engine, stop), name="rollout-ticks"))
         if settings.clickhouse_url == "chdb":
@@ -443,9 +485,11 @@ async def start_page(
     series: PageSeries,
     health: Callable[[], dict[str, Any]],
     ready: Callable[[], dict[str, Any]],
+    registry: CollectorRegistry | None = None,
 ) -> Any:
     """The rollout page (the link target in the embedded stack); none if not built. Every
-    replica serves it from the rollout KV; only the active one has charts and is ready."""
+    replica serves it from the rollout KV; only the active one has charts and is ready.
+    `GET /metrics` serves `registry` (the active replica's has the decision series)."""
     try:
         from services.canary_controller.page import build_page_app
     except ImportError:
@@ -467,6 +511,7 @@ async def start_page(
         health=health,
         ready=ready,
         series_timeout_s=queries.DEFAULT_TIMEOUT_S + 2,
+        metrics=registry,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from services.canary_controller import stats
+from services.canary_controller import sequential, stats
 from services.canary_controller.state import Interval, Phase, RolloutState
 from services.contracts.events import DeploymentRequested, RouteTarget, StageReport
 from services.contracts.policy import CanaryPolicy, CanaryThresholds
-from services.metrics.queries import WindowResult
+from services.metrics.queries import BucketCounts, WindowResult
 from services.traffic.base import Applied
 
 Action = Literal["wait", "advance", "promote", "rollback", "hold", "pause", "resume", "start"]
 Verdict = Literal["healthy", "unhealthy", "insufficient_data", "no_data"]
-Trigger = Literal["error_rate", "latency", "inconclusive", "manual", "superseded"]
+Trigger = Literal[
+    "error_rate", "error_ratio", "latency", "ttft", "inconclusive", "manual", "superseded"
+]
 
 # A step start a little in the future is clock skew between controllers, not a jump.
 CLOCK_TOLERANCE = timedelta(seconds=2)
@@ -37,6 +39,7 @@ class Observation:
 
     step: WindowResult
     recent: WindowResult | None = None
+    counts: BucketCounts | None = None  # the e-process method: per bucket from the step start
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,14 @@ def analysis_due(state: RolloutState, now: datetime) -> bool:
         return True
     if now < last:  # the clock went back: look again rather than wait out the gap
         return True
-    return (now - last).total_seconds() >= state.policy.analysis_interval_s
+    return (now - last).total_seconds() >= look_interval_s(state.policy)
+
+
+def look_interval_s(policy: CanaryPolicy) -> float:
+    """Seconds between looks: an e-process may be looked at often at no cost in false alarms."""
+    if policy.method == "e-process":
+        return policy.e_process.look_interval_s
+    return policy.analysis_interval_s
 
 
 def analysis_windows(
@@ -197,14 +207,39 @@ def decide(
     if observation is None:
         return _without_data(state, now)
 
-    windows = [("step", observation.step)]
-    if observation.recent is not None:
-        windows.insert(0, ("last " + _seconds(policy.lookback_s), observation.recent))
-    alpha = alpha_per_test(policy, state.looks + 1, TESTS_PER_WINDOW * len(windows))
-    assessed = [
-        (label, window, _assess(window, thresholds, policy, alpha, bake=state.baking))
-        for label, window in windows
-    ]
+    if policy.method == "e-process":
+        if observation.counts is None:
+            return _without_data(state, now)
+        step_s = policy.bake_s if state.baking else policy.steps[state.step_index].duration_s
+        assessed = [
+            (
+                "e-process",
+                observation.step,
+                sequential.assess(
+                    observation.counts,
+                    observation.step,
+                    thresholds,
+                    policy,
+                    weight=state.weight,
+                    step_s=step_s,
+                    bake=state.baking,
+                ),
+            )
+        ]
+    else:
+        windows = [("step", observation.step)]
+        if observation.recent is not None:
+            windows.insert(0, ("last " + _seconds(policy.lookback_s), observation.recent))
+        # A window with streamed responses runs a third test (TTFT): the split counts it.
+        gated = thresholds.max_ttft_p95_increase is not None and not state.baking
+        per_window = TESTS_PER_WINDOW + (
+            1 if gated and stats.has_ttft(observation.step.canary, observation.step.stable) else 0
+        )
+        alpha = alpha_per_test(policy, state.looks + 1, per_window * len(windows))
+        assessed = [
+            (label, window, _assess(window, thresholds, policy, alpha, bake=state.baking))
+            for label, window in windows
+        ]
     for label, window, assessment in assessed:
         if assessment.verdict == "unhealthy":
             return Decision(
@@ -293,6 +328,7 @@ def _assess(
         max_p95_increase=thresholds.max_p95_increase,
         min_canary_requests=policy.min_canary_requests,
         alpha=alpha,
+        max_ttft_p95_increase=None if bake else thresholds.max_ttft_p95_increase,
     )
     if not bake:
         return assessment

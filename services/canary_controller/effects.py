@@ -151,6 +151,10 @@ def effects(
             threshold = after.thresholds.max_error_rate
         elif trigger == "latency":
             threshold = after.thresholds.max_p95_increase
+        elif trigger == "error_ratio":
+            threshold = after.thresholds.max_error_ratio
+        elif trigger == "ttft":
+            threshold = after.thresholds.max_ttft_p95_increase
         events.append(
             DeploymentRolledBack(
                 **common,

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import nats.errors
 import nats.js.errors
@@ -26,7 +25,10 @@ from pydantic import ValidationError
 
 from services.canary_controller import decision as rules
 from services.canary_controller.effects import effects
+from services.canary_controller.observe import MetricsSource
+from services.canary_controller.observe import observe as observation_of
 from services.canary_controller.outages import Span
+from services.canary_controller.prom import DecisionMetrics
 from services.canary_controller.state import Phase, RolloutState
 from services.canary_controller.upstreams import UpstreamProbe, unreachable
 from services.contracts.events import (
@@ -38,7 +40,6 @@ from services.contracts.events import (
     utc_now,
 )
 from services.contracts.policy import TrafficPolicy
-from services.metrics.queries import MetricsUnavailable, WindowResult
 from services.runtime import bus
 from services.traffic import RouterCache
 from services.traffic.base import (
@@ -50,14 +51,6 @@ from services.traffic.base import (
 )
 
 log = logging.getLogger("preflight.canary-controller")
-
-
-class MetricsSource(Protocol):
-    """Request metrics per deployment and window; raises MetricsUnavailable when it cannot say."""
-
-    async def window(
-        self, deployment_id: str, start: datetime, end: datetime, *, raw: bool
-    ) -> WindowResult: ...
 
 
 class Conflict(RuntimeError):
@@ -179,6 +172,7 @@ class Engine:
         upstreams: UpstreamProbe | None = None,
         routers: Callable[[TrafficPolicy], TrafficRouter] | None = None,
         reapply_s: float = 5.0,
+        decision_metrics: DecisionMetrics | None = None,
     ) -> None:
         """`may_act`: whether this replica holds a fresh lease (every write checks it, waiting up
         to `act_wait_s` for a renewal first). `outages`: the bus outages seen so far, given now.
@@ -199,6 +193,7 @@ class Engine:
         self.upstreams = upstreams
         self.routers = routers or RouterCache(RouterContext(None, js))
         self.reapply_s = reapply_s
+        self.decision_metrics = decision_metrics  # Prometheus series of each stored decision
         self._applied_at: dict[str, datetime] = {}
         self._model_locks: dict[str, asyncio.Lock] = {}
 
@@ -450,18 +445,7 @@ class Engine:
         return dataclasses.replace(decision, reason=f"{decision.reason}; {'; '.join(found)}")
 
     async def observe(self, state: RolloutState, now: datetime) -> rules.Observation | None:
-        (start, end), recent = rules.analysis_windows(state, now)
-        try:
-            step = await self.metrics.window(state.deployment_id, start, end, raw=True)
-            latest = None
-            if recent is not None:
-                latest = await self.metrics.window(
-                    state.deployment_id, recent[0], recent[1], raw=True
-                )
-        except MetricsUnavailable as exc:
-            log.warning("rollout %s: metrics unavailable: %s", state.deployment_id, exc)
-            return None
-        return rules.Observation(step=step, recent=latest)
+        return await observation_of(self.metrics, state, now)
 
     # ---- transitions ------------------------------------------------------------------------
 
@@ -471,6 +455,11 @@ class Engine:
         pending = effects(before, after, decision, now, self.metrics_url(after, now))
         after = after.model_copy(update={"pending": pending})
         revision = await self.store.update(after, stored.revision)
+        if self.decision_metrics is not None:
+            try:  # counted once stored: a decision that lost the revision check is not
+                self.decision_metrics.observe(before, after, decision)
+            except Exception:
+                log.exception("rollout %s: decision metrics not updated", after.deployment_id)
         if decision.action != "wait":
             log.info(
                 "rollout %s (%s %s): %s -> %s: %s",

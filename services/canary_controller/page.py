@@ -22,6 +22,7 @@ from typing import Any, Final, Literal, Protocol
 from urllib.parse import quote
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.canary_controller.state import Phase, RolloutState
 from services.contracts.events import DEPLOYMENT_ID_PATTERN, RoleMeasurement, utc_now
@@ -81,7 +82,8 @@ class SeriesSource(Protocol):
     async def series(
         self, deployment_id: str, start: datetime, end: datetime, bucket_s: float
     ) -> list[dict[str, Any]]:
-        """Rows `{"start", "role", "requests", "errors", "error_rate", "p95_ms"}`; raises
+        """Rows `{"start", "role", "requests", "errors", "error_rate", "p95_ms"}` (and
+        `ttft_p95_ms`, time to first token, where streamed responses were measured); raises
         MetricsUnavailable when the store fails (any exception reads as "metrics unavailable")."""
         ...
 
@@ -248,6 +250,7 @@ def _point(row: Mapping[str, Any]) -> dict[str, Any] | None:
     if requests == 0:
         error_rate = None
     p95 = _finite(row.get("p95_ms"))
+    ttft_p95 = _finite(row.get("ttft_p95_ms"))
     return {
         "t_ms": t_ms,
         "role": role,
@@ -255,6 +258,7 @@ def _point(row: Mapping[str, Any]) -> dict[str, Any] | None:
         "errors": errors,
         "error_rate": error_rate,
         "p95_ms": p95 if requests > 0 else None,
+        "ttft_p95_ms": ttft_p95 if requests > 0 else None,
     }
 
 
@@ -341,6 +345,7 @@ def rollout_view(
         "thresholds": {
             "max_error_rate": state.thresholds.max_error_rate,
             "max_p95_increase": state.thresholds.max_p95_increase,
+            "max_ttft_p95_increase": _ttft_increase(state),
         },
         "steps": [s.to_json() for s in steps],
         "outcome": outcome_of(state),
@@ -454,12 +459,30 @@ def render_list(states: Sequence[RolloutState], now: datetime) -> str:
     return _document("preflight · rollouts", body, {"refresh_s": REFRESH_S if running else None})
 
 
+def _ttft_increase(state: RolloutState) -> float | None:
+    """The policy's TTFT limit (absent from policies older than streamed-response metrics)."""
+    value = getattr(state.thresholds, "max_ttft_p95_increase", None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _has_ttft(state: RolloutState, points: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Whether this rollout measured time to first token (it served streamed responses)."""
+    measured = (state.canary_measurement, state.stable_measurement)
+    return any(m is not None and m.ttft_p95_ms is not None for m in measured) or any(
+        p.get("ttft_p95_ms") is not None for p in points
+    )
+
+
 def _threshold_text(state: RolloutState) -> str:
     t = state.thresholds
-    return (
+    text = (
         f"canary error rate ≤ {_percent(t.max_error_rate, 1)}; "
         f"canary p95 ≤ stable p95 × {1 + t.max_p95_increase:g} (+{t.max_p95_increase * 100:g}%)"
     )
+    ttft = _ttft_increase(state)
+    if ttft is not None and _has_ttft(state):
+        text += f"; canary TTFT p95 ≤ stable TTFT p95 × {1 + ttft:g} (+{ttft * 100:g}%)"
+    return text
 
 
 def _outcome_html(state: RolloutState) -> str:
@@ -502,19 +525,23 @@ def _steps_html(steps: Sequence[StepView]) -> str:
 
 
 def _measurements_html(state: RolloutState) -> str:
+    ttft = _has_ttft(state)
     rows = []
     for role, m in (("canary", state.canary_measurement), ("stable", state.stable_measurement)):
         if m is None:
             continue
+        ttft_cell = f'<td class="ttft">{_e(_ms_text(m.ttft_p95_ms))}</td>' if ttft else ""
         rows.append(
             f'<tr class="role-{role}"><td>{role}</td><td>{m.requests}</td><td>{m.errors}</td>'
-            f"<td>{_percent(m.error_rate)}</td><td>{_e(_ms_text(m.p95_ms))}</td></tr>"
+            f"<td>{_percent(m.error_rate)}</td><td>{_e(_ms_text(m.p95_ms))}</td>{ttft_cell}</tr>"
         )
     if not rows:
         return '<p class="muted">No analysis yet.</p>'
+    ttft_head = '<th title="time to first token of streamed responses">TTFT p95</th>'
     return (
         '<table class="measurements"><thead><tr><th>role</th><th>requests</th><th>errors</th>'
-        f"<th>error rate</th><th>p95</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<th>error rate</th><th>p95</th>{ttft_head if ttft else ''}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
     )
 
 
@@ -567,6 +594,13 @@ def render_detail(state: RolloutState, steps: Sequence[StepView], view: dict[str
             "</noscript></figure>",
             '<figure class="chart" id="chart-errors" data-metric="error_rate">'
             "<figcaption>error rate, canary vs stable (%)</figcaption></figure>",
+            (
+                '<figure class="chart" id="chart-ttft" data-metric="ttft_p95_ms">'
+                "<figcaption>p95 time to first token of streamed responses, canary vs stable "
+                "(ms)</figcaption></figure>"
+                if _has_ttft(state, view["series"])
+                else ""
+            ),
             "</section>",
             f"<section><h2>Steps</h2>{_steps_html(steps)}</section>",
             f"<section><h2>Last analysed window</h2>{_measurements_html(state)}</section>",
@@ -619,6 +653,7 @@ class _Page:
     clock: Callable[[], datetime]
     series_timeout_s: float
     static: dict[str, tuple[bytes, str]]
+    metrics: CollectorRegistry | None = None
 
 
 PAGE: Final = web.AppKey("rollout_page", _Page)
@@ -669,6 +704,15 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     page = request.app[PAGE]
     return _status(page.ready or page.health)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[PAGE].metrics
+    if registry is None:
+        return _error(request, 404, "Not found", "this controller exports no metrics")
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def _list_states(request: web.Request) -> list[RolloutState] | web.Response:
@@ -788,18 +832,23 @@ def build_page_app(
     ready: Callable[[], dict[str, Any]] | None = None,
     clock: Callable[[], datetime] = utc_now,
     series_timeout_s: float = SERIES_TIMEOUT_S,
+    metrics: CollectorRegistry | None = None,
 ) -> web.Application:
     """The rollout page and its JSON API.
 
     `health()` answers `/healthz` (alive: a standby replica is healthy too), `ready()` answers
     `/readyz` (only the active replica is ready, so a load balancer sends people to the page
     with charts): 200 when the dict says `"status": "ok"`, else 503.
-    `clock` is injected so tests and the time axis agree on "now".
+    `clock` is injected so tests and the time axis agree on "now". `metrics`: the registry
+    `/metrics` serves in the Prometheus text format (404 without one).
     """
     app = web.Application()
-    app[PAGE] = _Page(rollouts, series, health, ready, clock, series_timeout_s, _load_static())
+    app[PAGE] = _Page(
+        rollouts, series, health, ready, clock, series_timeout_s, _load_static(), metrics
+    )
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/", _list_page)
     app.router.add_get("/rollouts", _list_page)
     app.router.add_get("/rollouts/{deployment_id}", _detail_page)

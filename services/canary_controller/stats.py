@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol
 
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 P95_LEVEL: Final = 0.95
+TestName = Literal["error_rate", "error_ratio", "latency", "ttft"]
 # Relative slack when comparing with a threshold: 360/300 - 1 is 0.19999999999999996 but
 # 2.46/2.05 - 1 is 0.20000000000000018 (and 1.2 x 2.05 < 2.46); "exactly at the threshold" must
 # read as within it whatever the rounding.
@@ -64,6 +65,11 @@ class WindowLike(Protocol):
         """Raw latencies in the window; may be a uniform sample of them."""
         ...
 
+    @property
+    def ttft_ms(self) -> tuple[float, ...]:
+        """Times to first token of the streamed responses in the window (may be a sample)."""
+        ...
+
 
 @dataclass(frozen=True)
 class TestResult:
@@ -71,7 +77,7 @@ class TestResult:
 
     __test__ = False  # not a pytest class, whatever its name
 
-    name: Literal["error_rate", "latency"]
+    name: TestName
     outcome: Literal["pass", "fail", "insufficient"]  # fail = significantly over threshold
     observed: float | None  # canary error rate, or canary p95 / stable p95 - 1
     threshold: float  # max_error_rate, or max_p95_increase
@@ -80,6 +86,7 @@ class TestResult:
     alpha: float
     n: int  # canary samples used
     reason: str
+    e_value: float | None = None  # e-process method: the evidence against H0 (>= 1/alpha: fail)
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class Assessment:
     """The verdict of one look at the canary; a failed test wins over missing data."""
 
     verdict: Literal["healthy", "unhealthy", "insufficient_data", "no_data"]
-    trigger: Literal["error_rate", "latency"] | None  # the failed test (the stronger evidence)
+    trigger: TestName | None  # the failed test (the stronger evidence)
     reason: str
     tests: tuple[TestResult, ...]
 
@@ -322,15 +329,25 @@ def assess(
     max_p95_increase: float,
     min_canary_requests: int,
     alpha: float,
+    max_ttft_p95_increase: float | None = None,
 ) -> Assessment:
-    """Both tests on one window: unhealthy if either fails, else healthy only with enough data."""
+    """Both tests on one window: unhealthy if either fails, else healthy only with enough data.
+
+    With `max_ttft_p95_increase` and streamed responses in the window (TTFT recorded), a third
+    test compares the canary's TTFT p95 with the stable's the same way as the latency; it can
+    fail the canary, but too few streamed requests never hold a step (most traffic may not
+    stream).
+    """
     error = error_rate_test(
         canary.errors, canary.requests, max_error_rate, alpha, min_canary_requests
     )
     latency = latency_test(
         canary.latencies_ms, stable.latencies_ms, max_p95_increase, alpha, min_canary_requests
     )
-    tests = (error, latency)
+    tests: tuple[TestResult, ...] = (error, latency)
+    ttft = ttft_test(canary, stable, max_ttft_p95_increase, alpha, min_canary_requests)
+    if ttft is not None:
+        tests = (*tests, ttft)
     failed = [t for t in tests if t.outcome == "fail"]
     if failed:
         worst = min(failed, key=lambda t: t.p_value if t.p_value is not None else 1.0)
@@ -340,10 +357,35 @@ def assess(
     if canary.requests < min_canary_requests:
         reason = f"only {canary.requests} canary requests in the window, need {min_canary_requests}"
         return Assessment("insufficient_data", None, reason, tests)
-    short = [t for t in tests if t.outcome == "insufficient"]
+    short = [t for t in tests if t.outcome == "insufficient" and t.name != "ttft"]
     if short:
         return Assessment("insufficient_data", None, short[0].reason, tests)
-    return Assessment("healthy", None, f"{error.reason}; {latency.reason}", tests)
+    return Assessment("healthy", None, "; ".join(t.reason for t in tests), tests)
+
+
+def has_ttft(canary: WindowLike, stable: WindowLike) -> bool:
+    return bool(getattr(canary, "ttft_ms", ()) or getattr(stable, "ttft_ms", ()))
+
+
+def ttft_test(
+    canary: WindowLike,
+    stable: WindowLike,
+    max_increase: float | None,
+    alpha: float,
+    min_requests: int,
+) -> TestResult | None:
+    """The latency test on times to first token; None when not gated or nothing streamed."""
+    if max_increase is None or not has_ttft(canary, stable):
+        return None
+    result = latency_test(
+        getattr(canary, "ttft_ms", ()),
+        getattr(stable, "ttft_ms", ()),
+        max_increase,
+        alpha,
+        min_requests,
+    )
+    reason = "TTFT " + result.reason.replace("canary latencies", "canary TTFTs")
+    return replace(result, name="ttft", reason=reason, within_threshold=result.within_threshold)
 
 
 # ---- small pieces -----------------------------------------------------------------------------
@@ -353,7 +395,7 @@ def assess(
 class _ResultOf:
     """Builds one test's results: what varies is the outcome, the reason and the numbers."""
 
-    name: Literal["error_rate", "latency"]
+    name: TestName
     threshold: float
     alpha: float
     n: int

@@ -236,6 +236,10 @@ class RoleMeasurement(Message):
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
+    ttft_p95_ms: float | None = Field(
+        default=None,
+        description="p95 time to first token of the role's streamed responses; null if none.",
+    )
 
 
 class CanaryAnalysed(Event):
@@ -294,7 +298,9 @@ class DeploymentRolledBack(Outcome):
     """The canary was taken out of traffic."""
 
     type: Literal["DeploymentRolledBack"] = "DeploymentRolledBack"
-    trigger: Literal["error_rate", "latency", "inconclusive", "manual", "superseded"]
+    trigger: Literal[
+        "error_rate", "error_ratio", "latency", "ttft", "inconclusive", "manual", "superseded"
+    ]
     step_index: int | None = None
     canary: RoleMeasurement | None = None
     stable: RoleMeasurement | None = None
@@ -381,6 +387,32 @@ class RequestRecord(Message):
     role: Literal["stable", "canary"]
     latency_ms: float = Field(ge=0)
     ttfb_ms: float | None = Field(default=None, ge=0)
+    ttft_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Streamed completions (SSE, JSON lines): request start to the first event that "
+            "carries output text. Null when the response was not a readable token stream (and "
+            "on gateways that cannot see tokens, such as Envoy)."
+        ),
+    )
+    itl_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Inter-token latency: (last token event - first token event) / (output_tokens - 1); "
+            "null with fewer than two token events."
+        ),
+    )
+    output_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        le=4_294_967_295,
+        description=(
+            "Output tokens of a streamed completion: the server's own count "
+            "(`usage.completion_tokens`) when it sends one, else the token events."
+        ),
+    )
     status: int = Field(ge=0, le=999, description="HTTP status; 0 when no response came back.")
     error_kind: str | None = Field(
         default=None, max_length=64, description="e.g. `timeout`, `connect`, `http_5xx`."

@@ -103,6 +103,35 @@ class CanaryStep(_Strict):
 class CanaryThresholds(_Strict):
     max_error_rate: float = Field(default=0.01, ge=0, le=1, description="0.01 = 1%.")
     max_p95_increase: float = Field(default=0.20, ge=0, description="0.20 = +20% vs stable.")
+    max_error_ratio: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="e-process method only: the canary's error rate may be at most this many "
+        "times the stable's in the same window (2.0: double).",
+    )
+    max_ttft_p95_increase: float | None = Field(
+        default=0.20,
+        ge=0,
+        description="Time to first token of streamed responses: canary p95 at most this much "
+        "above stable (0.20 = +20%); null: not gated. Judged only where records carry TTFT.",
+    )
+
+
+class EProcessPolicy(_Strict):
+    """The e-process method's knobs (docs/canary-statistics.md); the budget is the policy's
+    `false_rollback_rate`, whatever the number of looks."""
+
+    look_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between looks: an e-process may be looked at as often as wanted.",
+    )
+    change_every_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Candidate change points: the test restarts (in a mixture) at every bucket "
+        "of this many seconds from the step start, so a canary that turns bad mid-step is caught.",
+    )
 
 
 class TrafficPolicy(_Strict):
@@ -164,6 +193,13 @@ class CanaryPolicy(_Strict):
         description="A newer version of a model in rollout waits, or rolls the older back.",
     )
     traffic: TrafficPolicy = TrafficPolicy()
+    method: Literal["bonferroni", "e-process"] = Field(
+        default="bonferroni",
+        description="bonferroni: exact tests at each look with the false-rollback budget spent "
+        "look by look; e-process: anytime-valid sequential tests with change detection "
+        "(docs/canary-statistics.md).",
+    )
+    e_process: EProcessPolicy = EProcessPolicy()
 
     @model_validator(mode="after")
     def _increasing(self) -> CanaryPolicy:

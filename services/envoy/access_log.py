@@ -12,6 +12,9 @@ Istio, a hand-written one) that sets those four on its canary routes feeds prefl
     latency_ms  start to the last byte sent downstream (`time_to_last_downstream_tx_byte`;
                 the stream's `duration` when the client left before that)
     ttfb_ms     start to the first byte from the upstream (`time_to_first_upstream_rx_byte`)
+    ttft_ms, itl_ms, output_tokens
+                never set: Envoy sees bytes, not tokens, and its first upstream byte is the
+                time to first byte (headers, a role-only event), not to the first token
 """
 
 from __future__ import annotations

@@ -6,7 +6,14 @@
 
 Latency (log-normal: median `latency_ms`, log-sigma `latency_jitter`) and the error rate change
 while it runs: `GET`/`PUT /admin/config` with JSON `{"latency_ms": .., "latency_jitter": ..,
-"error_rate": .., "token_interval_ms": ..}`. In model mode the delay comes on top of generation.
+"error_rate": .., "token_interval_ms": .., "ttft_delay_ms": ..}`. In model mode the delay comes
+on top of generation.
+
+With `"stream": true` the answer is server-sent events, one token per `data:` event, the last
+with `usage`, then `data: [DONE]`. Its first token comes after the delay (plus `ttft_delay_ms`),
+the others `token_interval_ms` apart, less `ttft_delay_ms / (tokens - 1)` each: a regression of
+the time to first token that leaves the total as it was (`--ttft-delay-ms 150
+--token-interval-ms 30`, 8 tokens: first token 150 ms later, the stream ends at the same time).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from services.inference_server.generators import (
     ModelUnavailable,
     SyntheticGenerator,
 )
-from services.inference_server.knobs import Knobs, draw_delay_s, draw_error
+from services.inference_server.knobs import Knobs, draw_delay_s, draw_error, token_gaps_s
 from services.runtime.processes import stop_on_signals
 
 MAX_TOKENS_LIMIT: Final = 1024
@@ -80,8 +87,17 @@ def _parse_completion(body: Any) -> tuple[str, int, bool]:
 
 
 def completion_body(
-    server: Server, cid: str, pieces: Sequence[str], prompt: str, *, final: bool = True
+    server: Server,
+    cid: str,
+    pieces: Sequence[str],
+    prompt: str,
+    *,
+    final: bool = True,
+    completion_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """An answer, or one streamed chunk of it (`final`: the last, with the whole answer's
+    `usage`; `completion_tokens` is then the whole answer's count, not this chunk's)."""
+    tokens = len(pieces) if completion_tokens is None else completion_tokens
     return {
         "id": cid,
         "object": "text_completion",
@@ -100,8 +116,8 @@ def completion_body(
             {
                 "usage": {
                     "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": len(pieces),
-                    "total_tokens": len(prompt.split()) + len(pieces),
+                    "completion_tokens": tokens,
+                    "total_tokens": len(prompt.split()) + tokens,
                 }
             }
             if final
@@ -135,10 +151,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    first, between = token_gaps_s(knobs, len(pieces))
+    if first:
+        await asyncio.sleep(first)
     for i, piece in enumerate(pieces):
-        if i and knobs.token_interval_ms:
-            await asyncio.sleep(knobs.token_interval_ms / 1000.0)
-        chunk = completion_body(server, cid, [piece], prompt, final=i == len(pieces) - 1)
+        if i and between:
+            await asyncio.sleep(between)
+        last = i == len(pieces) - 1
+        chunk = completion_body(
+            server, cid, [piece], prompt, final=last, completion_tokens=len(pieces)
+        )
         await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
@@ -213,6 +235,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-jitter", type=float, default=0.2, help="log-sigma (0.2)")
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of 500s (0)")
     parser.add_argument("--token-interval-ms", type=float, default=0.0, help="between chunks")
+    parser.add_argument(
+        "--ttft-delay-ms",
+        type=float,
+        default=0.0,
+        help="streamed answers: extra wait before the first token, taken out of the pauses",
+    )
     parser.add_argument("--version", default="1", help="version label it reports")
     parser.add_argument("--model-name", default="sample", help="model name it reports")
     parser.add_argument("--seed", type=int, default=None, help="seed of latency/error draws")
@@ -228,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             latency_jitter=args.latency_jitter,
             error_rate=args.error_rate,
             token_interval_ms=args.token_interval_ms,
+            ttft_delay_ms=args.ttft_delay_ms,
         )
     except ValidationError as exc:
         sys.exit(f"inference-server: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")

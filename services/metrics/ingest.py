@@ -59,6 +59,9 @@ ARROW_SCHEMA: Final = pa.schema(
         ("role", pa.string()),
         ("latency_ms", pa.float64()),
         ("ttfb_ms", pa.float64()),
+        ("ttft_ms", pa.float64()),
+        ("itl_ms", pa.float64()),
+        ("output_tokens", pa.uint32()),
         ("status", pa.uint16()),
         ("error_kind", pa.string()),
         ("batch_id", pa.string()),
@@ -151,6 +154,9 @@ def to_arrow(batches: Sequence[RequestMetricsBatch]) -> Any:
     role: list[str] = []
     latency: list[float] = []
     ttfb: list[float | None] = []
+    ttft: list[float | None] = []
+    itl: list[float | None] = []
+    tokens: list[int | None] = []
     status: list[int] = []
     error_kind: list[str] = []
     batch_ids: list[str] = []
@@ -164,11 +170,28 @@ def to_arrow(batches: Sequence[RequestMetricsBatch]) -> Any:
         role.extend(r.role for r in records)
         latency.extend(r.latency_ms for r in records)
         ttfb.extend(r.ttfb_ms for r in records)
+        ttft.extend(r.ttft_ms for r in records)
+        itl.extend(r.itl_ms for r in records)
+        tokens.extend(r.output_tokens for r in records)
         status.extend(r.status for r in records)
         error_kind.extend(r.error_kind or "" for r in records)
         batch_ids.extend([batch.batch_id] * len(records))
         seq.extend(range(len(records)))
-    columns = (ts, deployment, model, version, role, latency, ttfb, status, error_kind, batch_ids)
+    columns = (
+        ts,
+        deployment,
+        model,
+        version,
+        role,
+        latency,
+        ttfb,
+        ttft,
+        itl,
+        tokens,
+        status,
+        error_kind,
+        batch_ids,
+    )
     return pa.Table.from_arrays(
         [pa.array(c, f.type) for c, f in zip((*columns, seq), ARROW_SCHEMA, strict=True)],
         schema=ARROW_SCHEMA,

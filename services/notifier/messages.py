@@ -105,6 +105,9 @@ _CONSOLE: Final[dict[NoticeKind, str]] = {
 _TRIGGER: Final[dict[str, str]] = {
     "error_rate": "the canary's error rate went over the limit",
     "latency": "the canary's p95 latency rose more than allowed over the stable version's",
+    "ttft": (
+        "the canary's p95 time to first token rose more than allowed over the stable version's"
+    ),
     "inconclusive": "the canary could not be judged and nobody promoted it by the deadline",
     "manual": "a person aborted it",
     "superseded": "a newer version replaced it",
@@ -261,6 +264,20 @@ def _p95_line(canary: RoleMeasurement, stable: RoleMeasurement, limit: float | N
     return line + ")"
 
 
+def _ttft_line(canary: RoleMeasurement, stable: RoleMeasurement, limit: float | None) -> str | None:
+    """Time to first token, where the roles served streamed responses."""
+    ours, theirs = canary.ttft_p95_ms, stable.ttft_p95_ms
+    if ours is None:
+        return None
+    if theirs is None or theirs <= 0:
+        return f"TTFT p95 {_num(ours)} ms (stable: none measured)"
+    increase = ours / theirs - 1
+    line = f"TTFT p95 {_num(ours)} ms vs stable {_num(theirs)} ms ({_pct(increase, signed=True)}"
+    if limit is not None:
+        line += f" {_cmp(increase, limit)} {_pct(limit, signed=True)}"
+    return line + ")"
+
+
 def canary_numbers(
     canary: RoleMeasurement | None,
     stable: RoleMeasurement | None,
@@ -280,8 +297,10 @@ def canary_numbers(
             lines.append(f"error rate {_pct(rate)}")
         if stable is not None:
             limit = threshold if trigger == "latency" else None
-            if (p95 := _p95_line(canary, stable, limit)) is not None:
-                lines.append(p95)
+            p95 = _p95_line(canary, stable, limit)
+            ttft = _ttft_line(canary, stable, threshold if trigger == "ttft" else None)
+            ordered = (ttft, p95) if trigger == "ttft" else (p95, ttft)
+            lines.extend(line for line in ordered if line is not None)
         lines.append(_samples("canary", canary))
     if stable is not None:
         lines.append(_samples("stable", stable))
@@ -398,6 +417,17 @@ def rollback_reason(event: DeploymentRolledBack) -> str:
                 f"{_num(stable.p95_ms)} ms{limit_text}"
             )
         return "p95 latency rose more than allowed over stable's"
+    if event.trigger == "ttft":
+        ours = canary.ttft_p95_ms if canary is not None else None
+        theirs = stable.ttft_p95_ms if stable is not None else None
+        if ours is not None and theirs is not None and theirs > 0:
+            rise = ours / theirs - 1
+            limit_text = f", over the {_pct(limit)} limit" if limit is not None else ""
+            return (
+                f"p95 time to first token {_num(ours)} ms, {_pct(rise)} above stable's "
+                f"{_num(theirs)} ms{limit_text}"
+            )
+        return "p95 time to first token rose more than allowed over stable's"
     return _ROLLBACK_WORDS.get(event.trigger, event.trigger.replace("_", " "))
 
 

@@ -27,6 +27,7 @@ from services.router.routes import (
     resolve_model,
     select,
 )
+from services.router.tokens import NO_TOKENS, TokenMeter, TokenTiming, stream_format
 from services.traffic.base import PIN_HEADER
 
 log = logging.getLogger("preflight.router")
@@ -89,6 +90,19 @@ class RouterMetrics:
             "Proxied request latency until the last byte.",
             ["model", "role"],
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "preflight_router_time_to_first_token_seconds",
+            "Streamed completions: request start to the first token event (SSE / JSON lines).",
+            ["model", "role"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.output_tokens = Counter(
+            "preflight_router_output_tokens",
+            "Output tokens of streamed completions (the server's count, else token events).",
+            ["model", "role"],
             registry=registry,
         )
         self.upstream_errors = Counter(
@@ -183,6 +197,7 @@ class Proxy:
         started = self.now()
         t0 = self.clock()
         ttfb: float | None = None
+        tokens = NO_TOKENS
         status = 0
         kind: str | None = None
         url = sel.upstream.rstrip("/") + request.rel_url.raw_path_qs
@@ -218,7 +233,9 @@ class Proxy:
                         body=body,
                     )
                 else:
-                    response, ttfb, cut = await self._stream(request, upstream, out_headers, t0)
+                    response, ttfb, tokens, cut = await self._stream(
+                        request, upstream, out_headers, t0
+                    )
                     if cut is not None and not (cut == "client_closed" and kind):
                         kind = cut
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -232,7 +249,7 @@ class Proxy:
             )
             response.headers.update(marks)
         elapsed = self.clock() - t0
-        self._account(sel, started, elapsed, ttfb, status, kind)
+        self._account(sel, started, elapsed, ttfb, status, kind, tokens)
         return response
 
     async def _stream(
@@ -241,10 +258,13 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         t0: float,
-    ) -> tuple[web.StreamResponse, float | None, str | None]:
-        """Relay the body chunk by chunk: the response, time to first byte, error kind if cut."""
+    ) -> tuple[web.StreamResponse, float | None, TokenTiming, str | None]:
+        """Relay the body chunk by chunk: the response, time to first byte, the token timings of
+        a streamed completion (services/router/tokens.py), error kind if cut."""
         ttfb: float | None = None
         kind: str | None = None
+        fmt = stream_format(upstream.headers.get("Content-Type"))
+        meter = TokenMeter(fmt) if fmt is not None else None
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -252,7 +272,13 @@ class Proxy:
             # Inside the try: a client gone before the headers is the client's doing too.
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
-                if ttfb is None:
+                if meter is not None:
+                    # Read on arrival, before the write: a slow client does not delay a token.
+                    now = self.clock()
+                    meter.feed(chunk, now)
+                    if ttfb is None:
+                        ttfb = now - t0
+                elif ttfb is None:
                     ttfb = self.clock() - t0
                 await response.write(chunk)
             if ttfb is None:
@@ -266,7 +292,7 @@ class Proxy:
             kind = _upstream_error_kind(exc)
             if request.transport is not None:
                 request.transport.close()
-        return response, ttfb, kind
+        return response, ttfb, meter.result(t0) if meter is not None else NO_TOKENS, kind
 
     def _account(
         self,
@@ -276,9 +302,14 @@ class Proxy:
         ttfb: float | None,
         status: int,
         kind: str | None,
+        tokens: TokenTiming = NO_TOKENS,
     ) -> None:
         self.prom.requests.labels(sel.model, sel.role, str(status)).inc()
         self.prom.duration.labels(sel.model, sel.role).observe(elapsed)
+        if tokens.ttft_s is not None:
+            self.prom.ttft.labels(sel.model, sel.role).observe(tokens.ttft_s)
+        if tokens.output_tokens:
+            self.prom.output_tokens.labels(sel.model, sel.role).inc(tokens.output_tokens)
         if kind is not None:
             self.prom.upstream_errors.labels(sel.model, sel.role, kind).inc()
         try:
@@ -290,6 +321,9 @@ class Proxy:
                 role=sel.role,
                 latency_ms=elapsed * 1000.0,
                 ttfb_ms=ttfb * 1000.0 if ttfb is not None else None,
+                ttft_ms=tokens.ttft_s * 1000.0 if tokens.ttft_s is not None else None,
+                itl_ms=tokens.itl_s * 1000.0 if tokens.itl_s is not None else None,
+                output_tokens=tokens.output_tokens,
                 status=status,
                 error_kind=kind,
             )
@@ -307,7 +341,8 @@ def _small_fixed_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
         and length <= BUFFERED_BODY_MAX
         and method != "HEAD"
         and upstream.status not in (204, 304)
-        and not upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        # Event streams and JSON lines are relayed as they come, and their tokens counted.
+        and stream_format(upstream.headers.get("Content-Type")) is None
     )
 
 

@@ -19,10 +19,21 @@ METRICS_COLUMNS: Final = (
     "role",
     "latency_ms",
     "ttfb_ms",
+    "ttft_ms",
+    "itl_ms",
+    "output_tokens",
     "status",
     "error_kind",
     "batch_id",
     "seq",
+)
+
+# Columns added after the table's first layout: (name, type, the column it follows). A table made
+# by an older version gets them from `ensure_metrics_table` (ALTER TABLE ... ADD COLUMN).
+ADDED_COLUMNS: Final = (
+    ("ttft_ms", "Nullable(Float64)", "ttfb_ms"),
+    ("itl_ms", "Nullable(Float64)", "ttft_ms"),
+    ("output_tokens", "Nullable(UInt32)", "itl_ms"),
 )
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -92,6 +103,9 @@ def metrics_table_ddl(table: str, ttl_days: int) -> str:
             role Enum8('stable' = 1, 'canary' = 2),
             latency_ms Float64,
             ttfb_ms Nullable(Float64),
+            ttft_ms Nullable(Float64),
+            itl_ms Nullable(Float64),
+            output_tokens Nullable(UInt32),
             status UInt16,
             error_kind LowCardinality(String),
             batch_id String,
@@ -105,5 +119,30 @@ def metrics_table_ddl(table: str, ttl_days: int) -> str:
     """
 
 
+def missing_columns_sql(table: str, present: set[str]) -> str | None:
+    """The ALTER that gives a table from an older version the columns added since, or None."""
+    missing = [
+        f"ADD COLUMN IF NOT EXISTS {name} {kind} AFTER {after}"
+        for name, kind, after in ADDED_COLUMNS
+        if name not in present
+    ]
+    return f"ALTER TABLE {check_table_name(table)} {', '.join(missing)}" if missing else None
+
+
 def ensure_metrics_table(client: Any, settings: Settings) -> None:
-    client.command(metrics_table_ddl(settings.metrics_table, settings.metrics_ttl_days))
+    """Create the table, or bring one an older version created up to date (new columns are
+    nullable: its old rows read NULL there). The ALTER runs only when a column is missing, so
+    a user without ALTER rights is fine once the table is current."""
+    table = settings.metrics_table
+    client.command(metrics_table_ddl(table, settings.metrics_ttl_days))
+    present = {
+        str(row[0])
+        for row in client.query(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() "
+            "AND table = {table:String}",
+            parameters={"table": table},
+        ).result_rows
+    }
+    alter = missing_columns_sql(table, present)
+    if alter is not None:
+        client.command(alter)

@@ -623,6 +623,178 @@ def resume(
     _command(ResumeDeployment, deployment_id, reason, user, data_dir)
 
 
+@app.command()
+def analyse(
+    deployment_id: IdArg,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="Replay under this policy: a policy file (defaults/teams/models, as "
+            "PREFLIGHT_POLICY_FILE) resolved for the deployment, or a partial policy laid over "
+            "the rollout's own (as deploy --policy). Default: the rollout's own stored policy."
+        ),
+    ] = None,
+    every: Annotated[
+        int, typer.Option(help="Also show every Nth look (0: enough to keep about 30 lines).")
+    ] = 0,
+    data_dir: DataDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replay a rollout's decision over its stored request records: every look, the verdict it
+    reaches, when it would roll back or promote and why, and whether that agrees with what
+    happened. A running rollout is replayed up to now. Exit 0 when it ran."""
+    import asyncio
+    import shutil
+
+    from services.canary_controller import replay as rp
+    from services.metrics.queries import MetricsUnavailable
+
+    _check_id(deployment_id)
+    settings = load_settings(data_dir)
+    rollout, events = run_async(lambda: _connected(settings, _rollout_of(deployment_id)))
+    if rollout is None:
+        requested = [e for e in events if isinstance(e, DeploymentRequested)]
+        if not requested:
+            fail(f"no deployment {deployment_id}: no rollout state, no events", EXIT_FAILED)
+        ended = [e for e in events if isinstance(e, TERMINAL_TYPES)]
+        how = ""
+        if ended:
+            how = f"; it ended {type(ended[-1]).__name__}: {'; '.join(ended[-1].reasons)}"
+        fail(f"{deployment_id} never reached its canary (no rollout state){how}", EXIT_FAILED)
+    try:
+        original = rp.original_run(rollout, events)
+    except ValueError as exc:
+        fail(str(exc), EXIT_FAILED)
+    canary_policy, thresholds = None, None
+    if policy is not None:
+        try:
+            canary_policy, thresholds = rp.policy_from_file(rollout, policy)
+        except PolicyError as exc:
+            fail(str(exc))
+    start, end = original.started_at, original.data_end
+    if end <= start:
+        fail(f"{deployment_id} ended as its first step began: no records to replay", EXIT_FAILED)
+    client, copy = _metrics_for_analysis(settings, rp.days_between(start, end), as_json)
+    try:
+        try:
+            metrics = rp.RecordedMetrics.load(
+                client, settings.metrics_table, deployment_id, start, end
+            )
+        except MetricsUnavailable as exc:
+            fail(str(exc))
+        if metrics.records == 0:
+            fail(
+                f"no request records of {deployment_id} stored between {start:%Y-%m-%d %H:%M:%S} "
+                f"and {end:%H:%M:%S} UTC in {settings.metrics_table} ({_store_name(settings)}): "
+                f"past the metrics TTL ({settings.metrics_ttl_days} days), another metrics "
+                "store, or a canary that never got traffic",
+                EXIT_FAILED,
+            )
+        result = asyncio.run(
+            rp.replay(metrics, rollout, canary_policy, thresholds, original=original)
+        )
+    finally:
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+    if as_json:
+        print(json.dumps(rp.as_dict(result), indent=2))
+        return
+    for line in rp.summary_lines(result, every):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _rollout_of(deployment_id: str) -> Callable[[Any], Awaitable[tuple[Any, list[Any]]]]:
+    async def read(js: Any) -> tuple[Any, list[Any]]:
+        from nats.js.errors import BucketNotFoundError, NotFoundError
+
+        from services.canary_controller.engine import RolloutStore
+
+        events = await bus.read_history(js, subjects.deployment_events(deployment_id))
+        try:
+            kv = await js.key_value(subjects.ROLLOUTS_BUCKET)
+        except (BucketNotFoundError, NotFoundError):
+            fail(
+                f"no {subjects.ROLLOUTS_BUCKET} bucket on this NATS server (`preflight bootstrap`)"
+            )
+        stored = await RolloutStore(kv).get(deployment_id)
+        return (stored.state if stored else None), events
+
+    return read
+
+
+def _store_name(settings: "Settings") -> str:
+    from services.runtime.settings import redact_url
+
+    if settings.clickhouse_url == "chdb":
+        return f"chDB at {settings.chdb_path()}"
+    return redact_url(settings.clickhouse_url)
+
+
+def _chdb_in_use(path: Path) -> bool:
+    """Whether a process holds the chDB path (its `status` file's lock, as ClickHouse takes
+    it): asked first so that chDB does not print its own lock error."""
+    try:
+        import fcntl
+
+        with (path / "status").open("rb") as status:
+            try:
+                fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except (ImportError, OSError):
+        pass
+    return False
+
+
+def _metrics_for_analysis(
+    settings: "Settings", days: list[str], quiet: bool
+) -> tuple[Any, Path | None]:
+    """A client on the request-metrics store, and the temporary copy it reads if any: the
+    embedded stack's controller owns its chDB path (one process per path), so while the stack
+    runs its data is copied (the rollout's days only) and the copy opened."""
+    import tempfile
+
+    from services.canary_controller.replay import snapshot_chdb
+    from services.runtime import clickhouse
+
+    if settings.clickhouse_url == "chdb" and not settings.chdb_path().exists():
+        fail(
+            f"no chDB data at {settings.chdb_path()}: pass the stack's --data-dir, or set "
+            "PREFLIGHT_CLICKHOUSE_URL / PREFLIGHT_CLICKHOUSE_PATH"
+        )
+    if settings.clickhouse_url != "chdb" or not _chdb_in_use(settings.chdb_path()):
+        try:
+            return clickhouse.open_client(settings), None
+        except clickhouse.MetricsStoreLocked:
+            pass
+        except Exception as exc:
+            fail(f"cannot open the request-metrics store ({_store_name(settings)}): {exc}")
+    copy = Path(tempfile.mkdtemp(prefix="preflight-analyse-"))
+    try:
+        size = snapshot_chdb(settings.chdb_path(), copy / "clickhouse", days)
+        client = clickhouse.open_client(
+            settings.model_copy(update={"clickhouse_path": copy / "clickhouse"})
+        )
+    except Exception as exc:
+        import shutil
+
+        shutil.rmtree(copy, ignore_errors=True)
+        fail(f"cannot read a copy of the chDB data at {settings.chdb_path()}: {exc}")
+    if not quiet:
+        err.print(
+            f"note: {settings.chdb_path()} is open in the running stack (one process per chDB "
+            f"path): reading a copy of the rollout's days ({size / 2**20:.1f} MiB)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    return client, copy
+
+
 # ---- stages run locally -------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from rich.console import Console
 
@@ -138,6 +139,7 @@ def write_corrupted_upload(source: Path, directory: Path) -> Path:
 
 DEMO_POLICY = Path(__file__).with_name("demo_policy.yaml")
 DEMO_RPS = 60.0
+STREAMED_BODY: Final = {"prompt": "hello", "max_tokens": 8, "stream": True}
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Scenario:
     expected: str
     error_rate: float = 0.0  # of its inference server, under real traffic
     serves: bool = True
+    ttft_delay_ms: float = 0.0  # its first streamed token this much later, same total latency
 
 
 # Each deployment the demo sends, in order; each replaces the version promoted before it.
@@ -161,7 +164,17 @@ SCENARIOS = (
         serves=False,
     ),
     Scenario("v5", "fine on the bench, fails under real traffic (20% errors)", "rolled back", 0.20),
+    Scenario(
+        "v6",
+        "streams its first token 120 ms later, same total latency (a slower prefill)",
+        "rolled back",
+        ttft_delay_ms=120.0,
+    ),
 )
+# Envoy's access logs carry no time to first token (docs/data-planes/envoy.md): the TTFT story
+# is told through the built-in router only.
+ENVOY_SKIPS: Final = frozenset({"v6"})
+TOKEN_INTERVAL_MS: Final = 20.0  # between streamed tokens, every version
 
 
 class InferenceServers:
@@ -171,12 +184,13 @@ class InferenceServers:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, version: str, error_rate: float) -> str:
+    def start(self, version: str, error_rate: float, ttft_delay_ms: float = 0.0) -> str:
         log = self.logs / f"inference-{version}.log"
         log.unlink(missing_ok=True)
         argv = [
             sys.executable, "-m", "services.inference_server.app", "--port", "0", "--synthetic",
             "--latency-ms", "25", "--latency-jitter", "0.3", "--error-rate", str(error_rate),
+            "--token-interval-ms", str(TOKEN_INTERVAL_MS), "--ttft-delay-ms", str(ttft_delay_ms),
             "--version", version, "--model-name", MODEL,
         ]  # fmt: skip
         proc = processes.spawn(argv, log=log)
@@ -217,7 +231,13 @@ class Traffic:
 
         while not self.stop_flag.is_set():
             result = asyncio.run(
-                generate_load(self.url, self.rps, 2.0, headers={"X-Preflight-Model": MODEL})
+                generate_load(
+                    self.url,
+                    self.rps,
+                    2.0,
+                    headers={"X-Preflight-Model": MODEL},
+                    body=STREAMED_BODY,  # users watch tokens arrive: TTFT is measured
+                )
             )
             self.sent += result.sent
             self.by_status.update(result.by_status)
@@ -263,10 +283,19 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         "v2": write_trained_model(models / f"{MODEL}-v2", variant="good", seed=1),
         "v3": write_trained_model(models / f"{MODEL}-v3", variant="regressed", seed=0),
         "v5": write_trained_model(models / f"{MODEL}-v5", variant="good", seed=1),
+        "v6": write_trained_model(models / f"{MODEL}-v6", variant="good", seed=1),
     }
     dirs["v4"] = write_corrupted_upload(dirs["v2"], models / f"{MODEL}-v4")
-    for scenario in SCENARIOS:
+    scenarios = [
+        s for s in SCENARIOS if not (settings.data_plane == "envoy" and s.version in ENVOY_SKIPS)
+    ]
+    for scenario in scenarios:
         console.print(f"    {scenario.version}: {scenario.what}")
+    if len(scenarios) < len(SCENARIOS):
+        console.print(
+            "    (v6's TTFT regression is not told through Envoy: its access logs carry no time to "
+            "first token; the built-in router's story shows it)"
+        )
 
     console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
@@ -282,9 +311,13 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         # with the password the stack generated for this data directory.
         client_settings = stack.settings_as(nats_users.CLIENT)
         traffic = Traffic(stack.router_url, DEMO_RPS)
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             version = scenario.version
-            endpoint = servers.start(version, scenario.error_rate) if scenario.serves else None
+            endpoint = (
+                servers.start(version, scenario.error_rate, scenario.ttft_delay_ms)
+                if scenario.serves
+                else None
+            )
             request = DeploymentRequested(
                 deployment_id=new_deployment_id(),
                 model=MODEL,
@@ -344,7 +377,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         f"done in {time.monotonic() - started:.1f} s; stack stopped, nothing left running"
     )
     outcomes = [s.outcome + (" (degraded)" if s.degraded else "") for s in summaries]
-    if outcomes != [s.expected for s in SCENARIOS]:
+    if outcomes != [s.expected for s in scenarios]:
         console.print(f"[red]unexpected outcomes:[/red] {outcomes}")
         return 1
     return 0

@@ -33,6 +33,9 @@ def test_the_demo_story_runs_through_envoy(tmp_path: Path) -> None:
     assert not (logs / "router.log").exists()  # no built-in router: Envoy carried the traffic
     assert "envoy-receiver" in text and "through Envoy" in text
     assert "ROLLED BACK (error_rate)" in text
+    assert "not told through Envoy" in " ".join(
+        text.split()
+    )  # v6 (TTFT) needs records that carry TTFT
     # The controller wrote routes for Envoy and Envoy served them: xDS files on disk.
     assert any((data_dir / "envoy" / "xds").iterdir())
     policy = (data_dir / "policy-data-plane.yaml").read_text()

@@ -270,6 +270,33 @@ async def test_a_failing_canary_is_rolled_back_within_seconds(
     assert rolled.window_start is not None and rolled.window_end is not None
 
 
+async def test_an_e_process_rollout_rolls_a_failing_canary_back_from_the_real_store(
+    js: JetStreamContext, chdb_client: Any
+) -> None:
+    """method: e-process through the engine: observe() reads the per-bucket counts from chDB,
+    the looks come every second, and the rollback says it is anytime-valid."""
+    clock = Clock()
+    engine = await make_engine(js, chdb_client, clock)
+    req = request("org/failing-eprocess")
+    traffic = Traffic(chdb_client, req.deployment_id, req.model)
+    policy = POLICY.model_copy(update={"method": "e-process"})
+    await engine.begin(new_rollout(req, clock, policy))
+    started = clock.now
+    for _ in range(30):
+        await drive(engine, traffic, clock, 1, tick_s=1.0, canary_error_rate=0.10)
+        stored = await engine.store.get(req.deployment_id)
+        assert stored is not None
+        if stored.state.phase.terminal:
+            break
+    assert stored is not None and stored.state.phase is Phase.ROLLED_BACK, stored
+    assert (clock.now - started).total_seconds() <= 30
+    [rolled] = [
+        e for e in await events_of(js, req.deployment_id) if isinstance(e, DeploymentRolledBack)
+    ]
+    assert rolled.trigger in ("error_rate", "error_ratio"), rolled
+    assert any("anytime-valid" in r for r in rolled.reasons) and rolled.threshold is not None
+
+
 async def test_pending_effects_are_replayed_after_a_crash_and_published_once(
     js: JetStreamContext, chdb_client: Any
 ) -> None:

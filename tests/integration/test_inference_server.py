@@ -8,6 +8,7 @@ import random
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from services.inference_server.app import Server, build_app
 from services.inference_server.generators import SyntheticGenerator
-from services.inference_server.knobs import Knobs, draw_delay_s
+from services.inference_server.knobs import Knobs, draw_delay_s, token_gaps_s
 from services.inference_server.load import generate_load
 
 pytestmark = pytest.mark.integration
@@ -75,6 +76,54 @@ async def test_streaming_sends_one_sse_event_per_token_then_done(
     assert events[-1] == "[DONE]" and len(events) == 4
     chunks = [json.loads(e) for e in events[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+    assert ["usage" in c for c in chunks] == [False, False, True]
+    assert chunks[-1]["usage"]["completion_tokens"] == 3  # the whole answer's, not the chunk's
+
+
+async def arrivals(url: str, max_tokens: int) -> list[float]:
+    """Seconds from the request to each SSE event with a token."""
+    t0 = time.perf_counter()
+    seen: list[float] = []
+    buffer = b""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{url}/v1/completions", json={"prompt": "x", "max_tokens": max_tokens, "stream": True}
+        ) as r,
+    ):
+        async for chunk in r.content.iter_any():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if event != b"data: [DONE]":
+                    seen.append(time.perf_counter() - t0)
+    return seen
+
+
+async def test_ttft_delay_moves_the_first_token_and_keeps_the_total(
+    synthetic: tuple[str, Server],
+) -> None:
+    url, server = synthetic
+    server.knobs = Knobs(latency_ms=0, latency_jitter=0, token_interval_ms=50)
+    before = await arrivals(url, 6)
+    server.knobs = server.knobs.merged({"ttft_delay_ms": 200})
+    after = await arrivals(url, 6)
+    assert len(before) == len(after) == 6
+    assert before[0] < 0.1 and after[0] >= 0.2, (before, after)
+    assert abs(after[-1] - before[-1]) < 0.1, (before, after)  # 5 x 50 ms either way
+    # Longer than the pauses it can be taken from: the total grows by the rest.
+    server.knobs = server.knobs.merged({"ttft_delay_ms": 400})
+    longer = await arrivals(url, 6)
+    assert longer[0] >= 0.4 and longer[-1] - longer[0] < 0.05, longer
+
+
+def test_token_gaps_take_the_ttft_delay_out_of_the_pauses() -> None:
+    knobs = Knobs(token_interval_ms=30, ttft_delay_ms=140)
+    first, between = token_gaps_s(knobs, 8)
+    assert first == pytest.approx(0.14) and between == pytest.approx(0.01)
+    assert token_gaps_s(knobs, 1) == pytest.approx((0.14, 0.03))  # one token: no pauses
+    assert token_gaps_s(Knobs(token_interval_ms=10, ttft_delay_ms=500), 4) == (0.5, 0.0)
+    assert token_gaps_s(Knobs(token_interval_ms=20), 4) == pytest.approx((0.0, 0.02))
 
 
 @pytest.mark.parametrize(

@@ -393,6 +393,111 @@ async def test_streaming_responses_pass_through_as_they_come(
     assert arrivals[0] < 0.25 and arrivals[-1] - arrivals[0] > 0.35, arrivals
 
 
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, max_tokens: int, **headers: str
+) -> tuple[bytes, float]:
+    """A streamed completion's whole body and its time to the last byte (seconds)."""
+    t0 = time.perf_counter()
+    async with session.post(
+        f"{url}/v1/completions",
+        json={"prompt": "hi", "max_tokens": max_tokens, "stream": True},
+        headers=headers,
+    ) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        body = await resp.read()
+    return body, time.perf_counter() - t0
+
+
+async def test_streamed_completions_are_recorded_with_ttft_itl_and_output_tokens(
+    settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
+) -> None:
+    # Both stream 8 tokens over about 7 x 40 ms; the canary's first token comes 150 ms later
+    # and its later ones sooner (the sample server's ttft_delay_ms): same total, worse TTFT.
+    upstreams["stable"][1].knobs = Knobs(latency_ms=0, latency_jitter=0, token_interval_ms=40)
+    upstreams["canary"][1].knobs = Knobs(
+        latency_ms=0, latency_jitter=0, token_interval_ms=40, ttft_delay_ms=150
+    )
+    await put_route(js, route(upstreams, 50.0))
+    batches: list[RequestMetricsBatch] = []
+    async with (
+        router(router_settings(settings), sink=ListSink(batches)) as (running, r),
+        aiohttp.ClientSession() as s,
+    ):
+        await eventually(lambda: weight_of(r) == 50.0)
+        stable_body, stable_s = await stream_completion(s, running.url, 8, **{PIN_HEADER: "stable"})
+        canary_body, canary_s = await stream_completion(s, running.url, 8, **{PIN_HEADER: "canary"})
+        assert (await completion(s, running.url, **{PIN_HEADER: "stable"}))[0] == 200
+        await eventually(lambda: sum(len(b.records) for b in batches) == 3)
+    stable, canary, plain = (rec for b in batches for rec in b.records)
+    events = [e for e in stable_body.decode().split("\n\n") if e]
+    assert len(events) == 9 and events[-1] == "data: [DONE]"  # passed through whole
+    assert canary_body.count(b"data: ") == 9
+    for rec in (stable, canary):
+        assert rec.output_tokens == 8  # the last event's usage.completion_tokens
+        assert rec.ttft_ms is not None and rec.itl_ms is not None and rec.ttfb_ms is not None
+        assert rec.ttfb_ms <= rec.ttft_ms + 1e-6 and rec.ttft_ms <= rec.latency_ms
+    assert stable.role == "stable" and canary.role == "canary"
+    assert stable.ttft_ms is not None and canary.ttft_ms is not None
+    assert stable.itl_ms is not None and canary.itl_ms is not None
+    assert stable.ttft_ms < 100 and canary.ttft_ms >= 150, (stable.ttft_ms, canary.ttft_ms)
+    assert 35 <= stable.itl_ms < 80, stable.itl_ms
+    assert canary.itl_ms < stable.itl_ms  # 40 - 150 / 7 = 18.6 ms planned
+    # Total latency about the same (7 x 40 = 280 ms either way); a loaded machine adds noise.
+    assert abs(canary.latency_ms - stable.latency_ms) < 120, (canary.latency_ms, stable.latency_ms)
+    assert abs(canary_s - stable_s) < 0.12
+    assert (plain.ttft_ms, plain.itl_ms, plain.output_tokens) == (None, None, None)
+
+
+async def test_a_malformed_event_stream_passes_through_untouched_without_token_fields(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    sent = [
+        b"data: " + json.dumps({"choices": [{"text": "fine"}]}).encode() + b"\n\n",
+        b"data: {not json at all\n\n",
+        b"\xff\xfe" * 1000 + b"\n\n",
+        b"data: " + b"[" * 50_000 + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+
+    async def hostile(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in sent:
+            for i in range(0, len(part), 7):  # events split across many reads
+                await response.write(part[i : i + 7])
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", hostile)
+    upstream = await start_app(app)
+    batches: list[RequestMetricsBatch] = []
+    try:
+        await put_route(
+            js,
+            Route(
+                model=MODEL,
+                stable=RouteTarget(deployment_id=STABLE_ID, version="1", upstream=upstream.url),
+            ),
+        )
+        async with (
+            router(router_settings(settings), sink=ListSink(batches)) as (running, r),
+            aiohttp.ClientSession() as s,
+        ):
+            await eventually(lambda: r.table.get(MODEL) is not None)
+            async with s.post(f"{running.url}/v1/completions", json={"stream": True}) as resp:
+                assert resp.status == 200
+                got = await resp.read()
+            await eventually(lambda: sum(len(b.records) for b in batches) == 1)
+    finally:
+        await upstream.stop()
+    assert got == b"".join(sent)
+    (rec,) = (rec for b in batches for rec in b.records)
+    assert rec.status == 200 and rec.error_kind is None and rec.ttfb_ms is not None
+    assert (rec.ttft_ms, rec.itl_ms, rec.output_tokens) == (None, None, None)
+
+
 async def test_upstream_failures_answer_502_504_and_are_recorded(
     settings: Settings, js: JetStreamContext, upstreams: dict[str, Any]
 ) -> None:

@@ -759,15 +759,17 @@ client = clickhouse.open_client(settings)
 clickhouse.ensure_metrics_table(client, settings)
 t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
 rows = []
-for i in range(100):  # stable: latency 1..100 ms, one timeout
+for i in range(100):  # stable: latency 1..100 ms, one timeout, streamed: TTFT 2 ms, 9 tokens
     rows.append((t0 + timedelta(seconds=i), "d-1", "m", "1", "stable", float(i + 1), 5.0,
-                 0 if i == 0 else 200, "timeout" if i == 0 else "", "b-stable", i))
-for i in range(10):  # canary: latency 201..210 ms, two 5xx
+                 2.0, 0.5, 9, 0 if i == 0 else 200, "timeout" if i == 0 else "", "b-stable", i))
+for i in range(10):  # canary: latency 201..210 ms, two 5xx, not streamed
     rows.append((t0 + timedelta(seconds=i), "d-1", "m", "2", "canary", float(201 + i), None,
-                 500 if i < 2 else 200, "http_5xx" if i < 2 else "", "b-canary", i))
-rows.append((t0, "d-other", "m", "9", "canary", 1.0, None, 500, "x", "b-other", 0))
+                 None, None, None, 500 if i < 2 else 200, "http_5xx" if i < 2 else "",
+                 "b-canary", i))
+rows.append((t0, "d-other", "m", "9", "canary", 1.0, None, None, None, None, 500, "x",
+             "b-other", 0))
 columns = ["ts", "deployment_id", "model", "version", "role", "latency_ms", "ttfb_ms",
-           "status", "error_kind", "batch_id", "seq"]
+           "ttft_ms", "itl_ms", "output_tokens", "status", "error_kind", "batch_id", "seq"]
 client.insert(settings.metrics_table, rows, column_names=columns)
 start, end = int(t0.timestamp()) - 60, int(t0.timestamp()) + 600
 out = []
@@ -811,6 +813,12 @@ def test_dashboard_queries_run_on_the_clickhouse_engine(
     assert by_role["canary"]["error_rate"] == pytest.approx(0.2)
     assert by_role["stable"]["error_rate"] == pytest.approx(0.01)
     assert by_role["canary"]["p95_ms"] > by_role["stable"]["p95_ms"]
+    assert by_role["stable"]["ttft_p95_ms"] == 2.0 and by_role["canary"]["ttft_p95_ms"] is None
+    assert by_role["stable"]["output_tokens"] == 900
+    # Output tokens per second: 9 tokens, 8 gaps of 0.5 ms: 9 / 0.004 s = 2250 tokens/s.
+    speed = next(r for sql, r in zip(sqls, results, strict=True) if "(output_tokens - 1)" in sql)
+    stable_speeds = [row[1] for row in speed["rows"] if row[1] is not None]
+    assert stable_speeds and all(v == pytest.approx(2250) for v in stable_speeds)
 
 
 # NATS users and permissions on a real nats-server: tests/integration/test_nats_permissions.py.

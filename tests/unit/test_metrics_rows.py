@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -59,6 +60,27 @@ def test_records_of_all_batches_become_one_table_with_a_seq_per_batch() -> None:
     assert [r["ttfb_ms"] for r in rows] == [None, None, 1.5]
     assert [r["role"] for r in rows] == ["stable", "canary", "stable"]
     assert rows[1]["status"] == 503
+
+
+def test_token_fields_become_nullable_columns() -> None:
+    streamed = record(0, ttft_ms=42.5, itl_ms=3.25, output_tokens=16)
+    table = ingest.to_arrow([batch("batch-tok", streamed, record(1))])
+    rows = table.to_pylist()
+    assert [(r["ttft_ms"], r["itl_ms"], r["output_tokens"]) for r in rows] == [
+        (42.5, 3.25, 16),
+        (None, None, None),
+    ]
+    assert str(table.schema.field("output_tokens").type) == "uint32"
+
+
+def test_old_records_without_token_fields_still_validate() -> None:
+    old = record(0).model_dump(mode="json", exclude={"ttft_ms", "itl_ms", "output_tokens"})
+    parsed = RequestRecord.model_validate(old)
+    assert (parsed.ttft_ms, parsed.itl_ms, parsed.output_tokens) == (None, None, None)
+    with pytest.raises(ValueError, match="greater than or equal"):
+        record(0, ttft_ms=-1.0)
+    with pytest.raises(ValueError, match="greater than or equal"):
+        record(0, output_tokens=-1)
 
 
 def test_timestamps_are_stored_in_utc_and_a_naive_one_is_read_as_utc() -> None:
@@ -176,6 +198,23 @@ def test_a_role_window_carries_rate_percentiles_and_sampling() -> None:
     )
 
 
+def test_a_role_windows_ttft_p95_is_the_inclusive_percentile_of_its_ttfts() -> None:
+    window = queries.role_window("canary", ("canary", 100, 0, [1.0, 2.0, 3.0]), [], 0)
+    assert window.ttft_p95_ms is None and window.measurement().ttft_p95_ms is None
+    streamed = replace(window, ttft_ms=tuple(float(v) for v in range(1, 101)))
+    assert streamed.ttft_p95_ms == pytest.approx(95.05)  # as quantileExactInclusive: numpy's
+    assert streamed.measurement().ttft_p95_ms == pytest.approx(95.05)
+    assert replace(window, ttft_ms=(7.0,)).ttft_p95_ms == 7.0
+
+
+@pytest.mark.parametrize("level", [0.0, 0.5, 0.95, 0.99, 1.0])
+def test_the_inclusive_quantile_matches_numpy(level: float) -> None:
+    np = pytest.importorskip("numpy")
+    values = sorted(np.random.default_rng(3).lognormal(3, 1, 257).tolist())
+    expected = float(np.percentile(values, level * 100))
+    assert queries.quantile_inclusive(values, level) == pytest.approx(expected)
+
+
 def test_window_times_must_carry_a_zone_and_not_be_empty() -> None:
     with pytest.raises(ValueError, match="time zone"):
         queries.window_ms(datetime(2026, 1, 1), T0)
@@ -208,7 +247,7 @@ def test_values_are_bound_never_formatted_into_the_sql() -> None:
         client, "request_metrics", hostile, T0, T0 + timedelta(seconds=60), raw=True
     )
     assert result.canary.requests == 0 and result.stable.p95_ms is None
-    assert len(client.calls) == 2
+    assert len(client.calls) == 3  # counts and percentiles, latencies, times to first token
     for sql, params in client.calls:
         assert hostile not in sql and "OR 1=1" not in sql
         assert params["deployment_id"] == hostile

@@ -160,6 +160,22 @@ CASES: dict[str, NoticeEvent] = {
         requested_by=ALICE,
         metrics_url=URL,
     ),
+    "rolled_back_ttft": DeploymentRolledBack(
+        **IDS,
+        occurred_at=AT,
+        trigger="ttft",
+        step_index=0,
+        canary=RoleMeasurement(
+            requests=900, errors=1, error_rate=0.0011, p95_ms=190, ttft_p95_ms=420
+        ),
+        stable=RoleMeasurement(
+            requests=4812, errors=14, error_rate=0.0029, p95_ms=180, ttft_p95_ms=120
+        ),
+        threshold=0.20,
+        **WINDOW,
+        requested_by=ALICE,
+        metrics_url=URL,
+    ),
     "rolled_back_inconclusive": DeploymentRolledBack(
         **IDS,
         occurred_at=AT,
@@ -231,6 +247,8 @@ def test_every_outcome_kind_has_a_snapshot() -> None:
         ("rolled_back_error_rate", ["error rate 4.2% > 1%", "canary: 21/500 errors (4.2%)"]),
         ("rolled_back_error_rate", ["stable: 14/4,812 errors (0.3%)", "17:44:01–17:45:01 UTC"]),
         ("rolled_back_latency", ["p95 312 ms vs stable 180 ms (+73.3% > +20%)"]),
+        ("rolled_back_ttft", ["TTFT p95 420 ms vs stable 120 ms (+250% > +20%)"]),
+        ("rolled_back_ttft", ["p95 190 ms vs stable 180 ms (+5.6%)", "time to first token"]),
         ("degraded", ["perplexity +8.1% > +5%", "latency 612 ms > 500 ms"]),
         ("blocked", ["secrets 2 findings > 0 findings"]),
         ("promoted", ["error rate 0.1%", "canary: 3/2,400 errors"]),
@@ -267,6 +285,26 @@ def test_a_rollout_waiting_on_people_shows_the_commands(case: str) -> None:
     ):
         assert f"preflight promote {event.deployment_id}" in text
         assert f"preflight abort {event.deployment_id}" in text
+
+
+def test_ttft_shows_beside_latency_when_the_roles_streamed() -> None:
+    canary = RoleMeasurement(requests=900, errors=1, p95_ms=190, ttft_p95_ms=420)
+    stable = RoleMeasurement(requests=4812, errors=14, p95_ms=180, ttft_p95_ms=120)
+    lines = messages.canary_numbers(canary, stable)
+    assert lines[:2] == [
+        "p95 190 ms vs stable 180 ms (+5.6%)",
+        "TTFT p95 420 ms vs stable 120 ms (+250%)",
+    ]
+    plain = RoleMeasurement(requests=900, errors=1, p95_ms=190)
+    assert not any("TTFT" in line for line in messages.canary_numbers(plain, stable))
+    alone = messages.canary_numbers(canary, RoleMeasurement(requests=10, errors=0))
+    assert "TTFT p95 420 ms (stable: none measured)" in alone
+    event = CASES["rolled_back_ttft"]
+    assert isinstance(event, DeploymentRolledBack)
+    reason = messages.rollback_reason(event)
+    assert (
+        reason == "p95 time to first token 420 ms, 250% above stable's 120 ms, over the 20% limit"
+    )
 
 
 def test_a_finished_rollout_offers_no_commands() -> None:

@@ -318,7 +318,7 @@ def test_normalise_series_reads_the_stores_rows_and_skips_what_it_cannot() -> No
 
     t0 = int(T0.timestamp() * 1000)
     rows = [
-        row(at(5), error_rate=0.1, p95_ms=9),
+        row(at(5), error_rate=0.1, p95_ms=9, ttft_p95_ms=4),
         row(T0.replace(tzinfo=None), "stable", 4, error_rate=0.25, p95_ms=3.5),  # naive: UTC
         row(T0, requests=2, p95_ms=None),  # no error_rate: computed
         row("2026-11-25T10:00:10+00:00", "stable", 0, error_rate=None, p95_ms=float("nan")),
@@ -329,13 +329,13 @@ def test_normalise_series_reads_the_stores_rows_and_skips_what_it_cannot() -> No
     ]
     assert normalise_series(rows) == [
         {"t_ms": t0, "role": "canary", "requests": 2, "errors": 1, "error_rate": 0.5,
-         "p95_ms": None},
+         "p95_ms": None, "ttft_p95_ms": None},
         {"t_ms": t0 + 5000, "role": "canary", "requests": 10, "errors": 1, "error_rate": 0.1,
-         "p95_ms": 9.0},
+         "p95_ms": 9.0, "ttft_p95_ms": 4.0},
         {"t_ms": t0, "role": "stable", "requests": 4, "errors": 1, "error_rate": 0.25,
-         "p95_ms": 3.5},
+         "p95_ms": 3.5, "ttft_p95_ms": None},
         {"t_ms": t0 + 10000, "role": "stable", "requests": 0, "errors": 1, "error_rate": None,
-         "p95_ms": None},
+         "p95_ms": None, "ttft_p95_ms": None},
     ]  # fmt: skip
 
 
@@ -393,7 +393,11 @@ async def test_detail_api_answers_state_series_steps_and_thresholds(
     assert data["rollout"]["requested_by"]["user"] == "ana"
     assert data["outcome"]["kind"] == "rolled_back"
     assert data["outcome"]["reason"].startswith("canary error rate 5.04%")
-    assert data["thresholds"] == {"max_error_rate": 0.01, "max_p95_increase": 0.2}
+    assert data["thresholds"] == {
+        "max_error_rate": 0.01,
+        "max_p95_increase": 0.2,
+        "max_ttft_p95_increase": CanaryThresholds().max_ttft_p95_increase,
+    }
     assert [(s["weight"], s["start"], s["status"]) for s in data["steps"]] == [
         (5.0, T0.isoformat(), "done"),
         (50.0, at(180).isoformat(), "done"),
@@ -426,9 +430,37 @@ async def test_detail_page_renders_state_steps_verdict_and_embeds_the_series(
     assert "≈ 2026-11-25 10:00:00 UTC" in page  # the first step's start is estimated
     assert "canary p95 ≤ stable p95 × 1.2 (+20%)" in page
     assert 'id="chart-p95"' in page and 'id="chart-errors"' in page
+    assert 'id="chart-ttft"' not in page and "TTFT" not in page  # no streamed responses
     assert '<script src="/static/rollout.js" defer>' in page
     data = embedded_data(page)
     assert data["series"] and data["outcome"]["kind"] == "rolled_back"
+
+
+async def test_a_streaming_rollout_shows_ttft_p95_canary_vs_stable(
+    make_client: ClientFactory,
+) -> None:
+    state = rolled_back()
+    state = state.model_copy(
+        update={
+            "canary_measurement": RoleMeasurement(
+                requests=1210, errors=61, error_rate=0.0504, p95_ms=181.5, ttft_p95_ms=412.25
+            ),
+            "stable_measurement": RoleMeasurement(
+                requests=1190, errors=2, error_rate=0.0017, p95_ms=120.2, ttft_p95_ms=88.0
+            ),
+        }
+    )
+    rows = [{**r, "ttft_p95_ms": 90.0 if r["role"] == "stable" else 400.0}
+            for r in bad_canary_series()]  # fmt: skip
+    client = await make_client(FakeRollouts({"dep-7f3a9c": state}), FakeSeries(rows))
+    page = await (await client.get("/rollouts/dep-7f3a9c")).text()
+    assert '<th title="time to first token of streamed responses">TTFT p95</th>' in page
+    assert '<td class="ttft">412.2 ms</td>' in page and '<td class="ttft">88.0 ms</td>' in page
+    assert 'id="chart-ttft" data-metric="ttft_p95_ms"' in page
+    assert "canary TTFT p95 ≤ stable TTFT p95 × 1.2 (+20%)" in page
+    data = embedded_data(page)
+    assert data["measurements"]["canary"]["ttft_p95_ms"] == 412.25
+    assert {p["ttft_p95_ms"] for p in data["series"]} == {90.0, 400.0}
 
 
 async def test_every_user_string_is_escaped_in_the_page_and_the_embedded_json(

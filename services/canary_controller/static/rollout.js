@@ -70,10 +70,14 @@
     const byRole = { canary: [], stable: [] };
     for (const p of data.series) if (byRole[p.role]) byRole[p.role].push(p);
 
-    const increase = data.thresholds.max_p95_increase;
+    // The p95 charts (latency, time to first token) draw the limit: stable's p95 x (1 + increase).
+    const increases = { p95_ms: data.thresholds.max_p95_increase, ttft_p95_ms: data.thresholds.max_ttft_p95_increase };
+    const increase = increases[metric];
+    const relative = increase !== undefined && increase !== null;
     const flat = metric === "error_rate" ? data.thresholds.max_error_rate * 100 : null;
-    const limit = metric === "p95_ms"
-      ? byRole.stable.filter((p) => p.p95_ms !== null).map((p) => ({ t: p.t_ms, v: p.p95_ms * (1 + increase) }))
+    const limit = relative
+      ? byRole.stable.filter((p) => p[metric] !== null && p[metric] !== undefined)
+        .map((p) => ({ t: p.t_ms, v: p[metric] * (1 + increase) }))
       : [];
 
     let top = flat || 0;
@@ -168,8 +172,11 @@
 
     // Legend.
     const legend = el("g", { class: "legend" }, svg);
-    const entries = [["canary", "line-canary"], ["stable", "line-stable"],
-      [metric === "error_rate" ? "max " + format(flat, metric) : "stable p95 × " + (1 + increase), "threshold"]];
+    const entries = [["canary", "line-canary"], ["stable", "line-stable"]];
+    if (metric === "error_rate") entries.push(["max " + format(flat, metric), "threshold"]);
+    else if (relative) {
+      entries.push([(metric === "ttft_p95_ms" ? "stable TTFT p95 × " : "stable p95 × ") + (1 + increase), "threshold"]);
+    }
     for (const [words, cls] of entries) {
       el("line", { x1: 0, x2: 18, y1: 12, y2: 12, class: cls }, legend);
       label(legend, 24, 16, words, "legend-label");
