@@ -156,6 +156,21 @@ def analysis_due(state: RolloutState, now: datetime) -> bool:
     return (now - last).total_seconds() >= look_interval_s(state.policy)
 
 
+def look_due(state: RolloutState, now: datetime) -> bool:
+    """Whether the engine (and a replay of it) looks at the rollout now: the cadence is due, or
+    a deadline passed since the last look. A deadline earns one look of its own; after that the
+    normal cadence applies, so a step's extension does not spend a look on every tick. Never
+    at or before the step start (nothing to measure yet)."""
+    last = state.last_analysis_at
+    deadline_passed = any(
+        t is not None and now >= t and (last is None or last < t)
+        for t in (state.step_ends_at, state.step_deadline, state.held_deadline, state.judge_after)
+    )
+    if not analysis_due(state, now) and not deadline_passed:
+        return False
+    return now > (state.step_started_at or state.created_at)
+
+
 def look_interval_s(policy: CanaryPolicy) -> float:
     """Seconds between looks: an e-process may be looked at often at no cost in false alarms."""
     if policy.method == "e-process":

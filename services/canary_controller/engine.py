@@ -384,23 +384,8 @@ class Engine:
         now = self.clock()
         stored = await self.allow_for_outages(stored, now)
         state = stored.state
-        # A deadline earns one look of its own when it passes; after that the normal cadence
-        # applies, so a step's extension does not spend a look (and alpha) on every tick.
-        last = state.last_analysis_at
-        deadline_passed = any(
-            t is not None and now >= t and (last is None or last < t)
-            for t in (
-                state.step_ends_at,
-                state.step_deadline,
-                state.held_deadline,
-                state.judge_after,
-            )
-        )
-        if not rules.analysis_due(state, now) and not deadline_passed:
+        if not rules.look_due(state, now):
             return
-        start = state.step_started_at or state.created_at
-        if now <= start:
-            return  # the clock is at or behind the step start: nothing to measure yet
         observation = await self.observe(state, now)
         traffic = None
         if state.phase in (Phase.STEP, Phase.BAKE):

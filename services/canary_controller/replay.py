@@ -623,20 +623,7 @@ async def replay(
                 + (f"; last look: {state.last_reason}" if state.last_reason else ""),
             )
             break
-        # engine.Engine.step, without the effects: a deadline earns one look when it passes.
-        last_at = state.last_analysis_at
-        deadline_passed = any(
-            t is not None and now >= t and (last_at is None or last_at < t)
-            for t in (
-                state.step_ends_at,
-                state.step_deadline,
-                state.held_deadline,
-                state.judge_after,
-            )
-        )
-        if not rules.analysis_due(state, now) and not deadline_passed:
-            continue
-        if now <= (state.step_started_at or state.created_at):
+        if not rules.look_due(state, now):  # engine.Engine.step's rule, without the effects
             continue
         observation = await observe(metrics, state, now)
         decision = rules.decide(state, observation, state.policy, state.thresholds, now)
