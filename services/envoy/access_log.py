@@ -19,7 +19,9 @@ Istio, a hand-written one) that sets those four on its canary routes feeds prefl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -59,6 +61,8 @@ _UPSTREAM_FAILURES: Final = frozenset(
     flag for flag, kind in FLAG_KINDS if kind not in ("client_closed", "client_protocol_error")
 )
 _ROLES: Final = ("stable", "canary")
+_MODEL: Final = MODEL_HEADER.lower()
+_IDENTITY: Final = (_MODEL, ROLE_HEADER, VERSION_HEADER)
 
 
 @dataclass(frozen=True)
@@ -89,25 +93,31 @@ def error_kind(flags: Any, details: str) -> str | None:
     return kind
 
 
-def to_record(entry: Any) -> RequestRecord | Unmapped:
-    """The request record of one `HTTPAccessLogEntry`, or why there is none."""
+_Fields = tuple[int, int, str, str, str, str, float, float | None, int, str | None]
+"""What one entry says: start seconds, start nanos, deployment id, model, version, role,
+latency ms, ttfb ms, status, error kind."""
+
+
+def read_entry(entry: Any) -> _Fields | Unmapped:
+    """The record's fields from one `HTTPAccessLogEntry` (not validated yet), or why there are
+    none. Shared by `to_record` and `RecordEncoder`, so the two cannot disagree."""
     common = entry.common_properties
     headers = entry.request.request_headers
     if not common.upstream_cluster:
         # Answered by Envoy itself (no_model, unknown_model): not a request to either version.
         return Unmapped("local_reply", "entry without an upstream cluster (a local reply)")
-    missing = [
-        name
-        for name in (MODEL_HEADER.lower(), ROLE_HEADER, VERSION_HEADER)
-        if not headers.get(name)
-    ]
-    if missing:
+    model = headers.get(_MODEL)
+    role = headers.get(ROLE_HEADER)
+    version = headers.get(VERSION_HEADER)
+    if not (model and role and version):
+        missing = [
+            name for name, got in zip(_IDENTITY, (model, role, version), strict=True) if not got
+        ]
         return Unmapped(
             "missing_header",
             f"entry for cluster {common.upstream_cluster!r} lacks request header(s) "
             f"{', '.join(missing)}: the route must set them (docs/data-planes/envoy.md)",
         )
-    role = headers[ROLE_HEADER]
     if role not in _ROLES:
         return Unmapped("bad_role", f"{ROLE_HEADER} is {role[:40]!r}, not stable or canary")
     if not common.HasField("start_time"):
@@ -125,8 +135,10 @@ def to_record(entry: Any) -> RequestRecord | Unmapped:
     kind = error_kind(flags, details)
     if details:
         from_upstream = details == "via_upstream"
+    elif kind is None:  # no flag at all: nothing failed upstream
+        from_upstream = True
     else:  # an Envoy that does not log details: trust the code unless the upstream failed
-        from_upstream = not any(getattr(flags, f, False) for f in _UPSTREAM_FAILURES)
+        from_upstream = not any(on and f.name in _UPSTREAM_FAILURES for f, on in flags.ListFields())
     status = code if from_upstream else 0
     if kind is None and status >= 500:
         kind = "http_5xx"
@@ -135,21 +147,131 @@ def to_record(entry: Any) -> RequestRecord | Unmapped:
         if common.HasField("time_to_first_upstream_rx_byte")
         else None
     )
+    start = common.start_time
+    return (
+        int(start.seconds),
+        int(start.nanos),
+        headers.get(DEPLOYMENT_HEADER, ""),
+        model,
+        version,
+        role,
+        latency * 1000.0,
+        ttfb,
+        status,
+        kind,
+    )
+
+
+def _timestamp(seconds: int, nanos: int) -> datetime:
+    """Exact to the microsecond (no float rounding), as RecordEncoder writes it."""
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
+
+
+def _validated(fields: _Fields) -> RequestRecord | Unmapped:
+    seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind = fields
     try:
         return RequestRecord(
-            ts=datetime.fromtimestamp(
-                common.start_time.seconds + common.start_time.nanos / 1e9, UTC
-            ),
-            deployment_id=headers.get(DEPLOYMENT_HEADER, ""),
-            model=headers[MODEL_HEADER.lower()],
-            version=headers[VERSION_HEADER],
-            role=role,
-            latency_ms=latency * 1000.0,
+            ts=_timestamp(seconds, nanos),
+            deployment_id=deployment_id,
+            model=model,
+            version=version,
+            role=role,  # checked against _ROLES in read_entry
+            latency_ms=latency,
             ttfb_ms=ttfb,
             status=status,
             error_kind=kind,
         )
-    except ValidationError as exc:
+    except (ValidationError, ValueError, OverflowError, OSError) as exc:
+        if not isinstance(exc, ValidationError):  # a start_time no datetime can hold
+            return Unmapped("invalid_record", f"record does not validate: ts: {exc}")
         first = exc.errors()[0]
         where = ".".join(map(str, first["loc"]))
         return Unmapped("invalid_record", f"record does not validate: {where}: {first['msg']}")
+
+
+def to_record(entry: Any) -> RequestRecord | Unmapped:
+    """The request record of one `HTTPAccessLogEntry`, or why there is none."""
+    fields = read_entry(entry)
+    return fields if isinstance(fields, Unmapped) else _validated(fields)
+
+
+_MAX_SECONDS: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second datetime holds
+
+
+@dataclass
+class RecordEncoder:
+    """Entries straight to the JSON of their request records, for the receiver's hot path.
+
+    `RequestRecord` is validated once per identity (deployment id, model, version, role): those
+    four strings repeat on every entry of a rollout, and their patterns are most of pydantic's
+    cost. The numbers are checked here against the same bounds the model states; anything outside
+    them goes through `to_record` for its exact reason. The JSON is `RequestRecord`'s (same
+    fields, same order; tests/unit/test_envoy_access_log.py parses one against the other).
+    """
+
+    max_identities: int = 4096
+    _identities: dict[tuple[str, str, str, str], bytes] = field(default_factory=dict)
+    _second: int = -1
+    _second_text: str = ""
+
+    def encode(self, entry: Any) -> bytes | Unmapped:
+        """One entry as the JSON of its `RequestRecord`, or why it is no record."""
+        fields = read_entry(entry)
+        if isinstance(fields, Unmapped):
+            return fields
+        seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind = fields
+        if not (
+            0 <= seconds <= _MAX_SECONDS
+            and 0 <= nanos < 1_000_000_000
+            and latency >= 0
+            and (ttfb is None or ttfb >= 0)
+            and status <= 999
+        ):
+            checked = _validated(fields)  # the exact reason (or a record after all)
+            if isinstance(checked, Unmapped):
+                return checked
+            return checked.model_dump_json().encode()
+        key = (deployment_id, model, version, role)
+        head = self._identities.get(key)
+        if head is None:
+            checked = _validated(fields)
+            if isinstance(checked, Unmapped):
+                return checked
+            if len(self._identities) >= self.max_identities:
+                self._identities.clear()
+            head = self._identities[key] = _identity_json(key)
+        if seconds != self._second:
+            self._second = seconds
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        micros = nanos // 1000
+        ts = f"{self._second_text}.{micros:06d}Z" if micros else f"{self._second_text}Z"
+        return b"".join(
+            (
+                b'{"schema_version":1,"ts":"',
+                ts.encode(),
+                head,
+                f'"latency_ms":{latency!r},"ttfb_ms":{_number(ttfb)},"ttft_ms":null,'
+                f'"itl_ms":null,"output_tokens":null,"status":{status},'
+                f'"error_kind":{_KIND_JSON[kind]}}}'.encode(),
+            )
+        )
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _identity_json(key: tuple[str, str, str, str]) -> bytes:
+    deployment_id, model, version, role = key
+    return (
+        f'","deployment_id":{json.dumps(deployment_id)},"model":{json.dumps(model)},'
+        f'"version":{json.dumps(version)},"role":{json.dumps(role)},'
+    ).encode()
+
+
+_KIND_JSON: Final[dict[str | None, str]] = {
+    None: "null",
+    "http_5xx": '"http_5xx"',
+    "connect_timeout": '"connect_timeout"',
+    **{kind: json.dumps(kind) for _, kind in FLAG_KINDS},
+}

@@ -3,7 +3,7 @@ preflight: every HTTP entry becomes a request record, batched onto the bus by th
 `MetricsPublisher` the built-in router uses (services/router/metrics.py).
 
     Envoy --StreamAccessLogs (a stream per worker, entries every flush interval)--> receiver
-      entry --access_log.to_record--> RequestRecord --publisher--> preflight.metrics.<source>
+      entry --access_log.RecordEncoder--> a record's JSON --publisher--> preflight.metrics.<source>
             `-- not a record: counted by reason, logged once per reason; the stream goes on
 
     running = await start_receiver(JetStreamSink(js), PublisherConfig(source="envoy-host"),
@@ -24,7 +24,7 @@ import grpc  # type: ignore[import-untyped]
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.envoy.access_log import Unmapped, to_record
+from services.envoy.access_log import RecordEncoder, Unmapped
 from services.router.metrics import BatchSink, MetricsPublisher, PublisherConfig, PublisherMetrics
 
 log = logging.getLogger("preflight.envoy.receiver")
@@ -69,11 +69,12 @@ class AccessLogReceiver:
     records: int = 0
     unmapped: dict[str, int] = field(default_factory=dict)
     streams_seen: int = 0
+    encoder: RecordEncoder = field(default_factory=RecordEncoder)
 
     def take(self, entry: Any) -> None:
         """One HTTP entry: a record for the publisher, or counted (logged once per reason)."""
         try:
-            mapped = to_record(entry)
+            mapped = self.encoder.encode(entry)
         except Exception as exc:  # a shape no field check foresaw: count it, keep the stream
             mapped = Unmapped("error", f"{type(exc).__name__}: {exc}")
         if isinstance(mapped, Unmapped):
