@@ -10,7 +10,6 @@ that read the same revision loses the revision check and does nothing, so no ste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +40,7 @@ from services.contracts.events import (
 )
 from services.contracts.policy import TrafficPolicy
 from services.runtime import bus
+from services.runtime.aio import wait_event
 from services.traffic import RouterCache
 from services.traffic.base import (
     Applied,
@@ -547,5 +547,4 @@ async def run_ticks(engine: Engine, stop: asyncio.Event, interval_s: float = 0.5
             log.warning("controller tick: the bus did not answer (%s); retrying", describe(exc))
         except Exception:
             log.exception("controller tick failed; retrying")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        await wait_event(stop, interval_s)

@@ -25,7 +25,6 @@ TTL to renew on the restored connection before anyone takes over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ import nats.errors
 import nats.js.errors
 
 from services.contracts.events import utc_now
+from services.runtime.aio import bounded, wait_event
 
 log = logging.getLogger("preflight.canary-controller")
 
@@ -139,8 +139,7 @@ class Lease:
             if self.active():
                 return True
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=self.poll_s)
+            await wait_event(self._changed, self.poll_s)
         return False
 
     def bus_reconnected(self) -> None:
@@ -171,13 +170,12 @@ class Lease:
             except Exception:
                 log.exception("lease: unexpected error; retrying")
             wait = self.renew_s if self.role is Role.ACTIVE else self.poll_s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+            await wait_event(stop, wait)
 
     async def observe(self) -> None:
         """Standby: read the key; take over when it is absent, released, or not renewed."""
         try:
-            entry = await asyncio.wait_for(self.kv.get(LEASE_KEY), REQUEST_TIMEOUT_S)
+            entry = await bounded(self.kv.get(LEASE_KEY), REQUEST_TIMEOUT_S)
         except nats.js.errors.KeyNotFoundError:  # never created, or deleted by hand
             entry = None
         except _BUS_ERRORS:
@@ -207,9 +205,7 @@ class Lease:
         sent = self.monotonic()
         value = LeaseValue(self.holder, self.term + 1, self.clock())
         try:
-            revision = await asyncio.wait_for(
-                self.kv.create(LEASE_KEY, value.to_bytes()), REQUEST_TIMEOUT_S
-            )
+            revision = await bounded(self.kv.create(LEASE_KEY, value.to_bytes()), REQUEST_TIMEOUT_S)
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # another replica created it first: watch that one
         except _BUS_ERRORS:
@@ -220,7 +216,7 @@ class Lease:
         sent = self.monotonic()
         value = LeaseValue(self.holder, term, self.clock())
         try:
-            revision = await asyncio.wait_for(
+            revision = await bounded(
                 self.kv.update(LEASE_KEY, value.to_bytes(), last=last), REQUEST_TIMEOUT_S
             )
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -248,7 +244,7 @@ class Lease:
         sent = self.monotonic()
         value = LeaseValue(self.holder, self.term, self.clock())
         try:
-            revision = await asyncio.wait_for(
+            revision = await bounded(
                 self.kv.update(LEASE_KEY, value.to_bytes(), last=self.revision),
                 REQUEST_TIMEOUT_S,
             )
@@ -273,7 +269,7 @@ class Lease:
     async def _check_conflict(self) -> None:
         """The key is not at our revision: our own renewal whose answer was lost, or a takeover."""
         try:
-            entry = await asyncio.wait_for(self.kv.get(LEASE_KEY), REQUEST_TIMEOUT_S)
+            entry = await bounded(self.kv.get(LEASE_KEY), REQUEST_TIMEOUT_S)
         except nats.js.errors.KeyNotFoundError:
             entry = None
         except _BUS_ERRORS:
@@ -304,7 +300,7 @@ class Lease:
         self._valid_until = 0.0
         value = LeaseValue("", self.term, self.clock())
         try:
-            await asyncio.wait_for(
+            await bounded(
                 self.kv.update(LEASE_KEY, value.to_bytes(), last=self.revision),
                 REQUEST_TIMEOUT_S,
             )

@@ -8,7 +8,6 @@ re-fetches the page every few seconds. The metrics store failing never hides the
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import logging
@@ -27,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from services.canary_controller.state import Phase, RolloutState
 from services.contracts.events import DEPLOYMENT_ID_PATTERN, RoleMeasurement, utc_now
 from services.metrics.queries import MetricsUnavailable
+from services.runtime.aio import bounded
 
 __all__ = [
     "RolloutReader",
@@ -765,7 +765,7 @@ async def _detail(
     error: str | None = None
     if query_end > start:
         try:
-            rows = await asyncio.wait_for(
+            rows = await bounded(
                 page.series.series(deployment_id, start, query_end, bucket_s),
                 page.series_timeout_s,
             )

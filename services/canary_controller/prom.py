@@ -30,7 +30,6 @@ per process, served at `GET /metrics` by the rollout page's HTTP server):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -41,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.canary_controller.decision import Decision
 from services.canary_controller.state import Phase, RolloutState
+from services.runtime.aio import wait_event
 
 __all__ = ["LIVE_PHASES", "NONE", "DecisionMetrics"]
 
@@ -265,5 +265,4 @@ async def keep_refreshed(
             if not warned:
                 log.warning("decision metrics: reading the rollouts failed (%s); retrying", exc)
                 warned = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        await wait_event(stop, interval_s)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from services.contracts.events import RouteTarget
 from services.metrics.queries import WindowResult
+from services.runtime.aio import bounded
 from services.runtime.settings import redact_url
 
 CONNECT_TIMEOUT_S = 1.0
@@ -53,9 +54,7 @@ class TcpProbe:
             return "is not an http(s) URL with a host"
         host, port = where
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), timeout=self.timeout_s
-            )
+            _, writer = await bounded(asyncio.open_connection(host, port), self.timeout_s)
         except TimeoutError:
             return f"does not accept a connection within {self.timeout_s:g} s"
         except ConnectionRefusedError:

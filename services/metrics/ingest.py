@@ -32,6 +32,7 @@ from services.contracts import subjects
 from services.contracts.events import DeadLetter, RequestMetricsBatch
 from services.metrics import queries
 from services.runtime import bus
+from services.runtime.aio import wait_event
 from services.runtime.clickhouse import METRICS_COLUMNS, check_table_name
 from services.runtime.service import (
     DEFAULT_MAX_PAYLOAD,
@@ -545,8 +546,7 @@ async def publish_dead_letter(js: JetStreamContext, letter: DeadLetter) -> None:
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+    await wait_event(stop, seconds)
 
 
 async def run_ingest(

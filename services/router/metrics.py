@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.contracts import subjects
 from services.contracts.events import RequestMetricsBatch, RequestRecord
-from services.runtime import bus
+from services.runtime import aio, bus
+from services.runtime.aio import wait_event
 from services.runtime.settings import Settings
 
 log = logging.getLogger("preflight.router.metrics")
@@ -216,15 +217,14 @@ class MetricsPublisher:
         while True:
             if self._unsent is None and len(self._records) < self.config.batch_max_records:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
+                await wait_event(self._wake, self.config.interval_s)
             ok = await self.flush_once()
             while ok and len(self._records) >= self.config.batch_max_records:
                 ok = await self.flush_once()
             if ok:
                 backoff = self.config.retry_initial_s
             else:
-                await asyncio.sleep(backoff)
+                await aio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.retry_max_s)
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from services.contracts import subjects
 from services.contracts.events import AppliedRoute, Route, RouterReport, utc_now
 from services.router.routes import RouteTable
+from services.runtime.aio import wait_event
 
 log = logging.getLogger("preflight.router.report")
 
@@ -94,8 +95,7 @@ class Reporter:
                     )
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 kv = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            await wait_event(self._wake, self.interval_s)
 
     async def withdraw(self) -> None:
         """On a clean stop: remove this instance's report so it is not waited for."""

@@ -13,6 +13,7 @@ from nats.js.kv import KV_DEL, KV_PURGE
 
 from services.contracts import subjects
 from services.router.routes import Change, RouteTable
+from services.runtime import aio
 
 log = logging.getLogger("preflight.router.watch")
 
@@ -53,7 +54,7 @@ class RouteWatcher:
                 self.live = False
                 self.problem = f"route watch failed: {type(exc).__name__}: {exc}"
                 log.warning("%s; retrying in %.1f s", self.problem, backoff)
-            await asyncio.sleep(backoff)
+            await aio.sleep(backoff)  # a cancellation nats-py swallowed stops us here
             backoff = min(backoff * 2, self.retry_max_s)
 
     async def _watch_once(self) -> None:

@@ -17,6 +17,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from services.contracts import subjects
 from services.contracts.events import DEPLOYMENT_EVENT, Command, DeploymentEvent, Event
 from services.contracts.routing import message_id_for, subject_for
+from services.runtime import aio
 from services.runtime.settings import Settings, redact_url
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -362,4 +363,4 @@ async def follow(
         if pending == 0:
             if stop_when_caught_up:
                 return
-            await asyncio.sleep(poll_s)
+            await aio.sleep(poll_s)
