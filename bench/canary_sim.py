@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import canary_oracle  # bench/canary_oracle.py (scripts run from bench/)
 import numpy as np
 from machine import command_line  # bench/machine.py (scripts run from bench/)
 from numpy.typing import NDArray
@@ -655,6 +656,7 @@ def report_of(
             "false_rollback_rate": policy.false_rollback_rate,
             "max_step_extension_s": policy.max_step_extension_s,
             "max_error_rate": thresholds.max_error_rate,
+            "max_error_ratio": thresholds.max_error_ratio,
             "max_p95_increase": thresholds.max_p95_increase,
         },
         "policy_source": "built-in default"
@@ -799,7 +801,46 @@ def compare(reports: dict[str, dict[str, Any]]) -> str:
             value = get(reports[m])
             cells.append(f"{value:>14.1f}" if isinstance(value, float) else f"{value!s:>14}")
         lines.append(f"  {title:<{width}}{goal:>10}" + "".join(cells))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *oracle_lines(next(iter(reports.values())))])
+
+
+def oracle_lines(report: dict[str, Any]) -> list[str]:
+    """The same figures for the most powerful test there is (bench/canary_oracle.py): it knows
+    the alternative, the onset and the stable's true error rate and p95. No method with the
+    same false-rollback level does better, so a goal it misses is out of reach."""
+    tr, pol = report["traffic"], report["policy"]
+    shares = report["e_process_alpha"]
+    weight = pol["steps"][0]["weight"] / 100.0
+    common = {
+        "rps": tr["rps"],
+        "weight": weight,
+        "lag_s": tr["lag_s"],
+        "stable_error_rate": tr["stable_error_rate"],
+        "max_error_rate": pol["max_error_rate"],
+        "max_error_ratio": pol["max_error_ratio"],
+        "max_p95_increase": pol["max_p95_increase"],
+        "sigma": tr["sigma"],
+    }
+    whole = canary_oracle.bounds(alpha=pol["false_rollback_rate"], **common)
+    errors = canary_oracle.bounds(alpha=shares["error rate"], **common)
+    latency = canary_oracle.bounds(alpha=shares["latency"], **common)
+    split = [errors[0], errors[1], latency[2]]
+    head = (
+        f"  {'figure':<40}{'goal':>7}{'oracle, α=B':>14}{'power@goal':>12}"
+        f"{'oracle, α=share':>17}{'power@goal':>12}  p0 -> p1"
+    )
+    lines = [
+        "What any test could do (Neyman-Pearson oracle at the same traffic: bench/canary_oracle.py;"
+        " α=B: the whole rollout's budget on this one figure; α=share: the e-process's share)",
+        head,
+    ]
+    for w, s in zip(whole, split, strict=True):
+        verdict = "reachable" if w.reachable else "out of reach for any test"
+        lines.append(
+            f"  {w.figure:<40}{w.goal_s:>7g}{w.best_s:>14.1f}{w.power_at_goal:>12.1%}"
+            f"{s.best_s:>17.1f}{s.power_at_goal:>12.1%}  {w.p0:.2%} -> {w.p1:.1%}; {verdict}"
+        )
+    return lines
 
 
 def _rolled(report: dict[str, Any], key: str) -> str:
