@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from services.contracts import subjects
 from services.contracts.events import RequestMetricsBatch, RequestRecord
 from services.runtime import aio, bus
-from services.runtime.aio import wait_event
 from services.runtime.settings import Settings
 
 log = logging.getLogger("preflight.router.metrics")
@@ -217,7 +216,7 @@ class MetricsPublisher:
         while True:
             if self._unsent is None and len(self._records) < self.config.batch_max_records:
                 self._wake.clear()
-                await wait_event(self._wake, self.config.interval_s)
+                await aio.wait_event(self._wake, self.config.interval_s)
             ok = await self.flush_once()
             while ok and len(self._records) >= self.config.batch_max_records:
                 ok = await self.flush_once()
