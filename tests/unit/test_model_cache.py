@@ -22,6 +22,7 @@ from services.storage.cache import (
     CacheError,
     ModelCache,
     format_bytes,
+    object_key,
     parse_bytes,
 )
 from services.storage.local import DirStore
@@ -228,7 +229,15 @@ def test_a_file_whose_sha256_is_not_the_providers_is_refused_and_not_kept(
     actual = hashlib.sha256((model / shard).read_bytes()).hexdigest()
     assert not (tmp_path / "cache" / "blobs" / "sha256" / actual).exists()
     assert list((tmp_path / "cache" / "snapshots").iterdir()) == []
-    assert list((tmp_path / "cache" / "partial").iterdir()) == []
+    # The refused object's download is gone. A sibling that was cut short when the fetch
+    # stopped keeps its .part (by design: resumable), and that is a prefix of its own bytes.
+    listed = {obj.rel: obj for obj in store.list()}
+    refused = object_key(store.display, listed[shard])
+    assert not (tmp_path / "cache" / "partial" / f"{refused}.part").exists()
+    keys = {object_key(store.display, obj): rel for rel, obj in listed.items()}
+    for part in (tmp_path / "cache" / "partial").iterdir():
+        rel = keys[part.name.removesuffix(".part")]
+        assert (model / rel).read_bytes().startswith(part.read_bytes())
 
 
 def test_a_provider_sha256_that_matches_is_accepted_and_dedupes_without_a_read(
