@@ -76,3 +76,12 @@ async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
         yield jetstream
     finally:
         await nc.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[Any]:
+    """A real S3 API: moto's standalone server in its own process, one per test session."""
+    from tests.s3_server import MotoS3
+
+    with MotoS3() as s3:
+        yield s3

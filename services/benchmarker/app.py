@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from services.benchmarker import loading
 from services.benchmarker.run import ResultStore, run_benchmarks
@@ -12,6 +13,7 @@ from services.contracts.policy import PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
+from services.storage.cache import ModelCache
 
 NAME = "benchmarker"
 
@@ -29,6 +31,7 @@ def handle_validated(
     policy_file: PolicyFile,
     instance: str,
     store: ResultStore | None = None,
+    models: ModelCache | None = None,
 ) -> list[Event]:
     if not pipeline.should_benchmark(validated):
         return []  # the validator already published DeploymentBlocked
@@ -44,6 +47,7 @@ def handle_validated(
         model_class=request.model_class,
         store=store,
         service=instance,
+        model_cache=models,
     )
     return pipeline.after_benchmark(validated, report, policy, device=device)
 
@@ -51,6 +55,9 @@ def handle_validated(
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     store = result_store(settings)
+    # The host's cache of remote models (services/storage/cache.py: its variables), read once
+    # here beside the Settings, which have no model-cache fields yet.
+    models = ModelCache.from_environ(os.environ)
     if settings.torch_threads is not None and loading.torch_available():
         import torch
 
@@ -62,7 +69,7 @@ def build(settings: Settings) -> ServiceApp:
         # with in-progress acks and acks only at the end, so a killed benchmarker's deployment
         # is redelivered to another one.
         events = await asyncio.to_thread(
-            handle_validated, validated, svc.policy_file, settings.instance, store
+            handle_validated, validated, svc.policy_file, settings.instance, store, models
         )
         for event in events:
             await svc.sink.publish_event(event)

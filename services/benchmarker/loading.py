@@ -1,12 +1,23 @@
-"""Load a Hugging Face-layout model with transformers, from safetensors only, offline."""
+"""Load a Hugging Face-layout model with transformers, from safetensors only, offline; a remote
+location (s3://, hf://, https://) is fetched into the host's model cache first."""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.storage.cache import ModelCache, Progress
+
+log = logging.getLogger("preflight.benchmarker")
+PROGRESS_EVERY_S = 10.0
 
 
 class LoadError(RuntimeError):
@@ -58,16 +69,92 @@ def _dtype(name: str, config_dtype: str | None, device: str) -> Any:
     return chosen
 
 
-def load_model(location: str, *, dtype: str = "auto", device: str | None = None) -> Loaded:
-    """The model and tokenizer, never unpickling: safetensors weights, no remote code."""
+def progress_logger(location: str, *, every_s: float = PROGRESS_EVERY_S) -> Progress:
+    """A fetch progress callback that logs at most every `every_s` seconds (and at the end)."""
+    from services.storage.cache import format_bytes
+
+    last = [time.monotonic()]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or (done == total and now - last[0] >= 1.0):
+            last[0] = now
+            share = f" ({done / total:.0%})" if total else ""
+            log.info(
+                "fetching %s: %s of %s%s", location, format_bytes(done), format_bytes(total), share
+            )
+
+    return report
+
+
+@contextmanager
+def local_directory(location: str, cache: ModelCache | None) -> Iterator[Path]:
+    """The model's local directory: a local path as it is; a remote location fetched through
+    the model cache (one download per version on this host) and held from eviction until the
+    block exits."""
+    from services.storage.base import StoreError
+    from services.storage.cache import format_bytes
+    from services.storage.locations import is_remote, open_store
+
+    if not is_remote(location):
+        if "://" in location:
+            raise LoadError(
+                f"{location}: not a model location the benchmarker reads (a local path, s3://, "
+                "hf:// or https://)"
+            )
+        yield Path(location)
+        return
+    if cache is None:
+        raise LoadError(f"{location}: a remote location needs the model cache; none was given")
+    with ExitStack() as stack:
+        started = time.perf_counter()
+        try:
+            store = open_store(location)
+            path = stack.enter_context(cache.use(store, progress=progress_logger(location)))
+        except StoreError as exc:  # one line naming the location and what to do
+            raise LoadError(str(exc)) from exc
+        seconds = time.perf_counter() - started
+        downloaded = store.reads.bytes_read
+        speed = f", {downloaded / seconds / 1e6:.1f} MB/s" if downloaded and seconds > 0 else ""
+        log.info(
+            "fetched %s: %s downloaded in %.2f s%s (%d requests) -> %s",
+            location,
+            format_bytes(downloaded),
+            seconds,
+            speed,
+            store.reads.requests,
+            path,
+        )
+        yield path
+
+
+def load_model(
+    location: str,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    cache: ModelCache | None = None,
+    held: ExitStack | None = None,
+) -> Loaded:
+    """The model and tokenizer, never unpickling: safetensors weights, no remote code.
+
+    A remote location is fetched through `cache` and its snapshot held while it loads, and
+    after that until `held` closes when one is given (`Loaded.path` is read again later: the
+    baseline's fingerprint)."""
     if not torch_available():
         raise LoadError("torch is not installed here: install preflight[benchmark]")
+    with ExitStack() as stack:
+        path = stack.enter_context(local_directory(location, cache))
+        loaded = _load(location, path, dtype=dtype, device=device)
+        if held is not None:
+            held.push(stack.pop_all())
+    return loaded
+
+
+def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loaded:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if "://" in location:
-        raise LoadError(f"{location}: only local paths can be benchmarked yet")
-    path = Path(location)
     if not (path / "config.json").is_file():
         raise LoadError(f"{location}: no config.json (Hugging Face layout expected)")
     device = device or pick_device()

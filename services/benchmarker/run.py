@@ -9,14 +9,18 @@ import math
 import os
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.benchmarker import consistency, latency, loading, perplexity
 from services.contracts.events import CheckResult, StageReport, Status
 from services.contracts.policy import BenchmarkPolicy, LatencyThresholds, Policy
 from services.validator.checks.checksum import DigestCache, digest_of
+
+if TYPE_CHECKING:
+    from services.storage.cache import ModelCache
 
 log = logging.getLogger("preflight.benchmarker")
 
@@ -331,8 +335,38 @@ def run_benchmarks(
     store: ResultStore | None = None,
     device: str | None = None,
     service: str = "",
+    model_cache: ModelCache | None = None,
 ) -> tuple[StageReport, str | None]:
-    """(report, device description). Never raises on a bad model: that is a result."""
+    """(report, device description). Never raises on a bad model: that is a result.
+
+    Remote locations are fetched through `model_cache`; their snapshots are held from eviction
+    until the report is made."""
+    with ExitStack() as held:
+        return _run_benchmarks(
+            location,
+            baseline_location,
+            policy,
+            model_class=model_class,
+            store=store,
+            device=device,
+            service=service,
+            model_cache=model_cache,
+            held=held,
+        )
+
+
+def _run_benchmarks(
+    location: str,
+    baseline_location: str | None,
+    policy: Policy,
+    *,
+    model_class: str,
+    store: ResultStore | None,
+    device: str | None,
+    service: str,
+    model_cache: ModelCache | None,
+    held: ExitStack,
+) -> tuple[StageReport, str | None]:
     started = time.perf_counter()
     bench = policy.benchmark
     if not bench.enabled:
@@ -347,7 +381,9 @@ def run_benchmarks(
     except ValueError as exc:
         return could_not_run(str(exc), service, started), None
     try:
-        candidate = loading.load_model(location, dtype=bench.dtype, device=device)
+        candidate = loading.load_model(
+            location, dtype=bench.dtype, device=device, cache=model_cache, held=held
+        )
     except loading.LoadError as exc:
         return could_not_run(str(exc), service, started), None
     device_name = loading.describe_device(candidate.device)
@@ -356,7 +392,11 @@ def run_benchmarks(
     if baseline_location:
         try:
             baseline = loading.load_model(
-                baseline_location, dtype=candidate.dtype, device=candidate.device
+                baseline_location,
+                dtype=candidate.dtype,
+                device=candidate.device,
+                cache=model_cache,
+                held=held,
             )
         except loading.LoadError as exc:
             checks.append(

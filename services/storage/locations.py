@@ -1,0 +1,41 @@
+"""Which `Store` reads a model location: s3://, hf:// and https:// are remote; anything else is
+a local path (or file://) that the validator and loader read directly.
+
+    s3://bucket/prefix/          any S3-compatible endpoint (AWS_ENDPOINT_URL, profiles, roles)
+    hf://org/name[@revision]     a Hugging Face Hub repo (HF_ENDPOINT, HF_TOKEN); default: main
+    https://host/base/           a base URL with a manifest.json (or a files list) beside the model
+"""
+
+from __future__ import annotations
+
+from services.storage.base import Store, StoreError
+
+REMOTE_SCHEMES = ("s3", "hf", "https")
+
+
+def scheme_of(location: str) -> str | None:
+    """The URI scheme of a location, lower-cased; None for a plain path."""
+    head, sep, _ = location.partition("://")
+    if not sep or "/" in head:
+        return None
+    return head.lower()
+
+
+def is_remote(location: str) -> bool:
+    return scheme_of(location) in REMOTE_SCHEMES
+
+
+def open_store(location: str) -> Store:
+    """The store for a remote location. Raises StoreError (one line) for an unsupported one."""
+    scheme = scheme_of(location)
+    if scheme == "s3":
+        from services.storage.s3 import S3Store
+
+        return S3Store(location)
+    if scheme in ("hf", "https"):
+        raise StoreError(f"{location}: {scheme}:// locations are not built yet", kind="unsupported")
+    raise StoreError(
+        f"{location}: not a remote model location (s3://BUCKET/PREFIX/, hf://ORG/NAME@REVISION "
+        "or https://HOST/BASE/)",
+        kind="unsupported",
+    )

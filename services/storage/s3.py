@@ -1,0 +1,152 @@
+"""s3://bucket/prefix/ as a `Store`, through boto3 (any S3-compatible endpoint).
+
+Credentials and endpoint come from boto3's standard chain (AWS_* env, profiles, AWS_ENDPOINT_URL,
+instance roles); nothing of them reaches a message. A listing is ListObjectsV2; the provider
+checksum is HeadObject with ChecksumMode=ENABLED: a FULL_OBJECT ChecksumSHA256 is the file's
+sha256, a COMPOSITE one (multipart, sha256 of part sha256s) is not, and the object says so.
+"""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from services.storage.base import ReadCounter, RemoteObject, StoreError
+
+RETRIES = 6  # after the first try: boto3 "standard" mode retries SlowDown, 429, 5xx with backoff
+
+_KINDS = {
+    "NoSuchBucket": ("not_found", "no such bucket"),
+    "NoSuchKey": ("not_found", "no such object"),
+    "404": ("not_found", "not found"),
+    "AccessDenied": ("access_denied", "access denied: check the credentials' policy for this "
+                     "bucket (s3:ListBucket on it, s3:GetObject on the prefix)"),
+    "403": ("access_denied", "access denied"),
+    "InvalidAccessKeyId": ("access_denied", "the access key is not known to this endpoint"),
+    "SignatureDoesNotMatch": ("access_denied", "the secret key does not match the access key"),
+    "ExpiredToken": ("expired_credentials", "the credentials have expired: refresh them "
+                     "(aws sso login, or new session credentials)"),
+    "TokenRefreshRequired": ("expired_credentials", "the credentials have expired"),
+    "SlowDown": ("throttled", "throttled by the store (503 SlowDown) after retries: try later "
+                 "or lower the parallelism"),
+    "503": ("throttled", "the store answered 503 after retries"),
+    "429": ("throttled", "the store answered 429 Too Many Requests after retries"),
+    "TooManyRequests": ("throttled", "the store answered 429 Too Many Requests after retries"),
+}  # fmt: skip
+
+
+def parse(location: str) -> tuple[str, str]:
+    """(bucket, prefix) of s3://bucket/prefix/; the prefix ends with '/' unless empty."""
+    rest = location.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StoreError(f"{location}: no bucket (s3://BUCKET/PREFIX/)", kind="unsupported")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/") if prefix else ""
+
+
+class S3Store:
+    def __init__(
+        self,
+        location: str,
+        *,
+        client: Any = None,
+        checksums: bool = True,
+        retries: int = RETRIES,
+    ) -> None:
+        self.bucket, self.prefix = parse(location)
+        self.display = f"s3://{self.bucket}/{self.prefix}"
+        self.reads = ReadCounter()
+        self.checksums = checksums
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # A session of its own: boto3's default one caches the credentials it first found,
+            # and a store opened after they were rotated must see the new ones.
+            client = boto3.session.Session().client(
+                "s3",
+                config=Config(
+                    retries={"max_attempts": retries, "mode": "standard"},
+                    max_pool_connections=32,  # the cache and the digest read in parallel
+                ),
+            )
+        self.client = client
+
+    def _error(self, exc: Exception, what: str) -> StoreError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(
+                f"{self.display}: no AWS credentials found (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role)",
+                kind="access_denied",
+            )
+        if isinstance(exc, EndpointConnectionError):
+            return StoreError(f"{self.display}: cannot reach the S3 endpoint ({exc})")
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            kind, words = _KINDS.get(code) or _KINDS.get(status) or ("error", code or status)
+            return StoreError(f"{self.display}: {what}: {words}", kind=kind)
+        return StoreError(f"{self.display}: {what}: {type(exc).__name__}: {exc}")
+
+    def list(self) -> list[RemoteObject]:
+        entries: list[dict[str, Any]] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            ):
+                entries.extend(page.get("Contents", []))
+        except Exception as exc:
+            raise self._error(exc, "listing") from exc
+        files = [e for e in entries if not e["Key"].endswith("/")]
+        if not files:
+            raise StoreError(f"{self.display}: no objects under this prefix", kind="not_found")
+        if not self.checksums:
+            return [self._object(e, None) for e in files]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            heads = list(pool.map(self._head, files))
+        return [self._object(e, h) for e, h in zip(files, heads, strict=True)]
+
+    def _head(self, entry: dict[str, Any]) -> dict[str, Any]:
+        try:
+            head: dict[str, Any] = self.client.head_object(
+                Bucket=self.bucket, Key=entry["Key"], ChecksumMode="ENABLED"
+            )
+        except Exception as exc:
+            raise self._error(exc, f"reading {entry['Key']}'s metadata") from exc
+        return head
+
+    def _object(self, entry: dict[str, Any], head: dict[str, Any] | None) -> RemoteObject:
+        rel = entry["Key"][len(self.prefix) :]
+        version = (head or {}).get("VersionId") or entry.get("ETag", "").strip('"') or None
+        sha, note = None, None
+        checksum = (head or {}).get("ChecksumSHA256")
+        if checksum:
+            if (head or {}).get("ChecksumType") == "COMPOSITE" or "-" in checksum:
+                note = (
+                    "S3's ChecksumSHA256 is a composite multipart checksum, not the file's sha256"
+                )
+            else:
+                sha = base64.b64decode(checksum).hex()
+        return RemoteObject(rel=rel, size=int(entry["Size"]), version=version, sha256=sha,
+                            checksum_note=note)  # fmt: skip
+
+    def read(self, rel: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        try:
+            answer = self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + rel, Range=f"bytes={start}-{end - 1}"
+            )
+            data: bytes = answer["Body"].read()
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code == "InvalidRange":
+                self.reads.add(0)
+                return b""
+            raise self._error(exc, f"reading {rel}") from exc
+        self.reads.add(len(data))
+        return data
