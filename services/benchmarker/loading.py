@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -158,7 +157,9 @@ def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loade
     if not (path / "config.json").is_file():
         raise LoadError(f"{location}: no config.json (Hugging Face layout expected)")
     device = device or pick_device()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Every from_pretrained below passes local_files_only: the loader never reaches a network.
+    # HF_HUB_OFFLINE is not set for that: huggingface_hub reads it once, at import, and would
+    # then refuse this process's hf:// fetches (services/storage/hub.py) too.
     hf_logging: Any = importlib.import_module("transformers.utils.logging")
     hf_logging.set_verbosity_error()  # per-call warnings and progress bars are noise in a service
     hf_logging.disable_progress_bar()

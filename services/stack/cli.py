@@ -255,6 +255,13 @@ def _local_or_uri(location: str) -> str:
     """URIs pass as they are; a local path must exist and is sent absolute, because the
     services resolve it, not this shell's working directory."""
     if "://" in location:
+        from services.storage.locations import REMOTE_SCHEMES, scheme_of
+
+        if scheme_of(location) not in (*REMOTE_SCHEMES, "file"):
+            fail(
+                f"{location}: not a model location preflight reads (a local path, "
+                "s3://BUCKET/PREFIX/, hf://ORG/NAME@REVISION or https://HOST/BASE/)"
+            )
         return location
     path = Path(location)
     if not path.exists():
@@ -800,7 +807,13 @@ def _metrics_for_analysis(
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="Model file or directory.")],
+    location: Annotated[
+        str,
+        typer.Argument(
+            help="Model file or directory, or s3://BUCKET/PREFIX/, hf://ORG/NAME@REV, "
+            "https://HOST/BASE/ (read by range requests, nothing downloaded whole)."
+        ),
+    ],
     sha256: Annotated[
         list[str] | None, typer.Option(help="Expected digest, FILE=HEX; repeatable.")
     ] = None,
@@ -826,6 +839,7 @@ def validate(
         DigestCache,
         digest_cache_path,
         local_digest_cache_path,
+        user_cache_dir,
     )
     from services.validator.validate import validate as run_validation
 
@@ -846,7 +860,12 @@ def validate(
         fail(f"invalid target: {'.'.join(map(str, first['loc']))}: {first['msg']}")
     except PolicyError as exc:
         fail(str(exc))
-    cache_path = local_digest_cache_path(path, explicit_dir)
+    from services.storage.locations import is_remote
+
+    if is_remote(location):  # digests of remote objects, keyed by their version
+        cache_path: Path | None = digest_cache_path(explicit_dir or user_cache_dir())
+    else:
+        cache_path = local_digest_cache_path(Path(location), explicit_dir)
     if explicit_dir is not None and cache_path != digest_cache_path(explicit_dir) and not as_json:
         err.print(
             f"note: {explicit_dir} is inside the model; digests cached "
@@ -856,7 +875,7 @@ def validate(
     cache = DigestCache(cache_path) if cache_path is not None else None
     try:
         report = run_validation(
-            str(path),
+            location,
             policy=resolved.validation,
             expected_sha256=_parse_expected(sha256 or []),
             target=target,
@@ -869,7 +888,7 @@ def validate(
     if as_json:
         print(report.model_dump_json(indent=2))
     else:
-        out.print(render.report_table(report, title=f"validation of {path}"))
+        out.print(render.report_table(report, title=f"validation of {location}"))
         out.print(render.stage_line(report), highlight=False)
     raise typer.Exit(EXIT_FAILED if report.blocks else 0)
 

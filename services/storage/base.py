@@ -13,6 +13,7 @@ that names the location and what to do; credentials never appear in them.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,6 +58,23 @@ class ReadCounter:
         with self._lock:
             self.bytes_read += n
             self.requests += 1
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds an HTTP Retry-After asks to wait (seconds or an HTTP date); None if none."""
+    from email.utils import parsedate_to_datetime
+
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 class Store(Protocol):

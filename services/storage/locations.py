@@ -32,8 +32,14 @@ def open_store(location: str) -> Store:
         from services.storage.s3 import S3Store
 
         return S3Store(location)
-    if scheme in ("hf", "https"):
-        raise StoreError(f"{location}: {scheme}:// locations are not built yet", kind="unsupported")
+    if scheme == "hf":
+        from services.storage.hub import HubStore
+
+        return HubStore(location)
+    if scheme == "https":
+        from services.storage.https import HttpsStore
+
+        return HttpsStore(location)
     raise StoreError(
         f"{location}: not a remote model location (s3://BUCKET/PREFIX/, hf://ORG/NAME@REVISION "
         "or https://HOST/BASE/)",

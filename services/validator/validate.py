@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 from services.contracts.events import CheckResult, StageReport, Status, TargetHardware
 from services.contracts.policy import ValidationPolicy
+from services.storage.base import StoreError
+from services.storage.locations import is_remote, open_store
 from services.validator.checks.base import Check, CheckContext
 from services.validator.checks.checksum import DigestCache, check_checksum
 from services.validator.checks.formats import check_format
@@ -19,6 +23,7 @@ from services.validator.checks.structure import check_structure
 from services.validator.checks.tokenizer import check_tokenizer
 from services.validator.checks.unsafe_code import check_unsafe_code
 from services.validator.checks.vram import check_vram
+from services.validator.remote import RemoteModel, mirror
 
 log = logging.getLogger("preflight.validator")
 
@@ -73,8 +78,13 @@ def validate(
     target: TargetHardware | None = None,
     digest_cache: DigestCache | None = None,
     service: str = "",
+    mirror_fill: bytes | None = None,
 ) -> StageReport:
-    """Every enabled check, each with status, reason and duration; never raises on bad input."""
+    """Every enabled check, each with status, reason and duration; never raises on bad input.
+
+    A remote location (s3://, hf://, https://) is read through range reads into a sparse
+    mirror (services/validator/remote.py); `mirror_fill` is for tests that prove the checks
+    read nothing outside what was fetched."""
     policy = policy or ValidationPolicy()
     started = time.perf_counter()
     if not policy.enabled:
@@ -84,24 +94,39 @@ def validate(
             reason="skipped: disabled by policy",
             service=service,
         )
-    try:
-        inv = build_inventory(location)
-    except (LocationError, OSError) as exc:
-        check = CheckResult(name="format", status=Status.FAILED, reason=str(exc))
-        return StageReport(
-            stage="validation",
-            status=Status.FAILED,
-            reason=str(exc),
-            checks=(check,),
-            service=service,
+    with ExitStack() as stack:
+        remote: RemoteModel | None = None
+        where = location
+        try:
+            if is_remote(location):
+                where = stack.enter_context(tempfile.TemporaryDirectory(prefix="preflight-"))
+                remote = mirror(open_store(location), Path(where), fill=mirror_fill)
+            inv = build_inventory(where)
+        except (LocationError, StoreError, OSError) as exc:
+            check = CheckResult(name="format", status=Status.FAILED, reason=str(exc))
+            return StageReport(
+                stage="validation",
+                status=Status.FAILED,
+                reason=str(exc),
+                checks=(check,),
+                service=service,
+            )
+        if remote is not None:
+            inv.problems[:0] = remote.problems
+        ctx = CheckContext(
+            expected_sha256=dict(expected_sha256 or {}),
+            target=target or TargetHardware(),
+            policy=policy,
+            digest_cache=digest_cache,
+            deadline=started + policy.budget_s,
+            remote=remote,
         )
-    ctx = CheckContext(
-        expected_sha256=dict(expected_sha256 or {}),
-        target=target or TargetHardware(),
-        policy=policy,
-        digest_cache=digest_cache,
-        deadline=started + policy.budget_s,
-    )
+        return _run_all(inv, ctx, policy, started, service)
+
+
+def _run_all(
+    inv: Inventory, ctx: CheckContext, policy: ValidationPolicy, started: float, service: str
+) -> StageReport:
     switches = policy.checks.model_dump()
     results: list[CheckResult] = []
     for name, run_check in CHECKS:
@@ -112,7 +137,20 @@ def validate(
             continue
         results.append(_run(name, run_check, inv, ctx))
     elapsed = time.perf_counter() - started
-    return _report(results, elapsed, policy.budget_s, service, inv.root)
+    report = _report(results, elapsed, policy.budget_s, service, inv.root)
+    remote: RemoteModel | None = ctx.remote
+    if remote is None:
+        return report
+    # What reading the remote model cost, in the reason and beside the format check.
+    checks = tuple(
+        c.model_copy(update={"details": {**c.details, "remote": remote.details()}})
+        if c.name == "format"
+        else c
+        for c in report.checks
+    )
+    return report.model_copy(
+        update={"reason": f"{report.reason}; {remote.summary()}", "checks": checks}
+    )
 
 
 def _report(

@@ -21,6 +21,9 @@ class CheckContext:
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
     digest_cache: Any = None  # services.validator.checks.checksum.DigestCache | None
     hash_workers: int | None = None
+    # A remote model's listing and reads (services.validator.remote.RemoteModel | None): its
+    # files in the inventory are a sparse mirror, so digests come from here, never the mirror.
+    remote: Any = None
     # When the whole validation must finish (perf_counter clock), so a slow check can say so.
     deadline: float | None = None
     # Filled by earlier checks for later ones (parsed headers, so nothing is read twice).

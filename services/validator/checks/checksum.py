@@ -241,8 +241,13 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
             to_hash.append(by_rel[rel])
     uncovered = [f.rel for f in weights if f.rel not in expected]
     problems += [f"{rel}: weight file without an expected digest" for rel in uncovered]
-    estimate = _estimate_seconds(to_hash, ctx)
-    hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
+    sources: dict[str, str] = {}
+    if ctx.remote is not None:  # provider checksums, else a streamed download
+        estimate = None
+        hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
+    else:
+        estimate = _estimate_seconds(to_hash, ctx)
+        hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
     mismatched = [h.rel for h in hashed if h.digest != expected[h.rel]]
     problems += [f"{rel}: sha256 mismatch (corrupted or altered)" for rel in mismatched]
     hashed_bytes = sum(h.size for h in hashed if not h.cached)
@@ -256,6 +261,24 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
         "hashed_bytes": hashed_bytes,
         "cached_files": sum(h.cached for h in hashed),
     }
+    remote_note = ""
+    if ctx.remote is not None:
+        details["sources"] = sources
+        downloaded = [h for h in hashed if sources.get(h.rel) == "download"]
+        details["downloaded_bytes"] = sum(h.size for h in downloaded)
+        notes = {rel: note for rel in sources if (note := ctx.remote.objects[rel].checksum_note)}
+        if notes:
+            details["provider_notes"] = notes
+        from_provider = sum(1 for how in sources.values() if how == "provider")
+        remote_note = f"; {from_provider} by the provider's sha256 without a download"
+        if downloaded:
+            remote_note += (
+                f"; no provider sha256 for {len(downloaded)} files, so the check cost a "
+                f"download of {details['downloaded_bytes'] / 1e9:.2f} GB "
+                f"({summarise_findings([h.rel for h in downloaded], 3)})"
+            )
+        if notes:
+            remote_note += "; " + next(iter(notes.values()))
     throughput = hashed_bytes / elapsed / 1e9 if elapsed > 0 and hashed_bytes else None
     if throughput is not None:
         details["gb_per_s"] = round(throughput, 3)
@@ -269,12 +292,12 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
                 "the next run free)"
             )
     if problems:
-        reason = summarise_findings(problems) + over
+        reason = summarise_findings(problems) + over + remote_note
         return result(NAME, Status.FAILED, reason, started=started, details=details)
     cached = details["cached_files"]
     reason = (
         f"{len(hashed)} files match ({cached} from the digest cache, "
-        f"{hashed_bytes / 1e9:.2f} GB hashed){over}"
+        f"{hashed_bytes / 1e9:.2f} GB hashed){over}{remote_note}"
     )
     return result(
         NAME,

@@ -266,34 +266,39 @@ class _Reader:
 
 
 def read_gguf(path: Path) -> GGUFHeader:
-    size = path.stat().st_size
     with path.open("rb") as fh:
-        r = _Reader(fh, size)
-        if r.take(4, "magic") != b"GGUF":
-            raise HeaderError("no GGUF magic")
-        version = r.unpack("<I", "version")
-        if version not in (2, 3):
-            raise HeaderError(f"GGUF version {version} is not supported (2 or 3)")
-        n_tensors = r.unpack("<Q", "tensor count")
-        n_kv = r.unpack("<Q", "metadata count")
-        if n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_KV:
-            raise HeaderError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
-        metadata: dict[str, Any] = {}
-        for i in range(n_kv):
-            key = r.string(f"metadata key {i}")
-            vtype = r.unpack("<I", f"type of {key}")
-            metadata[key] = r.value(vtype, key)
-        infos: list[tuple[str, tuple[int, ...], int, int]] = []
-        for i in range(n_tensors):
-            name = r.string(f"tensor {i} name")
-            n_dims = r.unpack("<I", f"{name} dims")
-            if n_dims > 8:
-                raise HeaderError(f"{name}: {n_dims} dimensions is implausible")
-            dims = tuple(r.unpack("<Q", f"{name} dim") for _ in range(n_dims))
-            ggml_type = r.unpack("<I", f"{name} type")
-            offset = r.unpack("<Q", f"{name} offset")
-            infos.append((name, dims, ggml_type, offset))
-        end_of_infos = fh.tell()
+        return read_gguf_stream(fh, path.stat().st_size, path)
+
+
+def read_gguf_stream(fh: BinaryIO, size: int, path: Path) -> GGUFHeader:
+    """read_gguf over any seekable binary stream (a remote model's range reader plans its
+    fetches by running this same parser)."""
+    r = _Reader(fh, size)
+    if r.take(4, "magic") != b"GGUF":
+        raise HeaderError("no GGUF magic")
+    version = r.unpack("<I", "version")
+    if version not in (2, 3):
+        raise HeaderError(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors = r.unpack("<Q", "tensor count")
+    n_kv = r.unpack("<Q", "metadata count")
+    if n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_KV:
+        raise HeaderError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = r.string(f"metadata key {i}")
+        vtype = r.unpack("<I", f"type of {key}")
+        metadata[key] = r.value(vtype, key)
+    infos: list[tuple[str, tuple[int, ...], int, int]] = []
+    for i in range(n_tensors):
+        name = r.string(f"tensor {i} name")
+        n_dims = r.unpack("<I", f"{name} dims")
+        if n_dims > 8:
+            raise HeaderError(f"{name}: {n_dims} dimensions is implausible")
+        dims = tuple(r.unpack("<Q", f"{name} dim") for _ in range(n_dims))
+        ggml_type = r.unpack("<I", f"{name} type")
+        offset = r.unpack("<Q", f"{name} offset")
+        infos.append((name, dims, ggml_type, offset))
+    end_of_infos = fh.tell()
     alignment = metadata.get("general.alignment", 32)
     problems: list[str] = []
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

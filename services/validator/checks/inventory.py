@@ -139,7 +139,8 @@ def local_path(location: str) -> Path:
         scheme = location.split("://", 1)[0]
         if scheme != "file":
             raise LocationError(
-                f"location scheme {scheme}:// is not supported yet; use a local path"
+                f"location scheme {scheme}:// is not supported: use a local path, "
+                "s3://BUCKET/PREFIX/, hf://ORG/NAME@REVISION or https://HOST/BASE/"
             )
         location = location.split("://", 1)[1]
     path = Path(location)

@@ -1,0 +1,418 @@
+"""Validate a remote model (s3://, hf://, https://) from range reads: a sparse local mirror
+holding only the bytes the checks read.
+
+The checks read files through their paths (mmap, zipfile, json). For a remote model each file
+becomes a sparse file of its real size in a temporary directory, and only what the checks look
+at is fetched into it:
+
+    small files (<= 1 MiB)    whole: config, tokenizer, card, manifest, templates, code
+    safetensors               the 8-byte length and the JSON header
+    GGUF                      header, metadata and tensor infos: found by running the same
+                              parser over a range reader, so the check re-reads exactly those
+    zip (PyTorch .bin/.pt)    end record, central directory, and every member's local header
+                              and data except the tensor records (data/<n>) no check opens
+    TensorFlow variables data the first 64 KiB (read for nothing but its kind)
+    anything else             whole (pickles and unknown content are scanned end to end), up
+                              to `whole_file_max` bytes; a bigger one is reported, not guessed
+
+Checksums never come from the mirror: the provider's sha256 (the Hub's LFS sha256, S3's
+full-object ChecksumSHA256) is compared with no download; otherwise the object is streamed and
+hashed with parallel ranged reads (the report says so), and the digest cache keys it by
+location, version (ETag / version id / blob id) and size.
+
+`fill` (tests only) writes a pattern instead of holes where nothing was fetched: a check that
+read past its plan would then see garbage and disagree with the same model validated locally.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import io
+import os
+import struct
+import threading
+import zipfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
+from services.validator.checks.checksum import DigestCache, FileKey, Hashed
+from services.validator.checks.headers import HeaderError, read_gguf_stream
+from services.validator.checks.inventory import (
+    SAFETENSORS_MAX_HEADER,
+    ZIP_MAGICS,
+    Kind,
+    ModelFile,
+    sniff,
+)
+
+SMALL_FILE_BYTES = 1024 * 1024
+HEAD_BYTES = 64 * 1024
+WHOLE_FILE_MAX = 1024**3
+"""Default cap on a file read whole (a pickle, unknown content): over it, the file is reported
+as not validated remotely rather than downloaded inside a 2 s budget."""
+BLOCK = 64 * 1024
+MAX_READ_AHEAD = 8 * 1024 * 1024
+READ_WORKERS = 16
+DIGEST_CHUNK = 16 * 1024 * 1024
+DIGEST_INFLIGHT = 8
+
+
+class RangeFile(io.RawIOBase):
+    """One remote object as a seekable read-only stream: reads become ranged GETs of whole
+    64 KiB blocks, doubling the read-ahead while reads run forward (a GGUF vocabulary is
+    megabytes of small sequential reads). Every fetched range is kept in `ranges`."""
+
+    def __init__(self, store: Store, obj: RemoteObject) -> None:
+        super().__init__()
+        self.store, self.obj = store, obj
+        self.pos = 0
+        self._starts: list[int] = []
+        self._chunks: list[bytes] = []
+        self._ahead = BLOCK
+        self._last_end = -1
+
+    @property
+    def ranges(self) -> list[tuple[int, bytes]]:
+        return list(zip(self._starts, self._chunks, strict=True))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.obj.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        end = min(self.pos + len(view), self.obj.size)
+        if end <= self.pos:
+            return 0
+        self._ensure(self.pos, end)
+        n = 0
+        while self.pos < end:
+            i = bisect.bisect_right(self._starts, self.pos) - 1
+            chunk_start, chunk = self._starts[i], self._chunks[i]
+            take = chunk[self.pos - chunk_start : end - chunk_start]
+            view[n : n + len(take)] = take
+            n += len(take)
+            self.pos += len(take)
+        return n
+
+    def _ensure(self, start: int, end: int) -> None:
+        """Fetch what of [start, end) is not held yet, in block-aligned ranges."""
+        at = start
+        while at < end:
+            i = bisect.bisect_right(self._starts, at) - 1
+            if i >= 0 and at < self._starts[i] + len(self._chunks[i]):
+                at = self._starts[i] + len(self._chunks[i])
+                continue
+            nxt = self._starts[i + 1] if i + 1 < len(self._starts) else self.obj.size
+            self._ahead = min(self._ahead * 2, MAX_READ_AHEAD) if at == self._last_end else BLOCK
+            fetch_start = max(at - at % BLOCK, self._held_end(i) if i >= 0 else 0)
+            want = max(end, fetch_start + self._ahead)
+            fetch_end = min(-(-want // BLOCK) * BLOCK, nxt, self.obj.size)
+            self._put(fetch_start, self.store.read(self.obj.rel, fetch_start, fetch_end))
+            self._last_end = fetch_end
+            at = fetch_end
+
+    def _held_end(self, i: int) -> int:
+        return self._starts[i] + len(self._chunks[i])
+
+    def _put(self, start: int, data: bytes) -> None:
+        if not data:
+            raise StoreError(
+                f"{self.store.display}: {self.obj.rel}: no bytes at offset {start} of the "
+                f"{self.obj.size} the listing promised: the object changed while validating",
+                kind="changed",
+            )
+        i = bisect.bisect_left(self._starts, start)
+        self._starts.insert(i, start)
+        self._chunks.insert(i, data)
+
+
+@dataclass
+class RemoteModel:
+    """A remote model's listing, its sparse mirror, and what reading it cost."""
+
+    store: Store
+    root: Path
+    objects: dict[str, RemoteObject]
+    plans: dict[str, str] = field(default_factory=dict)
+    """rel -> what was fetched of it (whole, header, central directory ...), for the report."""
+    problems: list[str] = field(default_factory=list)
+    whole: set[str] = field(default_factory=set)
+    """Files fetched whole into the mirror: their sha256 can be taken from the mirror."""
+
+    @property
+    def reads(self) -> ReadCounter:
+        return self.store.reads
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.size for o in self.objects.values())
+
+    def summary(self) -> str:
+        total = self.total_bytes
+        share = f" ({self.reads.bytes_read / total:.4%})" if total else ""
+        return (
+            f"read {_human(self.reads.bytes_read)} of {_human(total)}{share} from "
+            f"{self.store.display} in {self.reads.requests} requests"
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "location": self.store.display,
+            "bytes_read": self.reads.bytes_read,
+            "requests": self.reads.requests,
+            "model_bytes": self.total_bytes,
+            "files": len(self.objects),
+            "fetched": dict(sorted(self.plans.items())),
+        }
+
+    # --- checksums --------------------------------------------------------------------------
+
+    def hash(
+        self, files: list[ModelFile], cache: DigestCache | None
+    ) -> tuple[list[Hashed], dict[str, str]]:
+        """A sha256 for each file without downloading where the provider states one:
+        (hashed, rel -> where the digest came from: provider | mirror | cache | download)."""
+        out: dict[str, Hashed] = {}
+        how: dict[str, str] = {}
+        streamed: list[ModelFile] = []
+        # S3 and the Hub compute the sha256 they state from the bytes they hold; an https
+        # manifest's digests are only what the publisher wrote: those are hashed here.
+        verified = getattr(self.store, "sha256_verified", True)
+        for f in files:
+            obj = self.objects[f.rel]
+            key = _remote_key(self.store, obj)
+            if obj.sha256 is not None and verified:
+                out[f.rel], how[f.rel] = Hashed(f.rel, obj.sha256.lower(), True, f.size), "provider"
+            elif f.rel in self.whole:
+                digest = hashlib.sha256(f.path.read_bytes()).hexdigest()
+                out[f.rel], how[f.rel] = Hashed(f.rel, digest, True, f.size), "mirror"
+            elif cache is not None and key is not None and (known := cache.get(key)):
+                out[f.rel], how[f.rel] = Hashed(f.rel, known, True, f.size), "cache"
+            else:
+                streamed.append(f)
+        if streamed:
+            with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="remote-sha256") as pool:
+                digests = [self._stream_digest(self.objects[f.rel], pool) for f in streamed]
+            for f, digest in zip(streamed, digests, strict=True):
+                out[f.rel], how[f.rel] = Hashed(f.rel, digest, False, f.size), "download"
+                key = _remote_key(self.store, self.objects[f.rel])
+                if cache is not None and key is not None:
+                    cache.put(key, digest)
+        return [out[f.rel] for f in files], how
+
+    def _stream_digest(self, obj: RemoteObject, pool: ThreadPoolExecutor) -> str:
+        """sha256 of one object from parallel ranged reads, hashed in order (nothing kept)."""
+        digest = hashlib.sha256()
+        inflight: deque[tuple[Future[bytes], int]] = deque()
+        offset = 0
+        try:
+            while offset < obj.size or inflight:
+                while offset < obj.size and len(inflight) < DIGEST_INFLIGHT:
+                    n = min(DIGEST_CHUNK, obj.size - offset)
+                    inflight.append((pool.submit(self.store.read, obj.rel, offset, offset + n), n))
+                    offset += n
+                future, n = inflight.popleft()
+                data = future.result()
+                if len(data) != n:
+                    raise StoreError(
+                        f"{self.store.display}: {obj.rel}: the object changed while hashing it",
+                        kind="changed",
+                    )
+                digest.update(data)
+        finally:
+            for future, _ in inflight:
+                future.cancel()
+        return digest.hexdigest()
+
+
+def _remote_key(store: Store, obj: RemoteObject) -> FileKey | None:
+    """The digest cache's key for a remote object: location, name and version, and size."""
+    if obj.version is None:
+        return None
+    return FileKey(f"{store.display.rstrip('/')}/{obj.rel}@{obj.version}", obj.size, 0, 0, 0, 0)
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+# --- the mirror ------------------------------------------------------------------------------
+
+
+def mirror(
+    store: Store,
+    root: Path,
+    *,
+    whole_file_max: int | None = None,
+    fill: bytes | None = None,
+) -> RemoteModel:
+    """List `store` and write the sparse mirror under `root`. Raises StoreError (one line)."""
+    limit = WHOLE_FILE_MAX if whole_file_max is None else whole_file_max
+    objects = store.list()
+    model = RemoteModel(store=store, root=root, objects={})
+    for obj in objects:
+        if _unsafe(obj.rel):
+            model.problems.append(f"{obj.rel!r}: a file name outside the model; not read")
+            continue
+        model.objects[obj.rel] = obj
+    lock = threading.Lock()
+
+    def one(obj: RemoteObject) -> None:
+        plan, ranges, whole = _plan(store, obj, limit)
+        _write(root / obj.rel, obj.size, ranges, fill)
+        with lock:
+            model.plans[obj.rel] = plan
+            if whole:
+                model.whole.add(obj.rel)
+            if plan.startswith("not read"):
+                model.problems.append(f"{obj.rel}: {plan}")
+
+    with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="remote-read") as pool:
+        for future in [pool.submit(one, obj) for obj in model.objects.values()]:
+            future.result()
+    return model
+
+
+def _unsafe(rel: str) -> bool:
+    parts = rel.split("/")
+    return (
+        rel.startswith("/")
+        or "\\" in rel
+        or "\0" in rel
+        or any(p in ("", ".", "..") for p in parts)
+    )
+
+
+def _plan(
+    store: Store, obj: RemoteObject, whole_file_max: int
+) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """(what was fetched, the ranges, fetched whole) for one object."""
+    if obj.size <= SMALL_FILE_BYTES:
+        return "whole", [(0, _read_exact(store, obj, 0, obj.size))], True
+    name = obj.rel.rsplit("/", 1)[-1]
+    head = _read_exact(store, obj, 0, HEAD_BYTES)
+    if head.startswith(ZIP_MAGICS):
+        return _plan_zip(store, obj, head)
+    if head.startswith(b"GGUF"):
+        reader = RangeFile(store, obj)
+        reader._put(0, head)
+        reader._last_end = len(head)  # reads run on from the head: read ahead from the start
+        with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
+            read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
+        return "GGUF header and metadata", reader.ranges, False
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= min(SAFETENSORS_MAX_HEADER, obj.size - 8) and head[8:9] == b"{":
+            if 8 + n <= len(head):
+                return "safetensors header", [(0, head)], False
+            rest = _read_exact(store, obj, len(head), 8 + n)
+            return "safetensors header", [(0, head + rest)], False
+    kind = _kind_of(store, head, obj, name)
+    if kind is Kind.TF_VARIABLES_DATA:
+        return "first 64 KiB (its kind)", [(0, head)], False
+    if obj.size > whole_file_max:
+        return (
+            f"not read: {_human(obj.size)} of {kind.value} content would need a full download "
+            f"(over the {_human(whole_file_max)} limit for remote whole-file reads); validate a "
+            "local copy",
+            [(0, head)],
+            False,
+        )
+    rest = _read_exact(store, obj, len(head), obj.size)
+    return "whole", [(0, head + rest)], True
+
+
+def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
+    """What sniff says of a file from its head (and, for a variables index, its footer)."""
+    import tempfile
+
+    ranges = [(0, head)]
+    if name.lower().endswith("variables.index") and obj.size - 8 >= len(head):
+        ranges.append((obj.size - 8, _read_exact(store, obj, obj.size - 8, obj.size)))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / name
+        _write(probe, obj.size, ranges, None)
+        return sniff(probe, obj.size, name)[0]
+
+
+def _plan_zip(
+    store: Store, obj: RemoteObject, head: bytes
+) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """End record, central directory, and each member's local header and data, except the
+    tensor records of a PyTorch archive (data/<n>), which no check opens."""
+    reader = RangeFile(store, obj)
+    reader._put(0, head)
+    try:
+        with zipfile.ZipFile(reader) as zf:
+            infos = zf.infolist()
+            torch_zip = any(i.filename.endswith("data.pkl") for i in infos)
+            skipped = 0
+            for info in infos[:10_000]:
+                parts = info.filename.split("/")
+                tensor = len(parts) >= 2 and parts[-2] == "data"
+                if torch_zip and tensor and not info.filename.endswith((".pkl", ".pickle")):
+                    skipped += 1
+                    continue
+                reader.seek(info.header_offset)
+                local = reader.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    continue  # the check says the archive is damaged
+                name_len, extra_len = struct.unpack_from("<HH", local, 26)
+                data_start = info.header_offset + 30 + name_len + extra_len
+                end = min(data_start + info.compress_size, obj.size)
+                if end > data_start:
+                    reader.seek(data_start)
+                    reader.read(end - data_start)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        pass  # the checks report a zip that does not open, from the same bytes
+    plan = "zip directory and members" + (
+        f" ({skipped} tensor records skipped)" if torch_zip else ""
+    )
+    return plan, reader.ranges, False
+
+
+def _read_exact(store: Store, obj: RemoteObject, start: int, end: int) -> bytes:
+    end = min(end, obj.size)
+    data = store.read(obj.rel, start, end) if end > start else b""
+    if len(data) != end - start:
+        raise StoreError(
+            f"{store.display}: {obj.rel}: {len(data)} bytes at offset {start} where the listing "
+            f"promised {end - start}: the object changed while validating, try again",
+            kind="changed",
+        )
+    return data
+
+
+def _write(path: Path, size: int, ranges: list[tuple[int, bytes]], fill: bytes | None) -> None:
+    """A file of `size` bytes holding `ranges`; holes elsewhere (or `fill`, for tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        if fill is not None:
+            pattern = (fill * (BLOCK // len(fill) + 1))[:BLOCK]
+            for at in range(0, size, BLOCK):
+                fh.write(pattern[: min(BLOCK, size - at)])
+        else:
+            fh.truncate(size)
+        for start, data in ranges:
+            fh.seek(start)
+            fh.write(data)

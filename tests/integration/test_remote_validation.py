@@ -1,0 +1,300 @@
+"""Validating a model on S3 (moto's standalone server) gives the same answers as validating the
+same files on local disk, from range reads only.
+
+The mirror is filled with a pattern where nothing was fetched, and every file goes through the
+read planner (no "small file, read whole" shortcut): a check that read a byte outside what the
+planner fetched would see garbage and disagree with the local run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.contracts.events import Status
+from services.stack.samples import write_sample_model
+from services.validator import remote
+from services.validator.validate import validate
+from tests.unit.validator import formats
+from tests.unit.validator.fixtures import BENIGN, HOSTILE
+
+pytestmark = pytest.mark.integration
+
+POISON = b"\xa5\x5a"
+
+WRITERS: dict[str, Any] = {
+    **{f"benign/{k}": v for k, v in BENIGN.items()},
+    **{f"hostile/{k}": v for k, v in HOSTILE.items()},
+    "format/hf_safetensors": formats.write_hf_safetensors,
+    "format/gguf": formats.write_gguf,
+    "format/gguf_truncated": lambda d: formats.write_gguf(d, truncate_by=100),
+    "format/onnx": lambda d: formats.write_onnx(d, external=False),
+    "format/onnx_external": lambda d: formats.write_onnx(d, external=True),
+    "format/saved_model": formats.write_saved_model,
+    "format/saved_model_missing_shard": lambda d: formats.write_saved_model(
+        d, shards=2, drop_shard=1
+    ),
+    "format/keras_h5": formats.write_keras_h5,
+    "format/sample_model": lambda d: write_sample_model(d / "m"),
+}
+
+
+@pytest.fixture
+def s3env(moto_s3: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for key, value in moto_s3.environ().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return moto_s3
+
+
+@pytest.fixture
+def strict_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file planned by its content, in small blocks: the hardest case for the plans."""
+    monkeypatch.setattr(remote, "SMALL_FILE_BYTES", 0)
+    monkeypatch.setattr(remote, "HEAD_BYTES", 512)
+    monkeypatch.setattr(remote, "BLOCK", 4096)
+
+
+def new_bucket(s3env: Any) -> tuple[Any, str]:
+    client = s3env.client()
+    bucket = f"v-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return client, bucket
+
+
+def upload(client: Any, bucket: str, prefix: str, directory: Path) -> int:
+    total = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            client.put_object(
+                Bucket=bucket,
+                Key=f"{prefix}{path.relative_to(directory).as_posix()}",
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+            )
+            total += len(data)
+    return total
+
+
+def outcome(report: Any, root: str | None) -> list[tuple[str, str, str]]:
+    """(check, status, reason) with the location's own path (or the mirror's) taken out."""
+    rows = []
+    for check in report.checks:
+        if root is None:
+            reason = re.sub(r"/[^ ]*/preflight-[^/ ]+", "<root>", check.reason)
+        else:
+            reason = check.reason.replace(root, "<root>")
+        if check.name == "checksum":
+            reason = ""  # the remote one states where digests came from
+        rows.append((check.name, check.status.value, reason))
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_remote_validation_agrees_with_local(
+    name: str, tmp_path: Path, s3env: Any, strict_planner: None
+) -> None:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    WRITERS[name](directory)
+    if any(p.is_symlink() or (p.exists() and not (p.is_file() or p.is_dir()))
+           for p in directory.rglob("*")):  # fmt: skip
+        pytest.skip("S3 has no symlinks or special files")
+    if not any(p.is_file() for p in directory.rglob("*")):
+        pytest.skip("nothing to upload")
+    client, bucket = new_bucket(s3env)
+    size = upload(client, bucket, "m/", directory)
+
+    local = validate(str(directory))
+    mirrored = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+
+    assert outcome(mirrored, None) == outcome(local, str(directory))
+    assert mirrored.status == local.status
+    details = next(c for c in mirrored.checks if c.name == "format").details["remote"]
+    assert details["model_bytes"] == size
+    assert f"from s3://{bucket}/m/" in mirrored.reason
+
+
+def test_a_sharded_model_is_validated_from_its_headers_and_provider_checksums(
+    tmp_path: Path, s3env: Any
+) -> None:
+    """Checksums from S3's ChecksumSHA256, structure from the headers: a sliver of the bytes."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    shards = {}
+    for i in range(2):
+        rel = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({f"layer.{i}.weight": np.ones((1024, 1024), dtype=np.float32)}, directory / rel)
+        shards[rel] = hashlib.sha256((directory / rel).read_bytes()).hexdigest()
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (directory / "preflight-manifest.json").write_text(json.dumps({"files": shards}))
+    client, bucket = new_bucket(s3env)
+    size = upload(client, bucket, "m/", directory)
+
+    report = validate(f"s3://{bucket}/m/")
+    checksum = next(c for c in report.checks if c.name == "checksum")
+    assert checksum.status is Status.PASSED, checksum.reason
+    assert set(checksum.details["sources"].values()) == {"provider"}
+    assert checksum.details["downloaded_bytes"] == 0
+    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
+    small = sum(p.stat().st_size for p in directory.glob("*.json"))
+    assert remote_read["bytes_read"] <= small + 2 * remote.HEAD_BYTES < size * 0.02
+    assert remote_read["fetched"]["model-00001-of-00002.safetensors"] == "safetensors header"
+
+
+def test_without_provider_checksums_the_digest_costs_a_download_and_is_cached(
+    tmp_path: Path, s3env: Any
+) -> None:
+    from services.validator.checks.checksum import DigestCache
+
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    client, bucket = new_bucket(s3env)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():  # no ChecksumAlgorithm: S3 states no sha256
+            key = f"m/{path.relative_to(directory).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    cache = DigestCache(tmp_path / "digests.sqlite")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "SMALL_FILE_BYTES", 0)
+        first = validate(f"s3://{bucket}/m/", digest_cache=cache)
+        second = validate(f"s3://{bucket}/m/", digest_cache=cache)
+    one = next(c for c in first.checks if c.name == "checksum")
+    two = next(c for c in second.checks if c.name == "checksum")
+    assert one.status is Status.PASSED and two.status is Status.PASSED, one.reason
+    assert "download" in set(one.details["sources"].values())
+    assert one.details["downloaded_bytes"] > 0 and "cost a download" in one.reason
+    assert set(two.details["sources"].values()) <= {"cache", "mirror"}
+    assert two.details["downloaded_bytes"] == 0
+
+
+def test_a_wrong_sha256_on_the_command_line_blocks_without_a_download(
+    tmp_path: Path, s3env: Any
+) -> None:
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    client, bucket = new_bucket(s3env)
+    upload(client, bucket, "m/", directory)
+    weights = next(p for p in directory.rglob("*.safetensors"))
+    rel = weights.relative_to(directory).as_posix()
+    report = validate(f"s3://{bucket}/m/", expected_sha256={rel: "0" * 64})
+    checksum = next(c for c in report.checks if c.name == "checksum")
+    assert checksum.status is Status.FAILED and "mismatch" in checksum.reason
+    assert checksum.details["sources"][rel] == "provider"
+    assert report.status is Status.FAILED
+
+
+def test_a_location_that_cannot_be_read_is_a_one_line_failure(s3env: Any) -> None:
+    report = validate("s3://no-such-bucket-preflight-v/m/")
+    assert report.status is Status.FAILED
+    assert "\n" not in report.reason and "no such bucket" in report.reason
+
+
+def test_a_big_pickle_is_reported_not_downloaded(tmp_path: Path, s3env: Any) -> None:
+    import pickle
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(b"\0" * 300_000, protocol=4))
+    client, bucket = new_bucket(s3env)
+    upload(client, bucket, "m/", directory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "SMALL_FILE_BYTES", 1024)
+        mp.setattr(remote, "WHOLE_FILE_MAX", 100_000)
+        report = validate(f"s3://{bucket}/m/")
+    assert report.status is Status.FAILED
+    assert "pytorch_model.bin" in report.reason and "full download" in report.reason
+    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
+    assert remote_read["bytes_read"] < 100_000
+
+
+def test_preflight_validate_reads_an_s3_location(
+    tmp_path: Path, s3env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    client, bucket = new_bucket(s3env)
+    upload(client, bucket, "chat/v1/", directory)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", f"s3://{bucket}/chat/v1/", "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["status"] == "passed"
+    assert f"from s3://{bucket}/chat/v1/" in report["reason"]
+    missing = runner.invoke(app, ["validate", f"s3://{bucket}/chat/v9/"])
+    assert missing.exit_code == 1
+    assert "no objects under this prefix" in missing.output
+
+
+def test_preflight_deploy_refuses_a_scheme_it_cannot_read() -> None:
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    result = CliRunner().invoke(app, ["deploy", "ftp://host/m", "-m", "m", "-v", "1"])
+    assert result.exit_code != 0 and "s3://BUCKET/PREFIX/" in result.output
+
+
+def test_an_hf_location_is_validated_from_the_hub_api_and_range_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.hub_api import HubApi
+
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    with HubApi() as hub:
+        hub.add_repo("acme/chat", directory)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        report = validate("hf://acme/chat@main", mirror_fill=POISON)
+        local = validate(str(directory))
+        missing = validate("hf://acme/nothing")
+    assert outcome(report, None) == outcome(local, str(directory))
+    checksum = next(c for c in report.checks if c.name == "checksum")
+    assert "provider" in set(checksum.details["sources"].values())  # the Hub's LFS sha256
+    assert checksum.details["downloaded_bytes"] == 0
+    assert "from hf://acme/chat@main" in report.reason
+    assert missing.status is Status.FAILED and "\n" not in missing.reason
+    assert "hf://acme/nothing" in missing.reason and hub.token not in missing.reason
+
+
+def test_an_https_location_hashes_what_its_manifest_only_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.https_files import HttpsFiles
+
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    listing = {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+    (directory / "manifest.json").write_text(json.dumps(listing))
+    with HttpsFiles(directory, prefix="/models/chat/") as files:
+        monkeypatch.setenv("PREFLIGHT_CA_BUNDLE", str(files.ca_file))
+        report = validate(files.url, mirror_fill=POISON)
+        weights = next(p for p in directory.rglob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:-4] + b"evil")  # the manifest is not updated
+        altered = validate(files.url)
+    assert report.status is Status.PASSED, report.reason
+    checksum = next(c for c in report.checks if c.name == "checksum")
+    assert "provider" not in set(checksum.details["sources"].values())
+    bad = next(c for c in altered.checks if c.name == "checksum")
+    assert bad.status is Status.FAILED and "mismatch" in bad.reason
