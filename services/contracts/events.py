@@ -25,6 +25,29 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # schemes a stage can read is the stage's business and it reports the ones it cannot.
 LOCATION_PATTERN = r"^(?:[A-Za-z][A-Za-z0-9+.-]*://.+|/.*|\./.*|[^:]+)$"
 ENDPOINT_PATTERN = r"^https?://[^\s/]+(?:/\S*)?$"
+LOCATION_DESCRIPTION = (
+    "A local path, or `s3://BUCKET/PREFIX/`, `hf://ORG/NAME@REVISION`, `https://HOST/BASE/` "
+    "(docs/locations.md). Never credentials: a location travels in every event."
+)
+
+
+def check_location(value: str) -> str:
+    """A location with credentials in it (user:password@, a signed query) would be copied into
+    every event, log line and Slack notice: refuse it and say where credentials go."""
+    scheme, sep, rest = value.partition("://")
+    if sep and "/" not in scheme:
+        authority = rest.split("/", 1)[0]
+        if "@" in authority:
+            raise ValueError(
+                "credentials in a location would be copied into every event: remove user@ "
+                "and give them to the services (AWS_*, HF_TOKEN, PREFLIGHT_HTTPS_TOKEN)"
+            )
+        if "?" in rest or "#" in rest:
+            raise ValueError(
+                "a location takes no query or fragment (a signed URL's signature would be "
+                "copied into every event): name the model's base, give credentials to the services"
+            )
+    return value
 
 
 def utc_now() -> datetime:
@@ -56,7 +79,7 @@ class ModelRef(Message):
         min_length=1,
         max_length=4096,
         pattern=LOCATION_PATTERN,
-        description="Local path now; object-store (`s3://`) and hub (`hf://`) URIs are admitted.",
+        description=LOCATION_DESCRIPTION,
     )
     endpoint: str | None = Field(
         default=None,
@@ -64,6 +87,8 @@ class ModelRef(Message):
         pattern=ENDPOINT_PATTERN,
         description="Inference server serving this version, e.g. `http://10.0.0.5:8080`.",
     )
+
+    _no_credentials = field_validator("location")(check_location)
 
 
 class TargetHardware(Message):
@@ -127,7 +152,10 @@ class DeploymentRequested(Event):
     """A system asks for a model version to go through the pipeline."""
 
     type: Literal["DeploymentRequested"] = "DeploymentRequested"
-    location: str = Field(min_length=1, max_length=4096, pattern=LOCATION_PATTERN)
+    location: str = Field(
+        min_length=1, max_length=4096, pattern=LOCATION_PATTERN, description=LOCATION_DESCRIPTION
+    )
+    _no_credentials = field_validator("location")(check_location)
     expected_sha256: dict[str, Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(
         default_factory=dict, description="Expected digest per file, relative to `location`."
     )

@@ -210,3 +210,24 @@ def test_hub_style_model_names_are_keys_and_subject_tokens(name: str) -> None:
     ModelRef(name=name, version="1", location="/m")
     assert VALID_KEY_RE.match(name)
     assert "." not in subjects.model_token(name)
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["https://user:secret@models.example.com/chat/", "s3://AKIA:key@bucket/p/",
+     "https://models.example.com/chat/?X-Amz-Signature=abc", "https://h/base/#frag"],
+)  # fmt: skip
+def test_a_location_with_credentials_is_refused_before_it_reaches_an_event(location: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ModelRef(name="org/m", version="1", location=location)
+    (error,) = caught.value.errors()
+    assert "every event" in error["msg"]
+    assert "secret" not in error["msg"] and "abc" not in error["msg"]  # what a dead letter says
+
+
+@pytest.mark.parametrize(
+    "location", ["hf://acme/chat-7b@v2.1", "hf://acme/chat@refs/pr/1", "s3://b/models/chat/",
+                 "https://models.example.com/chat/", "/models/chat", "file:///models/chat"],
+)  # fmt: skip
+def test_remote_locations_are_admitted(location: str) -> None:
+    assert ModelRef(name="org/m", version="1", location=location).location == location
