@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from services.benchmarker import loading
 from services.benchmarker.run import ResultStore, run_benchmarks
@@ -55,9 +54,11 @@ def handle_validated(
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     store = result_store(settings)
-    # The host's cache of remote models (services/storage/cache.py: its variables), read once
-    # here beside the Settings, which have no model-cache fields yet.
-    models = ModelCache.from_environ(os.environ)
+    # The host's cache of remote models (PREFLIGHT_MODEL_CACHE_DIR, _MAX_BYTES).
+    try:
+        models = ModelCache.configured(settings.model_cache_dir, settings.model_cache_max_bytes)
+    except ValueError as exc:
+        raise SystemExit(f"benchmarker: {exc}") from None
     if settings.torch_threads is not None and loading.torch_available():
         import torch
 

@@ -118,6 +118,16 @@ class Settings(BaseSettings):
             "steadier (docs/benchmarks.md: 2 threads beside a busy neighbour ran 10-100x slower)."
         ),
     )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Benchmarkers' cache of remote models (s3://, hf://, https://), shared by "
+        "every benchmarker on the host; default ~/.cache/preflight/fetched-models "
+        "(docs/locations.md).",
+    )
+    model_cache_max_bytes: str | None = Field(
+        default=None,
+        description="Bound on that cache: bytes, or with a unit (500GB, 100GiB); default 100GiB.",
+    )
     data_plane: Literal["builtin", "envoy"] = Field(
         default="builtin",
         description="`preflight up`: what carries inference traffic: preflight's own router, or "

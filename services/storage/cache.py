@@ -38,7 +38,7 @@ Locks (flock: they exclude threads as well as processes and die with a crashed p
     gc               SH while anything is built; eviction takes it EX without waiting, so it
                      runs only when nothing is being built and never sees half of a build
 
-Configuration, read once by the service's entry module (`ModelCache.from_environ`):
+Configuration (the benchmarker reads it through its Settings, `ModelCache.configured`):
 
     PREFLIGHT_MODEL_CACHE_DIR        root; default ~/.cache/preflight/fetched-models
     PREFLIGHT_MODEL_CACHE_MAX_BYTES  bound on blobs + partial downloads; default 100GiB
@@ -237,13 +237,19 @@ class ModelCache:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **options: Any) -> ModelCache:
         """The cache the module docstring's variables describe (defaults when unset)."""
-        root = Path(environ.get(DIR_ENV) or DEFAULT_DIR).expanduser()
-        raw = environ.get(MAX_BYTES_ENV)
+        return cls.configured(environ.get(DIR_ENV), environ.get(MAX_BYTES_ENV), **options)
+
+    @classmethod
+    def configured(
+        cls, directory: str | Path | None, max_bytes: str | None, **options: Any
+    ) -> ModelCache:
+        """The cache at `directory` bounded by `max_bytes` (as the variables give them)."""
+        root = Path(directory or DEFAULT_DIR).expanduser()
         try:
-            max_bytes = parse_bytes(raw) if raw else DEFAULT_MAX_BYTES
+            bound = parse_bytes(max_bytes) if max_bytes else DEFAULT_MAX_BYTES
         except ValueError as exc:
             raise ValueError(f"{MAX_BYTES_ENV}: {exc}") from None
-        return cls(root, max_bytes, **options)
+        return cls(root, bound, **options)
 
     # --- the API ------------------------------------------------------------------------------
 

@@ -57,12 +57,12 @@ def clean_env() -> dict[str, str]:
 
 
 class RunningStack:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.log = data_dir.parent / f"up-{time.monotonic_ns()}.log"
         self.proc = subprocess.Popen(
             [*CLI, "up", "--data-dir", str(data_dir)],
-            env=clean_env(),
+            env=clean_env() | (env or {}),  # the services read credentials from here
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
