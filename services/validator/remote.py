@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import struct
 import threading
@@ -50,6 +51,8 @@ from services.validator.checks.inventory import (
     ModelFile,
     sniff,
 )
+
+log = logging.getLogger("preflight.validator")
 
 SMALL_FILE_BYTES = 1024 * 1024
 HEAD_BYTES = 64 * 1024
@@ -208,6 +211,13 @@ class RemoteModel:
             else:
                 streamed.append(f)
         if streamed:
+            log.info(
+                "%s: no provider sha256 for %d files: hashing %s by download (%s)",
+                self.store.display,
+                len(streamed),
+                _human(sum(f.size for f in streamed)),
+                ", ".join(f.rel for f in streamed[:5]) + (" ..." if len(streamed) > 5 else ""),
+            )
             with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="remote-sha256") as pool:
                 digests = [self._stream_digest(self.objects[f.rel], pool) for f in streamed]
             for f, digest in zip(streamed, digests, strict=True):

@@ -298,3 +298,16 @@ def test_an_https_location_hashes_what_its_manifest_only_claims(
     assert "provider" not in set(checksum.details["sources"].values())
     bad = next(c for c in altered.checks if c.name == "checksum")
     assert bad.status is Status.FAILED and "mismatch" in bad.reason
+
+
+def test_object_names_that_climb_out_of_the_model_are_reported_not_written(
+    tmp_path: Path, s3env: Any
+) -> None:
+    client, bucket = new_bucket(s3env)
+    client.put_object(Bucket=bucket, Key="m/config.json", Body=b'{"model_type": "gpt2"}')
+    client.put_object(Bucket=bucket, Key="m/../evil.py", Body=b"import os")
+    client.put_object(Bucket=bucket, Key="m//abs.py", Body=b"import os")
+    report = validate(f"s3://{bucket}/m/")
+    assert report.status is Status.FAILED
+    assert "'../evil.py': a file name outside the model" in report.reason
+    assert not (tmp_path.parent / "evil.py").exists()
