@@ -14,6 +14,7 @@ from typing import Any
 
 from services.storage.base import ReadCounter, RemoteObject, StoreError
 
+MAX_OBJECTS = 10_000  # the validator's MAX_FILES: a prefix with more is not one model
 RETRIES = 6  # after the first try: boto3 "standard" mode retries SlowDown, 429, 5xx with backoff
 
 _KINDS = {
@@ -38,7 +39,7 @@ _KINDS = {
 
 def parse(location: str) -> tuple[str, str]:
     """(bucket, prefix) of s3://bucket/prefix/; the prefix ends with '/' unless empty."""
-    rest = location.removeprefix("s3://")
+    rest = location.split("://", 1)[1] if "://" in location else location  # S3:// too
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise StoreError(f"{location}: no bucket (s3://BUCKET/PREFIX/)", kind="unsupported")
@@ -59,6 +60,7 @@ class S3Store:
         self.display = f"s3://{self.bucket}/{self.prefix}"
         self.reads = ReadCounter()
         self.checksums = checksums
+        self._etags: dict[str, str] = {}  # rel -> the listed ETag every read is pinned to
         if client is None:
             import boto3
             from botocore.config import Config
@@ -90,7 +92,8 @@ class S3Store:
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             kind, words = _KINDS.get(code) or _KINDS.get(status) or ("error", code or status)
             return StoreError(f"{self.display}: {what}: {words}", kind=kind)
-        return StoreError(f"{self.display}: {what}: {type(exc).__name__}: {exc}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return StoreError(f"{self.display}: {what}: {type(exc).__name__}: {first}")
 
     def list(self) -> list[RemoteObject]:
         entries: list[dict[str, Any]] = []
@@ -102,6 +105,12 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "listing") from exc
         files = [e for e in entries if not e["Key"].endswith("/")]
+        if len(files) > MAX_OBJECTS:
+            raise StoreError(
+                f"{self.display}: more than {MAX_OBJECTS} objects under this prefix, more than "
+                "a model has: name the model's own prefix",
+                kind="unsupported",
+            )
         if not files:
             raise StoreError(f"{self.display}: no objects under this prefix", kind="not_found")
         if not self.checksums:
@@ -121,7 +130,13 @@ class S3Store:
 
     def _object(self, entry: dict[str, Any], head: dict[str, Any] | None) -> RemoteObject:
         rel = entry["Key"][len(self.prefix) :]
-        version = (head or {}).get("VersionId") or entry.get("ETag", "").strip('"') or None
+        etag = str((head or {}).get("ETag") or entry.get("ETag") or "").strip('"')
+        if etag:
+            self._etags[rel] = etag
+        vid = (head or {}).get("VersionId")
+        # "null" is the version of every object in an unversioned or suspended bucket: not an
+        # identity. The ETag changes with the content; the size is in the cache key too.
+        version = (f"{vid}:{etag}" if vid and vid != "null" else etag) or None
         sha, note = None, None
         checksum = (head or {}).get("ChecksumSHA256")
         if checksum:
@@ -130,7 +145,14 @@ class S3Store:
                     "S3's ChecksumSHA256 is a composite multipart checksum, not the file's sha256"
                 )
             else:
-                sha = base64.b64decode(checksum).hex()
+                try:
+                    raw = base64.b64decode(checksum, validate=True)
+                except ValueError:
+                    raw = b""
+                if len(raw) == 32:
+                    sha = raw.hex()
+                else:
+                    note = f"the store's ChecksumSHA256 {checksum[:60]!r} is not a sha256"
         return RemoteObject(rel=rel, size=int(entry["Size"]), version=version, sha256=sha,
                             checksum_note=note)  # fmt: skip
 
@@ -138,8 +160,12 @@ class S3Store:
         if end <= start:
             return b""
         try:
+            pinned = {"IfMatch": self._etags[rel]} if rel in self._etags else {}
             answer = self.client.get_object(
-                Bucket=self.bucket, Key=self.prefix + rel, Range=f"bytes={start}-{end - 1}"
+                Bucket=self.bucket,
+                Key=self.prefix + rel,
+                Range=f"bytes={start}-{end - 1}",
+                **pinned,  # the version the listing saw, or 412: never a mix of two
             )
             data: bytes = answer["Body"].read()
         except Exception as exc:
@@ -147,6 +173,12 @@ class S3Store:
             if code == "InvalidRange":
                 self.reads.add(0)
                 return b""
+            if code in ("PreconditionFailed", "412"):
+                raise StoreError(
+                    f"{self.display}: {rel}: the object changed since it was listed (its ETag "
+                    "no longer matches): try again",
+                    kind="changed",
+                ) from exc
             raise self._error(exc, f"reading {rel}") from exc
         self.reads.add(len(data))
         return data

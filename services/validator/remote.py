@@ -45,6 +45,7 @@ from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
 from services.validator.checks.checksum import DigestCache, FileKey, Hashed
 from services.validator.checks.headers import HeaderError, read_gguf_stream
 from services.validator.checks.inventory import (
+    MAX_FILES,
     SAFETENSORS_MAX_HEADER,
     ZIP_MAGICS,
     Kind,
@@ -64,6 +65,7 @@ MAX_READ_AHEAD = 8 * 1024 * 1024
 READ_WORKERS = 16
 DIGEST_CHUNK = 16 * 1024 * 1024
 DIGEST_INFLIGHT = 8
+_WHOLE_READS = threading.BoundedSemaphore(2)
 
 
 class RangeFile(io.RawIOBase):
@@ -79,6 +81,10 @@ class RangeFile(io.RawIOBase):
         self._chunks: list[bytes] = []
         self._ahead = BLOCK
         self._last_end = -1
+
+    @property
+    def fetched(self) -> int:
+        return sum(len(c) for c in self._chunks)
 
     @property
     def ranges(self) -> list[tuple[int, bytes]]:
@@ -127,7 +133,15 @@ class RangeFile(io.RawIOBase):
             fetch_start = max(at - at % BLOCK, self._held_end(i) if i >= 0 else 0)
             want = max(end, fetch_start + self._ahead)
             fetch_end = min(-(-want // BLOCK) * BLOCK, nxt, self.obj.size)
-            self._put(fetch_start, self.store.read(self.obj.rel, fetch_start, fetch_end))
+            data = self.store.read(self.obj.rel, fetch_start, fetch_end)
+            if len(data) != fetch_end - fetch_start:  # a short piece would leave a gap forever
+                raise StoreError(
+                    f"{self.store.display}: {self.obj.rel}: {len(data)} bytes at offset "
+                    f"{fetch_start} where the listing promised {fetch_end - fetch_start}: the "
+                    "object changed while validating, try again",
+                    kind="changed",
+                )
+            self._put(fetch_start, data)
             self._last_end = fetch_end
             at = fetch_end
 
@@ -297,9 +311,20 @@ def mirror(
             if plan.startswith("not read"):
                 model.problems.append(f"{obj.rel}: {plan}")
 
+    if len(model.objects) > MAX_FILES:
+        raise StoreError(
+            f"{store.display}: {len(model.objects)} objects, more than the {MAX_FILES} a model "
+            "may have: name the model's own prefix",
+            kind="unsupported",
+        )
     with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="remote-read") as pool:
-        for future in [pool.submit(one, obj) for obj in model.objects.values()]:
-            future.result()
+        futures = [pool.submit(one, obj) for obj in model.objects.values()]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # one failed: start no more reads
+            raise
     return model
 
 
@@ -322,13 +347,20 @@ def _plan(
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
     if head.startswith(ZIP_MAGICS):
-        return _plan_zip(store, obj, head)
+        return _plan_zip(store, obj, head, whole_file_max)
     if head.startswith(b"GGUF"):
         reader = RangeFile(store, obj)
         reader._put(0, head)
         reader._last_end = len(head)  # reads run on from the head: read ahead from the start
         with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
             read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
+        if reader.fetched > whole_file_max:
+            return (
+                f"not read: GGUF metadata of over {_human(whole_file_max)} (the limit for "
+                "remote whole-file reads); validate a local copy",
+                [(0, head)],
+                False,
+            )
         return "GGUF header and metadata", reader.ranges, False
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
@@ -348,8 +380,9 @@ def _plan(
             [(0, head)],
             False,
         )
-    rest = _read_exact(store, obj, len(head), obj.size)
-    return "whole", [(0, head + rest)], True
+    with _WHOLE_READS:  # a few at a time: each is held in memory until it is written
+        rest = _read_exact(store, obj, len(head), obj.size)
+        return "whole", [(0, head + rest)], True
 
 
 def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
@@ -366,21 +399,36 @@ def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
 
 
 def _plan_zip(
-    store: Store, obj: RemoteObject, head: bytes
+    store: Store, obj: RemoteObject, head: bytes, whole_file_max: int
 ) -> tuple[str, list[tuple[int, bytes]], bool]:
     """End record, central directory, and each member's local header and data, except the
-    tensor records of a PyTorch archive (data/<n>), which no check opens."""
+    tensor records of a PyTorch archive (data/<n>), which no check opens: the unsafe-code
+    check's own rule, so the two cannot drift apart."""
+    from services.validator.checks.unsafe_code import (
+        _PICKLE_SUFFIXES,
+        MAX_ZIP_ENTRIES,
+        _is_tensor_record,
+    )
+
     reader = RangeFile(store, obj)
     reader._put(0, head)
+    skipped = 0
+    torch_zip = False
     try:
         with zipfile.ZipFile(reader) as zf:
             infos = zf.infolist()
-            torch_zip = any(i.filename.endswith("data.pkl") for i in infos)
-            skipped = 0
-            for info in infos[:10_000]:
-                parts = info.filename.split("/")
-                tensor = len(parts) >= 2 and parts[-2] == "data"
-                if torch_zip and tensor and not info.filename.endswith((".pkl", ".pickle")):
+            # as sniff decides the archive's kind: from its first MAX_FILES names
+            torch_zip = any(n.endswith("data.pkl") for n in zf.namelist()[:MAX_FILES])
+            for info in infos if len(infos) <= MAX_ZIP_ENTRIES else []:
+                name = info.orig_filename
+                lower = name.lower()
+                graph = lower == "saved_model.pb" or lower.endswith("/saved_model.pb")
+                if (
+                    torch_zip
+                    and not lower.endswith(_PICKLE_SUFFIXES)
+                    and not graph
+                    and _is_tensor_record(name)
+                ):
                     skipped += 1
                     continue
                 reader.seek(info.header_offset)
@@ -389,10 +437,20 @@ def _plan_zip(
                     continue  # the check says the archive is damaged
                 name_len, extra_len = struct.unpack_from("<HH", local, 26)
                 data_start = info.header_offset + 30 + name_len + extra_len
-                end = min(data_start + info.compress_size, obj.size)
-                if end > data_start:
-                    reader.seek(data_start)
-                    reader.read(end - data_start)
+                # the local name and extra too (zipfile compares the name), and as much as
+                # either size says (a stored member is mapped by its file_size)
+                end = min(data_start + max(info.compress_size, info.file_size), obj.size)
+                if end > info.header_offset + 30:
+                    reader.seek(info.header_offset + 30)
+                    reader.read(end - info.header_offset - 30)
+                if reader.fetched > whole_file_max:
+                    return (
+                        f"not read: zip members of over {_human(whole_file_max)} would need "
+                        "downloading (the limit for remote whole-file reads); validate a local "
+                        "copy",
+                        [(0, head)],
+                        False,
+                    )
     except (zipfile.BadZipFile, ValueError, OSError, EOFError):
         pass  # the checks report a zip that does not open, from the same bytes
     plan = "zip directory and members" + (

@@ -103,14 +103,10 @@ def validate(
                 remote = mirror(open_store(location), Path(where), fill=mirror_fill)
             inv = build_inventory(where)
         except (LocationError, StoreError, OSError) as exc:
-            check = CheckResult(name="format", status=Status.FAILED, reason=str(exc))
-            return StageReport(
-                stage="validation",
-                status=Status.FAILED,
-                reason=str(exc),
-                checks=(check,),
-                service=service,
-            )
+            return _unreadable(str(exc), service)
+        except Exception as exc:  # a store's or parser's bug must not take the service down
+            log.exception("reading %s failed", location)
+            return _unreadable(f"{location}: cannot be read: {type(exc).__name__}: {exc}", service)
         if remote is not None:
             inv.problems[:0] = remote.problems
         ctx = CheckContext(
@@ -122,6 +118,14 @@ def validate(
             remote=remote,
         )
         return _run_all(inv, ctx, policy, started, service)
+
+
+def _unreadable(reason: str, service: str) -> StageReport:
+    reason = " ".join(reason.split())  # one line, whatever a library put in its message
+    check = CheckResult(name="format", status=Status.FAILED, reason=reason)
+    return StageReport(
+        stage="validation", status=Status.FAILED, reason=reason, checks=(check,), service=service
+    )
 
 
 def _run_all(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,39 @@ def test_object_names_that_climb_out_of_the_model_are_reported_not_written(
     assert report.status is Status.FAILED
     assert "'../evil.py': a file name outside the model" in report.reason
     assert not (tmp_path.parent / "evil.py").exists()
+
+
+class _ShortStore:
+    """A store whose objects serve fewer bytes than their listing says (replaced mid-read)."""
+
+    display = "s3://short/m/"
+
+    def __init__(self) -> None:
+        from services.storage.base import ReadCounter
+
+        self.reads = ReadCounter()
+
+    def list(self) -> list[Any]:
+        from services.storage.base import RemoteObject
+
+        return [RemoteObject(rel="model.gguf", size=4_000_000, version="1")]
+
+    def read(self, rel: str, start: int, end: int) -> bytes:
+        # version 3, no tensors, one metadata key 1 MB long: its read runs past what is served
+        header = b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1_000_000)
+        data = (header + b"k" * 200_000)[start:end]
+        self.reads.add(len(data))
+        return data
+
+
+def test_an_object_shorter_than_its_listing_is_a_clear_answer_not_a_hang(tmp_path: Path) -> None:
+    from services.storage.base import StoreError
+
+    with pytest.raises(StoreError) as caught:
+        remote.mirror(_ShortStore(), tmp_path)
+    assert caught.value.kind == "changed" and "\n" not in str(caught.value)
+
+
+def test_a_location_no_store_can_parse_is_a_failed_report_not_an_exception() -> None:
+    report = validate("https://[::1/")
+    assert report.status is Status.FAILED and "\n" not in report.reason

@@ -255,3 +255,20 @@ def test_the_benchmarker_loads_a_model_from_s3_through_the_cache(
     with pytest.raises(loading.LoadError) as caught:
         loading.load_model(f"s3://{name}/nothing/", device="cpu", cache=cache)
     assert "\n" not in str(caught.value) and "no objects" in str(caught.value)
+
+
+def test_an_object_replaced_after_the_listing_is_never_read_as_a_mix(bucket: str) -> None:
+    location = f"s3://{bucket}/chat/v1/"
+    store = open_store(location)
+    store.list()
+    rel = "model-00002-of-00002.safetensors"
+    s3 = S3Store(location).client
+    s3.put_object(Bucket=bucket, Key=f"chat/v1/{rel}", Body=b"\x08" * 300_000)  # same size
+    with pytest.raises(StoreError) as caught:
+        store.read(rel, 0, 100)
+    assert caught.value.kind == "changed"
+    assert "changed since it was listed" in one_line(caught.value, location)
+
+
+def test_the_scheme_is_read_in_any_case(bucket: str) -> None:
+    assert {o.rel for o in S3Store(f"S3://{bucket}/chat/v1/").list()} == set(FILES)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.contracts.events import CheckResult, Status
+from services.storage.base import StoreError
 from services.validator.checks.base import CheckContext, result, summarise_findings
 from services.validator.checks.inventory import Inventory, ModelFile
 
@@ -244,7 +245,10 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
     sources: dict[str, str] = {}
     if ctx.remote is not None:  # provider checksums, else a streamed download
         estimate = None
-        hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
+        try:
+            hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
+        except StoreError as exc:  # the object changed, or the store refused mid-way
+            return result(NAME, Status.FAILED, str(exc), started=started)
     else:
         estimate = _estimate_seconds(to_hash, ctx)
         hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
