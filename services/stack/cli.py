@@ -907,9 +907,15 @@ def _read_overrides(policy: Path | None) -> dict[str, Any]:
 
 @app.command()
 def benchmark(
-    path: Annotated[Path, typer.Argument(help="Model directory (Hugging Face layout).")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="Model directory (Hugging Face layout), or s3://, hf://, https:// (fetched "
+            "into the model cache first)."
+        ),
+    ],
     baseline: Annotated[
-        Path | None, typer.Option(help="The version it replaces, measured under the same config.")
+        str | None, typer.Option(help="The version it replaces, measured under the same config.")
     ] = None,
     model_class: Annotated[str, typer.Option("--class", help="Policy model class.")] = "default",
     model: Annotated[
@@ -928,8 +934,13 @@ def benchmark(
     """Run the benchmarks locally against a baseline: exit 1 when degraded, 2 when it cannot run."""
     from services.benchmarker.app import result_store
     from services.benchmarker.run import run_benchmarks
+    from services.storage.cache import ModelCache
 
     settings = load_settings(data_dir)
+    try:
+        models = ModelCache.configured(settings.model_cache_dir, settings.model_cache_max_bytes)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         resolved = load_policy_file(settings.policy_file).resolve(
             model=model, team=team, overrides=_read_overrides(policy)
@@ -939,13 +950,14 @@ def benchmark(
     if not as_json:
         err.print(f"benchmarking {path}" + (f" against {baseline}" if baseline else "") + " ...")
     report, device_name = run_benchmarks(
-        str(path),
-        str(baseline) if baseline else None,
+        path,
+        baseline,
         resolved,
         model_class=model_class,
         store=result_store(settings),
         device=device,
         service="cli",
+        model_cache=models,
     )
     if as_json:
         print(

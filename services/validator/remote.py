@@ -65,7 +65,8 @@ MAX_READ_AHEAD = 8 * 1024 * 1024
 READ_WORKERS = 16
 DIGEST_CHUNK = 16 * 1024 * 1024
 DIGEST_INFLIGHT = 8
-_WHOLE_READS = threading.BoundedSemaphore(2)
+STREAM_CHUNK = 8 * 1024 * 1024
+WHOLE_STREAMED = "whole"
 
 
 class RangeFile(io.RawIOBase):
@@ -304,12 +305,18 @@ def mirror(
     def one(obj: RemoteObject) -> None:
         plan, ranges, whole = _plan(store, obj, limit)
         _write(root / obj.rel, obj.size, ranges, fill)
+        if whole and obj.size > sum(len(d) for _, d in ranges):  # big: chunk by chunk to disk
+            held = ranges[0][1]
+            with (root / obj.rel).open("r+b") as fh:
+                fh.seek(len(held))
+                for at in range(len(held), obj.size, STREAM_CHUNK):
+                    fh.write(_read_exact(store, obj, at, at + STREAM_CHUNK))
         with lock:
             model.plans[obj.rel] = plan
             if whole:
                 model.whole.add(obj.rel)
             if plan.startswith("not read"):
-                model.problems.append(f"{obj.rel}: {plan}")
+                model.problems.append(f"{_shown(obj.rel)}: {plan}")
 
     if len(model.objects) > MAX_FILES:
         raise StoreError(
@@ -326,6 +333,11 @@ def mirror(
             pool.shutdown(wait=True, cancel_futures=True)  # one failed: start no more reads
             raise
     return model
+
+
+def _shown(rel: str) -> str:
+    """A name as a reason may show it: as it is if printable, else escaped (no line breaks)."""
+    return rel if rel.isprintable() else repr(rel)
 
 
 def _unsafe(rel: str) -> bool:
@@ -380,9 +392,7 @@ def _plan(
             [(0, head)],
             False,
         )
-    with _WHOLE_READS:  # a few at a time: each is held in memory until it is written
-        rest = _read_exact(store, obj, len(head), obj.size)
-        return "whole", [(0, head + rest)], True
+    return WHOLE_STREAMED, [(0, head)], True  # the rest is streamed to disk by the caller
 
 
 def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:

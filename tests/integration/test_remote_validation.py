@@ -61,6 +61,7 @@ def strict_planner(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(remote, "SMALL_FILE_BYTES", 0)
     monkeypatch.setattr(remote, "HEAD_BYTES", 512)
     monkeypatch.setattr(remote, "BLOCK", 4096)
+    monkeypatch.setattr(remote, "STREAM_CHUNK", 4096)  # whole files reach disk in pieces
 
 
 def new_bucket(s3env: Any) -> tuple[Any, str]:
@@ -348,3 +349,18 @@ def test_an_object_shorter_than_its_listing_is_a_clear_answer_not_a_hang(tmp_pat
 def test_a_location_no_store_can_parse_is_a_failed_report_not_an_exception() -> None:
     report = validate("https://[::1/")
     assert report.status is Status.FAILED and "\n" not in report.reason
+
+
+def test_preflight_benchmark_fetches_a_remote_location_and_says_why_it_cannot(
+    tmp_path: Path, s3env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    monkeypatch.setenv("PREFLIGHT_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(
+        app, ["benchmark", "s3://no-such-bucket-preflight-b/m/", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "no such bucket" in result.output
