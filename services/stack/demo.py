@@ -31,7 +31,7 @@ from services.runtime import bus, nats_users, processes
 from services.runtime.settings import Settings
 from services.stack import render
 from services.stack.samples import MANIFEST
-from services.stack.supervisor import LOCK_FILE, Stack, StackError, read_stack_file
+from services.stack.supervisor import LOCK_FILE, Stack, StackError, free_port, read_stack_file
 
 MODEL = "sample-gpt"
 # Where `preflight demo` keeps its state unless --data-dir says otherwise (relative to the
@@ -248,6 +248,81 @@ class Traffic:
             self.thread.join(timeout=10)
 
 
+DEMO_BUCKET = "preflight-demo"
+DEMO_S3_CREDENTIALS = {  # moto's: any key works, and none of these is a secret
+    "AWS_ACCESS_KEY_ID": "AKIAPREFLIGHTDEMO000",
+    "AWS_SECRET_ACCESS_KEY": "preflight-demo-not-a-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class DemoS3:
+    """A local S3 API (moto's standalone server, a dev dependency) holding v1, so the demo
+    deploys one version from s3:// as teams keep them: validated by range reads, benchmarked
+    from the model cache. The services reach it through the standard AWS variables."""
+
+    def __init__(self, logs: Path) -> None:
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**DEMO_S3_CREDENTIALS, "AWS_ENDPOINT_URL": self.url}
+        logs.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=(logs / "moto-s3.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        deadline = time.monotonic() + 30
+        while not _listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise StackError(f"the demo's S3 server did not start (see {logs}/moto-s3.log)")
+            time.sleep(0.05)
+
+    @staticmethod
+    def available() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("moto") is not None
+
+    def upload(self, directory: Path, prefix: str) -> str:
+        """Every file under `directory` as objects with a SHA256 checksum; the location."""
+        import boto3
+
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=DEMO_BUCKET)
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                client.put_object(
+                    Bucket=DEMO_BUCKET,
+                    Key=f"{prefix}{path.relative_to(directory).as_posix()}",
+                    Body=path.read_bytes(),
+                    ChecksumAlgorithm="SHA256",
+                )
+        return f"s3://{DEMO_BUCKET}/{prefix}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> int:
     """Returns the exit status: 0 when every deployment reached its expected outcome."""
     from services.benchmarker.samples import write_trained_model
@@ -297,6 +372,30 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
             "first token; the built-in router's story shows it)"
         )
 
+    s3: DemoS3 | None = None
+    locations = {version: str(path) for version, path in dirs.items()}
+    if DemoS3.available():
+        try:
+            s3 = DemoS3(data_dir / "logs")
+            locations["v1"] = s3.upload(dirs["v1"], f"{MODEL}/v1/")
+        except Exception as exc:  # boto3's errors, or the server's start
+            if s3 is not None:
+                s3.stop()
+            console.print(f"[red]demo failed:[/red] the demo's S3 server: {exc}")
+            return 1
+        # The services read S3 credentials and endpoint where every AWS tool does: the
+        # supervisor hands its environment to them. The fetched models go in the data dir.
+        os.environ.update(s3.env)
+        os.environ.pop("AWS_PROFILE", None)
+        settings = settings.model_copy(update={"model_cache_dir": data_dir / "model-cache"})
+        console.print(
+            f"    v1 is uploaded to a local S3 API (moto, {s3.url}) and deployed as "
+            f"{locations['v1']}: validated by range reads (this small model is read whole), "
+            "benchmarked from the model cache"
+        )
+    else:
+        console.print("    (moto is not installed: every version is read from local disk)")
+
     console.print("2/4 starting the embedded stack")
     stack = Stack(settings, say=lambda line: console.print("  " + line, highlight=False))
     servers = InferenceServers(data_dir / "logs")
@@ -322,7 +421,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
                 deployment_id=new_deployment_id(),
                 model=MODEL,
                 version=version,
-                location=str(dirs[version]),
+                location=locations[version],
                 endpoint=endpoint,
                 expected_sha256=_expected_digests(dirs[version]),
                 stable=previous,
@@ -337,7 +436,7 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
             events += seen
             if any(isinstance(e, DeploymentPromoted) for e in seen):
                 previous = ModelRef(
-                    name=MODEL, version=version, location=str(dirs[version]), endpoint=endpoint
+                    name=MODEL, version=version, location=locations[version], endpoint=endpoint
                 )
             if previous is not None and not traffic.started:
                 console.print(
@@ -361,6 +460,8 @@ def run_demo(settings: Settings, console: Console, timeout: float = 600.0) -> in
         console.print("4/4 stopping the stack and the inference servers")
         servers.stop()
         stack.stop()
+        if s3 is not None:
+            s3.stop()
 
     summaries = list(render.summarise(events).values())
     console.print(render.summary_table(summaries, title="demo outcome"))
