@@ -36,7 +36,7 @@ from machine import command_line, describe_machine  # bench/machine.py (scripts 
 
 from services.stack.samples import write_sparse_sharded_model
 from services.storage.cache import ModelCache
-from services.storage.s3 import S3Store
+from services.storage.s3 import S3Store, upload_directory
 from services.validator.checks.checksum import DigestCache
 from services.validator.validate import validate
 
@@ -84,15 +84,7 @@ def sha256_of(path: Path) -> str:
 
 def upload(client: Any, model: Path) -> float:
     started = time.perf_counter()
-    for path in sorted(model.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as body:
-                client.put_object(
-                    Bucket=BUCKET,
-                    Key=PREFIX + path.relative_to(model).as_posix(),
-                    Body=body,
-                    ChecksumAlgorithm="SHA256",
-                )
+    upload_directory(client, BUCKET, PREFIX, model)
     return time.perf_counter() - started
 
 

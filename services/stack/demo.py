@@ -299,6 +299,8 @@ class DemoS3:
         """Every file under `directory` as objects with a SHA256 checksum; the location."""
         import boto3
 
+        from services.storage.s3 import upload_directory
+
         client = boto3.session.Session().client(
             "s3",
             endpoint_url=self.url,
@@ -307,14 +309,7 @@ class DemoS3:
             region_name=self.env["AWS_DEFAULT_REGION"],
         )
         client.create_bucket(Bucket=DEMO_BUCKET)
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                client.put_object(
-                    Bucket=DEMO_BUCKET,
-                    Key=f"{prefix}{path.relative_to(directory).as_posix()}",
-                    Body=path.read_bytes(),
-                    ChecksumAlgorithm="SHA256",
-                )
+        upload_directory(client, DEMO_BUCKET, prefix, directory)
         return f"s3://{DEMO_BUCKET}/{prefix}"
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from services.storage.base import ReadCounter, RemoteObject, StoreError
@@ -182,3 +183,24 @@ class S3Store:
             raise self._error(exc, f"reading {rel}") from exc
         self.reads.add(len(data))
         return data
+
+
+def upload_directory(
+    client: Any, bucket: str, prefix: str, directory: Path, *, sha256: bool = True
+) -> int:
+    """Put every file under `directory` at `prefix` (one PUT each, with a full-object
+    ChecksumSHA256 unless `sha256` is False): how a model is published so that validation
+    can compare digests without a download. Returns the bytes uploaded."""
+    total = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            options = {"ChecksumAlgorithm": "SHA256"} if sha256 else {}
+            with path.open("rb") as body:
+                client.put_object(
+                    Bucket=bucket,
+                    Key=prefix + path.relative_to(directory).as_posix(),
+                    Body=body,
+                    **options,
+                )
+            total += path.stat().st_size
+    return total

@@ -66,7 +66,6 @@ READ_WORKERS = 16
 DIGEST_CHUNK = 16 * 1024 * 1024
 DIGEST_INFLIGHT = 8
 STREAM_CHUNK = 8 * 1024 * 1024
-WHOLE_STREAMED = "whole"
 
 
 class RangeFile(io.RawIOBase):
@@ -392,7 +391,7 @@ def _plan(
             [(0, head)],
             False,
         )
-    return WHOLE_STREAMED, [(0, head)], True  # the rest is streamed to disk by the caller
+    return "whole", [(0, head)], True  # the rest is streamed to disk by mirror()
 
 
 def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.storage.s3 import upload_directory
 from tests.e2e.test_stack import FAST_BENCHMARK, RunningStack, cli, wait_gone
 from tests.s3_server import CREDENTIALS
 
@@ -27,14 +28,7 @@ def test_deploy_from_s3_validates_by_range_reads_and_benchmarks_from_the_cache(
     client = moto_s3.client()
     bucket = f"models-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)
-    for path in sorted(model.rglob("*")):
-        if path.is_file():
-            client.put_object(
-                Bucket=bucket,
-                Key=f"org/chat/v1/{path.relative_to(model).as_posix()}",
-                Body=path.read_bytes(),
-                ChecksumAlgorithm="SHA256",
-            )
+    upload_directory(client, bucket, "org/chat/v1/", model)
     cache_dir = tmp_path / "model-cache"
     services_env = {
         **moto_s3.environ(),

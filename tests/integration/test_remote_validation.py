@@ -20,6 +20,7 @@ import pytest
 
 from services.contracts.events import Status
 from services.stack.samples import write_sample_model
+from services.storage.s3 import upload_directory
 from services.validator import remote
 from services.validator.validate import validate
 from tests.unit.validator import formats
@@ -72,18 +73,7 @@ def new_bucket(s3env: Any) -> tuple[Any, str]:
 
 
 def upload(client: Any, bucket: str, prefix: str, directory: Path) -> int:
-    total = 0
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            client.put_object(
-                Bucket=bucket,
-                Key=f"{prefix}{path.relative_to(directory).as_posix()}",
-                Body=data,
-                ChecksumAlgorithm="SHA256",
-            )
-            total += len(data)
-    return total
+    return upload_directory(client, bucket, prefix, directory)
 
 
 def outcome(report: Any, root: str | None) -> list[tuple[str, str, str]]:
@@ -163,10 +153,7 @@ def test_without_provider_checksums_the_digest_costs_a_download_and_is_cached(
     directory = tmp_path / "model"
     write_sample_model(directory)
     client, bucket = new_bucket(s3env)
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():  # no ChecksumAlgorithm: S3 states no sha256
-            key = f"m/{path.relative_to(directory).as_posix()}"
-            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    upload_directory(client, bucket, "m/", directory, sha256=False)  # S3 states no sha256
     cache = DigestCache(tmp_path / "digests.sqlite")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(remote, "SMALL_FILE_BYTES", 0)

@@ -15,7 +15,7 @@ import pytest
 from services.storage.base import StoreError
 from services.storage.cache import ModelCache
 from services.storage.locations import open_store
-from services.storage.s3 import S3Store, parse
+from services.storage.s3 import S3Store, parse, upload_directory
 from tests.s3_server import CREDENTIALS, S3Faults
 
 pytestmark = pytest.mark.integration
@@ -244,10 +244,7 @@ def test_the_benchmarker_loads_a_model_from_s3_through_the_cache(
     client = s3env.client()
     name = f"models-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
-    for path in sorted(sample_model.rglob("*")):
-        if path.is_file():
-            key = f"sample/{path.relative_to(sample_model).as_posix()}"
-            client.put_object(Bucket=name, Key=key, Body=path.read_bytes())
+    upload_directory(client, name, "sample/", sample_model)
     cache = ModelCache(tmp_path / "cache", max_bytes=1 << 30)
     loaded = loading.load_model(f"s3://{name}/sample/", device="cpu", cache=cache)
     assert loaded.path.is_relative_to(tmp_path / "cache")
