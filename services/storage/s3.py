@@ -54,13 +54,11 @@ class S3Store:
         location: str,
         *,
         client: Any = None,
-        checksums: bool = True,
         retries: int = RETRIES,
     ) -> None:
         self.bucket, self.prefix = parse(location)
         self.display = f"s3://{self.bucket}/{self.prefix}"
         self.reads = ReadCounter()
-        self.checksums = checksums
         self._etags: dict[str, str] = {}  # rel -> the listed ETag every read is pinned to
         if client is None:
             import boto3
@@ -114,8 +112,6 @@ class S3Store:
             )
         if not files:
             raise StoreError(f"{self.display}: no objects under this prefix", kind="not_found")
-        if not self.checksums:
-            return [self._object(e, None) for e in files]
         with ThreadPoolExecutor(max_workers=16) as pool:
             heads = list(pool.map(self._head, files))
         return [self._object(e, h) for e, h in zip(files, heads, strict=True)]

@@ -72,10 +72,6 @@ def new_bucket(s3env: Any) -> tuple[Any, str]:
     return client, bucket
 
 
-def upload(client: Any, bucket: str, prefix: str, directory: Path) -> int:
-    return upload_directory(client, bucket, prefix, directory)
-
-
 def outcome(report: Any, root: str | None) -> list[tuple[str, str, str]]:
     """(check, status, reason) with the location's own path (or the mirror's) taken out."""
     rows = []
@@ -103,7 +99,7 @@ def test_remote_validation_agrees_with_local(
     if not any(p.is_file() for p in directory.rglob("*")):
         pytest.skip("nothing to upload")
     client, bucket = new_bucket(s3env)
-    size = upload(client, bucket, "m/", directory)
+    size = upload_directory(client, bucket, "m/", directory)
 
     local = validate(str(directory))
     mirrored = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
@@ -132,7 +128,7 @@ def test_a_sharded_model_is_validated_from_its_headers_and_provider_checksums(
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (directory / "preflight-manifest.json").write_text(json.dumps({"files": shards}))
     client, bucket = new_bucket(s3env)
-    size = upload(client, bucket, "m/", directory)
+    size = upload_directory(client, bucket, "m/", directory)
 
     report = validate(f"s3://{bucket}/m/")
     checksum = next(c for c in report.checks if c.name == "checksum")
@@ -174,7 +170,7 @@ def test_a_wrong_sha256_on_the_command_line_blocks_without_a_download(
     directory = tmp_path / "model"
     write_sample_model(directory)
     client, bucket = new_bucket(s3env)
-    upload(client, bucket, "m/", directory)
+    upload_directory(client, bucket, "m/", directory)
     weights = next(p for p in directory.rglob("*.safetensors"))
     rel = weights.relative_to(directory).as_posix()
     report = validate(f"s3://{bucket}/m/", expected_sha256={rel: "0" * 64})
@@ -197,7 +193,7 @@ def test_a_big_pickle_is_reported_not_downloaded(tmp_path: Path, s3env: Any) -> 
     directory.mkdir()
     (directory / "pytorch_model.bin").write_bytes(pickle.dumps(b"\0" * 300_000, protocol=4))
     client, bucket = new_bucket(s3env)
-    upload(client, bucket, "m/", directory)
+    upload_directory(client, bucket, "m/", directory)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(remote, "SMALL_FILE_BYTES", 1024)
         mp.setattr(remote, "WHOLE_FILE_MAX", 100_000)
@@ -219,7 +215,7 @@ def test_preflight_validate_reads_an_s3_location(
     directory = tmp_path / "model"
     write_sample_model(directory)
     client, bucket = new_bucket(s3env)
-    upload(client, bucket, "chat/v1/", directory)
+    upload_directory(client, bucket, "chat/v1/", directory)
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", f"s3://{bucket}/chat/v1/", "--json"])
     assert ok.exit_code == 0, ok.output
