@@ -15,6 +15,8 @@ path, three measurements:
        envoy-bare     the same Envoy without access log (what the logging costs; --no-envoy-bare)
        envoy-minimal  opt-in (--with-envoy-minimal): one static route to the stable upstream,
                       nothing else; Envoy's own CPU floor on this machine
+       envoy-lean     with it: the same, with no stats kept (stats_matcher reject_all), no
+                      per-cluster dynamic stats and no per-request timers: the knobs left
        nginx    nginx (Debian) `split_clients` at the same weight (bench/router_bench.py)
 
    The paths take turns in rounds, rotating the order, so machine noise lands on all alike.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -198,12 +201,18 @@ def envoy_version(path: Path) -> str:
     return out.strip().split("version: ")[-1].partition("/")[2] or "?"
 
 
-def minimal_bootstrap(listen_port: int, admin_port: int, upstream: str) -> dict[str, Any]:
+def minimal_bootstrap(
+    listen_port: int, admin_port: int, upstream: str, *, lean: bool = False
+) -> dict[str, Any]:
     """The least an Envoy proxy can be: one static route to one static cluster (the stable
-    upstream), no xDS, no header mutations, no access log: Envoy's own CPU floor here."""
+    upstream), no xDS, no header mutations, no access log: Envoy's own CPU floor here.
+
+    `lean` also turns off what is left that costs per request: every stat (stats_matcher
+    reject_all), the router's per-cluster dynamic stats, and the per-request timers (route
+    timeout, stream idle and header timeouts, connection idle timeout)."""
     host, port = upstream.removeprefix("http://").rstrip("/").rsplit(":", 1)
     hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-    return {
+    conf: dict[str, Any] = {
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
@@ -282,15 +291,27 @@ def minimal_bootstrap(listen_port: int, admin_port: int, upstream: str) -> dict[
             ],
         },
     }
+    if lean:
+        conf["stats_config"] = {"stats_matcher": {"reject_all": True}}
+        listener = conf["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        manager["http_filters"][0]["typed_config"]["dynamic_stats"] = False
+        manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] = "0s"
+        manager["stream_idle_timeout"] = "0s"
+        manager["request_headers_timeout"] = "0s"
+        manager["common_http_protocol_options"] = {"idle_timeout": "0s"}
+    return conf
 
 
-def spawn_minimal_envoy(workdir: Path, upstream: str, concurrency: int) -> Child:
+def spawn_minimal_envoy(
+    workdir: Path, upstream: str, concurrency: int, *, lean: bool = False
+) -> Child:
     from services.envoy.process import admin_get, binary
 
     workdir.mkdir(parents=True, exist_ok=True)
     listen_port, admin_port = free_port(), free_port()
     conf = workdir / "bootstrap.json"
-    conf.write_text(json.dumps(minimal_bootstrap(listen_port, admin_port, upstream)))
+    conf.write_text(json.dumps(minimal_bootstrap(listen_port, admin_port, upstream, lean=lean)))
     log = workdir / "envoy.stderr"
     argv = [
         str(binary()), "-c", str(conf), "--disable-hot-restart", "-l", "warning",
@@ -303,7 +324,8 @@ def spawn_minimal_envoy(workdir: Path, upstream: str, concurrency: int) -> Child
             break
         with contextlib.suppress(OSError):
             if admin_get(f"http://127.0.0.1:{admin_port}", "/ready")[1].strip() == b"LIVE":
-                return Child("envoy-minimal", proc, f"http://127.0.0.1:{listen_port}", log)
+                name = "envoy-lean" if lean else "envoy-minimal"
+                return Child(name, proc, f"http://127.0.0.1:{listen_port}", log)
         time.sleep(0.05)
     processes.terminate(proc, timeout=5.0)
     raise RuntimeError(f"minimal Envoy not ready: {log.read_text(errors='replace')[-1000:]}")
@@ -325,6 +347,7 @@ class Stack:
     envoy_router: Any = None  # services.traffic.envoy.EnvoyRouter
     envoy_bare: Any = None  # an Envoy without access log: what the logging costs
     envoy_minimal: Child | None = None  # one static route and cluster: Envoy's floor
+    envoy_lean: Child | None = None  # the same with no stats and no per-request timers
     nginx: Child | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -342,6 +365,9 @@ class Stack:
         if self.envoy_minimal is not None:
             m = self.envoy_minimal
             out["envoy-minimal"] = ("Envoy minimal (static, stable only)", m.url, m.proc.pid)
+        if self.envoy_lean is not None:
+            m = self.envoy_lean
+            out["envoy-lean"] = ("Envoy minimal, no stats or timers", m.url, m.proc.pid)
         if self.nginx is not None:
             out["nginx"] = ("nginx split_clients", self.nginx.url, self.nginx.proc.pid)
         return out
@@ -453,6 +479,13 @@ async def running_stack(
                     spawn_minimal_envoy, root / "envoy-minimal", stable.url, args.envoy_concurrency
                 )
                 exits.callback(stop_child, stack.envoy_minimal)
+                stack.envoy_lean = await asyncio.to_thread(
+                    functools.partial(spawn_minimal_envoy, lean=True),
+                    root / "envoy-lean",
+                    stable.url,
+                    args.envoy_concurrency,
+                )
+                exits.callback(stop_child, stack.envoy_lean)
             if not args.no_envoy_bare:
                 stack.envoy_bare, _ = await start_envoy_path(
                     exits, root / "envoy-bare", None, args, settings, route
@@ -1270,7 +1303,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add(
         "--with-envoy-minimal",
         action="store_true",
-        help="add an Envoy with one static route to the stable upstream (Envoy's CPU floor)",
+        help="add an Envoy with one static route to the stable upstream (Envoy's CPU floor), "
+        "and the same with no stats and no per-request timers",
     )
     add("--no-nginx", action="store_true", help="skip the nginx path")
     add("--quick", action="store_true", help="smoke check, under a minute: " + str(QUICK))
