@@ -64,6 +64,9 @@ class Traffic:
     lag_s: float
     tick_s: float
     ttft_median_ms: float | None = None  # streamed responses (TTFT recorded) when set
+    # What-if, not a built feature: stable latencies from this many seconds before step 0 (at
+    # `rps`, all stable) join the e-process latency bound's samples. Off (0) by default.
+    baseline_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,12 @@ class Store:
     """Both roles of one deployment, fed by `generate`, read through `observe`."""
 
     def __init__(
-        self, rng: np.random.Generator, traffic: Traffic, scenario: Scenario, onset_s: float
+        self,
+        rng: np.random.Generator,
+        traffic: Traffic,
+        scenario: Scenario,
+        onset_s: float,
+        baseline_rng: np.random.Generator | None = None,
     ) -> None:
         self.rng = rng
         self.traffic = traffic
@@ -176,6 +184,12 @@ class Store:
         self.mu = math.log(traffic.median_ms)
         self.stable = Stream()
         self.canary = Stream()
+        n = round(traffic.rps * traffic.baseline_s)
+        # Its own generator: every other draw of the trial is the same with or without it.
+        draws = baseline_rng or np.random.default_rng()
+        self.baseline_ms: tuple[float, ...] = (
+            tuple(np.exp(draws.normal(self.mu, traffic.sigma, n)).tolist()) if n else ()
+        )
 
     def generate(self, start: float, end: float, weight: float) -> None:
         """Requests arriving in [start, end) while the canary has `weight` percent."""
@@ -304,7 +318,7 @@ def observe(store: Store, state: RolloutState, now: datetime, now_s: float) -> r
     policy = state.policy
     if policy.method == "e-process":
         limit = sequential.latency_limit(
-            step.stable.latencies_ms, state.thresholds, policy, state.looks + 1
+            step.stable.latencies_ms + store.baseline_ms, state.thresholds, policy, state.looks + 1
         )
         ttft = sequential.ttft_limit(step.stable.ttft_ms, state.thresholds, policy)
         counts = store.buckets(start, end, now_s, policy.e_process.change_every_s, limit, ttft)
@@ -328,7 +342,8 @@ def run_trial(
     onset_s = {"start": 0.0, "never": math.inf, "random": float(rng.uniform(0, nominal_s(policy)))}[
         scenario.onset
     ]
-    store = Store(rng, traffic, scenario, onset_s)
+    baseline_rng = np.random.default_rng([seed, scenario_index, index, 1])
+    store = Store(rng, traffic, scenario, onset_s, baseline_rng)
     state = start_state(policy, thresholds)
     limit_s = nominal_s(policy) + len(policy.steps) * policy.max_step_extension_s + 60
     now_s = generated_s = 0.0
@@ -516,6 +531,14 @@ def render(report: dict[str, Any]) -> str:
         f"{report['stable_p95_ms']:.1f} ms; stable error rate {tr['stable_error_rate']:.1%}; a "
         f"request is visible to queries {tr['lag_s']:g} s after it; controller tick "
         f"{tr['tick_s']:g} s",
+        *(
+            [
+                f"WHAT-IF : {tr['baseline_s']:g} s of stable latencies from before step 0 join "
+                "the e-process latency bound (not built: the controller does not do this)"
+            ]
+            if tr.get("baseline_s")
+            else []
+        ),
         f"policy  : {report['policy_source']}: steps {steps} then 100%; analysis every "
         f"{p['analysis_interval_s']:g} s over the step so far and the last {p['lookback_s']:g} s; "
         f"min_canary_requests {p['min_canary_requests']}; thresholds {p['max_error_rate']:.0%} "
@@ -688,6 +711,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tick-s", type=float, default=0.5, help="controller tick (0.5)")
     parser.add_argument(
+        "--what-if-baseline-s",
+        type=float,
+        default=0.0,
+        help="what-if, NOT a built feature: add this many seconds of stable latencies from "
+        "before step 0 to the e-process latency bound (0: off, as the controller does)",
+    )
+    parser.add_argument(
         "--policy-override",
         default="{}",
         help="JSON merged into the canary policy, e.g. '{\"min_canary_requests\": 30}'",
@@ -720,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lag_s,
         args.tick_s,
         args.ttft_median_ms,
+        args.what_if_baseline_s,
     )
     reports = {}
     for method in args.methods:
