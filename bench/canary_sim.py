@@ -175,7 +175,7 @@ class Store:
         traffic: Traffic,
         scenario: Scenario,
         onset_s: float,
-        baseline_rng: np.random.Generator | None = None,
+        baseline_rng: np.random.Generator,
     ) -> None:
         self.rng = rng
         self.traffic = traffic
@@ -186,9 +186,8 @@ class Store:
         self.canary = Stream()
         n = round(traffic.rps * traffic.baseline_s)
         # Its own generator: every other draw of the trial is the same with or without it.
-        draws = baseline_rng or np.random.default_rng()
         self.baseline_ms: tuple[float, ...] = (
-            tuple(np.exp(draws.normal(self.mu, traffic.sigma, n)).tolist()) if n else ()
+            tuple(np.exp(baseline_rng.normal(self.mu, traffic.sigma, n)).tolist()) if n else ()
         )
 
     def generate(self, start: float, end: float, weight: float) -> None:
