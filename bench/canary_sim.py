@@ -67,6 +67,9 @@ class Traffic:
     # What-if, not a built feature: stable latencies from this many seconds before step 0 (at
     # `rps`, all stable) join the e-process latency bound's samples. Off (0) by default.
     baseline_s: float = 0.0
+    # What-if, not buildable: the e-process latency test compares with the TRUE stable p95 (a
+    # bound that is exact), the best any baseline or confidence sequence could give it.
+    exact_p95: bool = False
 
 
 @dataclass(frozen=True)
@@ -317,9 +320,12 @@ def observe(store: Store, state: RolloutState, now: datetime, now_s: float) -> r
     policy = state.policy
     if policy.method == "e-process":
         limit = sequential.latency_limit(
-            step.stable.latencies_ms + store.baseline_ms, state.thresholds, policy, state.looks + 1
+            step.stable.latencies_ms + store.baseline_ms, state.thresholds, policy, state.weight
         )
-        ttft = sequential.ttft_limit(step.stable.ttft_ms, state.thresholds, policy)
+        if store.traffic.exact_p95 and limit is not None:
+            true_p95 = store.traffic.median_ms * math.exp(store.traffic.sigma * Z95)
+            limit = (1.0 + state.thresholds.max_p95_increase) * true_p95
+        ttft = sequential.ttft_limit(step.stable.ttft_ms, state.thresholds, policy, state.weight)
         counts = store.buckets(start, end, now_s, policy.e_process.change_every_s, limit, ttft)
         return rules.Observation(step=step, counts=counts)
     return rules.Observation(
@@ -538,6 +544,14 @@ def render(report: dict[str, Any]) -> str:
             if tr.get("baseline_s")
             else []
         ),
+        *(
+            [
+                "WHAT-IF : the e-process latency test is told the true stable p95 (its limit is "
+                "1.2 x the true p95, not a bound: no controller can do this)"
+            ]
+            if tr.get("exact_p95")
+            else []
+        ),
         f"policy  : {report['policy_source']}: steps {steps} then 100%; analysis every "
         f"{p['analysis_interval_s']:g} s over the step so far and the last {p['lookback_s']:g} s; "
         f"min_canary_requests {p['min_canary_requests']}; thresholds {p['max_error_rate']:.0%} "
@@ -550,7 +564,8 @@ def render(report: dict[str, Any]) -> str:
             + ", ".join(f"k={k}: {a:.2g}" for k, a in report["alpha_by_look"].items())
             if report.get("method") != "e-process"
             else "method  : e-process: a look every second over the phase so far (no lookback "
-            "window), change points every 5 s; alpha per test at every look: "
+            "window), change points every 5 s, the tests judged jointly; alpha per test of step 1 "
+            "at every look: "
             + ", ".join(f"{k} {a:.2g}" for k, a in report["e_process_alpha"].items())
         ),
         f"seeds   : trial i of scenario s uses numpy default_rng([{report['seed']}, s, i]); "
@@ -664,10 +679,10 @@ def report_of(
             for look in (1, 2, 6, 12, 36, 60)
         },
         "planned_looks": rules.planned_looks(policy),
-        "e_process_alpha": {
-            "error rate": sequential.budget(policy).error_rate,
-            "error ratio": sequential.budget(policy).error_ratio,
-            "latency": sequential.budget(policy).latency,
+        "e_process_alpha": {  # the first step's: the one the goals are about
+            "error rate": sequential.budget(policy, policy.steps[0].weight).error_rate,
+            "error ratio": sequential.budget(policy, policy.steps[0].weight).error_ratio,
+            "latency": sequential.budget(policy, policy.steps[0].weight).latency,
         },
         "stable_p95_ms": traffic.median_ms * math.exp(traffic.sigma * Z95),
         "policy": {
@@ -717,6 +732,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "before step 0 to the e-process latency bound (0: off, as the controller does)",
     )
     parser.add_argument(
+        "--what-if-exact-p95",
+        action="store_true",
+        help="what-if, NOT buildable: the e-process latency test compares the canary with the "
+        "true stable p95 instead of a bound on it (the most a baseline could give it)",
+    )
+    parser.add_argument(
         "--policy-override",
         default="{}",
         help="JSON merged into the canary policy, e.g. '{\"min_canary_requests\": 30}'",
@@ -750,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.tick_s,
         args.ttft_median_ms,
         args.what_if_baseline_s,
+        args.what_if_exact_p95,
     )
     reports = {}
     for method in args.methods:

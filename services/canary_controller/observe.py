@@ -56,9 +56,11 @@ async def observe(
                     "this metrics source has no per-bucket counts, which the e-process method needs"
                 )
             limit = sequential.latency_limit(
-                step.stable.latencies_ms, state.thresholds, policy, state.looks + 1
+                step.stable.latencies_ms, state.thresholds, policy, state.weight
             )
-            ttft = sequential.ttft_limit(step.stable.ttft_ms, state.thresholds, policy)
+            ttft = sequential.ttft_limit(
+                step.stable.ttft_ms, state.thresholds, policy, state.weight
+            )
             counts = await buckets(
                 state.deployment_id,
                 start,

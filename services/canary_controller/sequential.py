@@ -27,16 +27,27 @@ by alpha, so it may be looked at as often as wanted: there is no per-look budget
   a canary within the threshold exceeds T with probability <= 5%, so the count of canary requests
   over T is tested against p0 = 0.05.
 
-The false-rollback budget B (`false_rollback_rate`) is split in advance: per phase B / phases,
-and within a phase equally over the four tests (error rate, error ratio, latency, TTFT; the two
-latency tests give half their share to their stable bound). The union bound makes it B over the
-rollout, whatever the number of looks.
+The false-rollback budget B (`false_rollback_rate`) is split in advance, in two ways:
+
+- over the phases in proportion to 1 / (the phase's weight): a phase at 5% of the traffic
+  gathers evidence ten times slower than one at 50%, and this split minimises the sum over the
+  phases of log(1/alpha) / weight, the time each needs to act on a given effect;
+- within a phase over the four tests (error rate and error ratio 1/4 each, latency and TTFT 1/8
+  each, their stable bounds 1/8 each; in the bake, whose only test is the error rate, all of it).
+
+The tests of a phase are judged together: with alpha_k the tests' shares and A their sum, the
+average sum_k (alpha_k / A) E_k is itself a test supermartingale (a convex mixture of
+supermartingales on the same requests; a test not started is a constant 1), so by Ville it
+reaches 1/A, i.e. sum_k alpha_k E_k >= 1, with probability <= A. Any one test at its own level
+(E_k >= 1/alpha_k) crosses that line, so the joint test fails at least as soon as the union of
+the separate ones, often sooner. The union bound over the phases and the stable bounds makes it
+B over the rollout, whatever the number of looks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,20 +82,33 @@ _LOG_ZERO: Final = -math.inf
 
 @dataclass(frozen=True)
 class Budget:
-    """Significance levels of one phase's tests, and the stable bound's total gamma."""
+    """Significance levels of one phase's tests, and the gamma of each of its stable bounds."""
 
     phases: int
+    phase: float  # this phase's share of the rollout's budget
     error_rate: float
     error_ratio: float
-    latency: float  # the exceedance test; its stable bound gets `bound_gamma` of the phase
+    latency: float  # the exceedance tests (latency, TTFT); each stable bound gets `bound_gamma`
     bound_gamma: float
 
+    @property
+    def ttft(self) -> float:
+        return self.latency
 
-def budget(policy: CanaryPolicy) -> Budget:
-    phases = len(policy.steps) + (1 if policy.bake_s > 0 else 0)
-    share = policy.false_rollback_rate / phases / TESTS
+
+def budget(policy: CanaryPolicy, weight: float) -> Budget:
+    """The budget of the phase at `weight` percent (100: the bake): B x (1/weight) / sum over the
+    phases of 1/weight, split over that phase's tests (see the module's docstring)."""
+    weights = [s.weight for s in policy.steps] + ([100.0] if policy.bake_s > 0 else [])
+    if not 0.0 < weight <= 100.0:
+        raise ValueError(f"a phase's weight is in (0, 100], got {weight}")
+    phase = policy.false_rollback_rate * (1.0 / weight) / sum(1.0 / w for w in weights)
+    if weight >= 100.0:  # the bake: the error rate is its one test
+        return Budget(len(weights), phase, phase, 0.0, 0.0, 0.0)
+    share = phase / TESTS
     return Budget(
-        phases=phases,
+        phases=len(weights),
+        phase=phase,
         error_rate=share,
         error_ratio=share,
         latency=share / 2,
@@ -196,7 +220,10 @@ def stable_p95_bound(sorted_ms: NDArray[np.float64], gamma: float) -> float | No
 
 
 def ttft_limit(
-    stable_ttft_ms: Sequence[float], thresholds: CanaryThresholds, policy: CanaryPolicy
+    stable_ttft_ms: Sequence[float],
+    thresholds: CanaryThresholds,
+    policy: CanaryPolicy,
+    weight: float,
 ) -> float | None:
     """(1 + max_ttft_p95_increase) x the stable TTFT p95 bound; None when not gated or short."""
     if thresholds.max_ttft_p95_increase is None or not stable_ttft_ms:
@@ -205,22 +232,23 @@ def ttft_limit(
         stable_ttft_ms,
         thresholds.model_copy(update={"max_p95_increase": thresholds.max_ttft_p95_increase}),
         policy,
-        0,
+        weight,
     )
 
 
 def latency_limit(
-    stable_ms: Sequence[float], thresholds: CanaryThresholds, policy: CanaryPolicy, look: int
+    stable_ms: Sequence[float], thresholds: CanaryThresholds, policy: CanaryPolicy, weight: float
 ) -> float | None:
-    """(1 + max_p95_increase) x a bound on the stable p95 valid at every look of the phase.
-
-    None while the stable samples are too few for that bound. `look` is not needed by the
-    confidence sequence; it stays in the signature for the methods' common call.
+    """(1 + max_p95_increase) x a bound on the stable p95 valid at every look of the phase at
+    `weight` percent. None while the stable samples are too few for that bound (or in the bake,
+    which has no latency test).
     """
-    del look
+    gamma = budget(policy, weight).bound_gamma
+    if gamma <= 0.0:
+        return None
     sorted_ms = np.sort(np.asarray(stable_ms, dtype=np.float64))
     sorted_ms = sorted_ms[~np.isnan(sorted_ms)]
-    bound = stable_p95_bound(sorted_ms, budget(policy).bound_gamma)
+    bound = stable_p95_bound(sorted_ms, gamma)
     if bound is None:
         return None
     return (1.0 + thresholds.max_p95_increase) * bound
@@ -239,24 +267,44 @@ def assess(
     step_s: float,
     bake: bool,
 ) -> stats.Assessment:
-    """The e-process tests at one look of a phase: unhealthy as soon as one reaches 1/alpha."""
-    levels = budget(policy)
+    """The e-process tests at one look of a phase, judged together: unhealthy as soon as
+    sum_k alpha_k E_k reaches 1 (one test at its own 1/alpha_k, or several short of it)."""
+    levels = budget(policy, 100.0 if bake else weight)
     bucket_s = counts.bucket_s
     nominal = max(1, math.ceil(step_s / bucket_s))
     planned = max(nominal, math.ceil((step_s + policy.max_step_extension_s) / bucket_s))
     weights = change_weights(len(counts.canary_requests), nominal, planned)
-    canary, stable = window.canary, window.stable
+    canary = window.canary
     min_n = policy.min_canary_requests
-    tests: list[stats.TestResult] = [
-        _error_rate(counts, canary.requests, canary.errors, thresholds, levels, weights, min_n)
-    ]
+    run: dict[str, Callable[[str | None], stats.TestResult | None]] = {
+        "error_rate": lambda joint: _error_rate(
+            counts, canary.requests, canary.errors, thresholds, levels, weights, min_n, joint
+        )
+    }
     if not bake:
-        tests.append(_error_ratio(counts, thresholds, levels, weights, weight))
-        tests.append(_latency(counts, window, thresholds, levels, weights, min_n))
-        ttft = _ttft(counts, window, thresholds, levels, weights)
-        if ttft is not None:
-            tests.append(ttft)
+        run["error_ratio"] = lambda joint: _error_ratio(
+            counts, thresholds, levels, weights, weight, joint
+        )
+        run["latency"] = lambda joint: _latency(
+            counts, window, thresholds, levels, weights, min_n, joint
+        )
+        run["ttft"] = lambda joint: _ttft(counts, window, thresholds, levels, weights, joint)
+    tests = [t for t in (test(None) for test in run.values()) if t is not None]
     failed = [t for t in tests if t.outcome == "fail"]
+    if not failed:
+        joint = joint_evidence(tests, levels)
+        started = [t for t in tests if t.e_value is not None]
+        if joint >= 1.0 and started:
+            top = max(started, key=lambda t: (t.e_value or 0.0) * t.alpha)
+            joint_alpha = levels.error_rate + levels.error_ratio + 2 * levels.latency
+            note = (
+                f"jointly with the phase's other tests Σαe={joint:.3g} ≥ 1, "
+                f"the joint test at α={_e(joint_alpha)}"
+            )
+            again = run[top.name](note)
+            assert again is not None  # it ran a moment ago on the same counts
+            tests = [again if t.name == top.name else t for t in tests]
+            failed = [again]
     if failed:
         worst = max(failed, key=lambda t: (t.e_value or 0.0) * t.alpha)
         return stats.Assessment("unhealthy", worst.name, worst.reason, tuple(tests))
@@ -268,8 +316,22 @@ def assess(
     short = [t for t in tests if t.outcome == "insufficient" and t.name != "ttft"]
     if short:
         return stats.Assessment("insufficient_data", None, short[0].reason, tuple(tests))
-    del stable
     return stats.Assessment("healthy", None, "; ".join(t.reason for t in tests), tuple(tests))
+
+
+def joint_evidence(tests: Sequence[stats.TestResult], levels: Budget) -> float:
+    """sum_k alpha_k E_k over the phase's tests: >= 1 fails the joint test (a test that has
+    not started, or did not run at this look, is a constant E = 1 with its share)."""
+    shares = {
+        "error_rate": levels.error_rate,
+        "error_ratio": levels.error_ratio,
+        "latency": levels.latency,
+        "ttft": levels.ttft,
+    }
+    seen: dict[str, float | None] = {t.name: t.e_value for t in tests}
+    return sum(
+        a * (1.0 if seen.get(k) is None else float(seen[k] or 0.0)) for k, a in shares.items()
+    )
 
 
 def _evidence(log_e: float, alpha: float) -> tuple[bool, float, float]:
@@ -290,15 +352,17 @@ def _error_rate(
     levels: Budget,
     weights: NDArray[np.float64],
     min_n: int,
+    joint: str | None = None,
 ) -> stats.TestResult:
     p0, alpha = thresholds.max_error_rate, levels.error_rate
     log_e, start = log_e_detector(counts.canary_errors, counts.canary_requests, p0, weights)
     fails, e, p = _evidence(log_e, alpha)
+    fails = fails or joint is not None
     rate = errors / requests if requests else None
     numbers = (
         f"error rate {stats._pct(rate)} ({errors}/{requests})" if rate is not None else "no errors"
     )
-    evidence = f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     if fails:
         k = sum(counts.canary_errors[start:])
         n = sum(counts.canary_requests[start:])
@@ -325,6 +389,7 @@ def _error_ratio(
     levels: Budget,
     weights: NDArray[np.float64],
     weight: float,
+    joint: str | None = None,
 ) -> stats.TestResult:
     ratio, alpha = thresholds.max_error_ratio, levels.error_ratio
     w = min(max(weight / 100.0, 0.0), 1.0)
@@ -338,9 +403,10 @@ def _error_ratio(
     both = [c + s for c, s in zip(counts.canary_errors, counts.stable_errors, strict=True)]
     log_e, start = log_e_detector(counts.canary_errors, both, p0, weights)
     fails, e, p = _evidence(log_e, alpha)
+    fails = fails or joint is not None
     canary_rate = stats._pct(ce / cr) if cr else "-"
     rates = f"canary {canary_rate} vs stable {stats._pct(se / sr) if sr else '-'}"
-    evidence = f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     if fails:
         k = sum(counts.canary_errors[start:])
         n = sum(both[start:])
@@ -363,6 +429,7 @@ def _latency(
     levels: Budget,
     weights: NDArray[np.float64],
     min_n: int,
+    joint: str | None = None,
 ) -> stats.TestResult:
     delta, alpha = thresholds.max_p95_increase, levels.latency
     canary, stable = window.canary, window.stable
@@ -380,8 +447,9 @@ def _latency(
         return _result("latency", "insufficient", reason, observed, delta, None, alpha, n, None)
     log_e, start = log_e_detector(counts.canary_over, counts.canary_requests, EXCEED_P0, weights)
     fails, e, p = _evidence(log_e, alpha)
+    fails = fails or joint is not None
     over = sum(counts.canary_over)
-    evidence = f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     detail = f"{over}/{n} canary requests over {stats._ms(limit)}"
     if fails:
         k = sum(counts.canary_over[start:])
@@ -405,6 +473,7 @@ def _ttft(
     thresholds: CanaryThresholds,
     levels: Budget,
     weights: NDArray[np.float64],
+    joint: str | None = None,
 ) -> stats.TestResult | None:
     """The latency test on times to first token; None when not gated or nothing streamed.
     Too few streamed requests never hold a step (most traffic may not stream)."""
@@ -428,7 +497,8 @@ def _ttft(
         return _result("ttft", "insufficient", reason, observed, delta, None, alpha, n, None)
     log_e, start = log_e_detector(counts.canary_ttft_over, counts.canary_ttft, EXCEED_P0, weights)
     fails, e, p = _evidence(log_e, alpha)
-    evidence = f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    fails = fails or joint is not None
+    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     if fails:
         k = sum(counts.canary_ttft_over[start:])
         m = sum(counts.canary_ttft[start:])

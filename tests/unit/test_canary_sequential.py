@@ -115,11 +115,67 @@ def test_the_stable_bound_needs_enough_samples() -> None:
 
 
 def test_the_budget_is_the_policys_whatever_the_number_of_looks() -> None:
-    b = sequential.budget(POLICY)
-    total = b.phases * (b.error_rate + b.error_ratio + 2 * (b.latency + b.bound_gamma))
-    assert b.phases == 2 and total == pytest.approx(POLICY.false_rollback_rate)
-    baked = sequential.budget(POLICY.model_copy(update={"bake_s": 60.0}))
-    assert baked.phases == 3
+    for policy in (POLICY, POLICY.model_copy(update={"bake_s": 60.0})):
+        weights = [s.weight for s in policy.steps] + ([100.0] if policy.bake_s else [])
+        parts = [sequential.budget(policy, w) for w in weights]
+        total = sum(b.error_rate + b.error_ratio + 2 * (b.latency + b.bound_gamma) for b in parts)
+        assert total == pytest.approx(policy.false_rollback_rate)
+        assert all(b.phases == len(weights) for b in parts)
+        assert all(
+            b.phase == pytest.approx(b.error_rate + b.error_ratio + 2 * (b.latency + b.bound_gamma))
+            for b in parts
+        )
+
+
+def test_a_phase_with_less_traffic_gets_more_of_the_budget() -> None:
+    first, second = (sequential.budget(POLICY, s.weight) for s in POLICY.steps)
+    assert first.phase / second.phase == pytest.approx(50 / 5)  # 1 / weight
+    baked = POLICY.model_copy(update={"bake_s": 60.0})
+    bake = sequential.budget(baked, 100.0)
+    assert bake.error_rate == bake.phase and bake.latency == bake.error_ratio == 0.0
+    with pytest.raises(ValueError, match="weight"):
+        sequential.budget(POLICY, 0.0)
+
+
+def test_the_joint_test_fails_where_no_test_alone_would() -> None:
+    levels = sequential.budget(POLICY, 5.0)
+
+    def result(name: stats.TestName, e: float | None, alpha: float) -> stats.TestResult:
+        return stats.TestResult(name, "pass", None, 0.0, None, None, alpha, 100, "", e)
+
+    # Each at 60% of its own 1/alpha: no test alone fails, together they do.
+    rate = result("error_rate", 0.6 / levels.error_rate, levels.error_rate)
+    ratio = result("error_ratio", 0.6 / levels.error_ratio, levels.error_ratio)
+    latency = result("latency", None, levels.latency)  # no stable bound yet: a constant 1
+    joint = sequential.joint_evidence([rate, ratio, latency], levels)
+    assert joint == pytest.approx(1.2 + 2 * levels.latency)  # TTFT absent: a constant 1 too
+    assert sequential.joint_evidence([rate], levels) < 1.0
+
+
+def test_the_joint_test_at_the_threshold_keeps_villes_bound() -> None:
+    """sum_k alpha_k E_k >= 1 over healthy streams at the thresholds: at most A of them, A the sum
+    of the shares (each E_k a test supermartingale; their average one too)."""
+    rng = np.random.default_rng(11)
+    levels = sequential.budget(POLICY, 5.0)
+    loud = sequential.Budget(levels.phases, 0.2, 0.05, 0.05, 0.05, 0.05)  # A = 0.2: countable
+    weights = sequential.change_weights(36, 36, 36)
+    crossings, runs = 0, 400
+    for _ in range(runs):
+        n = rng.poisson(25, 36)
+        errors = rng.binomial(n, 0.01).tolist()  # at max_error_rate exactly
+        over = rng.binomial(n, 0.05).tolist()  # at the p95 exactly
+        total = n.tolist()
+        for t in range(1, 37):
+            e_rate = math.exp(sequential.log_e_detector(errors[:t], total[:t], 0.01, weights)[0])
+            e_lat = math.exp(sequential.log_e_detector(over[:t], total[:t], 0.05, weights)[0])
+            tests = [
+                stats.TestResult("error_rate", "pass", None, 0.0, None, None, 0.05, 1, "", e_rate),
+                stats.TestResult("latency", "pass", None, 0.0, None, None, 0.05, 1, "", e_lat),
+            ]
+            if sequential.joint_evidence(tests, loud) >= 1.0:
+                crossings += 1
+                break
+    assert crossings / runs <= 0.2
 
 
 # ---- through decide ---------------------------------------------------------------------------
@@ -155,7 +211,7 @@ def observation(buckets: list[tuple[int, int, int, int, int]], seconds: float) -
     rng = np.random.default_rng(1)
     stable = list(np.exp(rng.normal(math.log(80), 0.35, sum(b[3] for b in buckets))))
     canary = list(np.exp(rng.normal(math.log(80), 0.35, sum(b[0] for b in buckets))))
-    limit = sequential.latency_limit(stable, THRESHOLDS, POLICY, 1)
+    limit = sequential.latency_limit(stable, THRESHOLDS, POLICY, 5.0)
     window = WindowResult(
         "d-seq",
         T0,
@@ -206,3 +262,18 @@ def test_the_e_process_looks_every_second_and_without_counts_there_is_no_verdict
     empty = rules.Observation(step=observation([(25, 0, 0, 475, 1)], 5).step, counts=None)
     decision = rules.decide(state, empty, POLICY, THRESHOLDS, T0 + timedelta(seconds=5))
     assert decision.action == "wait" and decision.verdict == "no_data"
+
+
+def test_two_error_tests_short_of_their_own_levels_roll_back_together() -> None:
+    state = state_at_step_one()
+    # 5 s: 4 of 25 canary requests failed, 1 of 475 stable ones. Neither error test reaches its
+    # own 1/alpha; their shares' sum of evidence does.
+    buckets = [(25, 4, 0, 475, 1)]
+    decision = rules.decide(
+        state, observation(buckets, 5), POLICY, THRESHOLDS, T0 + timedelta(seconds=5)
+    )
+    assert decision.action == "rollback", decision.reason
+    assert decision.trigger == "error_rate" and "jointly" in decision.reason
+    assert decision.assessment is not None
+    alone = {t.name: (t.e_value or 0.0) * t.alpha for t in decision.assessment.tests}
+    assert max(alone.values()) < 1.0 <= sum(alone.values())
