@@ -680,9 +680,9 @@ def report_of(
         },
         "planned_looks": rules.planned_looks(policy),
         "e_process_alpha": {  # the first step's: the one the goals are about
-            "error rate": sequential.budget(policy, policy.steps[0].weight).error_rate,
-            "error ratio": sequential.budget(policy, policy.steps[0].weight).error_ratio,
-            "latency": sequential.budget(policy, policy.steps[0].weight).latency,
+            name.replace("_", " "): alpha
+            for name, alpha in sequential.budget(policy, policy.steps[0].weight).shares.items()
+            if name != "ttft"
         },
         "stable_p95_ms": traffic.median_ms * math.exp(traffic.sigma * Z95),
         "policy": {

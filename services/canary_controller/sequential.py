@@ -95,6 +95,16 @@ class Budget:
     def ttft(self) -> float:
         return self.latency
 
+    @property
+    def shares(self) -> dict[str, float]:
+        """Each test's alpha; their sum is the joint test's level."""
+        return {
+            "error_rate": self.error_rate,
+            "error_ratio": self.error_ratio,
+            "latency": self.latency,
+            "ttft": self.ttft,
+        }
+
 
 def budget(policy: CanaryPolicy, weight: float) -> Budget:
     """The budget of the phase at `weight` percent (100: the bake): B x (1/weight) / sum over the
@@ -296,10 +306,9 @@ def assess(
         started = [t for t in tests if t.e_value is not None]
         if joint >= 1.0 and started:
             top = max(started, key=lambda t: (t.e_value or 0.0) * t.alpha)
-            joint_alpha = levels.error_rate + levels.error_ratio + 2 * levels.latency
             note = (
                 f"jointly with the phase's other tests Σαe={joint:.3g} ≥ 1, "
-                f"the joint test at α={_e(joint_alpha)}"
+                f"the joint test at α={_e(sum(levels.shares.values()))}"
             )
             again = run[top.name](note)
             assert again is not None  # it ran a moment ago on the same counts
@@ -322,22 +331,20 @@ def assess(
 def joint_evidence(tests: Sequence[stats.TestResult], levels: Budget) -> float:
     """sum_k alpha_k E_k over the phase's tests: >= 1 fails the joint test (a test that has
     not started, or did not run at this look, is a constant E = 1 with its share)."""
-    shares = {
-        "error_rate": levels.error_rate,
-        "error_ratio": levels.error_ratio,
-        "latency": levels.latency,
-        "ttft": levels.ttft,
-    }
     seen: dict[str, float | None] = {t.name: t.e_value for t in tests}
     return sum(
-        a * (1.0 if seen.get(k) is None else float(seen[k] or 0.0)) for k, a in shares.items()
+        a * (1.0 if seen.get(k) is None else float(seen[k] or 0.0))
+        for k, a in levels.shares.items()
     )
 
 
-def _evidence(log_e: float, alpha: float) -> tuple[bool, float, float]:
-    """(fails, e-value, anytime-valid p-value) of a log e-value at level alpha."""
+def _evidence(log_e: float, alpha: float, joint: str | None) -> tuple[bool, float, float, str]:
+    """(fails, e-value, anytime-valid p-value, the evidence in words) of a log e-value at level
+    alpha; `joint` (the joint test's sentence) fails it whatever its own level."""
     e = math.exp(min(log_e, 700.0))
-    return log_e >= math.log(1.0 / alpha), e, min(1.0, 1.0 / e) if e > 0 else 1.0
+    fails = joint is not None or log_e >= math.log(1.0 / alpha)
+    words = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    return fails, e, min(1.0, 1.0 / e) if e > 0 else 1.0, words
 
 
 def _since(counts: BucketCounts, start: int) -> str:
@@ -356,13 +363,11 @@ def _error_rate(
 ) -> stats.TestResult:
     p0, alpha = thresholds.max_error_rate, levels.error_rate
     log_e, start = log_e_detector(counts.canary_errors, counts.canary_requests, p0, weights)
-    fails, e, p = _evidence(log_e, alpha)
-    fails = fails or joint is not None
+    fails, e, p, evidence = _evidence(log_e, alpha, joint)
     rate = errors / requests if requests else None
     numbers = (
         f"error rate {stats._pct(rate)} ({errors}/{requests})" if rate is not None else "no errors"
     )
-    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     if fails:
         k = sum(counts.canary_errors[start:])
         n = sum(counts.canary_requests[start:])
@@ -402,11 +407,9 @@ def _error_ratio(
     p0 = w * ratio / (w * ratio + 1.0 - w)
     both = [c + s for c, s in zip(counts.canary_errors, counts.stable_errors, strict=True)]
     log_e, start = log_e_detector(counts.canary_errors, both, p0, weights)
-    fails, e, p = _evidence(log_e, alpha)
-    fails = fails or joint is not None
+    fails, e, p, evidence = _evidence(log_e, alpha, joint)
     canary_rate = stats._pct(ce / cr) if cr else "-"
     rates = f"canary {canary_rate} vs stable {stats._pct(se / sr) if sr else '-'}"
-    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     if fails:
         k = sum(counts.canary_errors[start:])
         n = sum(both[start:])
@@ -446,10 +449,8 @@ def _latency(
         reason = f"{p95s}: too few stable samples ({stable.requests}) to bound the stable p95"
         return _result("latency", "insufficient", reason, observed, delta, None, alpha, n, None)
     log_e, start = log_e_detector(counts.canary_over, counts.canary_requests, EXCEED_P0, weights)
-    fails, e, p = _evidence(log_e, alpha)
-    fails = fails or joint is not None
+    fails, e, p, evidence = _evidence(log_e, alpha, joint)
     over = sum(counts.canary_over)
-    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
     detail = f"{over}/{n} canary requests over {stats._ms(limit)}"
     if fails:
         k = sum(counts.canary_over[start:])
@@ -496,9 +497,7 @@ def _ttft(
         reason = f"{p95s}: too few stable TTFTs ({len(stable_ms)}) to bound the stable TTFT p95"
         return _result("ttft", "insufficient", reason, observed, delta, None, alpha, n, None)
     log_e, start = log_e_detector(counts.canary_ttft_over, counts.canary_ttft, EXCEED_P0, weights)
-    fails, e, p = _evidence(log_e, alpha)
-    fails = fails or joint is not None
-    evidence = f"e={_e(e)}, {joint}" if joint else f"e={_e(e)} vs 1/α={_e(1 / alpha)}"
+    fails, e, p, evidence = _evidence(log_e, alpha, joint)
     if fails:
         k = sum(counts.canary_ttft_over[start:])
         m = sum(counts.canary_ttft[start:])
