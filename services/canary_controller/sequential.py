@@ -434,38 +434,28 @@ def _latency(
     min_n: int,
     joint: str | None = None,
 ) -> stats.TestResult:
-    delta, alpha = thresholds.max_p95_increase, levels.latency
     canary, stable = window.canary, window.stable
-    n = canary.requests
-    observed = None
     p95s = "no canary latencies yet"
+    observed = None
     if canary.p95_ms is not None and stable.p95_ms is not None:
         observed = stats._increase(canary.p95_ms, stable.p95_ms)
         p95s = f"canary p95 {stats._ms(canary.p95_ms)} vs stable {stats._ms(stable.p95_ms)}"
-        if observed is not None:
-            p95s += f" ({observed:+.0%})"
     limit = counts.latency_limit_ms
-    if limit is None:
-        reason = f"{p95s}: too few stable samples ({stable.requests}) to bound the stable p95"
-        return _result("latency", "insufficient", reason, observed, delta, None, alpha, n, None)
-    log_e, start = log_e_detector(counts.canary_over, counts.canary_requests, EXCEED_P0, weights)
-    fails, e, p, evidence = _evidence(log_e, alpha, joint)
-    over = sum(counts.canary_over)
-    detail = f"{over}/{n} canary requests over {stats._ms(limit)}"
-    if fails:
-        k = sum(counts.canary_over[start:])
-        m = sum(counts.canary_requests[start:])
-        reason = (
-            f"{p95s} > +{delta:.0%}: {k}/{m} canary requests over {stats._ms(limit)} since "
-            f"{_since(counts, start)}, more than 5% ({evidence}, anytime-valid)"
-        )
-        return _result("latency", "fail", reason, observed, delta, p, alpha, n, e)
-    if n < min_n:
-        reason = f"{p95s} from only {n} canary latencies, need {min_n}"
-        return _result("latency", "insufficient", reason, observed, delta, p, alpha, n, e)
-    relation = "within" if stats._within(observed or 0.0, delta) else "above, not significantly,"
-    reason = f"{p95s} {relation} +{delta:.0%}: {detail} ({evidence})"
-    return _result("latency", "pass", reason, observed, delta, p, alpha, n, e)
+    short = f"too few stable samples ({stable.requests}) to bound the stable p95"
+    return _exceedance(
+        _Exceedance("latency", "canary requests", "canary latencies", min_n),
+        counts,
+        (counts.canary_over, counts.canary_requests) if limit is not None else None,
+        limit,
+        canary.requests,
+        thresholds.max_p95_increase,
+        levels.latency,
+        weights,
+        _with_increase(p95s, observed),
+        observed,
+        short,
+        joint,
+    )
 
 
 def _ttft(
@@ -478,38 +468,87 @@ def _ttft(
 ) -> stats.TestResult | None:
     """The latency test on times to first token; None when not gated or nothing streamed.
     Too few streamed requests never hold a step (most traffic may not stream)."""
-    delta, alpha = thresholds.max_ttft_p95_increase, levels.latency
+    delta = thresholds.max_ttft_p95_increase
     if delta is None or not (sum(counts.canary_ttft) or window.stable.ttft_ms):
         return None
     canary_ms, stable_ms = window.canary.ttft_ms, window.stable.ttft_ms
-    n = sum(counts.canary_ttft)
-    observed = None
     p95s = "no canary TTFT yet"
+    observed = None
     if canary_ms and stable_ms:
         c95 = stats.percentile_inclusive(canary_ms, stats.P95_LEVEL)
         s95 = stats.percentile_inclusive(stable_ms, stats.P95_LEVEL)
         observed = stats._increase(c95, s95)
         p95s = f"TTFT p95 canary {stats._ms(c95)} vs stable {stats._ms(s95)}"
-        if observed is not None:
-            p95s += f" ({observed:+.0%})"
     limit = counts.ttft_limit_ms
-    if limit is None or not counts.canary_ttft_over:
-        reason = f"{p95s}: too few stable TTFTs ({len(stable_ms)}) to bound the stable TTFT p95"
-        return _result("ttft", "insufficient", reason, observed, delta, None, alpha, n, None)
-    log_e, start = log_e_detector(counts.canary_ttft_over, counts.canary_ttft, EXCEED_P0, weights)
+    ready = limit is not None and bool(counts.canary_ttft_over)
+    short = f"too few stable TTFTs ({len(stable_ms)}) to bound the stable TTFT p95"
+    return _exceedance(
+        _Exceedance("ttft", "canary TTFTs", None, 0),
+        counts,
+        (counts.canary_ttft_over, counts.canary_ttft) if ready else None,
+        limit,
+        sum(counts.canary_ttft),
+        delta,
+        levels.ttft,
+        weights,
+        _with_increase(p95s, observed),
+        observed,
+        short,
+        joint,
+    )
+
+
+@dataclass(frozen=True)
+class _Exceedance:
+    """What differs between the latency and the TTFT test: their names in the reasons, and
+    whether too few canary samples hold the step (TTFT: never, most traffic may not stream)."""
+
+    name: stats.TestName
+    samples: str  # "canary requests": what exceeds the limit
+    short_of: str | None  # "canary latencies": the "from only n ..." reason, or None: no minimum
+    min_n: int
+
+
+def _with_increase(p95s: str, observed: float | None) -> str:
+    return p95s if observed is None else f"{p95s} ({observed:+.0%})"
+
+
+def _exceedance(
+    test: _Exceedance,
+    counts: BucketCounts,
+    series: tuple[Sequence[int], Sequence[int]] | None,
+    limit: float | None,
+    n: int,
+    delta: float,
+    alpha: float,
+    weights: NDArray[np.float64],
+    p95s: str,
+    observed: float | None,
+    short: str,
+    joint: str | None,
+) -> stats.TestResult:
+    """The count test of samples over `limit` (the stable bound x (1 + delta)) against 5%:
+    `series` is (over, total) per bucket, None while there is no limit to count against."""
+    if series is None or limit is None:
+        reason = f"{p95s}: {short}"
+        return _result(test.name, "insufficient", reason, observed, delta, None, alpha, n, None)
+    over, total = series
+    log_e, start = log_e_detector(over, total, EXCEED_P0, weights)
     fails, e, p, evidence = _evidence(log_e, alpha, joint)
     if fails:
-        k = sum(counts.canary_ttft_over[start:])
-        m = sum(counts.canary_ttft[start:])
+        k, m = sum(over[start:]), sum(total[start:])
         reason = (
-            f"{p95s} > +{delta:.0%}: {k}/{m} canary TTFTs over {stats._ms(limit)} since "
+            f"{p95s} > +{delta:.0%}: {k}/{m} {test.samples} over {stats._ms(limit)} since "
             f"{_since(counts, start)}, more than 5% ({evidence}, anytime-valid)"
         )
-        return _result("ttft", "fail", reason, observed, delta, p, alpha, n, e)
-    over = sum(counts.canary_ttft_over)
+        return _result(test.name, "fail", reason, observed, delta, p, alpha, n, e)
+    if test.short_of is not None and n < test.min_n:
+        reason = f"{p95s} from only {n} {test.short_of}, need {test.min_n}"
+        return _result(test.name, "insufficient", reason, observed, delta, p, alpha, n, e)
     relation = "within" if stats._within(observed or 0.0, delta) else "above, not significantly,"
-    reason = f"{p95s} {relation} +{delta:.0%}: {over}/{n} over {stats._ms(limit)} ({evidence})"
-    return _result("ttft", "pass", reason, observed, delta, p, alpha, n, e)
+    detail = f"{sum(over)}/{n} {test.samples} over {stats._ms(limit)}"
+    reason = f"{p95s} {relation} +{delta:.0%}: {detail} ({evidence})"
+    return _result(test.name, "pass", reason, observed, delta, p, alpha, n, e)
 
 
 def _result(
