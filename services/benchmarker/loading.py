@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from services.storage.cache import ModelCache, Progress
 
 log = logging.getLogger("preflight.benchmarker")
+fetch_log = logging.getLogger("preflight.benchmarker.fetch")
+"""Fetch progress of remote models, apart so that `preflight benchmark` can show it alone."""
 PROGRESS_EVERY_S = 10.0
 
 
@@ -69,17 +72,19 @@ def _dtype(name: str, config_dtype: str | None, device: str) -> Any:
 
 
 def progress_logger(location: str, *, every_s: float = PROGRESS_EVERY_S) -> Progress:
-    """A fetch progress callback that logs at most every `every_s` seconds (and at the end)."""
+    """A fetch progress callback that logs its first call, then at most every `every_s`
+    seconds (and at the end)."""
     from services.storage.cache import format_bytes
 
-    last = [time.monotonic()]
+    last: list[float | None] = [None]
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
-        if now - last[0] >= every_s or (done == total and now - last[0] >= 1.0):
+        since = math.inf if last[0] is None else now - last[0]
+        if since >= every_s or (done == total and since >= 1.0):
             last[0] = now
             share = f" ({done / total:.0%})" if total else ""
-            log.info(
+            fetch_log.info(
                 "fetching %s: %s of %s%s", location, format_bytes(done), format_bytes(total), share
             )
 
@@ -115,7 +120,7 @@ def local_directory(location: str, cache: ModelCache | None) -> Iterator[Path]:
         seconds = time.perf_counter() - started
         downloaded = store.reads.bytes_read
         speed = f", {downloaded / seconds / 1e6:.1f} MB/s" if downloaded and seconds > 0 else ""
-        log.info(
+        fetch_log.info(
             "fetched %s: %s downloaded in %.2f s%s (%d requests) -> %s",
             location,
             format_bytes(downloaded),

@@ -5,11 +5,13 @@
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -949,16 +951,17 @@ def benchmark(
         fail(str(exc))
     if not as_json:
         err.print(f"benchmarking {path}" + (f" against {baseline}" if baseline else "") + " ...")
-    report, device_name = run_benchmarks(
-        path,
-        baseline,
-        resolved,
-        model_class=model_class,
-        store=result_store(settings),
-        device=device,
-        service="cli",
-        model_cache=models,
-    )
+    with _fetch_progress_on_stderr(not as_json):
+        report, device_name = run_benchmarks(
+            path,
+            baseline,
+            resolved,
+            model_class=model_class,
+            store=result_store(settings),
+            device=device,
+            service="cli",
+            model_cache=models,
+        )
     if as_json:
         print(
             json.dumps(
@@ -971,6 +974,27 @@ def benchmark(
     if report.status is Status.ERROR:
         raise typer.Exit(EXIT_USAGE)
     raise typer.Exit(EXIT_FAILED if report.status is Status.DEGRADED else 0)
+
+
+@contextmanager
+def _fetch_progress_on_stderr(show: bool) -> Iterator[None]:
+    """A remote model's fetch progress (every 10 s, and the end) on stderr while the block runs:
+    the lines the benchmarker service logs, so a long download is not a silent terminal."""
+    from services.benchmarker.loading import fetch_log
+
+    if not show:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of now (a test runner swaps it)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = fetch_log.level
+    fetch_log.addHandler(handler)
+    fetch_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        fetch_log.removeHandler(handler)
+        fetch_log.setLevel(level)
 
 
 # ---- services and contracts ---------------------------------------------------------------

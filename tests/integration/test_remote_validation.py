@@ -347,3 +347,29 @@ def test_preflight_benchmark_fetches_a_remote_location_and_says_why_it_cannot(
     )
     assert result.exit_code == 2, result.output
     assert "no such bucket" in result.output
+
+
+def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
+    tmp_path: Path, s3env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download is not a silent terminal: the fetch's start and end reach stderr, then the
+    clear answer about what was fetched (here: no config.json)."""
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    client, bucket = new_bucket(s3env)
+    model = tmp_path / "not-hf"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\0" * 300_000)
+    upload_directory(client, bucket, "m/", model)
+    monkeypatch.setenv("PREFLIGHT_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    location = f"s3://{bucket}/m/"
+    result = CliRunner().invoke(app, ["benchmark", location, "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    fetching = [x for x in lines if x.startswith(f"fetching {location}: ")]
+    fetched = [x for x in lines if x.startswith(f"fetched {location}: 293.0 KiB downloaded")]
+    assert fetching and fetched, result.output
+    assert lines.index(fetching[0]) < lines.index(fetched[0])
+    assert "no config.json" in result.output
