@@ -73,15 +73,22 @@ def _dtype(name: str, config_dtype: str | None, device: str) -> Any:
 
 def progress_logger(location: str, *, every_s: float = PROGRESS_EVERY_S) -> Progress:
     """A fetch progress callback that logs its first call, then at most every `every_s`
-    seconds (and at the end)."""
+    seconds (and at the end). A first call that is already the end is a model found whole on
+    this host (the cache's hit): it says so instead of a 100% progress line."""
     from services.storage.cache import format_bytes
 
     last: list[float | None] = [None]
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
+        first = last[0] is None
         since = math.inf if last[0] is None else now - last[0]
-        if since >= every_s or (done == total and since >= 1.0):
+        if first and done == total:
+            last[0] = now
+            fetch_log.info(
+                "fetching %s: all %s already in the model cache", location, format_bytes(total)
+            )
+        elif since >= every_s or (done == total and since >= 1.0):
             last[0] = now
             share = f" ({done / total:.0%})" if total else ""
             fetch_log.info(

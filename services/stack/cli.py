@@ -987,14 +987,16 @@ def _fetch_progress_on_stderr(show: bool) -> Iterator[None]:
         return
     handler = logging.StreamHandler(sys.stderr)  # the stderr of now (a test runner swaps it)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    level = fetch_log.level
+    level, propagate = fetch_log.level, fetch_log.propagate
     fetch_log.addHandler(handler)
     fetch_log.setLevel(logging.INFO)
+    fetch_log.propagate = False  # once, even where the root logger has handlers of its own
     try:
         yield
     finally:
         fetch_log.removeHandler(handler)
         fetch_log.setLevel(level)
+        fetch_log.propagate = propagate
 
 
 # ---- services and contracts ---------------------------------------------------------------

@@ -352,10 +352,13 @@ def test_preflight_benchmark_fetches_a_remote_location_and_says_why_it_cannot(
 def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
     tmp_path: Path, s3env: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The download is not a silent terminal: the fetch's start and end reach stderr, then the
-    clear answer about what was fetched (here: no config.json)."""
+    """The download is not a silent terminal: the fetch's start and end reach stderr, the report
+    (here: no config.json) stays alone on stdout, and the handler goes afterwards."""
+    import logging
+
     from typer.testing import CliRunner
 
+    from services.benchmarker.loading import fetch_log
     from services.stack.cli import app
 
     client, bucket = new_bucket(s3env)
@@ -365,11 +368,22 @@ def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
     upload_directory(client, bucket, "m/", model)
     monkeypatch.setenv("PREFLIGHT_MODEL_CACHE_DIR", str(tmp_path / "cache"))
     location = f"s3://{bucket}/m/"
-    result = CliRunner().invoke(app, ["benchmark", location, "--data-dir", str(tmp_path / "d")])
-    assert result.exit_code == 2, result.output
-    lines = result.output.splitlines()
-    fetching = [x for x in lines if x.startswith(f"fetching {location}: ")]
-    fetched = [x for x in lines if x.startswith(f"fetched {location}: 293.0 KiB downloaded")]
-    assert fetching and fetched, result.output
-    assert lines.index(fetching[0]) < lines.index(fetched[0])
-    assert "no config.json" in result.output
+    before = (list(fetch_log.handlers), fetch_log.level, fetch_log.propagate)
+
+    def run() -> list[str]:
+        result = CliRunner().invoke(app, ["benchmark", location, "--data-dir", str(tmp_path / "d")])
+        assert result.exit_code == 2, result.output
+        assert (list(fetch_log.handlers), fetch_log.level, fetch_log.propagate) == before
+        lines = result.stderr.splitlines()
+        assert "fetch" not in result.stdout and "no config.json" in result.stdout, result.stdout
+        return lines
+
+    lines = run()
+    start = lines.index(f"fetching {location}: 0 B of 293.0 KiB (0%)")
+    end = next(i for i, x in enumerate(lines) if x.startswith(f"fetched {location}: 293.0 KiB "))
+    assert start < end, lines
+    # Again: the model is in the cache now, and the terminal says so instead of a 100% line.
+    lines = run()
+    assert f"fetching {location}: all 293.0 KiB already in the model cache" in lines, lines
+    assert any(x.startswith(f"fetched {location}: 0 B downloaded") for x in lines), lines
+    assert logging.getLogger("preflight.benchmarker.fetch") is fetch_log
