@@ -681,7 +681,9 @@ def report_of(
         "planned_looks": rules.planned_looks(policy),
         "e_process_alpha": {  # the first step's: the one the goals are about
             name.replace("_", " "): alpha
-            for name, alpha in sequential.budget(policy, policy.steps[0].weight).shares.items()
+            for name, alpha in sequential.budget(
+                policy, policy.steps[0].weight, ttft_gated=sequential.gates_ttft(thresholds)
+            ).shares.items()
             if name != "ttft"
         },
         "stable_p95_ms": traffic.median_ms * math.exp(traffic.sigma * Z95),

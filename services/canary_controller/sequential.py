@@ -33,7 +33,9 @@ The false-rollback budget B (`false_rollback_rate`) is split in advance, in two 
   gathers evidence ten times slower than one at 50%, and this split minimises the sum over the
   phases of log(1/alpha) / weight, the time each needs to act on a given effect;
 - within a phase over the four tests (error rate and error ratio 1/4 each, latency and TTFT 1/8
-  each, their stable bounds 1/8 each; in the bake, whose only test is the error rate, all of it).
+  each, their stable bounds 1/8 each; where the model class does not gate TTFT, a third each to
+  the error tests and 1/6 each to latency and its bound; in the bake, whose only test is the
+  error rate, all of it).
 
 The tests of a phase are judged together: with alpha_k the tests' shares and A their sum, the
 average sum_k (alpha_k / A) E_k is itself a test supermartingale (a convex mixture of
@@ -65,6 +67,7 @@ __all__ = [
     "assess",
     "budget",
     "change_weights",
+    "gates_ttft",
     "latency_limit",
     "log_e_counts",
     "log_e_detector",
@@ -74,6 +77,7 @@ __all__ = [
 ALTERNATIVE_ODDS: Final = (1.5, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 """Alternatives of the count tests as multiples of the null's odds p0 / (1 - p0)."""
 TESTS: Final = 4  # error rate, error ratio, latency, TTFT: each phase's share is split in four
+# (in three where TTFT is not gated)
 EXCEED_P0: Final = 1.0 - stats.P95_LEVEL
 START_WEIGHT: Final = 0.5  # on the phase's start; the rest on the planned change points
 NOMINAL_WEIGHT: Final = 0.4  # over the change points within the step's nominal duration
@@ -90,10 +94,11 @@ class Budget:
     error_ratio: float
     latency: float  # the exceedance tests (latency, TTFT); each stable bound gets `bound_gamma`
     bound_gamma: float
+    ttft_gated: bool = True  # False: the TTFT test and its bound have no share
 
     @property
     def ttft(self) -> float:
-        return self.latency
+        return self.latency if self.ttft_gated else 0.0
 
     @property
     def shares(self) -> dict[str, float]:
@@ -106,16 +111,18 @@ class Budget:
         }
 
 
-def budget(policy: CanaryPolicy, weight: float) -> Budget:
+def budget(policy: CanaryPolicy, weight: float, *, ttft_gated: bool = True) -> Budget:
     """The budget of the phase at `weight` percent (100: the bake): B x (1/weight) / sum over the
-    phases of 1/weight, split over that phase's tests (see the module's docstring)."""
+    phases of 1/weight, split over that phase's tests (see the module's docstring). A model class
+    that does not gate TTFT (`ttft_gated` False) splits it over the three other tests: a test
+    that is turned off keeps no share."""
     weights = [s.weight for s in policy.steps] + ([100.0] if policy.bake_s > 0 else [])
     if not 0.0 < weight <= 100.0:
         raise ValueError(f"a phase's weight is in (0, 100], got {weight}")
     phase = policy.false_rollback_rate * (1.0 / weight) / sum(1.0 / w for w in weights)
     if weight >= 100.0:  # the bake: the error rate is its one test
         return Budget(len(weights), phase, phase, 0.0, 0.0, 0.0)
-    share = phase / TESTS
+    share = phase / (TESTS if ttft_gated else TESTS - 1)
     return Budget(
         phases=len(weights),
         phase=phase,
@@ -123,7 +130,12 @@ def budget(policy: CanaryPolicy, weight: float) -> Budget:
         error_ratio=share,
         latency=share / 2,
         bound_gamma=share / 2,  # per phase: each phase's stable samples are its own
+        ttft_gated=ttft_gated,
     )
+
+
+def gates_ttft(thresholds: CanaryThresholds) -> bool:
+    return thresholds.max_ttft_p95_increase is not None
 
 
 # ---- e-values of counts -------------------------------------------------------------------------
@@ -253,7 +265,7 @@ def latency_limit(
     `weight` percent. None while the stable samples are too few for that bound (or in the bake,
     which has no latency test).
     """
-    gamma = budget(policy, weight).bound_gamma
+    gamma = budget(policy, weight, ttft_gated=gates_ttft(thresholds)).bound_gamma
     if gamma <= 0.0:
         return None
     sorted_ms = np.sort(np.asarray(stable_ms, dtype=np.float64))
@@ -279,7 +291,7 @@ def assess(
 ) -> stats.Assessment:
     """The e-process tests at one look of a phase, judged together: unhealthy as soon as
     sum_k alpha_k E_k reaches 1 (one test at its own 1/alpha_k, or several short of it)."""
-    levels = budget(policy, 100.0 if bake else weight)
+    levels = budget(policy, 100.0 if bake else weight, ttft_gated=gates_ttft(thresholds))
     bucket_s = counts.bucket_s
     nominal = max(1, math.ceil(step_s / bucket_s))
     planned = max(nominal, math.ceil((step_s + policy.max_step_extension_s) / bucket_s))

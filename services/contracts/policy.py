@@ -113,7 +113,9 @@ class CanaryThresholds(_Strict):
         default=0.20,
         ge=0,
         description="Time to first token of streamed responses: canary p95 at most this much "
-        "above stable (0.20 = +20%); null: not gated. Judged only where records carry TTFT.",
+        "above stable (0.20 = +20%); null: not gated, and with the e-process method its share "
+        "of the false-rollback budget goes to the other tests. Judged only where records carry "
+        "TTFT.",
     )
 
 

@@ -114,17 +114,31 @@ def test_the_stable_bound_needs_enough_samples() -> None:
     assert sequential.stable_p95_bound(np.sort(np.arange(1.0, 5001.0)), 0.001) is not None
 
 
-def test_the_budget_is_the_policys_whatever_the_number_of_looks() -> None:
+def spent(b: sequential.Budget) -> float:
+    """Every share of a phase: its tests' alphas and the gammas of the stable bounds in use."""
+    bounds = b.bound_gamma * ((1 if b.latency else 0) + (1 if b.ttft else 0))
+    return sum(b.shares.values()) + bounds
+
+
+@pytest.mark.parametrize("ttft_gated", [True, False])
+def test_the_budget_is_the_policys_whatever_the_number_of_looks(ttft_gated: bool) -> None:
     for policy in (POLICY, POLICY.model_copy(update={"bake_s": 60.0})):
         weights = [s.weight for s in policy.steps] + ([100.0] if policy.bake_s else [])
-        parts = [sequential.budget(policy, w) for w in weights]
-        total = sum(b.error_rate + b.error_ratio + 2 * (b.latency + b.bound_gamma) for b in parts)
-        assert total == pytest.approx(policy.false_rollback_rate)
+        parts = [sequential.budget(policy, w, ttft_gated=ttft_gated) for w in weights]
+        assert sum(spent(b) for b in parts) == pytest.approx(policy.false_rollback_rate)
         assert all(b.phases == len(weights) for b in parts)
-        assert all(
-            b.phase == pytest.approx(b.error_rate + b.error_ratio + 2 * (b.latency + b.bound_gamma))
-            for b in parts
-        )
+        assert all(b.phase == pytest.approx(spent(b)) for b in parts)
+
+
+def test_a_class_that_does_not_gate_ttft_gives_its_share_to_the_other_tests() -> None:
+    gated = sequential.budget(POLICY, 5.0)
+    ungated = sequential.budget(POLICY, 5.0, ttft_gated=False)
+    assert ungated.ttft == 0.0 and gated.ttft == gated.latency
+    for name in ("error_rate", "error_ratio", "latency"):
+        assert ungated.shares[name] == pytest.approx(gated.shares[name] * 4 / 3)
+    assert ungated.bound_gamma == pytest.approx(gated.bound_gamma * 4 / 3)
+    ungated_class = THRESHOLDS.model_copy(update={"max_ttft_p95_increase": None})
+    assert sequential.gates_ttft(THRESHOLDS) and not sequential.gates_ttft(ungated_class)
 
 
 def test_a_phase_with_less_traffic_gets_more_of_the_budget() -> None:
@@ -277,3 +291,18 @@ def test_two_error_tests_short_of_their_own_levels_roll_back_together() -> None:
     assert decision.assessment is not None
     alone = {t.name: (t.e_value or 0.0) * t.alpha for t in decision.assessment.tests}
     assert max(alone.values()) < 1.0 <= sum(alone.values())
+
+
+def test_a_class_without_a_ttft_gate_judges_with_the_larger_shares() -> None:
+    state = state_at_step_one()
+    buckets = [(25, 0, 1, 475, 1)] * 10
+    now = T0 + timedelta(seconds=50)
+    ungated = THRESHOLDS.model_copy(update={"max_ttft_p95_increase": None})
+    alphas = {}
+    for thresholds in (THRESHOLDS, ungated):
+        decision = rules.decide(state, observation(buckets, 50), POLICY, thresholds, now)
+        assert decision.assessment is not None, decision.reason
+        alphas[thresholds is ungated] = {t.name: t.alpha for t in decision.assessment.tests}
+    assert alphas[True].keys() == alphas[False].keys() == {"error_rate", "error_ratio", "latency"}
+    for name, alpha in alphas[False].items():
+        assert alphas[True][name] == pytest.approx(alpha * 4 / 3)
