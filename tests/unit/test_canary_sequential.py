@@ -206,7 +206,7 @@ def role_window(name: str, requests: int, errors: int, latencies: list[float]) -
     return RoleWindow(name, requests, errors, p95, p95, p95, tuple(s))  # type: ignore[arg-type]
 
 
-def state_at_step_one() -> RolloutState:
+def state_at_step_one(thresholds: CanaryThresholds = THRESHOLDS) -> RolloutState:
     request = DeploymentRequested(
         deployment_id="d-seq", model="org/chat", version="v2", location="/models/v2"
     )
@@ -214,18 +214,22 @@ def state_at_step_one() -> RolloutState:
         request,
         earlier=(),
         policy=POLICY,
-        thresholds=THRESHOLDS,
+        thresholds=thresholds,
         stable=RouteTarget(deployment_id="d-stable", version="v1"),
         canary=RouteTarget(deployment_id="d-seq", version="v2"),
         now=T0,
     )
 
 
-def observation(buckets: list[tuple[int, int, int, int, int]], seconds: float) -> rules.Observation:
+def observation(
+    buckets: list[tuple[int, int, int, int, int]],
+    seconds: float,
+    thresholds: CanaryThresholds = THRESHOLDS,
+) -> rules.Observation:
     rng = np.random.default_rng(1)
     stable = list(np.exp(rng.normal(math.log(80), 0.35, sum(b[3] for b in buckets))))
     canary = list(np.exp(rng.normal(math.log(80), 0.35, sum(b[0] for b in buckets))))
-    limit = sequential.latency_limit(stable, THRESHOLDS, POLICY, 5.0)
+    limit = sequential.latency_limit(stable, thresholds, POLICY, 5.0)
     window = WindowResult(
         "d-seq",
         T0,
@@ -294,15 +298,21 @@ def test_two_error_tests_short_of_their_own_levels_roll_back_together() -> None:
 
 
 def test_a_class_without_a_ttft_gate_judges_with_the_larger_shares() -> None:
-    state = state_at_step_one()
     buckets = [(25, 0, 1, 475, 1)] * 10
     now = T0 + timedelta(seconds=50)
     ungated = THRESHOLDS.model_copy(update={"max_ttft_p95_increase": None})
     alphas = {}
     for thresholds in (THRESHOLDS, ungated):
-        decision = rules.decide(state, observation(buckets, 50), POLICY, thresholds, now)
+        state = state_at_step_one(thresholds)
+        seen = observation(buckets, 50, thresholds)  # its latency bound at the class's gamma
+        decision = rules.decide(state, seen, POLICY, thresholds, now)
         assert decision.assessment is not None, decision.reason
         alphas[thresholds is ungated] = {t.name: t.alpha for t in decision.assessment.tests}
+    gated, loose = observation(buckets, 50).counts, observation(buckets, 50, ungated).counts
+    assert gated is not None and loose is not None
+    gated_limit, ungated_limit = gated.latency_limit_ms, loose.latency_limit_ms
+    assert gated_limit is not None and ungated_limit is not None
+    assert ungated_limit <= gated_limit  # a larger gamma: a bound at least as tight
     assert alphas[True].keys() == alphas[False].keys() == {"error_rate", "error_ratio", "latency"}
     for name, alpha in alphas[False].items():
         assert alphas[True][name] == pytest.approx(alpha * 4 / 3)
