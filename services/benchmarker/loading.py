@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -80,15 +79,13 @@ def progress_logger(location: str, *, every_s: float = PROGRESS_EVERY_S) -> Prog
     last: list[float | None] = [None]
 
     def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        first = last[0] is None
-        since = math.inf if last[0] is None else now - last[0]
-        if first and done == total:
+        now, then = time.monotonic(), last[0]
+        if then is None and done == total:
             last[0] = now
             fetch_log.info(
                 "fetching %s: all %s already in the model cache", location, format_bytes(total)
             )
-        elif since >= every_s or (done == total and since >= 1.0):
+        elif then is None or now - then >= every_s or (done == total and now - then >= 1.0):
             last[0] = now
             share = f" ({done / total:.0%})" if total else ""
             fetch_log.info(

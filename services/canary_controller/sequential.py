@@ -457,13 +457,13 @@ def _latency(
     return _exceedance(
         _Exceedance("latency", "canary requests", "canary latencies", min_n),
         counts,
-        (counts.canary_over, counts.canary_requests) if limit is not None else None,
+        (counts.canary_over, counts.canary_requests),
         limit,
         canary.requests,
         thresholds.max_p95_increase,
         levels.latency,
         weights,
-        _with_increase(p95s, observed),
+        p95s,
         observed,
         short,
         joint,
@@ -503,7 +503,7 @@ def _ttft(
         delta,
         levels.ttft,
         weights,
-        _with_increase(p95s, observed),
+        p95s,
         observed,
         short,
         joint,
@@ -521,10 +521,6 @@ class _Exceedance:
     min_n: int
 
 
-def _with_increase(p95s: str, observed: float | None) -> str:
-    return p95s if observed is None else f"{p95s} ({observed:+.0%})"
-
-
 def _exceedance(
     test: _Exceedance,
     counts: BucketCounts,
@@ -540,7 +536,9 @@ def _exceedance(
     joint: str | None,
 ) -> stats.TestResult:
     """The count test of samples over `limit` (the stable bound x (1 + delta)) against 5%:
-    `series` is (over, total) per bucket, None while there is no limit to count against."""
+    `series` is (over, total) per bucket, None while there is nothing to count against."""
+    if observed is not None:
+        p95s = f"{p95s} ({observed:+.0%})"
     if series is None or limit is None:
         reason = f"{p95s}: {short}"
         return _result(test.name, "insufficient", reason, observed, delta, None, alpha, n, None)
