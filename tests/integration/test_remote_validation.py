@@ -354,7 +354,6 @@ def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
 ) -> None:
     """The download is not a silent terminal: the fetch's start and end reach stderr, the report
     (here: no config.json) stays alone on stdout, and the handler goes afterwards."""
-    import logging
 
     from typer.testing import CliRunner
 
@@ -386,4 +385,3 @@ def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
     lines = run()
     assert f"fetching {location}: all 293.0 KiB already in the model cache" in lines, lines
     assert any(x.startswith(f"fetched {location}: 0 B downloaded") for x in lines), lines
-    assert logging.getLogger("preflight.benchmarker.fetch") is fetch_log
