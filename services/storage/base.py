@@ -84,6 +84,12 @@ class Store(Protocol):
     """The location as a user wrote it, without credentials: for reports and logs."""
     reads: ReadCounter
 
+    @property
+    def one_file(self) -> str | None:
+        """The file's rel when the location names one file, not a folder (an S3 object key),
+        once `list` has run; None for a folder."""
+        ...
+
     def list(self) -> list[RemoteObject]:
         """Every file under the location. Raises StoreError."""
         ...

@@ -282,6 +282,7 @@ class HttpsStore:
                 kind="unsupported",
             )
         self.reads = ReadCounter()
+        self.one_file: str | None = None  # always a folder (a manifest's files)
         self.retries = max(1, retries)
         self.retry_base_s = retry_base_s
         self._sleep = sleep

@@ -138,6 +138,7 @@ class HubStore:
         self.revision = revision or "main"
         self.display = f"hf://{self.repo_id}" + (f"@{revision}" if revision else "")
         self.reads = ReadCounter()
+        self.one_file: str | None = None  # always a folder (a repo)
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_sleep_s = max_sleep_s

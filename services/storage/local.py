@@ -18,6 +18,7 @@ class DirStore:
         self.root = Path(root)
         self.display = str(self.root)
         self.reads = ReadCounter()
+        self.one_file: str | None = None  # always a folder
 
     def list(self) -> list[RemoteObject]:
         if not self.root.is_dir():

@@ -1,4 +1,6 @@
-"""s3://bucket/prefix/ as a `Store`, through boto3 (any S3-compatible endpoint).
+"""s3://bucket/prefix/ as a `Store`, through boto3 (any S3-compatible endpoint). A location
+that names one object (s3://bucket/models/chat.gguf) and has nothing under it as a prefix is that
+one file, as a local path may be a directory or one file.
 
 Credentials and endpoint come from boto3's standard chain (AWS_* env, profiles, AWS_ENDPOINT_URL,
 instance roles); nothing of them reaches a message. A listing is ListObjectsV2; the provider
@@ -59,6 +61,10 @@ class S3Store:
         self.bucket, self.prefix = parse(location)
         self.display = f"s3://{self.bucket}/{self.prefix}"
         self.reads = ReadCounter()
+        self.one_file: str | None = None
+        # s3://b/k (no trailing /) may name the object k when nothing is under k/
+        rest = location.split("://", 1)[-1]
+        self._key = self.prefix.rstrip("/") if self.prefix and not rest.endswith("/") else None
         self._etags: dict[str, str] = {}  # rel -> the listed ETag every read is pinned to
         if client is None:
             import boto3
@@ -95,6 +101,8 @@ class S3Store:
         return StoreError(f"{self.display}: {what}: {type(exc).__name__}: {first}")
 
     def list(self) -> list[RemoteObject]:
+        if self.one_file is not None and self._key is not None:  # listed before: one object
+            return [self._one_object(self._key)]
         entries: list[dict[str, Any]] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
@@ -111,10 +119,31 @@ class S3Store:
                 kind="unsupported",
             )
         if not files:
+            if self._key is not None:
+                return [self._one_object(self._key)]
             raise StoreError(f"{self.display}: no objects under this prefix", kind="not_found")
         with ThreadPoolExecutor(max_workers=16) as pool:
             heads = list(pool.map(self._head, files))
         return [self._object(e, h) for e, h in zip(files, heads, strict=True)]
+
+    def _one_object(self, key: str) -> RemoteObject:
+        """The location as one object, once its prefix turned out empty: the store's prefix
+        becomes the object's folder and the object its one file."""
+        shown = f"s3://{self.bucket}/{key}"
+        try:
+            head = self._head({"Key": key})
+        except StoreError as exc:
+            if exc.kind != "not_found":  # e.g. no s3:GetObject on it: said as it is
+                raise
+            raise StoreError(
+                f"{shown}: no such object, and no objects under {shown}/", kind="not_found"
+            ) from exc
+        folder, _, name = key.rpartition("/")
+        self.prefix = folder + "/" if folder else ""
+        self.display = shown
+        self.one_file = name
+        entry = {"Key": key, "Size": head.get("ContentLength", 0), "ETag": head.get("ETag")}
+        return self._object(entry, head)
 
     def _head(self, entry: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -100,7 +100,10 @@ def validate(
         try:
             if is_remote(location):
                 where = stack.enter_context(tempfile.TemporaryDirectory(prefix="preflight-"))
-                remote = mirror(open_store(location), Path(where), fill=mirror_fill)
+                store = open_store(location)
+                remote = mirror(store, Path(where), fill=mirror_fill)
+                if store.one_file is not None:  # s3://b/model.gguf: that file, as a local one
+                    where = str(Path(where) / store.one_file)
             inv = build_inventory(where)
         except (LocationError, StoreError, OSError) as exc:
             return _unreadable(str(exc), service)

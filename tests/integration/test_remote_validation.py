@@ -111,6 +111,44 @@ def test_remote_validation_agrees_with_local(
     assert f"from s3://{bucket}/m/" in mirrored.reason
 
 
+# One file of each format and of each way a hostile file runs code (the whole set is held to
+# local validation above, as a folder): named as one object, each is validated as that file.
+ONE_FILE = [
+    "format/gguf",
+    "format/onnx",
+    "format/keras_h5",
+    "benign/torch_zip_state_dict",
+    "benign/torch_legacy_state_dict",
+    "benign/keras_zip",
+    "hostile/reduce_os_system",
+    "hostile/torch_zip_payload",
+    "hostile/gguf_chat_template_cve_2024_34359",
+    "hostile/keras_lambda_zip",
+    "hostile/zip_path_traversal",
+    "hostile/object_npy_payload",
+]
+
+
+@pytest.mark.parametrize("name", ONE_FILE)
+def test_an_s3_location_naming_one_object_is_validated_as_that_file(
+    name: str, tmp_path: Path, s3env: Any, strict_planner: None
+) -> None:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    WRITERS[name](directory)
+    [path] = [p for p in directory.rglob("*") if p.is_file()]
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    location = f"s3://{bucket}/m/{path.relative_to(directory).as_posix()}"
+
+    local = validate(str(path))
+    mirrored = validate(location, mirror_fill=POISON)
+
+    assert outcome(mirrored, None) == outcome(local, str(directory))
+    assert mirrored.status == local.status
+    assert f"from {location} in" in mirrored.reason
+
+
 def test_a_sharded_model_is_validated_from_its_headers_and_provider_checksums(
     tmp_path: Path, s3env: Any
 ) -> None:
@@ -302,6 +340,7 @@ class _ShortStore:
     """A store whose objects serve fewer bytes than their listing says (replaced mid-read)."""
 
     display = "s3://short/m/"
+    one_file = None
 
     def __init__(self) -> None:
         from services.storage.base import ReadCounter
@@ -385,3 +424,31 @@ def test_preflight_benchmark_shows_the_fetch_on_the_terminal(
     lines = run()
     assert f"fetching {location}: all 293.0 KiB already in the model cache" in lines, lines
     assert any(x.startswith(f"fetched {location}: 0 B downloaded") for x in lines), lines
+
+
+def test_one_object_takes_sha256_by_its_name_and_the_benchmarker_says_what_it_needs(
+    tmp_path: Path, s3env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.stack.cli import app
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    formats.write_gguf(directory)
+    data = (directory / "model.gguf").read_bytes()
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "org/", directory)
+    location = f"s3://{bucket}/org/model.gguf"
+
+    right = validate(location, expected_sha256={"model.gguf": hashlib.sha256(data).hexdigest()})
+    wrong = validate(location, expected_sha256={"model.gguf": "0" * 64})
+    checksums = [next(c for c in r.checks if c.name == "checksum") for r in (right, wrong)]
+    assert [c.status for c in checksums] == [Status.PASSED, Status.FAILED]
+    assert all(c.details["sources"]["model.gguf"] == "provider" for c in checksums)
+    assert "mismatch" in checksums[1].reason and wrong.status is Status.FAILED
+
+    monkeypatch.setenv("PREFLIGHT_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["benchmark", location, "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2, result.output
+    assert f"{location}: no config.json" in result.stdout, result.stdout

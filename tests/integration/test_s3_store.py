@@ -156,6 +156,46 @@ def test_an_empty_prefix_is_not_found(bucket: str) -> None:
     one_line(caught.value, location)
 
 
+def test_a_location_naming_one_object_is_that_one_file(bucket: str, s3env: Any) -> None:
+    rel = "model-00002-of-00002.safetensors"
+    location = f"s3://{bucket}/chat/v1/{rel}"
+    store = open_store(location)
+    [obj] = store.list()
+    assert (obj.rel, obj.size, store.one_file) == (rel, len(FILES[rel]), rel)
+    assert obj.sha256 == hashlib.sha256(FILES[rel]).hexdigest()
+    assert store.display == location  # in every message, as the user wrote it
+    assert store.read(rel, 5, 9) == FILES[rel][5:9]
+    assert [o.rel for o in store.list()] == [rel]  # a second listing is still the one file
+    # at the bucket's root too
+    s3env.client().put_object(Bucket=bucket, Key="top.gguf", Body=b"GGUF....")
+    root = open_store(f"s3://{bucket}/top.gguf")
+    assert [o.rel for o in root.list()] == ["top.gguf"]
+    assert root.read("top.gguf", 0, 4) == b"GGUF"
+
+
+def test_a_prefix_wins_over_an_object_of_the_same_name(bucket: str, s3env: Any) -> None:
+    s3env.client().put_object(Bucket=bucket, Key="chat/v1", Body=b"not the model")
+    store = open_store(f"s3://{bucket}/chat/v1")
+    assert {o.rel for o in store.list()} == set(FILES) and store.one_file is None
+
+
+def test_a_trailing_slash_names_a_prefix_never_an_object(bucket: str) -> None:
+    location = f"s3://{bucket}/chat/v1/config.json/"
+    with pytest.raises(StoreError) as caught:
+        open_store(location).list()
+    assert caught.value.kind == "not_found"
+    assert "no objects under this prefix" in one_line(caught.value, location)
+
+
+def test_a_location_that_is_neither_object_nor_prefix_says_both(bucket: str) -> None:
+    location = f"s3://{bucket}/chat/v1/nothing.gguf"
+    with pytest.raises(StoreError) as caught:
+        open_store(location).list()
+    assert caught.value.kind == "not_found"
+    message = one_line(caught.value, location)
+    assert f"no such object, and no objects under {location}/" in message
+
+
 def test_a_missing_object_is_not_found(bucket: str) -> None:
     location = f"s3://{bucket}/chat/v1/"
     with pytest.raises(StoreError) as caught:

@@ -36,6 +36,7 @@ class FailingStore:
     def __init__(self, inner: Store, fail_after: int) -> None:
         self.inner = inner
         self.display = inner.display
+        self.one_file = inner.one_file
         self.reads = ReadCounter()
         self.fail_after = fail_after
 
@@ -57,6 +58,7 @@ class SlowStore:
     def __init__(self, inner: Store, delay: float) -> None:
         self.inner = inner
         self.display = inner.display
+        self.one_file = inner.one_file
         self.reads = inner.reads
         self.delay = delay
 
@@ -74,6 +76,7 @@ class RelistedStore:
     def __init__(self, inner: Store, **changes: dict[str, Any]) -> None:
         self.inner = inner
         self.display = inner.display
+        self.one_file = inner.one_file
         self.reads = inner.reads
         self.changes = changes  # rel -> fields to replace
 
