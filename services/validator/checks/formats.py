@@ -14,6 +14,11 @@ from services.validator.checks.inventory import Inventory, Kind
 NAME = "format"
 
 
+RAW_LOOKALIKE = frozenset({Kind.UNKNOWN, Kind.PICKLE, Kind.JSON, Kind.ONNX_EXTERNAL_DATA})
+"""What raw tensor bytes can be sniffed as by chance: a first byte that opens a pickle or a JSON
+text. The unsafe-code check still scans external data for pickle imports."""
+
+
 def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
     """Reclassify files that ONNX models reference as external data; report bad references."""
     problems: list[str] = []
@@ -32,15 +37,23 @@ def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
                 )
                 continue
             rel = (base / ref).as_posix()
-            if rel in by_rel:
-                i = by_rel[rel]
-                inv.files[i] = replace(
-                    inv.files[i],
-                    kind=Kind.ONNX_EXTERNAL_DATA,
-                    detail=f"external data of {model.rel}",
-                )
-            else:
+            if rel not in by_rel:
                 problems.append(f"{model.rel}: external data file {rel} is missing")
+                continue
+            i = by_rel[rel]
+            data = inv.files[i]
+            if data.kind not in RAW_LOOKALIKE:
+                # A file of a known format keeps its kind, so every check still reads it as
+                # what it is: naming a pickle or a GGUF as external data must not hide it.
+                problems.append(
+                    f"{model.rel}: external data {rel} is not raw tensor bytes: it is "
+                    f"{data.kind.value} content ({data.detail})"
+                )
+                continue
+            looked = f"; its first bytes read as {data.detail}" if data.kind is Kind.PICKLE else ""
+            inv.files[i] = replace(
+                data, kind=Kind.ONNX_EXTERNAL_DATA, detail=f"external data of {model.rel}{looked}"
+            )
     return problems
 
 

@@ -420,20 +420,29 @@ def _scan_pickle_file(mf: ModelFile) -> list[_Issue]:
         return _pickle_issues(_scan_pickles(buf, 0, len(buf)))
 
 
+def _scan_if_pickle_like(mf: ModelFile) -> tuple[bytes, _PickleScan] | list[_Issue] | None:
+    """A file of no known format, scanned if it may be a pickle: its head and the scan. None
+    when its first byte is no opcode; a tar's finding for a tar (torch.load unpickles those)."""
+    if mf.size == 0:
+        return None
+    with _mapped(mf.path, mf.size) as buf:
+        head = bytes(buf[:512])
+        if _is_tar(head):
+            return [(FindingKind.ARCHIVE, _TAR_FINDING)]
+        if head[:1] not in _OPCODES and not _looks_like_pickle(head):
+            return None
+        return head, _scan_pickles(buf, 0, len(buf))
+
+
 def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
     """A file of no known format may still be a pickle: pickle.load takes any name. One that
     opens with PROTO is scanned like any pickle; otherwise it counts as a pickle only if it
     imports something a Python unpickler could import (text that happens to parse as a few
     protocol-0 opcodes imports nothing, and a pickle that imports nothing runs nothing)."""
-    if mf.size == 0:
-        return None
-    with _mapped(mf.path, mf.size) as buf:
-        head = buf[:512]
-        if _is_tar(head):
-            return [(FindingKind.ARCHIVE, _TAR_FINDING)]
-        if head[:1] not in _OPCODES and not _looks_like_pickle(head):
-            return None
-        scan = _scan_pickles(buf, 0, len(buf))
+    scanned = _scan_if_pickle_like(mf)
+    if not isinstance(scanned, tuple):
+        return scanned
+    head, scan = scanned
     if not _looks_like_pickle(head):
         # Text that breaks at its first byte, or runs out before a STOP, is no pickle (a
         # README line can read as a GLOBAL); any other break, a frame evasion or an import is
@@ -445,6 +454,31 @@ def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
             scan.error = None
         if not (scan.imports or scan.extensions or scan.error or scan.frame_error):
             return None
+    return _pickle_issues(scan)
+
+
+def _scan_external_data(mf: ModelFile) -> list[_Issue] | None:
+    """ONNX external data is raw tensor bytes, which may open like a pickle by chance (a float
+    whose low byte is 0x80). It is still a file, and whatever loads it by its name
+    (pytorch_model.bin, weights.pkl) unpickles it: being named as external data must not hide
+    a payload. It counts as a pickle only if it imports something a Python unpickler could
+    import or calls an extension, or its frames are forged: a stream that imports nothing
+    runs nothing, however it breaks, and raw bytes break at once."""
+    scanned = _scan_if_pickle_like(mf)
+    if not isinstance(scanned, tuple):
+        return scanned
+    scan = scanned[1]
+    scan.imports = [g for g in scan.imports if all(map(_importable, g))]
+    if scan.error is not None:
+        # Raw bytes hit EXT1-4 (3 byte values of 256) and STACK_GLOBAL on whatever is on the
+        # stack all the time, just before they break. Neither names anything to import: an
+        # extension code resolves only where the loading process registered it in copyreg,
+        # and STACK_GLOBAL on operands that are no string constants raises unless they came
+        # from a call, which needs an import of its own. Imports named by constants stay.
+        scan.extensions = []
+        scan.imports = [g for g in scan.imports if UNRESOLVED not in g]
+    if not (scan.imports or scan.extensions or scan.frame_error or scan.limit):
+        return []  # scanned: raw bytes that read as a few opcodes
     return _pickle_issues(scan)
 
 
@@ -861,4 +895,5 @@ _SCANNERS: dict[Kind, _Scanner] = {
     Kind.TF_SAVED_MODEL: _scan_saved_model,
     Kind.CONFIG: _scan_config,
     Kind.UNKNOWN: _scan_unknown,
+    Kind.ONNX_EXTERNAL_DATA: _scan_external_data,
 }

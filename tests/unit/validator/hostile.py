@@ -864,6 +864,75 @@ def write_python_file(directory: Path) -> Path:
     return model
 
 
+# --- ONNX external data --------------------------------------------------------------------
+
+
+def onnx_naming_external_data(directory: Path, location: str, *, length: int = 16) -> Path:
+    """model.onnx with one float initializer whose bytes are in `location` (which the caller
+    writes), as onnx.save_model(save_as_external_data=True) records it: a data file named by
+    the model can then be anything."""
+    from onnx import TensorProto, helper
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[length // 4])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [length // 4])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["W"], ["Y"])], "g", [], [output], initializer=[tensor]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (directory / "model.onnx").write_bytes(model.SerializeToString())
+    return directory
+
+
+def write_onnx_external_data_torch_payload(directory: Path) -> Path:
+    """A hostile torch checkpoint named as an ONNX model's external data, so that a validator
+    that takes every external-data file for raw tensor bytes never scans it; torch.load (or
+    transformers, from pytorch_model.bin) runs it."""
+    write_torch_zip_payload(directory)
+    return onnx_naming_external_data(directory, "pytorch_model.bin")
+
+
+def write_onnx_external_data_pickle_payload(directory: Path) -> Path:
+    """The same with a bare pickle: raw tensor bytes may open with PROTO by chance, so its kind
+    alone cannot tell; what it imports can."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "weights.bin").write_bytes(os_system_pickle(directory))
+    return onnx_naming_external_data(directory, "weights.bin")
+
+
+def write_onnx_external_data_opens_like_a_pickle(directory: Path) -> Path:
+    """Benign: ONNX external data whose first float's low bytes are 0x80 0x02, as a pickle's
+    PROTO 2 opens (about 1 in 16,000 tensors start so), in a file named weights.bin."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory.mkdir(parents=True, exist_ok=True)
+    values = np.ones(64, np.float32)
+    values[0] = np.frombuffer(b"\x80\x02\x00\x3f", "<f4")[0]
+    weight = numpy_helper.from_array(values.reshape(8, 8), name="W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(
+        model,
+        str(directory / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    assert (directory / "weights.bin").read_bytes()[:2] == b"\x80\x02"
+    return directory
+
+
 # --- Registries ----------------------------------------------------------------------------
 
 BENIGN: dict[str, Writer] = {
@@ -878,6 +947,7 @@ BENIGN: dict[str, Writer] = {
     "keras_h5": write_keras_h5,
     "numpy_frame_between_global_names": write_numpy_frame_between_global_names,
     "pickle_whitespace_after_stop": write_pickle_whitespace_after_stop,
+    "onnx_external_data_opens_like_a_pickle": write_onnx_external_data_opens_like_a_pickle,
 }
 if importlib.util.find_spec("torch") is not None:
     BENIGN |= {
@@ -930,4 +1000,6 @@ HOSTILE: dict[str, Writer] = {
     "tar_named_like_json": write_tar_named_like_json,
     "zip_two_central_directories": write_zip_two_central_directories,
     "zip_overlapping_members": write_zip_overlapping_members,
+    "onnx_external_data_torch_payload": write_onnx_external_data_torch_payload,
+    "onnx_external_data_pickle_payload": write_onnx_external_data_pickle_payload,
 }

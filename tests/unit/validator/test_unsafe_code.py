@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 from services.contracts.events import CheckResult, Status
 from services.validator.checks import hdf5, unsafe_code
 from services.validator.checks.base import CheckContext
+from services.validator.checks.formats import resolve_external_data
 from services.validator.checks.inventory import build_inventory
 from services.validator.checks.unsafe_code import SAFE_GLOBALS, FindingKind, check_unsafe_code
 from tests.unit.validator import fixtures, hostile
@@ -28,7 +29,10 @@ from tests.unit.validator.hostile import marker
 
 
 def scan(path: Path) -> CheckResult:
-    return check_unsafe_code(build_inventory(str(path)), CheckContext())
+    """As validate runs it: after the format check has tied ONNX external data to its model."""
+    inv, ctx = build_inventory(str(path)), CheckContext()
+    resolve_external_data(inv, ctx)
+    return check_unsafe_code(inv, ctx)
 
 
 def findings(res: CheckResult) -> list[str]:
@@ -99,6 +103,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "tar_named_like_json": ("pytorch_model.bin: tar archive: not scanned",),
     "zip_two_central_directories": ("but the end record says", "readers disagree"),
     "zip_overlapping_members": ("entries 'm0.pkl' and 'm1.pkl' overlap",),
+    "onnx_external_data_torch_payload": ("pytorch_model.bin: archive/data.pkl: imports os.system",),
+    "onnx_external_data_pickle_payload": ("weights.bin: imports os.system",),
 } | fixtures.EXPECTED
 
 
@@ -143,6 +149,10 @@ LOADERS: dict[str, str] = {
     "memo_across_pickles": "f = open(path, 'rb'); [pickle.load(f) for _ in range(4)]",
     # torch.load(weights_only=False) on a zip: data.pkl through the pickle module
     "torch_zip_payload": "pickle.load(zipfile.ZipFile(path).open('archive/data.pkl'))",
+    "onnx_external_data_torch_payload": (
+        "import torch; torch.load(path + '/pytorch_model.bin', weights_only=False)"
+    ),
+    "onnx_external_data_pickle_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "object_npy_payload": "numpy.load(path, allow_pickle=True)",
     # the C unpickler on a file object without peek(): downloaded bytes, torch.load's zip path
     "frame_evasion_pkl": "pickle.load(io.BytesIO(open(path, 'rb').read()))",
