@@ -12,8 +12,11 @@ at is fetched into it:
     zip (PyTorch .bin/.pt)    end record, central directory, and every member's local header
                               and data except the tensor records (data/<n>) no check opens
     TensorFlow variables data the first 64 KiB (read for nothing but its kind)
-    anything else             whole (pickles and unknown content are scanned end to end), up
-                              to `whole_file_max` bytes; a bigger one is reported, not guessed
+    pickles, unknown content  what the unsafe-code scan examines (ONNX external data included):
+                              the same scan runs over a sparse copy until it examines nothing
+                              unfetched; the array bytes it passes over by length are not read
+    anything else             whole (ONNX, HDF5, large JSON), up to `whole_file_max` bytes; a
+                              bigger one (or a scan that reads more) is reported, not guessed
 
 Checksums never come from the mirror: the provider's sha256 (the Hub's LFS sha256, S3's
 full-object ChecksumSHA256) is compared with no download; otherwise the object is streamed and
@@ -383,6 +386,8 @@ def _plan(
     kind = _kind_of(store, head, obj, name)
     if kind is Kind.TF_VARIABLES_DATA:
         return "first 64 KiB (its kind)", [(0, head)], False
+    if kind in (Kind.PICKLE, Kind.UNKNOWN):
+        return _plan_pickle_scan(store, obj, head, whole_file_max, kind)
     if obj.size > whole_file_max:
         return (
             f"not read: {_human(obj.size)} of {kind.value} content would need a full download "
@@ -392,6 +397,58 @@ def _plan(
             False,
         )
     return "whole", [(0, head)], True  # the rest is streamed to disk by mirror()
+
+
+def _plan_pickle_scan(
+    store: Store, obj: RemoteObject, head: bytes, whole_file_max: int, kind: Kind
+) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """What the unsafe-code check reads of a pickle, or of a file of no known format (ONNX
+    external data, a pickle under another name): its head and the bytes the pickle model
+    examines, never the array payloads it passes over by their length. Found by running the
+    same scan over a sparse copy of what is fetched until it examines no byte that is not: the
+    scan reads bytes in order and decides only by what it reads, so it then runs on the copy as
+    on the file. Raw tensor bytes break within a few opcodes: a few KiB of a 5 GB file."""
+    import tempfile
+
+    from services.validator.checks.unsafe_code import examined_by_pickle_scan
+
+    reader = RangeFile(store, obj)
+    reader._put(0, head)
+    reader._last_end = len(head)  # a pickle runs on from its head: read ahead from there
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        while True:
+            _write(probe, obj.size, reader.ranges, None)
+            missing = _missing(reader, examined_by_pickle_scan(probe, obj.size))
+            if not missing:
+                break
+            for start, end in missing:
+                reader._ensure(start, end)
+            if reader.fetched > whole_file_max:
+                return (
+                    f"not read: its {kind.value} scan reads over {_human(whole_file_max)} (the "
+                    "limit for remote whole-file reads); validate a local copy",
+                    [(0, head)],
+                    False,
+                )
+    return f"{kind.value} scan: what the pickle model reads", reader.ranges, False
+
+
+def _missing(reader: RangeFile, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of `ranges` that `reader` does not hold yet."""
+    held = sorted((s, s + len(c)) for s, c in reader.ranges)
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        at = start
+        for h_start, h_end in held:
+            if h_end <= at or h_start >= end:
+                continue
+            if h_start > at:
+                out.append((at, h_start))
+            at = max(at, h_end)
+        if at < end:
+            out.append((at, end))
+    return out
 
 
 def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:

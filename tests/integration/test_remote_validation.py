@@ -23,7 +23,7 @@ from services.stack.samples import write_sample_model
 from services.storage.s3 import upload_directory
 from services.validator import remote
 from services.validator.validate import validate
-from tests.unit.validator import formats
+from tests.unit.validator import formats, hostile
 from tests.unit.validator.fixtures import BENIGN, HOSTILE
 
 pytestmark = pytest.mark.integration
@@ -224,12 +224,70 @@ def test_a_location_that_cannot_be_read_is_a_one_line_failure(s3env: Any) -> Non
     assert "\n" not in report.reason and "no such bucket" in report.reason
 
 
-def test_a_big_pickle_is_reported_not_downloaded(tmp_path: Path, s3env: Any) -> None:
+def test_a_big_pickle_is_validated_from_what_its_scan_reads(tmp_path: Path, s3env: Any) -> None:
+    """A legacy torch checkpoint's array bytes, or a pickled 3 MB buffer, are passed over by
+    their length: only the opcodes around them are fetched, and the answers are the local ones."""
     import pickle
 
     directory = tmp_path / "model"
     directory.mkdir()
-    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(b"\0" * 300_000, protocol=4))
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(b"\0" * 3_000_000, protocol=4))
+    blob = pickle.BINBYTES + (2_000_000).to_bytes(4, "little") + b"\7" * 2_000_000 + pickle.POP
+    payload = hostile.os_system_pickle(directory)[:-1] + blob + pickle.STOP
+    (directory / "weights.dat").write_bytes(payload)  # no known format: may still be a pickle
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "WHOLE_FILE_MAX", 300_000)  # either file read whole is over it
+        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    local = validate(str(directory))
+    assert outcome(report, None) == outcome(local, str(directory))
+    assert "weights.dat: imports os.system" in report.reason
+    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
+    assert remote_read["bytes_read"] < 400_000  # of 5 MB: head and one 64 KiB block per file
+    assert "pickle scan" in remote_read["fetched"]["pytorch_model.bin"]
+
+
+def test_big_onnx_external_data_is_validated_without_a_download(tmp_path: Path, s3env: Any) -> None:
+    """An ONNX model's external data is raw tensor bytes, scanned as a pickle might be: a few
+    bytes of it are read, whether it opens like a pickle or not."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    values = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)
+    values[0] = np.frombuffer(b"\x80\x02\x00\x3f", "<f4")[0]  # opens like PROTO 2
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["W"], ["Y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1_000_000])],
+        initializer=[numpy_helper.from_array(values, name="W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(directory / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx_data", size_threshold=0)  # fmt: skip
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "WHOLE_FILE_MAX", 1_000_000)  # the data, read whole, is over it
+        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    assert report.status is Status.PASSED, report.reason
+    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
+    assert remote_read["bytes_read"] < 100_000  # of 4 MB
+
+
+def test_a_pickle_whose_scan_reads_too_much_is_reported_not_downloaded(
+    tmp_path: Path, s3env: Any
+) -> None:
+    import pickle
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(list(range(100_000)), protocol=2))
     client, bucket = new_bucket(s3env)
     upload_directory(client, bucket, "m/", directory)
     with pytest.MonkeyPatch.context() as mp:
@@ -237,9 +295,9 @@ def test_a_big_pickle_is_reported_not_downloaded(tmp_path: Path, s3env: Any) -> 
         mp.setattr(remote, "WHOLE_FILE_MAX", 100_000)
         report = validate(f"s3://{bucket}/m/")
     assert report.status is Status.FAILED
-    assert "pytorch_model.bin" in report.reason and "full download" in report.reason
+    assert "pytorch_model.bin: not read: its pickle scan reads over 100.00 kB" in report.reason
     remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
-    assert remote_read["bytes_read"] < 100_000
+    assert remote_read["bytes_read"] < 300_000
 
 
 def test_preflight_validate_reads_an_s3_location(

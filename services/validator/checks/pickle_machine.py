@@ -33,6 +33,7 @@ __all__ = [
     "Buffer",
     "LimitReached",
     "PickleRun",
+    "ReadTrace",
     "run_pickle",
 ]
 
@@ -71,6 +72,29 @@ class PickleRun:
     @property
     def loads(self) -> bool:
         return self.error is None and self.frame_error is None
+
+
+@dataclass
+class ReadTrace:
+    """Which bytes a scan examined, for planning a remote file's range reads: everything from
+    where it started up to `reach`, except the `skips` (payloads passed over by their length,
+    never read). The machine reads nothing else, so a copy of the file that holds these bytes
+    is scanned exactly as the file is."""
+
+    reach: int = 0
+    skips: list[tuple[int, int]] = field(default_factory=list)
+
+    def examined(self, start: int) -> list[tuple[int, int]]:
+        """[start, reach) less the skips, as sorted disjoint ranges."""
+        out: list[tuple[int, int]] = []
+        at = start
+        for a, b in sorted(self.skips):
+            if a > at:
+                out.append((at, min(a, self.reach)))
+            at = max(at, b)
+        if at < self.reach:
+            out.append((at, self.reach))
+        return [(a, b) for a, b in out if b > a]
 
 
 class _Value:
@@ -148,12 +172,19 @@ _SIGNED_FORMATS: Final = {1: "<b", 2: "<h", 4: "<i", 8: "<q"}
 
 
 def run_pickle(
-    buf: Buffer, start: int, end: int, budget: Budget, *, origin: int | None = None
+    buf: Buffer,
+    start: int,
+    end: int,
+    budget: Budget,
+    *,
+    origin: int | None = None,
+    trace: ReadTrace | None = None,
 ) -> PickleRun:
     """Run the pickle that starts at `start` (and must end by `end`) as the unpickler would.
     Positions in messages count from `origin` (default `start`): where the file or member
-    begins. Never raises on bad input; raises LimitReached when the budget runs out."""
-    machine = _Machine(buf, start, end, budget)
+    begins. Never raises on bad input; raises LimitReached when the budget runs out. `trace`
+    collects what it examined."""
+    machine = _Machine(buf, start, end, budget, trace)
     try:
         machine.run()
     except _Stop as stop:
@@ -163,12 +194,18 @@ def run_pickle(
         else:
             machine.result.error = f"{where}: {stop.why}"
         machine.result.end = machine.pos
+    finally:
+        if trace is not None:
+            trace.reach = max(trace.reach, machine.pos)
     return machine.result
 
 
 class _Machine:
-    def __init__(self, buf: Buffer, start: int, end: int, budget: Budget) -> None:
+    def __init__(
+        self, buf: Buffer, start: int, end: int, budget: Budget, trace: ReadTrace | None
+    ) -> None:
         self.buf = buf
+        self.trace = trace
         self.pos = start
         self.end = end
         self.op_at = start
@@ -200,6 +237,8 @@ class _Machine:
     def line(self, what: str) -> bytes:
         nl = self.buf.find(b"\n", self.pos, self.end)
         if nl < 0:
+            if self.trace is not None:  # looked at every byte to the end
+                self.trace.reach = max(self.trace.reach, self.end)
             raise _Stop(f"{what} has no end of line (truncated)")
         at = self.take(nl + 1 - self.pos, what)
         return self.buf[at:nl]
@@ -213,6 +252,8 @@ class _Machine:
     def text(self, n: int, what: str) -> str | _Value:
         at = self.take(n, what)
         if n > MAX_NAME_CHARS * 4:
+            if self.trace is not None:
+                self.trace.skips.append((at, at + n))
             return _LONG_STR
         raw = self.buf[at : at + n]
         try:
@@ -302,7 +343,9 @@ class _Machine:
                 if kind is None:
                     push(self.text(length, name))
                 else:
-                    self.take(length, name)
+                    at = self.take(length, name)
+                    if self.trace is not None:
+                        self.trace.skips.append((at, at + length))
                     push(kind)
             elif op == 0x28:  # MARK
                 metastack.append(stack)
