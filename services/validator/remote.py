@@ -15,7 +15,9 @@ at is fetched into it:
     pickles, unknown content  what the unsafe-code scan examines (ONNX external data included):
                               the same scan runs over a sparse copy until it examines nothing
                               unfetched; the array bytes it passes over by length are not read
-    anything else             whole (ONNX, HDF5, large JSON), up to `whole_file_max` bytes; a
+    ONNX                      its protobuf framing, found by running the structure check's walk
+                              over a range reader; tensor payloads are passed over by length
+    anything else             whole (HDF5, large JSON), up to `whole_file_max` bytes; a
                               bigger one (or a scan that reads more) is reported, not guessed
 
 Checksums never come from the mirror: the provider's sha256 (the Hub's LFS sha256, S3's
@@ -42,11 +44,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
 from services.validator.checks.checksum import DigestCache, FileKey, Hashed
-from services.validator.checks.headers import HeaderError, read_gguf_stream
+from services.validator.checks.headers import HeaderError, read_gguf_stream, read_onnx_from
 from services.validator.checks.inventory import (
     MAX_FILES,
     SAFETENSORS_MAX_HEADER,
@@ -161,6 +163,40 @@ class RangeFile(io.RawIOBase):
         i = bisect.bisect_left(self._starts, start)
         self._starts.insert(i, start)
         self._chunks.insert(i, data)
+
+
+class _RangeView:
+    """buf[i], buf[a:b] and len(buf) over a RangeFile, for the protobuf walk of an ONNX file
+    (services/validator/checks/headers.py): the walk that plans the reads is the check's own.
+    The block last read is kept: the walk reads varints a byte at a time."""
+
+    def __init__(self, reader: RangeFile) -> None:
+        self.reader = reader
+        self.size = reader.obj.size
+        self._start = 0
+        self._block = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, key: int, /) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice, /) -> bytes: ...
+
+    def __getitem__(self, key: int | slice, /) -> int | bytes:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.size)
+            self.reader.seek(start)
+            return self.reader.read(max(0, stop - start))
+        if not 0 <= key < self.size:
+            raise IndexError(key)
+        if not self._start <= key < self._start + len(self._block):
+            self._start = key - key % BLOCK
+            self.reader.seek(self._start)
+            self._block = self.reader.read(BLOCK)
+        return self._block[key - self._start]
 
 
 @dataclass
@@ -388,6 +424,19 @@ def _plan(
         return "first 64 KiB (its kind)", [(0, head)], False
     if kind in (Kind.PICKLE, Kind.UNKNOWN):
         return _plan_pickle_scan(store, obj, head, whole_file_max, kind)
+    if kind is Kind.ONNX:
+        reader = RangeFile(store, obj)
+        reader._put(0, head)
+        with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
+            read_onnx_from(Path(obj.rel), _RangeView(reader))
+        if reader.fetched > whole_file_max:
+            return (
+                f"not read: ONNX framing of over {_human(whole_file_max)} (the limit for remote "
+                "whole-file reads); validate a local copy",
+                [(0, head)],
+                False,
+            )
+        return "ONNX framing (tensor payloads skipped)", reader.ranges, False
     if obj.size > whole_file_max:
         return (
             f"not read: {_human(obj.size)} of {kind.value} content would need a full download "

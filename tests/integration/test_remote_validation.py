@@ -280,6 +280,45 @@ def test_big_onnx_external_data_is_validated_without_a_download(tmp_path: Path, 
     assert remote_read["bytes_read"] < 100_000  # of 4 MB
 
 
+def test_a_big_onnx_model_is_validated_from_its_protobuf_framing(
+    tmp_path: Path, s3env: Any
+) -> None:
+    """Tensors stored inside the ModelProto (12 MB of raw_data here) are passed over by their
+    length: the walk the structure check runs is the plan."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    rng = np.random.default_rng(1)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((1000, 1000)).astype(np.float32), name=n)
+        for n in ("A", "B", "C")
+    ]
+    nodes = [helper.make_node("MatMul", ["X", "A"], ["H"]), helper.make_node("MatMul", ["H", "B"],
+             ["I"]), helper.make_node("MatMul", ["I", "C"], ["Y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1000])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 1000])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(directory / "model.onnx"))
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "WHOLE_FILE_MAX", 1_000_000)  # the file, read whole, is over it
+        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    assert report.status is Status.PASSED, report.reason
+    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
+    assert remote_read["fetched"]["model.onnx"] == "ONNX framing (tensor payloads skipped)"
+    assert remote_read["bytes_read"] < 600_000  # of 12 MB: a few 64 KiB blocks
+
+
 def test_a_pickle_whose_scan_reads_too_much_is_reported_not_downloaded(
     tmp_path: Path, s3env: Any
 ) -> None:

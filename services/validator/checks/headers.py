@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, overload
 
 from services.validator.checks.inventory import SAFETENSORS_MAX_HEADER
 
@@ -350,7 +350,20 @@ class Field:
     value: int  # varint / fixed value, else 0
 
 
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+class ByteSource(Protocol):
+    """What the protobuf walk reads from: a memoryview of a mapped file, or a remote file's
+    range reader (services/validator/remote.py), which runs the same walk to plan its reads."""
+
+    def __len__(self) -> int: ...
+
+    @overload
+    def __getitem__(self, key: int, /) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice, /) -> bytes | memoryview: ...
+
+
+def _varint(buf: ByteSource, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -365,7 +378,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             raise HeaderError("varint longer than 10 bytes")
 
 
-def protobuf_fields(buf: memoryview, start: int, end: int) -> Iterator[Field]:
+def protobuf_fields(buf: ByteSource, start: int, end: int) -> Iterator[Field]:
     """Top-level fields of a serialized message in buf[start:end], skipping payloads."""
     pos = start
     while pos < end:
@@ -424,10 +437,10 @@ def _mapped(path: Path) -> Iterator[memoryview]:
 def read_onnx(path: Path) -> OnnxModel:
     """Walk ModelProto: ir_version, the graph, and initializers' external-data references."""
     with _mapped(path) as data:
-        return _read_onnx(path, data)
+        return read_onnx_from(path, data)
 
 
-def _read_onnx(path: Path, data: memoryview) -> OnnxModel:
+def read_onnx_from(path: Path, data: ByteSource) -> OnnxModel:
     ir_version = 0
     graph: Field | None = None
     for f in protobuf_fields(data, 0, len(data)):
