@@ -50,11 +50,13 @@ from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
 from services.validator.checks.checksum import DigestCache, FileKey, Hashed
 from services.validator.checks.headers import HeaderError, read_gguf_stream, read_onnx_from
 from services.validator.checks.inventory import (
+    HDF5_SIGNATURE,
     MAX_FILES,
     SAFETENSORS_MAX_HEADER,
     ZIP_MAGICS,
     Kind,
     ModelFile,
+    hdf5_user_block_offsets,
     sniff,
 )
 
@@ -507,6 +509,9 @@ def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
     ranges = [(0, head)]
     if name.lower().endswith("variables.index") and obj.size - 8 >= len(head):
         ranges.append((obj.size - 8, _read_exact(store, obj, obj.size - 8, obj.size)))
+    for at in hdf5_user_block_offsets(obj.size):  # where libhdf5 looks past a user block
+        if at >= len(head):
+            ranges.append((at, _read_exact(store, obj, at, at + len(HDF5_SIGNATURE))))
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / name
         _write(probe, obj.size, ranges, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -9,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
 from services.validator.checks.headers import HeaderError, parsed_headers
-from services.validator.checks.inventory import Inventory, Kind
+from services.validator.checks.inventory import Inventory, Kind, ModelFile
 
 NAME = "format"
 
@@ -17,6 +18,16 @@ NAME = "format"
 RAW_LOOKALIKE = frozenset({Kind.UNKNOWN, Kind.PICKLE, Kind.JSON, Kind.ONNX_EXTERNAL_DATA})
 """What raw tensor bytes can be sniffed as by chance: a first byte that opens a pickle or a JSON
 text. The unsafe-code check still scans external data for pickle imports."""
+
+
+def _is_json(f: ModelFile) -> bool:
+    """Whether a file sniffed as JSON (it opens with { or [) is JSON: raw tensor bytes that
+    open so by chance are not, and a config that is (an auto_map) must keep its scans."""
+    try:
+        json.loads(f.path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # a hostile nesting is no reason to stop
+        return False
+    return True
 
 
 def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
@@ -42,7 +53,7 @@ def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
                 continue
             i = by_rel[rel]
             data = inv.files[i]
-            if data.kind not in RAW_LOOKALIKE:
+            if data.kind not in RAW_LOOKALIKE or (data.kind is Kind.JSON and _is_json(data)):
                 # A file of a known format keeps its kind, so every check still reads it as
                 # what it is: naming a pickle or a GGUF as external data must not hide it.
                 problems.append(

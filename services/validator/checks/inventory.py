@@ -9,6 +9,7 @@ import re
 import stat
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -175,13 +176,16 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= min(SAFETENSORS_MAX_HEADER, size - 8) and head[8:9] == b"{":
             return Kind.SAFETENSORS, f"safetensors header of {header_len} bytes"
+    at = _hdf5_after_user_block(path, size)
+    if at is not None:  # before the pickle rules: a user block may open like a pickle
+        return Kind.KERAS_H5, f"HDF5 signature at byte {at:,}, after a user block"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return Kind.PICKLE, f"pickle protocol {head[1]}"
     if head[:1] in (b"(", b"]", b"}", b"c") and lower.endswith(
         (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
     ):
         return Kind.PICKLE, "pickle protocol 0/1"  # old protocols have no header; name is the hint
-    if head[257:262] == b"ustar":
+    if is_tar(head):
         # Before the JSON and text rules: a tar whose first member is named "{..." or "[..."
         # starts like JSON, and torch.load still unpickles legacy tar checkpoints.
         return Kind.UNKNOWN, "tar archive"
@@ -205,6 +209,61 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
     if lower in TEXT_NAMES or lower.endswith((".md", ".txt", ".yaml", ".yml", ".jinja")):
         return Kind.TEXT, "text"
     return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
+
+
+def hdf5_user_block_offsets(size: int) -> Iterator[int]:
+    """Where libhdf5 looks for a superblock after a user block: 512, 1024, 2048 ... bytes in
+    (h5py opens such a file whatever its first bytes are)."""
+    at = 512
+    while at + len(HDF5_SIGNATURE) <= size:
+        yield at
+        at *= 2
+
+
+def _hdf5_after_user_block(path: Path, size: int) -> int | None:
+    offsets = list(hdf5_user_block_offsets(size))
+    if not offsets:
+        return None
+    try:
+        with path.open("rb") as fh:
+            for at in offsets:
+                fh.seek(at)
+                if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    return at
+    except OSError:
+        return None
+    return None
+
+
+def is_tar(head: bytes) -> bool:
+    """A tar's first header as Python's tarfile (torch's legacy loader) accepts it: the POSIX
+    magic, or a pre-POSIX (v7) header with no magic whose checksum matches. tarfile checks
+    nothing else, so neither may we."""
+    if head[257:262] == b"ustar":
+        return True
+    block = head[:512]
+    if len(block) < 512 or not block.strip(b"\0"):
+        return False  # short, or the all-zero block that ends an archive
+    stored = _tar_number(block[148:156])
+    if stored is None:
+        return False
+    unsigned = 256 + sum(block[:148]) + sum(block[156:])
+    signed = (
+        256 + sum(struct.unpack_from("148b", block)) + sum(struct.unpack_from("356b", block, 156))
+    )
+    return stored in (unsigned, signed)
+
+
+def _tar_number(field: bytes) -> int | None:
+    """tarfile's nti(): base-256 when the first byte says so, else octal up to the first NUL."""
+    if field[0] in (0o200, 0o377):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+    text = field.split(b"\0", 1)[0]
+    try:
+        return int(text.decode("ascii").strip() or "0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def _sniff_zip(path: Path) -> tuple[Kind, str]:

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import codecs
 import mmap
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = [
+    "LONG_NAME",
     "MAX_NAME_CHARS",
+    "NOT_A_NAME",
     "UNRESOLVED",
     "Budget",
     "Buffer",
@@ -41,6 +44,13 @@ __all__ = [
 MAX_NAME_CHARS: Final = 512
 # What an import whose operands are not string constants is reported as.
 UNRESOLVED: Final = "<computed at load time>"
+# What an import named by a string constant too long to keep is reported as: still a constant,
+# which the unpickler resolves (a dotted name walks attributes: os.path.os.path...system).
+LONG_NAME: Final = f"<a name over {MAX_NAME_CHARS} characters>"
+# What a long operand that is no dotted name is reported as (raw bytes read as a GLOBAL line).
+NOT_A_NAME: Final = "<not a name>"
+_DOTTED_NAME: Final = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_DOTTED_NAME_BYTES: Final = re.compile(rb"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 HIGHEST_PROTOCOL: Final = 5
 
 
@@ -114,6 +124,7 @@ class _Value:
 _ANY: Final = _Value("object")
 _GLOBAL: Final = _Value("imported callable")
 _LONG_STR: Final = _Value("long str")
+_NOT_A_NAME: Final = _Value("long text that names nothing")
 # Values the unpickler builds itself; none of them is a str.
 _BYTES: Final = _Value("bytes")
 _NUMBER: Final = _Value("number")
@@ -265,11 +276,8 @@ class _Machine:
 
     # --- the machine ---------------------------------------------------------------------
 
-    def record_import(self, module: str | _Value, name: str | _Value) -> None:
-        key = (
-            module if isinstance(module, str) and len(module) <= MAX_NAME_CHARS else UNRESOLVED,
-            name if isinstance(name, str) and len(name) <= MAX_NAME_CHARS else UNRESOLVED,
-        )
+    def record_import(self, module: object, name: object) -> None:
+        key = (_operand(module), _operand(name))
         if key not in self.seen:
             self.seen.add(key)
             self.result.imports.append(key)
@@ -390,10 +398,7 @@ class _Machine:
                 module = pop(name)
                 if module in _MARK_ONLY or global_name in _MARK_ONLY:
                     raise _Stop("STACK_GLOBAL requires str operands")
-                self.record_import(
-                    module if isinstance(module, str) else UNRESOLVED,
-                    global_name if isinstance(global_name, str) else UNRESOLVED,
-                )
+                self.record_import(module, global_name)
                 push(_GLOBAL)
             elif op == 0x63:  # GLOBAL
                 self.import_named_in_lines(name)
@@ -466,7 +471,7 @@ class _Machine:
                     value = codecs.raw_unicode_escape_decode(raw)[0]
                 except UnicodeDecodeError as exc:
                     raise _Stop(f"UNICODE argument does not decode: {exc.reason}") from None
-                push(value if len(value) <= MAX_NAME_CHARS else _LONG_STR)
+                push(_kept(value))
             elif op == 0x67:  # GET
                 index = _decimal(self.line(name), name)
                 if index not in memo:
@@ -488,9 +493,30 @@ class _Machine:
                 raise _Stop(f"opcode {name} not modelled")
 
 
+def _operand(value: object) -> str:
+    """An import's module or name as reported: the constant; LONG_NAME for a constant too long
+    to keep that may name something (a dotted name, or one too long to have been read);
+    NOT_A_NAME for a long one that cannot (the unpickler's import of it fails); UNRESOLVED for
+    anything else on the stack (a call's result, a number)."""
+    if isinstance(value, str):
+        if len(value) <= MAX_NAME_CHARS:
+            return value
+        return LONG_NAME if _DOTTED_NAME.fullmatch(value) else NOT_A_NAME
+    if value is _NOT_A_NAME:
+        return NOT_A_NAME
+    return LONG_NAME if value is _LONG_STR else UNRESOLVED
+
+
+def _kept(text: str) -> str | _Value:
+    """A decoded string as the stack keeps it: itself if short, else what it could name."""
+    if len(text) <= MAX_NAME_CHARS:
+        return text
+    return _LONG_STR if _DOTTED_NAME.fullmatch(text) else _NOT_A_NAME
+
+
 def _decode_name(raw: bytes, what: str) -> str | _Value:
     if len(raw) > MAX_NAME_CHARS:
-        return _LONG_STR
+        return _LONG_STR if _DOTTED_NAME_BYTES.fullmatch(raw) else _NOT_A_NAME
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -531,4 +557,4 @@ def _quoted(raw: bytes, what: str) -> str | _Value:
         value: bytes = codecs.escape_decode(raw[1:-1])[0]
     except ValueError as exc:
         raise _Stop(f"{what} argument does not decode: {exc}") from None
-    return value.decode("latin-1") if len(value) <= MAX_NAME_CHARS else _LONG_STR
+    return _kept(value.decode("latin-1"))

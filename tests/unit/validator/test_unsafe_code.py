@@ -105,6 +105,14 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "zip_overlapping_members": ("entries 'm0.pkl' and 'm1.pkl' overlap",),
     "onnx_external_data_torch_payload": ("pytorch_model.bin: archive/data.pkl: imports os.system",),
     "onnx_external_data_pickle_payload": ("weights.bin: imports os.system",),
+    "onnx_external_data_long_name_payload": (
+        "weights.bin: imports os.<a name over 512 characters> (a constant name too long",
+    ),
+    "legacy_tar_without_magic": ("model.pt: tar archive",),
+    "onnx_external_data_v7_tar": ("model.pt: tar archive",),
+    "onnx_external_data_tokenizer_config": ("tokenizer_config.json: auto_map loads code",),
+    "keras_lambda_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
+    "onnx_external_data_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
 } | fixtures.EXPECTED
 
 
@@ -153,6 +161,11 @@ LOADERS: dict[str, str] = {
         "import torch; torch.load(path + '/pytorch_model.bin', weights_only=False)"
     ),
     "onnx_external_data_pickle_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "onnx_external_data_long_name_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "legacy_tar_without_magic": "import torch; torch.load(path, weights_only=False)",
+    "onnx_external_data_v7_tar": (
+        "import torch; torch.load(path + '/model.pt', weights_only=False)"
+    ),
     "object_npy_payload": "numpy.load(path, allow_pickle=True)",
     # the C unpickler on a file object without peek(): downloaded bytes, torch.load's zip path
     "frame_evasion_pkl": "pickle.load(io.BytesIO(open(path, 'rb').read()))",
