@@ -110,7 +110,15 @@ class S3Store:
             ):
                 entries.extend(page.get("Contents", []))
         except Exception as exc:
-            raise self._error(exc, "listing") from exc
+            error = self._error(exc, "listing")
+            if error.kind == "access_denied" and self._key is not None:
+                # Credentials that may read the one object but not list its bucket (a policy
+                # of s3:GetObject on one key): the location may still name that object.
+                try:
+                    return [self._one_object(self._key)]
+                except StoreError:
+                    pass
+            raise error from exc
         files = [e for e in entries if not e["Key"].endswith("/")]
         if len(files) > MAX_OBJECTS:
             raise StoreError(
@@ -130,6 +138,13 @@ class S3Store:
         """The location as one object, once its prefix turned out empty: the store's prefix
         becomes the object's folder and the object its one file."""
         shown = f"s3://{self.bucket}/{key}"
+        folder, _, name = key.rpartition("/")
+        if name in ("", ".", ".."):  # S3 allows such keys; no file may be named so
+            raise StoreError(
+                f"{shown}: {name!r} is not a file name: name the object or its prefix",
+                kind="unsupported",
+            )
+        self.display = shown  # messages name the object as written from here on
         try:
             head = self._head({"Key": key})
         except StoreError as exc:
@@ -138,9 +153,7 @@ class S3Store:
             raise StoreError(
                 f"{shown}: no such object, and no objects under {shown}/", kind="not_found"
             ) from exc
-        folder, _, name = key.rpartition("/")
         self.prefix = folder + "/" if folder else ""
-        self.display = shown
         self.one_file = name
         entry = {"Key": key, "Size": head.get("ContentLength", 0), "ETag": head.get("ETag")}
         return self._object(entry, head)

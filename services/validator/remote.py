@@ -311,7 +311,12 @@ def _remote_key(store: Store, obj: RemoteObject) -> FileKey | None:
     """The digest cache's key for a remote object: location, name and version, and size."""
     if obj.version is None:
         return None
-    return FileKey(f"{store.display.rstrip('/')}/{obj.rel}@{obj.version}", obj.size, 0, 0, 0, 0)
+    # A location naming one object is that object's own address (s3://b/dir/model.gguf); a
+    # folder's objects are the folder's address and their names.
+    where = (
+        store.display if store.one_file is not None else f"{store.display.rstrip('/')}/{obj.rel}"
+    )
+    return FileKey(f"{where}@{obj.version}", obj.size, 0, 0, 0, 0)
 
 
 def _human(n: int) -> str:

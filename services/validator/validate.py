@@ -103,7 +103,10 @@ def validate(
                 store = open_store(location)
                 remote = mirror(store, Path(where), fill=mirror_fill)
                 if store.one_file is not None:  # s3://b/model.gguf: that file, as a local one
-                    where = str(Path(where) / store.one_file)
+                    single = Path(where) / store.one_file
+                    if single.parent != Path(where) or store.one_file in (".", ".."):
+                        raise StoreError(f"{location}: {store.one_file!r} is not a file name")
+                    where = str(single)
             inv = build_inventory(where)
         except (LocationError, StoreError, OSError) as exc:
             return _unreadable(str(exc), service)

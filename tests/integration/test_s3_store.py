@@ -196,6 +196,49 @@ def test_a_location_that_is_neither_object_nor_prefix_says_both(bucket: str) -> 
     assert f"no such object, and no objects under {location}/" in message
 
 
+def test_one_object_is_read_with_rights_to_it_alone(bucket: str, faults: S3Faults) -> None:
+    """A policy of s3:GetObject on one key, no s3:ListBucket: the listing is refused, the
+    object is still read; a prefix, or an object the policy does not cover, says so."""
+    faults.fail("GET", f"/{bucket}", status=403, code="AccessDenied", times=100)
+    rel = "config.json"
+    store = open_store(f"s3://{bucket}/chat/v1/{rel}")
+    assert [o.rel for o in store.list()] == [rel] and store.read(rel, 0, 5) == FILES[rel][:5]
+    faults.fail("HEAD", f"/{bucket}/chat/v1/secret.gguf", status=403, code="AccessDenied")
+    for location in (f"s3://{bucket}/chat/v1/", f"s3://{bucket}/chat/v1/secret.gguf"):
+        with pytest.raises(StoreError) as caught:
+            open_store(location).list()
+        assert caught.value.kind == "access_denied"
+        assert "listing: access denied" in one_line(caught.value, location.rstrip("/"))
+
+
+def test_a_key_that_names_no_file_is_refused_not_resolved(bucket: str, s3env: Any) -> None:
+    """S3 takes "dir/.." as a key; as a file name in the mirror it would be the folder above."""
+    s3env.client().put_object(Bucket=bucket, Key="chat/..", Body=b"x")
+    location = f"s3://{bucket}/chat/.."
+    with pytest.raises(StoreError) as caught:
+        open_store(location).list()
+    assert caught.value.kind == "unsupported"
+    assert "'..' is not a file name" in one_line(caught.value, location)
+
+
+def test_one_object_has_its_own_digest_cache_key(bucket: str, s3env: Any) -> None:
+    """Not the key of dir/model.gguf/model.gguf read through the prefix dir/model.gguf/."""
+    from services.validator.remote import _remote_key
+
+    client = s3env.client()
+    client.put_object(Bucket=bucket, Key="d/model.gguf", Body=b"GGUF one")
+    client.put_object(Bucket=bucket, Key="e/model.gguf/model.gguf", Body=b"GGUF two")
+    one = open_store(f"s3://{bucket}/d/model.gguf")
+    [obj] = one.list()
+    key = _remote_key(one, obj)
+    assert key is not None and key.path.startswith(f"s3://{bucket}/d/model.gguf@")
+    folder = open_store(f"s3://{bucket}/e/model.gguf/")
+    [other] = folder.list()
+    other_key = _remote_key(folder, other)
+    assert other_key is not None
+    assert other_key.path.startswith(f"s3://{bucket}/e/model.gguf/model.gguf@")
+
+
 def test_a_missing_object_is_not_found(bucket: str) -> None:
     location = f"s3://{bucket}/chat/v1/"
     with pytest.raises(StoreError) as caught:
