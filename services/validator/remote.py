@@ -514,9 +514,12 @@ def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
     ranges = [(0, head)]
     if name.lower().endswith("variables.index") and obj.size - 8 >= len(head):
         ranges.append((obj.size - 8, _read_exact(store, obj, obj.size - 8, obj.size)))
-    for at in hdf5_user_block_offsets(obj.size):  # where libhdf5 looks past a user block
-        if at >= len(head):
-            ranges.append((at, _read_exact(store, obj, at, at + len(HDF5_SIGNATURE))))
+    probes = [at for at in hdf5_user_block_offsets(obj.size) if at >= len(head)]
+    if probes:  # where libhdf5 looks past a user block: 8 bytes each, in parallel
+        width = len(HDF5_SIGNATURE)
+        with ThreadPoolExecutor(min(len(probes), 8), thread_name_prefix="remote-probe") as pool:
+            found = pool.map(lambda at: _read_exact(store, obj, at, at + width), probes)
+            ranges += zip(probes, found, strict=True)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / name
         _write(probe, obj.size, ranges, None)
