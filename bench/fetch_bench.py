@@ -74,6 +74,22 @@ def start_moto(port: int, spool: Path) -> subprocess.Popen[bytes]:
     raise SystemExit("moto did not start")
 
 
+def moto_with_bucket(work: Path, bucket: str) -> tuple[subprocess.Popen[bytes], Any]:
+    """moto_ranged on a free port (its spool under `work`), this process's AWS environment
+    pointed at it, and a client for it with `bucket` made. The caller kills the server."""
+    spool = work / "moto"
+    spool.mkdir()
+    port = free_port()
+    proc = start_moto(port, spool)
+    os.environ.update(CREDENTIALS)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    import boto3
+
+    client = boto3.session.Session().client("s3")
+    client.create_bucket(Bucket=bucket)
+    return proc, client
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb", buffering=0) as fh:
@@ -214,17 +230,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=args.work))
-    port = free_port()
-    spool = work / "moto"
-    spool.mkdir()
-    proc = start_moto(port, spool)
-    os.environ.update(CREDENTIALS)
-    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    proc, client = moto_with_bucket(work, BUCKET)
     try:
-        import boto3
-
-        client = boto3.session.Session().client("s3")
-        client.create_bucket(Bucket=BUCKET)
         shape = {"layers": 3, "shards": 3} if args.quick else {}
         model = write_sparse_sharded_model(work / "model", **shape)
         upload_s = upload(client, model)

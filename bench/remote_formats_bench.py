@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,30 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fetch_bench import CREDENTIALS, free_port, start_moto  # bench/ (scripts run from bench/)
+from fetch_bench import moto_with_bucket  # bench/ (scripts run from bench/)
 from machine import command_line, describe_machine
 
 from services.storage.s3 import upload_directory
 from services.validator.validate import validate
 
 BUCKET = "models"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_onnx_external(directory: Path, size: int) -> None:
-    from onnx import TensorProto, helper
+    if str(REPO) not in sys.path:  # the unit tests' writer of a model.onnx naming its data
+        sys.path.insert(0, str(REPO))
+    from tests.unit.validator.hostile import onnx_naming_external_data
 
-    directory.mkdir(parents=True)
-    tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[size // 4])
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "model.onnx_data"), ("offset", "0"), ("length", str(size))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    output = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [size // 4])
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["W"], ["Y"])], "g", [], [output], initializer=[tensor]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (directory / "model.onnx").write_bytes(model.SerializeToString())
+    onnx_naming_external_data(directory, "model.onnx_data", length=size)
     head = np.random.default_rng(0).standard_normal(1024).astype(np.float32).tobytes()
     with (directory / "model.onnx_data").open("wb") as fh:
         fh.write(b"\x80\x02" + head[2:])
@@ -132,17 +124,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="remote-formats-", dir=args.work))
-    spool = work / "moto"
-    spool.mkdir()
-    port = free_port()
-    proc = start_moto(port, spool)
-    os.environ.update(CREDENTIALS)
-    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    proc, client = moto_with_bucket(work, BUCKET)
     try:
-        import boto3
-
-        client = boto3.session.Session().client("s3")
-        client.create_bucket(Bucket=BUCKET)
         models: dict[str, Callable[[Path], None]] = {
             "onnx-external": lambda d: write_onnx_external(d, int(args.gib * 1024**3)),
             "onnx-inline": lambda d: write_onnx_inline(d, 256 * 1024**2),
