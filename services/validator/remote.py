@@ -404,7 +404,17 @@ def _plan(
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
     if head.startswith(ZIP_MAGICS):
-        return _plan_zip(store, obj, head, whole_file_max)
+        if not _is_hdf5_too(store, obj, head):
+            return _plan_zip(store, obj, head, whole_file_max)
+        if obj.size > whole_file_max:  # h5py reads it too, anywhere: whole, as an HDF5 file
+            return (
+                f"not read: {_human(obj.size)} of zip that is an HDF5 file too would need a full "
+                f"download (over the {_human(whole_file_max)} limit for remote whole-file reads); "
+                "validate a local copy",
+                [(0, head)],
+                False,
+            )
+        return "whole", [(0, head)], True
     if head.startswith(b"GGUF"):
         reader = RangeFile(store, obj)
         reader._put(0, head)
@@ -507,6 +517,27 @@ def _missing(reader: RangeFile, ranges: list[tuple[int, int]]) -> list[tuple[int
     return out
 
 
+def _hdf5_probes(store: Store, obj: RemoteObject, head: bytes) -> list[tuple[int, bytes]]:
+    """The 8 bytes at each offset past the head where libhdf5 looks for a superblock after a
+    user block (128 KiB, 256 KiB ...), fetched in parallel."""
+    probes = [at for at in hdf5_user_block_offsets(obj.size) if at >= len(head)]
+    if not probes:
+        return []
+    width = len(HDF5_SIGNATURE)
+    with ThreadPoolExecutor(min(len(probes), 8), thread_name_prefix="remote-probe") as pool:
+        found = pool.map(lambda at: _read_exact(store, obj, at, at + width), probes)
+        return list(zip(probes, found, strict=True))
+
+
+def _is_hdf5_too(store: Store, obj: RemoteObject, head: bytes) -> bool:
+    """Whether libhdf5 would open this file after a user block (a polyglot zip)."""
+    width = len(HDF5_SIGNATURE)
+    inside = (head[at : at + width] for at in hdf5_user_block_offsets(min(obj.size, len(head))))
+    return HDF5_SIGNATURE in inside or any(
+        data == HDF5_SIGNATURE for _, data in _hdf5_probes(store, obj, head)
+    )
+
+
 def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
     """What sniff says of a file from its head (and, for a variables index, its footer)."""
     import tempfile
@@ -514,12 +545,7 @@ def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
     ranges = [(0, head)]
     if name.lower().endswith("variables.index") and obj.size - 8 >= len(head):
         ranges.append((obj.size - 8, _read_exact(store, obj, obj.size - 8, obj.size)))
-    probes = [at for at in hdf5_user_block_offsets(obj.size) if at >= len(head)]
-    if probes:  # where libhdf5 looks past a user block: 8 bytes each, in parallel
-        width = len(HDF5_SIGNATURE)
-        with ThreadPoolExecutor(min(len(probes), 8), thread_name_prefix="remote-probe") as pool:
-            found = pool.map(lambda at: _read_exact(store, obj, at, at + width), probes)
-            ranges += zip(probes, found, strict=True)
+    ranges += _hdf5_probes(store, obj, head)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / name
         _write(probe, obj.size, ranges, None)

@@ -319,6 +319,22 @@ def test_a_big_onnx_model_is_validated_from_its_protobuf_framing(
     assert remote_read["bytes_read"] < 600_000  # of 12 MB: a few 64 KiB blocks
 
 
+def test_a_zip_that_is_an_hdf5_file_too_is_read_as_both(
+    tmp_path: Path, s3env: Any, strict_planner: None
+) -> None:
+    """The zip plan alone would leave out the HDF5 metadata between the zip's parts, and h5py
+    would not find the Lambda in the mirror: such a file is read whole."""
+    directory = tmp_path / "model"
+    hostile.write_keras_zip_hdf5_polyglot(directory, pad=1_000_000)
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    assert "also an HDF5 file (superblock at byte 4,096): model_config: Keras Lambda" in (
+        report.reason
+    )
+
+
 def test_a_pickle_whose_scan_reads_too_much_is_reported_not_downloaded(
     tmp_path: Path, s3env: Any
 ) -> None:

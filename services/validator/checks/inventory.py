@@ -99,6 +99,10 @@ class ModelFile:
     size: int
     kind: Kind
     detail: str = ""
+    hdf5_at: int | None = None
+    """Where libhdf5 finds a superblock in a file of another kind (a zip that is an HDF5 file
+    too): h5py, and tf.keras's load_model by content, read it as HDF5, so it is scanned as one
+    as well. None for most files."""
 
     @property
     def is_training_state(self) -> bool:
@@ -209,6 +213,14 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
     if lower in TEXT_NAMES or lower.endswith((".md", ".txt", ".yaml", ".yml", ".jinja")):
         return Kind.TEXT, "text"
     return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
+
+
+HDF5_POLYGLOT_KINDS = frozenset(
+    {Kind.ZIP, Kind.PYTORCH_ZIP, Kind.KERAS_ZIP, Kind.NUMPY_ZIP, Kind.NUMPY}
+)
+"""Kinds sniff settles before it looks for an HDF5 superblock after a user block, that a loader
+by content may still open as HDF5 (tf.keras's load_model asks h5py.is_hdf5 first). The other
+kinds sniff decides earlier, safetensors and GGUF, are opened by their own loaders only."""
 
 
 def hdf5_user_block_offsets(size: int) -> Iterator[int]:
@@ -393,4 +405,7 @@ def _add(inv: Inventory, path: Path, rel: str) -> None:
         return
     size = st.st_size
     kind, detail = sniff(path, size, path.name)
-    inv.files.append(ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail))
+    hdf5_at = _hdf5_after_user_block(path, size) if kind in HDF5_POLYGLOT_KINDS else None
+    inv.files.append(
+        ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail, hdf5_at=hdf5_at)
+    )

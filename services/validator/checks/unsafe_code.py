@@ -236,6 +236,9 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
             continue
         try:
             issues = scanner(mf)
+            if mf.hdf5_at is not None:  # a polyglot: what h5py reads of it too
+                also = f"also an HDF5 file (superblock at byte {mf.hdf5_at:,}): "
+                issues = [*(issues or []), *((k, also + w) for k, w in _scan_keras_h5(mf))]
         except Exception as exc:  # a hostile file must not take the check down
             issues = [(FindingKind.UNSCANNABLE, f"could not scan: {type(exc).__name__}: {exc}")]
         if issues is None:

@@ -1014,6 +1014,43 @@ def write_keras_lambda_h5_user_block(directory: Path) -> Path:
     return path
 
 
+def write_keras_zip_hdf5_polyglot(directory: Path, *, pad: int = 0) -> Path:
+    """A Keras 3 archive (benign config.json) that is also an HDF5 file with a Lambda layer:
+    its zip members sit in the HDF5 user block and its central directory after the HDF5 data.
+    zipfile reads the zip; h5py, and tf.keras's load_model (it asks h5py.is_hdf5 first), the
+    HDF5 file. `pad` bytes of dataset before the model_config, and as many in its name, put
+    the HDF5 metadata far from the zip's parts."""
+    import h5py
+
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3.6.0"}))
+        zf.writestr("config.json", json.dumps(keras_model(dense())))
+    raw = buffer.getvalue()
+    end = raw[-22:]  # the end record, no comment
+    cd_size, cd_offset = struct.unpack("<II", end[12:20])
+    members, central = raw[:cd_offset], raw[cd_offset : cd_offset + cd_size]
+    block = 4096
+    assert len(members) <= block
+    h5_path = directory / "lambda.h5.tmp"
+    config = _keras2_model(_lambda_layer(False))
+    with h5py.File(h5_path, "w", userblock_size=block) as h5:
+        if pad:
+            h5.create_dataset("pad", data=np.arange(pad // 4, dtype=np.float32))
+            config["config"]["name"] = "x" * pad
+        h5.attrs["model_config"] = json.dumps(config)
+        h5.attrs["keras_version"] = "2.15.0"
+        h5.attrs["backend"] = "tensorflow"
+        h5.create_group("model_weights")
+    hdf5 = h5_path.read_bytes()[block:]
+    h5_path.unlink()
+    body = members.ljust(block, b"\0") + hdf5
+    path = directory / "model.keras"
+    path.write_bytes(body + central + end[:16] + struct.pack("<I", len(body)) + end[20:])
+    return path
+
+
 def write_onnx_external_data_h5_user_block(directory: Path) -> Path:
     write_keras_lambda_h5_user_block(directory)
     return onnx_naming_external_data(directory, "model.h5")
@@ -1094,4 +1131,5 @@ HOSTILE: dict[str, Writer] = {
     "onnx_external_data_tokenizer_config": write_onnx_external_data_tokenizer_config,
     "keras_lambda_h5_user_block": write_keras_lambda_h5_user_block,
     "onnx_external_data_h5_user_block": write_onnx_external_data_h5_user_block,
+    "keras_zip_hdf5_polyglot": write_keras_zip_hdf5_polyglot,
 }

@@ -113,6 +113,9 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "onnx_external_data_tokenizer_config": ("tokenizer_config.json: auto_map loads code",),
     "keras_lambda_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
     "onnx_external_data_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
+    "keras_zip_hdf5_polyglot": (
+        "model.keras: also an HDF5 file (superblock at byte 4,096): model_config: Keras Lambda",
+    ),
 } | fixtures.EXPECTED
 
 
@@ -191,6 +194,18 @@ def test_payload_is_live_when_really_loaded(name: str, tmp_path: Path) -> None:
     code = f"import io, pickle, zipfile, numpy, sys\npath = sys.argv[1]\n{LOADERS[name]}"
     subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, timeout=60, check=False)
     assert marker(tmp_path).exists()
+
+
+@pytest.mark.parametrize("name", ["keras_lambda_h5_user_block", "keras_zip_hdf5_polyglot"])
+def test_hdf5_files_behind_a_user_block_are_what_h5py_opens(name: str, tmp_path: Path) -> None:
+    """No Keras here to load them: what tf.keras's load_model does first is ask h5py whether the
+    file is HDF5, then read model_config from it. Both files answer yes and carry the Lambda."""
+    import h5py
+
+    path = HOSTILE[name](tmp_path)
+    assert h5py.is_hdf5(str(path))
+    with h5py.File(path, "r") as h5:
+        assert '"Lambda"' in h5.attrs["model_config"]
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE) + sorted(BENIGN))
