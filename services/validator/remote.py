@@ -403,18 +403,6 @@ def _plan(
         return "whole", [(0, _read_exact(store, obj, 0, obj.size))], True
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
-    if head.startswith(ZIP_MAGICS):
-        if not _is_hdf5_too(store, obj, head):
-            return _plan_zip(store, obj, head, whole_file_max)
-        if obj.size > whole_file_max:  # h5py reads it too, anywhere: whole, as an HDF5 file
-            return (
-                f"not read: {_human(obj.size)} of zip that is an HDF5 file too would need a full "
-                f"download (over the {_human(whole_file_max)} limit for remote whole-file reads); "
-                "validate a local copy",
-                [(0, head)],
-                False,
-            )
-        return "whole", [(0, head)], True
     if head.startswith(b"GGUF"):
         reader = RangeFile(store, obj)
         reader._put(0, head)
@@ -436,6 +424,20 @@ def _plan(
                 return "safetensors header", [(0, head)], False
             rest = _read_exact(store, obj, len(head), 8 + n)
             return "safetensors header", [(0, head + rest)], False
+    if not head.startswith(HDF5_SIGNATURE) and _is_hdf5_too(store, obj, head):
+        # HDF5 after a user block, and something else too (a pickle in the block, a zip
+        # around it): h5py reads it anywhere, so whole, and the checks scan it as both.
+        if obj.size > whole_file_max:
+            return (
+                f"not read: {_human(obj.size)} that libhdf5 opens after a user block would need "
+                f"a full download (over the {_human(whole_file_max)} limit for remote whole-file "
+                "reads); validate a local copy",
+                [(0, head)],
+                False,
+            )
+        return "whole", [(0, head)], True
+    if head.startswith(ZIP_MAGICS):
+        return _plan_zip(store, obj, head, whole_file_max)
     kind = _kind_of(store, head, obj, name)
     if kind is Kind.TF_VARIABLES_DATA:
         return "first 64 KiB (its kind)", [(0, head)], False
@@ -545,7 +547,6 @@ def _kind_of(store: Store, head: bytes, obj: RemoteObject, name: str) -> Kind:
     ranges = [(0, head)]
     if name.lower().endswith("variables.index") and obj.size - 8 >= len(head):
         ranges.append((obj.size - 8, _read_exact(store, obj, obj.size - 8, obj.size)))
-    ranges += _hdf5_probes(store, obj, head)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / name
         _write(probe, obj.size, ranges, None)

@@ -53,12 +53,17 @@ def resolve_external_data(inv: Inventory, ctx: CheckContext) -> list[str]:
                 continue
             i = by_rel[rel]
             data = inv.files[i]
-            if data.kind not in RAW_LOOKALIKE or (data.kind is Kind.JSON and _is_json(data)):
+            hdf5 = f", and HDF5 after a {data.hdf5_at:,}-byte user block" if data.hdf5_at else ""
+            if (
+                data.kind not in RAW_LOOKALIKE
+                or hdf5
+                or (data.kind is Kind.JSON and _is_json(data))
+            ):
                 # A file of a known format keeps its kind, so every check still reads it as
                 # what it is: naming a pickle or a GGUF as external data must not hide it.
                 problems.append(
                     f"{model.rel}: external data {rel} is not raw tensor bytes: it is "
-                    f"{data.kind.value} content ({data.detail})"
+                    f"{data.kind.value} content ({data.detail}){hdf5}"
                 )
                 continue
             looked = f"; its first bytes read as {data.detail}" if data.kind is Kind.PICKLE else ""

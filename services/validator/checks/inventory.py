@@ -100,9 +100,9 @@ class ModelFile:
     kind: Kind
     detail: str = ""
     hdf5_at: int | None = None
-    """Where libhdf5 finds a superblock in a file of another kind (a zip that is an HDF5 file
-    too): h5py, and tf.keras's load_model by content, read it as HDF5, so it is scanned as one
-    as well. None for most files."""
+    """Where libhdf5 finds a superblock after a user block (512, 1024 ... bytes in): the file
+    is HDF5 to h5py, and to tf.keras's load_model by content, whatever else it is (a zip, a
+    pickle in the user block), so it is scanned as both. None for most files."""
 
     @property
     def is_training_state(self) -> bool:
@@ -168,6 +168,11 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
     except OSError as exc:
         return Kind.UNKNOWN, f"unreadable: {exc.strerror}"
     lower = name.lower()
+    if is_tar(head):
+        # First: a tar's first member may be named anything ("(L...", "{...", "\x80\x02"), so
+        # it may open like a pickle or JSON, and torch.load still unpickles legacy tar
+        # checkpoints (tarfile checks nothing but the header's checksum).
+        return Kind.UNKNOWN, "tar archive"
     if head.startswith(b"GGUF"):
         return Kind.GGUF, "GGUF magic"
     if head.startswith(HDF5_SIGNATURE):
@@ -180,19 +185,12 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= min(SAFETENSORS_MAX_HEADER, size - 8) and head[8:9] == b"{":
             return Kind.SAFETENSORS, f"safetensors header of {header_len} bytes"
-    at = _hdf5_after_user_block(path, size)
-    if at is not None:  # before the pickle rules: a user block may open like a pickle
-        return Kind.KERAS_H5, f"HDF5 signature at byte {at:,}, after a user block"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return Kind.PICKLE, f"pickle protocol {head[1]}"
     if head[:1] in (b"(", b"]", b"}", b"c") and lower.endswith(
         (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
     ):
         return Kind.PICKLE, "pickle protocol 0/1"  # old protocols have no header; name is the hint
-    if is_tar(head):
-        # Before the JSON and text rules: a tar whose first member is named "{..." or "[..."
-        # starts like JSON, and torch.load still unpickles legacy tar checkpoints.
-        return Kind.UNKNOWN, "tar archive"
     if lower == "saved_model.pb" or lower == "saved_model.pbtxt":
         return Kind.TF_SAVED_MODEL, "TensorFlow SavedModel graph"
     if lower.endswith("variables.index") and _leveldb_footer(path, size):
@@ -215,12 +213,11 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
     return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
 
 
-HDF5_POLYGLOT_KINDS = frozenset(
-    {Kind.ZIP, Kind.PYTORCH_ZIP, Kind.KERAS_ZIP, Kind.NUMPY_ZIP, Kind.NUMPY}
-)
-"""Kinds sniff settles before it looks for an HDF5 superblock after a user block, that a loader
-by content may still open as HDF5 (tf.keras's load_model asks h5py.is_hdf5 first). The other
-kinds sniff decides earlier, safetensors and GGUF, are opened by their own loaders only."""
+NOT_PROBED_FOR_HDF5 = frozenset({Kind.KERAS_H5, Kind.SAFETENSORS, Kind.GGUF})
+"""Kinds never looked at for an HDF5 superblock after a user block: HDF5 found at byte 0, and
+safetensors and GGUF, which their own loaders open. Any other file that libhdf5 would open
+(h5py, and tf.keras's load_model, which asks h5py.is_hdf5 first) is scanned as HDF5 as well as
+what it opens as: a pickle or tar in the user block, a zip around the HDF5 data."""
 
 
 def hdf5_user_block_offsets(size: int) -> Iterator[int]:
@@ -405,7 +402,9 @@ def _add(inv: Inventory, path: Path, rel: str) -> None:
         return
     size = st.st_size
     kind, detail = sniff(path, size, path.name)
-    hdf5_at = _hdf5_after_user_block(path, size) if kind in HDF5_POLYGLOT_KINDS else None
+    hdf5_at = None if kind in NOT_PROBED_FOR_HDF5 else _hdf5_after_user_block(path, size)
+    if hdf5_at is not None and kind is Kind.UNKNOWN and detail != "tar archive":
+        kind, detail = Kind.KERAS_H5, f"HDF5 signature at byte {hdf5_at:,}, after a user block"
     inv.files.append(
         ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail, hdf5_at=hdf5_at)
     )

@@ -236,9 +236,8 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
             continue
         try:
             issues = scanner(mf)
-            if mf.hdf5_at is not None:  # a polyglot: what h5py reads of it too
-                also = f"also an HDF5 file (superblock at byte {mf.hdf5_at:,}): "
-                issues = [*(issues or []), *((k, also + w) for k, w in _scan_keras_h5(mf))]
+            if mf.hdf5_at is not None:  # two formats in one file: scanned as both
+                issues = [*(issues or []), *_second_format(mf)]
         except Exception as exc:  # a hostile file must not take the check down
             issues = [(FindingKind.UNSCANNABLE, f"could not scan: {type(exc).__name__}: {exc}")]
         if issues is None:
@@ -438,6 +437,8 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 def _scan_pickle_file(mf: ModelFile) -> list[_Issue]:
     with _mapped(mf.path, mf.size) as buf:
+        if _is_tar(bytes(buf[:512])):  # sniff takes tars first; this holds if it ever did not
+            return [(FindingKind.ARCHIVE, _TAR_FINDING)]
         return _pickle_issues(_scan_pickles(buf, 0, len(buf)))
 
 
@@ -814,6 +815,16 @@ def _keras_object_issue(node: dict[str, Any], where: str) -> _Issue | None:
 
 def _in_namespace(module: str, roots: tuple[str, ...]) -> bool:
     return any(module == root or module.startswith(root + ".") for root in roots)
+
+
+def _second_format(mf: ModelFile) -> list[_Issue]:
+    """What the file holds besides its kind when libhdf5 finds a superblock after a user block:
+    an HDF5 file's issues for a zip or numpy file; for the HDF5 file, its user block's, which
+    pickle.load and torch.load read from byte 0 (a pickle, or a tar)."""
+    if mf.kind is Kind.KERAS_H5:
+        return [(k, f"its user block: {w}") for k, w in (_scan_unknown(mf) or [])]
+    also = f"also an HDF5 file (superblock at byte {mf.hdf5_at:,}): "
+    return [(k, also + w) for k, w in _scan_keras_h5(mf)]
 
 
 def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:

@@ -1051,6 +1051,35 @@ def write_keras_zip_hdf5_polyglot(directory: Path, *, pad: int = 0) -> Path:
     return path
 
 
+def write_pickle_in_hdf5_user_block(directory: Path) -> Path:
+    """An HDF5 file (h5py opens it) whose 512-byte user block is a pickle that pickle.load
+    and torch.load run: a file that is two things is scanned as both."""
+    import h5py
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pytorch_model.bin"
+    with h5py.File(path, "w", userblock_size=512) as h5:
+        h5.create_dataset("w", data=np.zeros((64, 64), dtype=np.float32))
+    payload = os_system_pickle(directory)
+    assert len(payload) <= 512
+    with path.open("r+b") as fh:
+        fh.write(payload)
+    return path
+
+
+def write_legacy_tar_named_like_a_pickle(directory: Path) -> Path:
+    """A legacy torch tar whose first member is named like torch's legacy pickle stream
+    ("(L<magic>L\\nt.N.N.N.N.": five pickles), in a v7 header: by its first bytes a pickle, to
+    tarfile (and torch.load) a tar whose storages member runs a command."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pytorch_model.bin"
+    members = [("(L119547037146038801333356L\nt.N.N.N.N.", b"\x07" * 4096)]
+    members += [("storages", os_system_pickle(directory)), ("tensors", pickle.dumps(0, 2))]
+    members += [("pickle", pickle.dumps({}, 2))]
+    path.write_bytes(v7_tar(members))
+    return path
+
+
 def write_onnx_external_data_h5_user_block(directory: Path) -> Path:
     write_keras_lambda_h5_user_block(directory)
     return onnx_naming_external_data(directory, "model.h5")
@@ -1132,4 +1161,6 @@ HOSTILE: dict[str, Writer] = {
     "keras_lambda_h5_user_block": write_keras_lambda_h5_user_block,
     "onnx_external_data_h5_user_block": write_onnx_external_data_h5_user_block,
     "keras_zip_hdf5_polyglot": write_keras_zip_hdf5_polyglot,
+    "pickle_in_hdf5_user_block": write_pickle_in_hdf5_user_block,
+    "legacy_tar_named_like_a_pickle": write_legacy_tar_named_like_a_pickle,
 }

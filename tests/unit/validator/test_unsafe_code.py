@@ -111,8 +111,14 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "legacy_tar_without_magic": ("model.pt: tar archive",),
     "onnx_external_data_v7_tar": ("model.pt: tar archive",),
     "onnx_external_data_tokenizer_config": ("tokenizer_config.json: auto_map loads code",),
-    "keras_lambda_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
-    "onnx_external_data_h5_user_block": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
+    "keras_lambda_h5_user_block": (
+        "model.h5: also an HDF5 file (superblock at byte 512): model_config: Keras Lambda layer",
+    ),
+    "onnx_external_data_h5_user_block": (
+        "model.h5: also an HDF5 file (superblock at byte 512): model_config: Keras Lambda layer",
+    ),
+    "pickle_in_hdf5_user_block": ("pytorch_model.bin: imports os.system",),
+    "legacy_tar_named_like_a_pickle": ("pytorch_model.bin: tar archive",),
     "keras_zip_hdf5_polyglot": (
         "model.keras: also an HDF5 file (superblock at byte 4,096): model_config: Keras Lambda",
     ),
@@ -166,6 +172,8 @@ LOADERS: dict[str, str] = {
     "onnx_external_data_pickle_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "onnx_external_data_long_name_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "legacy_tar_without_magic": "import torch; torch.load(path, weights_only=False)",
+    "pickle_in_hdf5_user_block": "pickle.load(open(path, 'rb'))",
+    "legacy_tar_named_like_a_pickle": "import torch; torch.load(path, weights_only=False)",
     "onnx_external_data_v7_tar": (
         "import torch; torch.load(path + '/model.pt', weights_only=False)"
     ),
