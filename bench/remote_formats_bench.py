@@ -11,6 +11,8 @@ range), uploaded with ChecksumSHA256:
                    the framing and passes over the payloads
     pickle         a protocol-4 pickle of four 64 MiB float32 arrays (256 MiB): the pickle scan
                    reads the opcodes and passes over the array bytes
+    pickle-N       a pickle of N 256 KiB arrays (--many, default 10, 200 and 400): one ranged
+                   read per array, until reads would cost more than streaming the file whole
 
 For each: validation wall time (median of --runs, local and S3 alternating), the status, the
 bytes and requests it read from S3, and the file's size (what reading it whole costs).
@@ -21,6 +23,7 @@ bytes and requests it read from S3, and the file's size (what reading it whole c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pickle
 import shutil
@@ -80,6 +83,12 @@ def write_pickle(directory: Path, size: int) -> None:
     (directory / "weights.pkl").write_bytes(pickle.dumps(arrays, protocol=4))
 
 
+def write_many(directory: Path, count: int) -> None:
+    directory.mkdir(parents=True)
+    arrays = {f"layer.{i}": np.zeros(65536, np.float32) for i in range(count)}
+    (directory / "weights.pkl").write_bytes(pickle.dumps(arrays, protocol=4))
+
+
 def bench_one(client: Any, name: str, directory: Path, runs: int) -> dict[str, Any]:
     started = time.perf_counter()
     upload_directory(client, BUCKET, f"{name}/", directory)
@@ -120,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="validation runs of each")
     parser.add_argument("--gib", type=float, default=2.0, help="size of the ONNX external data")
+    parser.add_argument("--many", default="10,200,400", help="array counts of pickle-N models")
     parser.add_argument("--work", type=Path, default=None, help="scratch dir")
     args = parser.parse_args()
 
@@ -131,6 +141,8 @@ def main() -> None:
             "onnx-inline": lambda d: write_onnx_inline(d, 256 * 1024**2),
             "pickle": lambda d: write_pickle(d, 256 * 1024**2),
         }
+        for count in (int(c) for c in args.many.split(",") if c):
+            models[f"pickle-{count}"] = functools.partial(write_many, count=count)
         results: dict[str, Any] = {}
         for name, write in models.items():
             directory = work / name

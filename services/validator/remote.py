@@ -12,9 +12,9 @@ at is fetched into it:
     zip (PyTorch .bin/.pt)    end record, central directory, and every member's local header
                               and data except the tensor records (data/<n>) no check opens
     TensorFlow variables data the first 64 KiB (read for nothing but its kind)
-    pickles, unknown content  what the unsafe-code scan examines (ONNX external data included):
-                              the same scan runs over a sparse copy until it examines nothing
-                              unfetched; the array bytes it passes over by length are not read
+    pickles, unknown content  what the unsafe-code scan reads (ONNX external data included):
+                              the same scan runs over a range reader; the array bytes it passes
+                              over by length are not read (whole when reads cost more)
     ONNX                      its protobuf framing, found by running the structure check's walk
                               over a range reader; tensor payloads are passed over by length
     anything else             whole (HDF5, large JSON), up to `whole_file_max` bytes; a
@@ -75,14 +75,40 @@ DIGEST_INFLIGHT = 8
 STREAM_CHUNK = 8 * 1024 * 1024
 
 
+MAX_PLAN_READS = 256
+BYTES_PER_READ = 4 * 1024 * 1024
+"""A pickle's plan makes one ranged read per array payload it resumes after. A round trip costs
+about what streaming a few MiB does (30 ms at 100 MB/s), so a plan may make one read per
+BYTES_PER_READ of the file (16 at least, MAX_PLAN_READS at most); past them, the file is
+streamed whole."""
+
+
+class _PlanTooBig(Exception):
+    """A plan would hold more than its limit (bytes), or make more reads than it may."""
+
+    def __init__(self, *, reads: bool) -> None:
+        super().__init__("over the read plan's limit")
+        self.reads = reads
+
+
 class RangeFile(io.RawIOBase):
     """One remote object as a seekable read-only stream: reads become ranged GETs of whole
     64 KiB blocks, doubling the read-ahead while reads run forward (a GGUF vocabulary is
     megabytes of small sequential reads). Every fetched range is kept in `ranges`."""
 
-    def __init__(self, store: Store, obj: RemoteObject) -> None:
+    def __init__(
+        self,
+        store: Store,
+        obj: RemoteObject,
+        *,
+        limit: int | None = None,
+        max_reads: int | None = None,
+    ) -> None:
         super().__init__()
         self.store, self.obj = store, obj
+        self.limit = limit  # bytes it may hold: over it, a plan stops (_PlanTooBig)
+        self.max_reads = max_reads
+        self.reads_made = 0
         self.pos = 0
         self._starts: list[int] = []
         self._chunks: list[bytes] = []
@@ -140,6 +166,11 @@ class RangeFile(io.RawIOBase):
             fetch_start = max(at - at % BLOCK, self._held_end(i) if i >= 0 else 0)
             want = max(end, fetch_start + self._ahead)
             fetch_end = min(-(-want // BLOCK) * BLOCK, nxt, self.obj.size)
+            if self.limit is not None and self.fetched + fetch_end - fetch_start > self.limit:
+                raise _PlanTooBig(reads=False)
+            if self.max_reads is not None and self.reads_made >= self.max_reads:
+                raise _PlanTooBig(reads=True)
+            self.reads_made += 1
             data = self.store.read(self.obj.rel, fetch_start, fetch_end)
             if len(data) != fetch_end - fetch_start:  # a short piece would leave a gap forever
                 raise StoreError(
@@ -168,9 +199,10 @@ class RangeFile(io.RawIOBase):
 
 
 class _RangeView:
-    """buf[i], buf[a:b] and len(buf) over a RangeFile, for the protobuf walk of an ONNX file
-    (services/validator/checks/headers.py): the walk that plans the reads is the check's own.
-    The block last read is kept: the walk reads varints a byte at a time."""
+    """buf[i], buf[a:b], buf.find and len(buf) over a RangeFile, for the protobuf walk of an
+    ONNX file (services/validator/checks/headers.py) and the pickle model: the walk or scan
+    that plans the reads is the check's own. The block last read is kept: both read a byte at
+    a time."""
 
     def __init__(self, reader: RangeFile) -> None:
         self.reader = reader
@@ -199,6 +231,18 @@ class _RangeView:
             self.reader.seek(self._start)
             self._block = self.reader.read(BLOCK)
         return self._block[key - self._start]
+
+    def find(self, sub: bytes, start: int, end: int, /) -> int:
+        """bytes.find, reading a block at a time up to where `sub` is (or `end`)."""
+        at, end = max(0, start), min(end, self.size)
+        while at < end:
+            stop = min(end, at - at % BLOCK + BLOCK)
+            chunk = self[at : min(end, stop + len(sub) - 1)]
+            found = chunk.find(sub)
+            if found >= 0:
+                return at + found
+            at = stop
+        return -1
 
 
 @dataclass
@@ -404,12 +448,13 @@ def _plan(
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
     if head.startswith(b"GGUF"):
-        reader = RangeFile(store, obj)
+        reader = RangeFile(store, obj, limit=whole_file_max)
         reader._put(0, head)
         reader._last_end = len(head)  # reads run on from the head: read ahead from the start
-        with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
-            read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
-        if reader.fetched > whole_file_max:
+        try:
+            with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
+                read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
+        except _PlanTooBig:
             return (
                 f"not read: GGUF metadata of over {_human(whole_file_max)} (the limit for "
                 "remote whole-file reads); validate a local copy",
@@ -444,11 +489,12 @@ def _plan(
     if kind in (Kind.PICKLE, Kind.UNKNOWN):
         return _plan_pickle_scan(store, obj, head, whole_file_max, kind)
     if kind is Kind.ONNX:
-        reader = RangeFile(store, obj)
+        reader = RangeFile(store, obj, limit=whole_file_max)
         reader._put(0, head)
-        with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
-            read_onnx_from(Path(obj.rel), _RangeView(reader))
-        if reader.fetched > whole_file_max:
+        try:
+            with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
+                read_onnx_from(Path(obj.rel), _RangeView(reader))
+        except _PlanTooBig:
             return (
                 f"not read: ONNX framing of over {_human(whole_file_max)} (the limit for remote "
                 "whole-file reads); validate a local copy",
@@ -473,50 +519,28 @@ def _plan_pickle_scan(
     """What the unsafe-code check reads of a pickle, or of a file of no known format (ONNX
     external data, a pickle under another name): its head and the bytes the pickle model
     examines, never the array payloads it passes over by their length. Found by running the
-    same scan over a sparse copy of what is fetched until it examines no byte that is not: the
-    scan reads bytes in order and decides only by what it reads, so it then runs on the copy as
-    on the file. Raw tensor bytes break within a few opcodes: a few KiB of a 5 GB file."""
-    import tempfile
+    same scan over a range reader: the check, run later over the fetched bytes, reads exactly
+    those, in the same order, and decides the same. Raw tensor bytes break within a few
+    opcodes: a 5 GB file costs its head. Each payload passed over costs one ranged read; when
+    they would cost more than streaming the file (BYTES_PER_READ), it is read whole."""
+    from services.validator.checks.unsafe_code import read_as_the_pickle_scan_does
 
-    from services.validator.checks.unsafe_code import examined_by_pickle_scan
-
-    reader = RangeFile(store, obj)
+    reads = min(MAX_PLAN_READS, max(16, obj.size // BYTES_PER_READ))
+    reader = RangeFile(store, obj, limit=whole_file_max, max_reads=reads)
     reader._put(0, head)
     reader._last_end = len(head)  # a pickle runs on from its head: read ahead from there
-    with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "probe"
-        while True:
-            _write(probe, obj.size, reader.ranges, None)
-            missing = _missing(reader, examined_by_pickle_scan(probe, obj.size))
-            if not missing:
-                break
-            for start, end in missing:
-                reader._ensure(start, end)
-            if reader.fetched > whole_file_max:
-                return (
-                    f"not read: its {kind.value} scan reads over {_human(whole_file_max)} (the "
-                    "limit for remote whole-file reads); validate a local copy",
-                    [(0, head)],
-                    False,
-                )
+    try:
+        read_as_the_pickle_scan_does(_RangeView(reader))
+    except _PlanTooBig as big:
+        if big.reads and obj.size <= whole_file_max:
+            return "whole", [(0, head)], True  # streamed to disk by mirror()
+        return (
+            f"not read: its {kind.value} scan reads over {_human(whole_file_max)} (the limit "
+            "for remote whole-file reads); validate a local copy",
+            [(0, head)],
+            False,
+        )
     return f"{kind.value} scan: what the pickle model reads", reader.ranges, False
-
-
-def _missing(reader: RangeFile, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of `ranges` that `reader` does not hold yet."""
-    held = sorted((s, s + len(c)) for s, c in reader.ranges)
-    out: list[tuple[int, int]] = []
-    for start, end in ranges:
-        at = start
-        for h_start, h_end in held:
-            if h_end <= at or h_start >= end:
-                continue
-            if h_start > at:
-                out.append((at, h_start))
-            at = max(at, h_end)
-        if at < end:
-            out.append((at, end))
-    return out
 
 
 def _hdf5_probes(store: Store, obj: RemoteObject, head: bytes) -> list[tuple[int, bytes]]:

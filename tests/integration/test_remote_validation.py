@@ -335,6 +335,32 @@ def test_a_zip_that_is_an_hdf5_file_too_is_read_as_both(
     )
 
 
+def test_a_pickle_read_across_blocks_after_skipped_payloads_is_read_as_local(
+    tmp_path: Path, s3env: Any, strict_planner: None
+) -> None:
+    """The plan is the scan's own reads: after each payload it passes over, it resumes in a
+    block not fetched yet, and a GLOBAL's lines may run into the next block (4 KiB here)."""
+    import pickle
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    body = b""
+    for size in (10_000, 20_000, 30_000):  # BINBYTES payloads, each passed over, then POP
+        body += pickle.BINBYTES + size.to_bytes(4, "little") + b"\7" * size + pickle.POP
+    start = 2 + len(body)
+    cut = -(-start // 4096) * 4096 - 3  # the GLOBAL's "os\nsystem" crosses a block boundary
+    body += pickle.BINBYTES + (cut - start - 5).to_bytes(4, "little") + b"\7" * (cut - start - 5)
+    body += pickle.POP + hostile.os_system_pickle(directory)[2:]
+    (directory / "weights.dat").write_bytes(pickle.PROTO + b"\x02" + body)
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    assert "weights.dat: imports os.system" in report.reason
+    fetched = next(c for c in report.checks if c.name == "format").details["remote"]["fetched"]
+    assert fetched["weights.dat"] == "pickle scan: what the pickle model reads"
+
+
 def test_a_pickle_whose_scan_reads_too_much_is_reported_not_downloaded(
     tmp_path: Path, s3env: Any
 ) -> None:

@@ -434,6 +434,10 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 view.release()
 
 
+MAX_EXTERNAL_DATA_ENTRY = 64 * 1024
+"""Bytes one external_data key/value entry of an ONNX tensor may take: its strings are read."""
+
+
 def read_onnx(path: Path) -> OnnxModel:
     """Walk ModelProto: ir_version, the graph, and initializers' external-data references."""
     with _mapped(path) as data:
@@ -464,6 +468,11 @@ def read_onnx_from(path: Path, data: ByteSource) -> OnnxModel:
             elif t.number == 14 and t.wire_type == 0:  # data_location
                 is_external = t.value == 1
             elif t.number == 13 and t.wire_type == 2:  # external_data entry
+                if t.length > MAX_EXTERNAL_DATA_ENTRY:
+                    raise HeaderError(
+                        f"an external_data entry of {t.length:,} bytes (a location, an offset "
+                        f"and a length take a few; the limit is {MAX_EXTERNAL_DATA_ENTRY:,})"
+                    )
                 key = value = ""
                 for kv in protobuf_fields(data, t.start, t.start + t.length):
                     text = bytes(data[kv.start : kv.start + kv.length]).decode("utf-8", "replace")

@@ -25,7 +25,7 @@ import mmap
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, overload
 
 __all__ = [
     "LONG_NAME",
@@ -34,9 +34,9 @@ __all__ = [
     "UNRESOLVED",
     "Budget",
     "Buffer",
+    "ByteReader",
     "LimitReached",
     "PickleRun",
-    "ReadTrace",
     "run_pickle",
 ]
 
@@ -54,8 +54,24 @@ _DOTTED_NAME_BYTES: Final = re.compile(rb"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 HIGHEST_PROTOCOL: Final = 5
 
 
+class ByteReader(Protocol):
+    """A file read on demand (a remote model's range reader, services/validator/remote.py):
+    the machine's reads of it are what the remote validator fetches, so that the check, run
+    later over the fetched bytes, reads exactly those."""
+
+    def __len__(self) -> int: ...
+
+    @overload
+    def __getitem__(self, key: int, /) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice, /) -> bytes: ...
+
+    def find(self, sub: bytes, start: int, end: int, /) -> int: ...
+
+
 # bytes, or an mmap of a file: indexable, sliceable and searchable without reading it all.
-Buffer = bytes | mmap.mmap
+Buffer = bytes | mmap.mmap | ByteReader
 
 
 class LimitReached(Exception):
@@ -82,29 +98,6 @@ class PickleRun:
     @property
     def loads(self) -> bool:
         return self.error is None and self.frame_error is None
-
-
-@dataclass
-class ReadTrace:
-    """Which bytes a scan examined, for planning a remote file's range reads: everything from
-    where it started up to `reach`, except the `skips` (payloads passed over by their length,
-    never read). The machine reads nothing else, so a copy of the file that holds these bytes
-    is scanned exactly as the file is."""
-
-    reach: int = 0
-    skips: list[tuple[int, int]] = field(default_factory=list)
-
-    def examined(self, start: int) -> list[tuple[int, int]]:
-        """[start, reach) less the skips, as sorted disjoint ranges."""
-        out: list[tuple[int, int]] = []
-        at = start
-        for a, b in sorted(self.skips):
-            if a > at:
-                out.append((at, min(a, self.reach)))
-            at = max(at, b)
-        if at < self.reach:
-            out.append((at, self.reach))
-        return [(a, b) for a, b in out if b > a]
 
 
 class _Value:
@@ -189,13 +182,11 @@ def run_pickle(
     budget: Budget,
     *,
     origin: int | None = None,
-    trace: ReadTrace | None = None,
 ) -> PickleRun:
     """Run the pickle that starts at `start` (and must end by `end`) as the unpickler would.
     Positions in messages count from `origin` (default `start`): where the file or member
-    begins. Never raises on bad input; raises LimitReached when the budget runs out. `trace`
-    collects what it examined."""
-    machine = _Machine(buf, start, end, budget, trace)
+    begins. Never raises on bad input; raises LimitReached when the budget runs out."""
+    machine = _Machine(buf, start, end, budget)
     try:
         machine.run()
     except _Stop as stop:
@@ -205,18 +196,14 @@ def run_pickle(
         else:
             machine.result.error = f"{where}: {stop.why}"
         machine.result.end = machine.pos
-    finally:
-        if trace is not None:
-            trace.reach = max(trace.reach, machine.pos)
     return machine.result
 
 
 class _Machine:
-    def __init__(
-        self, buf: Buffer, start: int, end: int, budget: Budget, trace: ReadTrace | None
-    ) -> None:
+    def __init__(self, buf: Buffer, start: int, end: int, budget: Budget) -> None:
         self.buf = buf
-        self.trace = trace
+        # bytes and mmaps are read with struct; a ByteReader (a remote file) by slices
+        self.unpack = isinstance(buf, (bytes, mmap.mmap))
         self.pos = start
         self.end = end
         self.op_at = start
@@ -248,23 +235,21 @@ class _Machine:
     def line(self, what: str) -> bytes:
         nl = self.buf.find(b"\n", self.pos, self.end)
         if nl < 0:
-            if self.trace is not None:  # looked at every byte to the end
-                self.trace.reach = max(self.trace.reach, self.end)
             raise _Stop(f"{what} has no end of line (truncated)")
         at = self.take(nl + 1 - self.pos, what)
         return self.buf[at:nl]
 
     def uint(self, n: int, what: str, *, signed: bool = False) -> int:
         at = self.take(n, what)
+        if not self.unpack:
+            return int.from_bytes(self.buf[at : at + n], "little", signed=signed)
         formats = _SIGNED_FORMATS if signed else _INT_FORMATS
-        value: int = _unpack_from(formats[n], self.buf, at)[0]
+        value: int = _unpack_from(formats[n], self.buf, at)[0]  # type: ignore[arg-type]
         return value
 
     def text(self, n: int, what: str) -> str | _Value:
         at = self.take(n, what)
         if n > MAX_NAME_CHARS * 4:
-            if self.trace is not None:
-                self.trace.skips.append((at, at + n))
             return _LONG_STR
         raw = self.buf[at : at + n]
         try:
@@ -351,9 +336,7 @@ class _Machine:
                 if kind is None:
                     push(self.text(length, name))
                 else:
-                    at = self.take(length, name)
-                    if self.trace is not None:
-                        self.trace.skips.append((at, at + length))
+                    self.take(length, name)
                     push(kind)
             elif op == 0x28:  # MARK
                 metastack.append(stack)

@@ -38,7 +38,6 @@ from services.validator.checks.pickle_machine import (
     Budget,
     Buffer,
     LimitReached,
-    ReadTrace,
     run_pickle,
 )
 
@@ -323,7 +322,6 @@ def _scan_pickles(
     start: int,
     end: int,
     budget: Budget | None = None,
-    trace: ReadTrace | None = None,
 ) -> _PickleScan:
     """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
     own as an unpickler would: its own memo, and a reason wherever one would stop loading.
@@ -334,15 +332,13 @@ def _scan_pickles(
     seen: set[tuple[str, str]] = set()
     pos, count, expected = start, 0, None
     while pos < end:
-        if count and trace is not None and end - pos <= _MAX_TRAILING_WHITESPACE:
-            trace.reach = max(trace.reach, end)  # _only_whitespace reads all of it
         if count and _only_whitespace(buf, pos, end):
             break
         if count == MAX_PICKLES_PER_STREAM:
             scan.limit = f"more than {MAX_PICKLES_PER_STREAM} pickles back to back"
             break
         try:
-            run = run_pickle(buf, pos, end, budget, origin=start, trace=trace)
+            run = run_pickle(buf, pos, end, budget, origin=start)
         except LimitReached:
             scan.limit = f"more than {MAX_PICKLE_OPS:,} opcodes"
             break
@@ -456,20 +452,15 @@ def _scan_if_pickle_like(mf: ModelFile) -> tuple[bytes, _PickleScan] | list[_Iss
         return head, _scan_pickles(buf, 0, len(buf))
 
 
-def examined_by_pickle_scan(path: Path, size: int) -> list[tuple[int, int]]:
-    """The byte ranges the scan of a pickle, or of a file of no known format (external data
-    too), examines: its first 512 bytes (a tar header) and what the pickle model reads. A remote
-    file's read plan (services/validator/remote.py) fetches until this holds no byte it lacks."""
-    ranges = [(0, min(size, 512))]
-    if size == 0:
-        return []
-    trace = ReadTrace()
-    with _mapped(path, size) as buf:
-        head = bytes(buf[:512])
-        if _is_tar(head) or (head[:1] not in _OPCODES and not _looks_like_pickle(head)):
-            return ranges
-        _scan_pickles(buf, 0, len(buf), trace=trace)
-    return ranges + trace.examined(0)
+def read_as_the_pickle_scan_does(buf: Buffer) -> None:
+    """Read `buf` as the scan of a pickle, or of a file of no known format (ONNX external data
+    too), reads it: its first 512 bytes (a tar header) and what the pickle model reads, never
+    the array bytes it passes over by length. A remote file's read plan
+    (services/validator/remote.py) is what this reads of a range reader: the check then reads
+    exactly the fetched bytes, in the same order, and decides the same."""
+    if len(buf) == 0 or _is_tar(bytes(buf[:512])):
+        return
+    _scan_pickles(buf, 0, len(buf))
 
 
 def _scan_unknown(mf: ModelFile) -> list[_Issue] | None:
