@@ -57,6 +57,7 @@ from services.validator.checks.inventory import (
     Kind,
     ModelFile,
     hdf5_user_block_offsets,
+    is_tar,
     sniff,
 )
 
@@ -447,7 +448,32 @@ def _plan(
         return "whole", [(0, _read_exact(store, obj, 0, obj.size))], True
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
-    if head.startswith(b"GGUF"):
+    tar = is_tar(head)  # sniff takes a tar first, whatever its head looks like
+    if (tar or not head.startswith(ZIP_MAGICS)) and _is_zip_from_end(store, obj, head):
+        # A zip found from the end of a file that opens as something else: zipfile reads its
+        # central directory wherever the end record says, so whole, and scanned as both.
+        if obj.size > whole_file_max:
+            return (
+                f"not read: {_human(obj.size)} with a zip at its end would need a full download "
+                f"(over the {_human(whole_file_max)} limit for remote whole-file reads); "
+                "validate a local copy",
+                [(0, head)],
+                False,
+            )
+        return "whole", [(0, head)], True
+    if (tar or not head.startswith(HDF5_SIGNATURE)) and _is_hdf5_too(store, obj, head):
+        # HDF5 after a user block, and something else too (a pickle in the block, a zip
+        # around it): h5py reads it anywhere, so whole, and the checks scan it as both.
+        if obj.size > whole_file_max:
+            return (
+                f"not read: {_human(obj.size)} that libhdf5 opens after a user block would need "
+                f"a full download (over the {_human(whole_file_max)} limit for remote whole-file "
+                "reads); validate a local copy",
+                [(0, head)],
+                False,
+            )
+        return "whole", [(0, head)], True
+    if not tar and head.startswith(b"GGUF"):
         reader = RangeFile(store, obj, limit=whole_file_max)
         reader._put(0, head)
         reader._last_end = len(head)  # reads run on from the head: read ahead from the start
@@ -462,26 +488,14 @@ def _plan(
                 False,
             )
         return "GGUF header and metadata", reader.ranges, False
-    if len(head) >= 9:
+    if not tar and len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= min(SAFETENSORS_MAX_HEADER, obj.size - 8) and head[8:9] == b"{":
             if 8 + n <= len(head):
                 return "safetensors header", [(0, head)], False
             rest = _read_exact(store, obj, len(head), 8 + n)
             return "safetensors header", [(0, head + rest)], False
-    if not head.startswith(HDF5_SIGNATURE) and _is_hdf5_too(store, obj, head):
-        # HDF5 after a user block, and something else too (a pickle in the block, a zip
-        # around it): h5py reads it anywhere, so whole, and the checks scan it as both.
-        if obj.size > whole_file_max:
-            return (
-                f"not read: {_human(obj.size)} that libhdf5 opens after a user block would need "
-                f"a full download (over the {_human(whole_file_max)} limit for remote whole-file "
-                "reads); validate a local copy",
-                [(0, head)],
-                False,
-            )
-        return "whole", [(0, head)], True
-    if head.startswith(ZIP_MAGICS):
+    if not tar and head.startswith(ZIP_MAGICS):
         return _plan_zip(store, obj, head, whole_file_max)
     kind = _kind_of(store, head, obj, name)
     if kind is Kind.TF_VARIABLES_DATA:
@@ -541,6 +555,24 @@ def _plan_pickle_scan(
             False,
         )
     return f"{kind.value} scan: what the pickle model reads", reader.ranges, False
+
+
+ZIP_END_SEARCH = 22 + 65535  # an end record and the longest comment: where zipfile looks
+
+
+def _is_zip_from_end(store: Store, obj: RemoteObject, head: bytes) -> bool:
+    """Whether zipfile.is_zipfile says yes of the file: it reads only the last ZIP_END_SEARCH
+    bytes, so a copy holding them (and the head) answers as the file does."""
+    import tempfile
+
+    start = max(len(head), obj.size - ZIP_END_SEARCH)
+    ranges = [(0, head)]
+    if start < obj.size:
+        ranges.append((start, _read_exact(store, obj, start, obj.size)))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        _write(probe, obj.size, ranges, None)
+        return zipfile.is_zipfile(probe)
 
 
 def _hdf5_probes(store: Store, obj: RemoteObject, head: bytes) -> list[tuple[int, bytes]]:

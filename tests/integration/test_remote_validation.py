@@ -175,7 +175,10 @@ def test_a_sharded_model_is_validated_from_its_headers_and_provider_checksums(
     assert checksum.details["downloaded_bytes"] == 0
     remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
     small = sum(p.stat().st_size for p in directory.glob("*.json"))
-    assert remote_read["bytes_read"] <= small + 2 * remote.HEAD_BYTES < size * 0.02
+    # per shard: its head, the last 64 KiB where a zip reader looks for an end record, and
+    # 8-byte probes where libhdf5 looks for a superblock after a user block
+    per_shard = remote.HEAD_BYTES + remote.ZIP_END_SEARCH + 8 * 16
+    assert remote_read["bytes_read"] <= small + 2 * per_shard < size * 0.05
     assert remote_read["fetched"]["model-00001-of-00002.safetensors"] == "safetensors header"
 
 
@@ -277,7 +280,7 @@ def test_big_onnx_external_data_is_validated_without_a_download(tmp_path: Path, 
     assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
     assert report.status is Status.PASSED, report.reason
     remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
-    assert remote_read["bytes_read"] < 100_000  # of 4 MB
+    assert remote_read["bytes_read"] < 200_000  # of 4 MB: its head and its last 64 KiB
 
 
 def test_a_big_onnx_model_is_validated_from_its_protobuf_framing(

@@ -99,6 +99,10 @@ class ModelFile:
     size: int
     kind: Kind
     detail: str = ""
+    zip_kind: Kind | None = None
+    """The zip's kind when a zip reader finds one from the file's end (its end record) while
+    its first bytes say another format (a safetensors or HDF5 file with a Keras archive after
+    it: Keras 3 opens a .keras with zipfile). It is scanned as that zip as well."""
     hdf5_at: int | None = None
     """Where libhdf5 finds a superblock after a user block (512, 1024 ... bytes in): the file
     is HDF5 to h5py, and to tf.keras's load_model by content, whatever else it is (a zip, a
@@ -213,11 +217,23 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
     return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
 
 
-NOT_PROBED_FOR_HDF5 = frozenset({Kind.KERAS_H5, Kind.SAFETENSORS, Kind.GGUF})
-"""Kinds never looked at for an HDF5 superblock after a user block: HDF5 found at byte 0, and
-safetensors and GGUF, which their own loaders open. Any other file that libhdf5 would open
-(h5py, and tf.keras's load_model, which asks h5py.is_hdf5 first) is scanned as HDF5 as well as
-what it opens as: a pickle or tar in the user block, a zip around the HDF5 data."""
+NOT_PROBED_FOR_HDF5 = frozenset({Kind.KERAS_H5})
+"""Only HDF5 found at byte 0 is not looked at again for a superblock after a user block. Any
+other file that libhdf5 would open (h5py, and tf.keras's load_model, which asks h5py.is_hdf5
+first, whatever the file's name) is scanned as HDF5 as well as what it opens as: a pickle or
+tar in the user block, a zip around the HDF5 data, a safetensors or GGUF file holding it as
+tensor bytes."""
+
+
+ZIP_KINDS = frozenset({Kind.ZIP, Kind.PYTORCH_ZIP, Kind.KERAS_ZIP, Kind.NUMPY_ZIP})
+
+
+def _zip_from_end(path: Path) -> bool:
+    """Whether zipfile finds an end record in the file's last 64 KiB (as is_zipfile does)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def hdf5_user_block_offsets(size: int) -> Iterator[int]:
@@ -405,6 +421,19 @@ def _add(inv: Inventory, path: Path, rel: str) -> None:
     hdf5_at = None if kind in NOT_PROBED_FOR_HDF5 else _hdf5_after_user_block(path, size)
     if hdf5_at is not None and kind is Kind.UNKNOWN and detail != "tar archive":
         kind, detail = Kind.KERAS_H5, f"HDF5 signature at byte {hdf5_at:,}, after a user block"
+    zip_kind = None
+    if kind not in ZIP_KINDS and size >= 22 and _zip_from_end(path):
+        found, how = _sniff_zip(path)
+        if not how.startswith("zip that does not open"):  # what no zip reader opens loads none
+            zip_kind = found
     inv.files.append(
-        ModelFile(path=path, rel=rel, size=size, kind=kind, detail=detail, hdf5_at=hdf5_at)
+        ModelFile(
+            path=path,
+            rel=rel,
+            size=size,
+            kind=kind,
+            detail=detail,
+            hdf5_at=hdf5_at,
+            zip_kind=zip_kind,
+        )
     )

@@ -16,7 +16,7 @@ import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
@@ -231,11 +231,12 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
     allowed: list[str] = []
     for mf in inv.files:
         scanner = _scanner_for(mf)
-        if scanner is None:
+        two = mf.hdf5_at is not None or mf.zip_kind is not None  # two formats in one file
+        if scanner is None and not two:
             continue
         try:
-            issues = scanner(mf)
-            if mf.hdf5_at is not None:  # two formats in one file: scanned as both
+            issues = scanner(mf) if scanner is not None else None
+            if two:  # scanned as both
                 issues = [*(issues or []), *_second_format(mf)]
         except Exception as exc:  # a hostile file must not take the check down
             issues = [(FindingKind.UNSCANNABLE, f"could not scan: {type(exc).__name__}: {exc}")]
@@ -809,13 +810,20 @@ def _in_namespace(module: str, roots: tuple[str, ...]) -> bool:
 
 
 def _second_format(mf: ModelFile) -> list[_Issue]:
-    """What the file holds besides its kind when libhdf5 finds a superblock after a user block:
-    an HDF5 file's issues for a zip or numpy file; for the HDF5 file, its user block's, which
-    pickle.load and torch.load read from byte 0 (a pickle, or a tar)."""
-    if mf.kind is Kind.KERAS_H5:
-        return [(k, f"its user block: {w}") for k, w in (_scan_unknown(mf) or [])]
-    also = f"also an HDF5 file (superblock at byte {mf.hdf5_at:,}): "
-    return [(k, also + w) for k, w in _scan_keras_h5(mf)]
+    """What the file holds besides its kind. When libhdf5 finds a superblock after a user
+    block: an HDF5 file's issues for a zip or numpy file; for the HDF5 file, its user block's,
+    which pickle.load and torch.load read from byte 0 (a pickle, or a tar). When zipfile finds
+    a zip from the file's end: that zip's."""
+    issues: list[_Issue] = []
+    if mf.hdf5_at is not None and mf.kind is Kind.KERAS_H5:
+        issues += [(k, f"its user block: {w}") for k, w in (_scan_unknown(mf) or [])]
+    elif mf.hdf5_at is not None:
+        also = f"also an HDF5 file (superblock at byte {mf.hdf5_at:,}): "
+        issues += [(k, also + w) for k, w in _scan_keras_h5(mf)]
+    if mf.zip_kind is not None:
+        also = f"also a {mf.zip_kind.value} found from its end record: "
+        issues += [(k, also + w) for k, w in _scan_zip(replace(mf, kind=mf.zip_kind))]
+    return issues
 
 
 def _scan_keras_h5(mf: ModelFile) -> list[_Issue]:

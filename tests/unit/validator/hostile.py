@@ -1080,6 +1080,61 @@ def write_legacy_tar_named_like_a_pickle(directory: Path) -> Path:
     return path
 
 
+def _lambda_h5_bytes(directory: Path, user_block: int) -> bytes:
+    import h5py
+
+    path = directory / "lambda.h5.tmp"
+    with h5py.File(path, "w", userblock_size=user_block) as h5:
+        h5.attrs["model_config"] = json.dumps(_keras2_model(_lambda_layer(False)))
+        h5.attrs["keras_version"] = "2.15.0"
+        h5.attrs["backend"] = "tensorflow"
+        h5.create_group("model_weights")
+    raw = path.read_bytes()
+    path.unlink()
+    return raw
+
+
+def write_safetensors_holding_hdf5(directory: Path) -> Path:
+    """A valid safetensors file (one U8 tensor) whose header fills an HDF5 user block: h5py
+    opens it, and tf.keras's load_model, which asks h5py.is_hdf5, finds the Lambda."""
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = bytearray(_lambda_h5_bytes(directory, 512))
+    size = len(raw) - 512
+    entry = {"blob": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    header = json.dumps(entry).encode().ljust(504)
+    raw[:512] = struct.pack("<Q", 504) + header
+    path = directory / "model.h5"
+    path.write_bytes(raw)
+    return path
+
+
+def write_json_user_block_hdf5(directory: Path) -> Path:
+    """A Keras 2 .h5 with a Lambda whose user block opens with {}: by its first bytes JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = bytearray(_lambda_h5_bytes(directory, 512))
+    raw[:2] = b"{}"
+    path = directory / "model.h5"
+    path.write_bytes(raw)
+    write_safetensors_dir(directory)  # weights beside it, so the format check passes
+    return path
+
+
+def write_keras_zip_after_safetensors(directory: Path) -> Path:
+    """A safetensors file whose one tensor is a Keras 3 archive with a Lambda: Keras 3 opens a
+    .keras with zipfile, which finds the archive from the file's end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    archive = write_keras_lambda_zip(directory / "zip").read_bytes()
+    for leftover in sorted((directory / "zip").iterdir()):
+        leftover.unlink()
+    (directory / "zip").rmdir()
+    entry = {"blob": {"dtype": "U8", "shape": [len(archive)], "data_offsets": [0, len(archive)]}}
+    header = json.dumps(entry).encode()
+    header += b" " * (-len(header) % 8)
+    path = directory / "model.keras"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + archive)
+    return path
+
+
 def write_onnx_external_data_h5_user_block(directory: Path) -> Path:
     write_keras_lambda_h5_user_block(directory)
     return onnx_naming_external_data(directory, "model.h5")
@@ -1163,4 +1218,7 @@ HOSTILE: dict[str, Writer] = {
     "keras_zip_hdf5_polyglot": write_keras_zip_hdf5_polyglot,
     "pickle_in_hdf5_user_block": write_pickle_in_hdf5_user_block,
     "legacy_tar_named_like_a_pickle": write_legacy_tar_named_like_a_pickle,
+    "safetensors_holding_hdf5": write_safetensors_holding_hdf5,
+    "json_user_block_hdf5": write_json_user_block_hdf5,
+    "keras_zip_after_safetensors": write_keras_zip_after_safetensors,
 }

@@ -118,6 +118,15 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "model.h5: also an HDF5 file (superblock at byte 512): model_config: Keras Lambda layer",
     ),
     "pickle_in_hdf5_user_block": ("pytorch_model.bin: imports os.system",),
+    "safetensors_holding_hdf5": (
+        "model.h5: also an HDF5 file (superblock at byte 512): model_config: Keras Lambda layer",
+    ),
+    "json_user_block_hdf5": (
+        "model.h5: also an HDF5 file (superblock at byte 512): model_config: Keras Lambda layer",
+    ),
+    "keras_zip_after_safetensors": (
+        "model.keras: also a keras-zip found from its end record: config.json: Keras Lambda layer",
+    ),
     "legacy_tar_named_like_a_pickle": ("pytorch_model.bin: tar archive",),
     "keras_zip_hdf5_polyglot": (
         "model.keras: also an HDF5 file (superblock at byte 4,096): model_config: Keras Lambda",
@@ -204,7 +213,15 @@ def test_payload_is_live_when_really_loaded(name: str, tmp_path: Path) -> None:
     assert marker(tmp_path).exists()
 
 
-@pytest.mark.parametrize("name", ["keras_lambda_h5_user_block", "keras_zip_hdf5_polyglot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "keras_lambda_h5_user_block",
+        "keras_zip_hdf5_polyglot",
+        "safetensors_holding_hdf5",
+        "json_user_block_hdf5",
+    ],
+)
 def test_hdf5_files_behind_a_user_block_are_what_h5py_opens(name: str, tmp_path: Path) -> None:
     """No Keras here to load them: what tf.keras's load_model does first is ask h5py whether the
     file is HDF5, then read model_config from it. Both files answer yes and carry the Lambda."""
