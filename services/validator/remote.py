@@ -440,6 +440,20 @@ def _unsafe(rel: str) -> bool:
     )
 
 
+def _whole(
+    obj: RemoteObject, head: bytes, whole_file_max: int, what: str
+) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """The plan "read it whole" (streamed by mirror()), or, over the limit, why not."""
+    if obj.size > whole_file_max:
+        return (
+            f"not read: {_human(obj.size)} {what} would need a full download (over the "
+            f"{_human(whole_file_max)} limit for remote whole-file reads); validate a local copy",
+            [(0, head)],
+            False,
+        )
+    return "whole", [(0, head)], True
+
+
 def _plan(
     store: Store, obj: RemoteObject, whole_file_max: int
 ) -> tuple[str, list[tuple[int, bytes]], bool]:
@@ -449,30 +463,13 @@ def _plan(
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
     tar = is_tar(head)  # sniff takes a tar first, whatever its head looks like
+    # A file that is two formats: a zip found from its end (zipfile reads its central
+    # directory wherever the end record says), or HDF5 after a user block (h5py reads it
+    # anywhere). Whole, and the checks scan it as both.
     if (tar or not head.startswith(ZIP_MAGICS)) and _is_zip_from_end(store, obj, head):
-        # A zip found from the end of a file that opens as something else: zipfile reads its
-        # central directory wherever the end record says, so whole, and scanned as both.
-        if obj.size > whole_file_max:
-            return (
-                f"not read: {_human(obj.size)} with a zip at its end would need a full download "
-                f"(over the {_human(whole_file_max)} limit for remote whole-file reads); "
-                "validate a local copy",
-                [(0, head)],
-                False,
-            )
-        return "whole", [(0, head)], True
+        return _whole(obj, head, whole_file_max, "with a zip at its end")
     if (tar or not head.startswith(HDF5_SIGNATURE)) and _is_hdf5_too(store, obj, head):
-        # HDF5 after a user block, and something else too (a pickle in the block, a zip
-        # around it): h5py reads it anywhere, so whole, and the checks scan it as both.
-        if obj.size > whole_file_max:
-            return (
-                f"not read: {_human(obj.size)} that libhdf5 opens after a user block would need "
-                f"a full download (over the {_human(whole_file_max)} limit for remote whole-file "
-                "reads); validate a local copy",
-                [(0, head)],
-                False,
-            )
-        return "whole", [(0, head)], True
+        return _whole(obj, head, whole_file_max, "that libhdf5 opens after a user block")
     if not tar and head.startswith(b"GGUF"):
         reader = RangeFile(store, obj, limit=whole_file_max)
         reader._put(0, head)
