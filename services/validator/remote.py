@@ -440,17 +440,19 @@ def _unsafe(rel: str) -> bool:
     )
 
 
+def _refused(head: bytes, why: str) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """The plan for a file not validated remotely: its head, and why (the report says so)."""
+    reason = f"not read: {why} (the limit for remote whole-file reads); validate a local copy"
+    return reason, [(0, head)], False
+
+
 def _whole(
     obj: RemoteObject, head: bytes, whole_file_max: int, what: str
 ) -> tuple[str, list[tuple[int, bytes]], bool]:
     """The plan "read it whole" (streamed by mirror()), or, over the limit, why not."""
     if obj.size > whole_file_max:
-        return (
-            f"not read: {_human(obj.size)} {what} would need a full download (over the "
-            f"{_human(whole_file_max)} limit for remote whole-file reads); validate a local copy",
-            [(0, head)],
-            False,
-        )
+        size, limit = _human(obj.size), _human(whole_file_max)
+        return _refused(head, f"{size} {what} would need a full download, over {limit}")
     return "whole", [(0, head)], True
 
 
@@ -478,12 +480,7 @@ def _plan(
             with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
                 read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
         except _PlanTooBig:
-            return (
-                f"not read: GGUF metadata of over {_human(whole_file_max)} (the limit for "
-                "remote whole-file reads); validate a local copy",
-                [(0, head)],
-                False,
-            )
+            return _refused(head, f"GGUF metadata of over {_human(whole_file_max)}")
         return "GGUF header and metadata", reader.ranges, False
     if not tar and len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
@@ -506,12 +503,7 @@ def _plan(
             with contextlib.suppress(HeaderError):  # the check reports it, from the same bytes
                 read_onnx_from(Path(obj.rel), _RangeView(reader))
         except _PlanTooBig:
-            return (
-                f"not read: ONNX framing of over {_human(whole_file_max)} (the limit for remote "
-                "whole-file reads); validate a local copy",
-                [(0, head)],
-                False,
-            )
+            return _refused(head, f"ONNX framing of over {_human(whole_file_max)}")
         return "ONNX framing (tensor payloads skipped)", reader.ranges, False
     if obj.size > whole_file_max:
         return (
@@ -545,12 +537,7 @@ def _plan_pickle_scan(
     except _PlanTooBig as big:
         if big.reads and obj.size <= whole_file_max:
             return "whole", [(0, head)], True  # streamed to disk by mirror()
-        return (
-            f"not read: its {kind.value} scan reads over {_human(whole_file_max)} (the limit "
-            "for remote whole-file reads); validate a local copy",
-            [(0, head)],
-            False,
-        )
+        return _refused(head, f"its {kind.value} scan reads over {_human(whole_file_max)}")
     return f"{kind.value} scan: what the pickle model reads", reader.ranges, False
 
 
@@ -585,7 +572,7 @@ def _hdf5_probes(store: Store, obj: RemoteObject, head: bytes) -> list[tuple[int
 
 
 def _is_hdf5_too(store: Store, obj: RemoteObject, head: bytes) -> bool:
-    """Whether libhdf5 would open this file after a user block (a polyglot zip)."""
+    """Whether libhdf5 would open this file after a user block (it is HDF5 too)."""
     width = len(HDF5_SIGNATURE)
     inside = (head[at : at + width] for at in hdf5_user_block_offsets(min(obj.size, len(head))))
     return HDF5_SIGNATURE in inside or any(
