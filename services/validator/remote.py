@@ -223,6 +223,9 @@ class _RangeView:
     def __getitem__(self, key: int | slice, /) -> int | bytes:
         if isinstance(key, slice):
             start, stop, _ = key.indices(self.size)
+            held = self._start + len(self._block)
+            if self._start <= start and stop <= held:  # most slices are short: the block's
+                return self._block[start - self._start : stop - self._start]
             self.reader.seek(start)
             return self.reader.read(max(0, stop - start))
         if not 0 <= key < self.size:
