@@ -318,12 +318,7 @@ class _PickleScan:
     limit: str | None = None
 
 
-def _scan_pickles(
-    buf: Buffer,
-    start: int,
-    end: int,
-    budget: Budget | None = None,
-) -> _PickleScan:
+def _scan_pickles(buf: Buffer, start: int, end: int, budget: Budget | None = None) -> _PickleScan:
     """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
     own as an unpickler would: its own memo, and a reason wherever one would stop loading.
     Whitespace after the last STOP is allowed: pickle.load never reads it (hand-edited files
@@ -434,7 +429,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 def _scan_pickle_file(mf: ModelFile) -> list[_Issue]:
     with _mapped(mf.path, mf.size) as buf:
-        if _is_tar(bytes(buf[:512])):  # sniff takes tars first; this holds if it ever did not
+        if is_tar(bytes(buf[:512])):  # sniff takes tars first; this holds if it ever did not
             return [(FindingKind.ARCHIVE, _TAR_FINDING)]
         return _pickle_issues(_scan_pickles(buf, 0, len(buf)))
 
@@ -446,7 +441,7 @@ def _scan_if_pickle_like(mf: ModelFile) -> tuple[bytes, _PickleScan] | list[_Iss
         return None
     with _mapped(mf.path, mf.size) as buf:
         head = bytes(buf[:512])
-        if _is_tar(head):
+        if is_tar(head):
             return [(FindingKind.ARCHIVE, _TAR_FINDING)]
         if head[:1] not in _OPCODES and not _looks_like_pickle(head):
             return None
@@ -459,7 +454,7 @@ def read_as_the_pickle_scan_does(buf: Buffer) -> None:
     the array bytes it passes over by length. A remote file's read plan
     (services/validator/remote.py) is what this reads of a range reader: the check then reads
     exactly the fetched bytes, in the same order, and decides the same."""
-    if len(buf) == 0 or _is_tar(bytes(buf[:512])):
+    if len(buf) == 0 or is_tar(bytes(buf[:512])):
         return
     _scan_pickles(buf, 0, len(buf))
 
@@ -526,10 +521,6 @@ _IMPORTABLE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _TAR_FINDING = (
     "tar archive: not scanned (torch.load unpickles legacy tar checkpoints); ship safetensors"
 )
-
-
-def _is_tar(head: bytes) -> bool:
-    return is_tar(head)
 
 
 # --- numpy ---------------------------------------------------------------------------------
