@@ -86,6 +86,22 @@ def outcome(report: Any, root: str | None) -> list[tuple[str, str, str]]:
     return rows
 
 
+def validated_alike(
+    s3env: Any, directory: Path, *, whole_file_max: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """`directory` uploaded and validated from S3 (unfetched bytes poisoned, and a whole-read
+    limit when given), held to the same checks, statuses and reasons as on local disk: the
+    report and what reading it cost."""
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory)
+    with pytest.MonkeyPatch.context() as mp:
+        if whole_file_max is not None:
+            mp.setattr(remote, "WHOLE_FILE_MAX", whole_file_max)
+        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
+    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    return report, next(c for c in report.checks if c.name == "format").details["remote"]
+
+
 @pytest.mark.parametrize("name", sorted(WRITERS))
 def test_remote_validation_agrees_with_local(
     name: str, tmp_path: Path, s3env: Any, strict_planner: None
@@ -238,15 +254,9 @@ def test_a_big_pickle_is_validated_from_what_its_scan_reads(tmp_path: Path, s3en
     blob = pickle.BINBYTES + (2_000_000).to_bytes(4, "little") + b"\7" * 2_000_000 + pickle.POP
     payload = hostile.os_system_pickle(directory)[:-1] + blob + pickle.STOP
     (directory / "weights.dat").write_bytes(payload)  # no known format: may still be a pickle
-    client, bucket = new_bucket(s3env)
-    upload_directory(client, bucket, "m/", directory)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(remote, "WHOLE_FILE_MAX", 300_000)  # either file read whole is over it
-        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
-    local = validate(str(directory))
-    assert outcome(report, None) == outcome(local, str(directory))
+    # either file, read whole, is over the limit
+    report, remote_read = validated_alike(s3env, directory, whole_file_max=300_000)
     assert "weights.dat: imports os.system" in report.reason
-    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
     assert remote_read["bytes_read"] < 400_000  # of 5 MB: head and one 64 KiB block per file
     assert "pickle scan" in remote_read["fetched"]["pytorch_model.bin"]
 
@@ -272,14 +282,9 @@ def test_big_onnx_external_data_is_validated_without_a_download(tmp_path: Path, 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save_model(model, str(directory / "model.onnx"), save_as_external_data=True,
                     location="model.onnx_data", size_threshold=0)  # fmt: skip
-    client, bucket = new_bucket(s3env)
-    upload_directory(client, bucket, "m/", directory)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(remote, "WHOLE_FILE_MAX", 1_000_000)  # the data, read whole, is over it
-        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
-    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    # the data, read whole, is over the limit
+    report, remote_read = validated_alike(s3env, directory, whole_file_max=1_000_000)
     assert report.status is Status.PASSED, report.reason
-    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
     assert remote_read["bytes_read"] < 200_000  # of 4 MB: its head and its last 64 KiB
 
 
@@ -310,14 +315,9 @@ def test_a_big_onnx_model_is_validated_from_its_protobuf_framing(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save_model(model, str(directory / "model.onnx"))
-    client, bucket = new_bucket(s3env)
-    upload_directory(client, bucket, "m/", directory)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(remote, "WHOLE_FILE_MAX", 1_000_000)  # the file, read whole, is over it
-        report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
-    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    # the file, read whole, is over the limit
+    report, remote_read = validated_alike(s3env, directory, whole_file_max=1_000_000)
     assert report.status is Status.PASSED, report.reason
-    remote_read = next(c for c in report.checks if c.name == "format").details["remote"]
     assert remote_read["fetched"]["model.onnx"] == "ONNX framing (tensor payloads skipped)"
     assert remote_read["bytes_read"] < 600_000  # of 12 MB: a few 64 KiB blocks
 
@@ -329,10 +329,7 @@ def test_a_zip_that_is_an_hdf5_file_too_is_read_as_both(
     would not find the Lambda in the mirror: such a file is read whole."""
     directory = tmp_path / "model"
     hostile.write_keras_zip_hdf5_polyglot(directory, pad=1_000_000)
-    client, bucket = new_bucket(s3env)
-    upload_directory(client, bucket, "m/", directory)
-    report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
-    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    report, _ = validated_alike(s3env, directory)
     assert "also an HDF5 file (superblock at byte 4,096): model_config: Keras Lambda" in (
         report.reason
     )
@@ -355,13 +352,9 @@ def test_a_pickle_read_across_blocks_after_skipped_payloads_is_read_as_local(
     body += pickle.BINBYTES + (cut - start - 5).to_bytes(4, "little") + b"\7" * (cut - start - 5)
     body += pickle.POP + hostile.os_system_pickle(directory)[2:]
     (directory / "weights.dat").write_bytes(pickle.PROTO + b"\x02" + body)
-    client, bucket = new_bucket(s3env)
-    upload_directory(client, bucket, "m/", directory)
-    report = validate(f"s3://{bucket}/m/", mirror_fill=POISON)
-    assert outcome(report, None) == outcome(validate(str(directory)), str(directory))
+    report, remote_read = validated_alike(s3env, directory)
     assert "weights.dat: imports os.system" in report.reason
-    fetched = next(c for c in report.checks if c.name == "format").details["remote"]["fetched"]
-    assert fetched["weights.dat"] == "pickle scan: what the pickle model reads"
+    assert remote_read["fetched"]["weights.dat"] == "pickle scan: what the pickle model reads"
 
 
 def test_a_pickle_whose_scan_reads_too_much_is_reported_not_downloaded(
