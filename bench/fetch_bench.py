@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +76,28 @@ def start_moto(port: int, spool: Path) -> subprocess.Popen[bytes]:
     raise SystemExit("moto did not start")
 
 
-def moto_with_bucket(work: Path, bucket: str) -> tuple[subprocess.Popen[bytes], Any]:
-    """moto_ranged on a free port (its spool under `work`), this process's AWS environment
-    pointed at it, and a client for it with `bucket` made. The caller kills the server."""
+@contextmanager
+def moto_with_bucket(bucket: str, scratch: Path | None = None) -> Iterator[tuple[Path, Any]]:
+    """A scratch dir (under `scratch`) and a client of moto_ranged on a free port, its spool in
+    the scratch dir, with `bucket` made and this process's AWS environment pointed at it. The
+    server is stopped and the scratch dir removed on the way out."""
+    work = Path(tempfile.mkdtemp(prefix="s3-bench-", dir=scratch))
     spool = work / "moto"
     spool.mkdir()
     port = free_port()
     proc = start_moto(port, spool)
-    os.environ.update(CREDENTIALS)
-    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
-    import boto3
+    try:
+        os.environ.update(CREDENTIALS)
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        import boto3
 
-    client = boto3.session.Session().client("s3")
-    client.create_bucket(Bucket=bucket)
-    return proc, client
+        client = boto3.session.Session().client("s3")
+        client.create_bucket(Bucket=bucket)
+        yield work, client
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sha256_of(path: Path) -> str:
@@ -229,9 +239,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (needs ~3x model)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=args.work))
-    proc, client = moto_with_bucket(work, BUCKET)
-    try:
+    with moto_with_bucket(BUCKET, args.work) as (work, client):
         shape = {"layers": 3, "shards": 3} if args.quick else {}
         model = write_sparse_sharded_model(work / "model", **shape)
         upload_s = upload(client, model)
@@ -245,10 +253,6 @@ def main() -> None:
         if not args.no_fetch:
             result["fetch"] = bench_fetch(client, location, work, args.fetch_rounds)
         print(json.dumps(result, indent=2))
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import pickle
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,9 +132,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch dir")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="remote-formats-", dir=args.work))
-    proc, client = moto_with_bucket(work, BUCKET)
-    try:
+    with moto_with_bucket(BUCKET, args.work) as (work, client):
         models: dict[str, Callable[[Path], None]] = {
             "onnx-external": lambda d: write_onnx_external(d, int(args.gib * 1024**3)),
             "onnx-inline": lambda d: write_onnx_inline(d, 256 * 1024**2),
@@ -159,10 +156,6 @@ def main() -> None:
                 indent=2,
             )
         )
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
