@@ -192,8 +192,11 @@ class S3Store:
                     sha = raw.hex()
                 else:
                     note = f"the store's ChecksumSHA256 {checksum[:60]!r} is not a sha256"
-        return RemoteObject(rel=rel, size=int(entry["Size"]), version=version, sha256=sha,
-                            checksum_note=note)  # fmt: skip
+        # Size, ETag and checksum all from the HEAD, one response about one version: the
+        # object may have been replaced since it was listed, and reads pinned to the HEAD's
+        # ETag must not stop at the listed object's length.
+        size = int((head or {}).get("ContentLength", entry["Size"]))
+        return RemoteObject(rel=rel, size=size, version=version, sha256=sha, checksum_note=note)
 
     def read(self, rel: str, start: int, end: int) -> bytes:
         if end <= start:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
-from services.validator.checks.checksum import DigestCache, FileKey, Hashed
+from services.validator.checks.checksum import MANIFEST_NAMES, DigestCache, FileKey, Hashed
 from services.validator.checks.headers import HeaderError, read_gguf_stream, read_onnx_from
 from services.validator.checks.inventory import (
     HDF5_SIGNATURE,
@@ -393,6 +393,14 @@ def mirror(
             model.problems.append(f"{obj.rel!r}: a file name outside the model; not read")
             continue
         model.objects[obj.rel] = obj
+    # S3 holds `a/model.bin` and `a/model.bin/x` side by side; no directory can.
+    folders = {rel.rsplit("/", i)[0] for rel in model.objects for i in range(1, rel.count("/") + 1)}
+    for rel in sorted(folders & model.objects.keys()):
+        del model.objects[rel]
+        model.problems.append(
+            f"{_shown(rel)}: both an object and a folder of objects ({_shown(rel)}/...), which "
+            "no directory can hold; not read"
+        )
     lock = threading.Lock()
 
     def one(obj: RemoteObject) -> None:
@@ -467,6 +475,8 @@ def _plan(
         return "whole", [(0, _read_exact(store, obj, 0, obj.size))], True
     name = obj.rel.rsplit("/", 1)[-1]
     head = _read_exact(store, obj, 0, HEAD_BYTES)
+    if _read_by_name(name):
+        return _whole(obj, head, whole_file_max, "read by its name")
     tar = is_tar(head)  # sniff takes a tar first, whatever its head looks like
     # A file that is two formats: a zip found from its end (zipfile reads its central
     # directory wherever the end record says), or HDF5 after a user block (h5py reads it
@@ -494,6 +504,13 @@ def _plan(
             return "safetensors header", [(0, head + rest)], False
     if not tar and head.startswith(ZIP_MAGICS):
         return _plan_zip(store, obj, head, whole_file_max)
+    if not tar and head.startswith(b"\x93NUMPY"):
+        from services.validator.checks.unsafe_code import npy_holds_objects
+
+        # The scan reads a .npy's header; its data only when the dtype holds objects (a pickle).
+        if npy_holds_objects(head):
+            return _whole(obj, head, whole_file_max, "of numpy objects")
+        return "numpy header", [(0, head)], False
     kind = _kind_of(store, head, obj, name)
     if kind is Kind.TF_VARIABLES_DATA:
         return "first 64 KiB (its kind)", [(0, head)], False
@@ -544,7 +561,20 @@ def _plan_pickle_scan(
     return f"{kind.value} scan: what the pickle model reads", reader.ranges, False
 
 
-ZIP_END_SEARCH = 22 + 65535  # an end record and the longest comment: where zipfile looks
+# zipfile looks for the end record in a file's last 64 KiB and 22 bytes (an end record and the
+# longest comment, plus one byte); a zip64 locator sits 20 bytes before the record.
+ZIP_END_SEARCH = 22 + (1 << 16) + 20
+
+# Files a check reads whole by their name, whatever their first bytes sniff as: chat templates
+# and configs (a .jinja whose first bytes read as a safetensors header is still a template to
+# transformers), Python source, checksum manifests and a SavedModel's keras_metadata.pb.
+_BY_NAME_SUFFIXES = (".jinja", ".json", ".py", ".pyc")
+_BY_NAME = frozenset({"keras_metadata.pb", *(n.lower() for n in MANIFEST_NAMES)})
+
+
+def _read_by_name(name: str) -> bool:
+    lower = name.lower()
+    return lower in _BY_NAME or lower.endswith(_BY_NAME_SUFFIXES)
 
 
 def _is_zip_from_end(store: Store, obj: RemoteObject, head: bytes) -> bool:

@@ -39,6 +39,7 @@ WRITERS: dict[str, Any] = {
     "format/onnx": lambda d: formats.write_onnx(d, external=False),
     "format/onnx_external": lambda d: formats.write_onnx(d, external=True),
     "format/saved_model": formats.write_saved_model,
+    "format/saved_model_keras": lambda d: formats.write_saved_model(d, keras=True),
     "format/saved_model_missing_shard": lambda d: formats.write_saved_model(
         d, shards=2, drop_shard=1
     ),
@@ -261,6 +262,25 @@ def test_a_big_pickle_is_validated_from_what_its_scan_reads(tmp_path: Path, s3en
     assert "pickle scan" in remote_read["fetched"]["pytorch_model.bin"]
 
 
+def test_a_big_npy_is_validated_from_its_header_unless_it_holds_objects(
+    tmp_path: Path, s3env: Any
+) -> None:
+    """A .npy of numbers is judged by its header: its data is never fetched, and its size may
+    be over the whole-read limit. One of Python objects is a pickle, read whole."""
+    import numpy as np
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    np.save(directory / "weights.npy", np.zeros((1024, 1024), np.float32))  # 4 MiB
+    np.save(directory / "objects.npy", np.array([b"\0" * 2_000_000], dtype=object))
+    report, remote_read = validated_alike(s3env, directory, whole_file_max=3_000_000)
+    assert "objects.npy: array of dtype object holds pickled objects" in report.reason
+    assert remote_read["fetched"] == {"weights.npy": "numpy header", "objects.npy": "whole"}
+    objects = (directory / "objects.npy").stat().st_size
+    # of weights.npy's 4 MiB: its head, tail and HDF5 probes (the two-format rules)
+    assert remote_read["bytes_read"] - objects < 3 * 65_600
+
+
 def test_big_onnx_external_data_is_validated_without_a_download(tmp_path: Path, s3env: Any) -> None:
     """An ONNX model's external data is raw tensor bytes, scanned as a pickle might be: a few
     bytes of it are read, whether it opens like a pickle or not."""
@@ -469,6 +489,20 @@ def test_object_names_that_climb_out_of_the_model_are_reported_not_written(
     assert report.status is Status.FAILED
     assert "'../evil.py': a file name outside the model" in report.reason
     assert not (tmp_path.parent / "evil.py").exists()
+
+
+def test_an_object_that_is_also_a_folder_is_reported_not_a_crash(s3env: Any) -> None:
+    client, bucket = new_bucket(s3env)
+    client.put_object(Bucket=bucket, Key="m/config.json", Body=b'{"model_type": "gpt2"}')
+    client.put_object(Bucket=bucket, Key="m/model.safetensors", Body=b"\0" * 64)
+    client.put_object(Bucket=bucket, Key="m/model.safetensors/x", Body=b"hello")
+    report = validate(f"s3://{bucket}/m/")
+    assert report.status is Status.FAILED
+    assert (
+        "model.safetensors: both an object and a folder of objects (model.safetensors/...)"
+        in report.reason
+    )
+    assert "Errno" not in report.reason
 
 
 class _ShortStore:

@@ -350,5 +350,30 @@ def test_an_object_replaced_after_the_listing_is_never_read_as_a_mix(bucket: str
     assert "changed since it was listed" in one_line(caught.value, location)
 
 
+def test_an_object_replaced_between_listing_and_head_is_read_as_the_head_says(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size, the ETag every read is pinned to and the checksum come from one HEAD. A
+    longer object put between the listing and the HEAD is read to its own end, never judged
+    by a prefix of the listed length."""
+    location = f"s3://{bucket}/chat/v1/"
+    rel = "model-00002-of-00002.safetensors"
+    longer = FILES[rel] + b"\x01" * 4096
+    real_head = S3Store._head
+
+    def racing_head(self: S3Store, entry: dict[str, Any]) -> dict[str, Any]:
+        if entry["Key"].endswith(rel):
+            self.client.put_object(Bucket=bucket, Key=entry["Key"], Body=longer,
+                                   ChecksumAlgorithm="SHA256")  # fmt: skip
+        return real_head(self, entry)
+
+    monkeypatch.setattr(S3Store, "_head", racing_head)
+    store = open_store(location)
+    listed = {o.rel: o for o in store.list()}[rel]
+    assert listed.size == len(longer)
+    assert listed.sha256 == hashlib.sha256(longer).hexdigest()
+    assert store.read(rel, 0, listed.size) == longer
+
+
 def test_the_scheme_is_read_in_any_case(bucket: str) -> None:
     assert {o.rel for o in S3Store(f"S3://{bucket}/chat/v1/").list()} == set(FILES)

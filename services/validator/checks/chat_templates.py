@@ -15,6 +15,7 @@ __all__ = [
     "TEMPLATE_JSON_NAMES",
     "TemplateScan",
     "find_templates",
+    "is_template_file",
     "located_templates",
     "scan_chat_templates",
 ]
@@ -46,6 +47,13 @@ def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> TemplateScan:
     from services.validator.checks.chat_template_syntax import template_issues  # Jinja
 
     scan = TemplateScan()
+    for f in inv.files:
+        if is_template_file(f) and f.size > MAX_JSON_BYTES:
+            scan.files.append(f.rel)
+            scan.findings.append(
+                (f.rel, f"{f.size:,} bytes, more than the {MAX_JSON_BYTES:,} a template file is "
+                 "read to; not scanned")
+            )  # fmt: skip
     for rel, label, text in located_templates(inv, headers):
         if rel not in scan.files:
             scan.files.append(rel)
@@ -56,19 +64,28 @@ def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> TemplateScan:
 # ---- where templates live ---------------------------------------------------------------------
 
 
+def is_template_file(f: ModelFile) -> bool:
+    """Whether a loader reads chat templates from the file by its name (transformers does,
+    whatever its first bytes sniff as): tokenizer and processor configs, chat_template.json,
+    *.jinja."""
+    name = PurePosixPath(f.rel).name.lower()
+    return name in TEMPLATE_JSON_NAMES or name.endswith(".jinja")
+
+
 def located_templates(inv: Inventory, headers: ParsedHeaders) -> Iterator[tuple[str, str, str]]:
-    """(file, label, template text) for every chat template of the model."""
+    """(file, label, template text) for every chat template of the model. Files are taken by
+    their name, GGUF files by their kind: a .jinja that opens like a GGUF header is both."""
     for f in inv.files:
-        name = PurePosixPath(f.rel).name.lower()
         if f.kind is Kind.GGUF:
             yield from _gguf_templates(f, headers)
-        elif name in TEMPLATE_JSON_NAMES:
+        if not is_template_file(f):
+            continue
+        if not f.rel.lower().endswith(".jinja"):
             yield from _json_templates(f)
-        elif name.endswith(".jinja"):
-            # By name: a template starting with "{" sniffs as JSON, so its kind says nothing.
-            text = _read_text(f)
-            if text is not None:
-                yield f.rel, "template", text
+            continue
+        text = _read_text(f)
+        if text is not None:
+            yield f.rel, "template", text
 
 
 def _read_text(f: ModelFile) -> str | None:

@@ -43,6 +43,7 @@ class Kind(StrEnum):
     TF_SAVED_MODEL = "tf-saved-model"
     TF_VARIABLES_INDEX = "tf-variables-index"
     TF_VARIABLES_DATA = "tf-variables-data"
+    KERAS_METADATA = "keras-metadata"
     KERAS_H5 = "keras-h5"
     KERAS_ZIP = "keras-zip"
     NUMPY_ZIP = "numpy-npz"
@@ -197,6 +198,8 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         return Kind.PICKLE, "pickle protocol 0/1"  # old protocols have no header; name is the hint
     if lower == "saved_model.pb" or lower == "saved_model.pbtxt":
         return Kind.TF_SAVED_MODEL, "TensorFlow SavedModel graph"
+    if lower == "keras_metadata.pb":  # tf.keras writes it beside saved_model.pb
+        return Kind.KERAS_METADATA, "Keras layer metadata of a SavedModel (scanned with it)"
     if lower.endswith("variables.index") and _leveldb_footer(path, size):
         return Kind.TF_VARIABLES_INDEX, "TensorFlow checkpoint index (table footer magic)"
     if ".data-" in lower and "-of-" in lower:

@@ -262,7 +262,7 @@ class _Machine:
     # --- the machine ---------------------------------------------------------------------
 
     def record_import(self, module: object, name: object) -> None:
-        key = (_operand(module), _operand(name))
+        key = (_module_operand(module), _operand(name))
         if key not in self.seen:
             self.seen.add(key)
             self.result.imports.append(key)
@@ -271,6 +271,13 @@ class _Machine:
         """GLOBAL and INST: a module line, then an attribute line."""
         module_line = self.line(what)
         name_line = self.line(what)
+        nul = module_line.find(b"\0")
+        if nul >= 0:  # the line decodes whole (or the load stops); the import reads up to NUL
+            try:
+                module_line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Stop(f"{what} names a module that is not UTF-8") from None
+            module_line = module_line[:nul]
         self.record_import(_decode_name(module_line, what), _decode_name(name_line, what))
 
     def run(self) -> None:  # one dispatch loop: the fast shape in CPython
@@ -490,10 +497,22 @@ def _operand(value: object) -> str:
     return LONG_NAME if value is _LONG_STR else UNRESOLVED
 
 
+def _module_operand(value: object) -> str:
+    """An import's module as the import system reads it: up to its first NUL. CPython finds a
+    frozen module (os, io, runpy ...) by its name as a C string, so `os\\0junk` imports os."""
+    if isinstance(value, str) and "\0" in value:
+        value = value[: value.index("\0")]
+    return _operand(value)
+
+
 def _kept(text: str) -> str | _Value:
-    """A decoded string as the stack keeps it: itself if short, else what it could name."""
+    """A decoded string as the stack keeps it: itself if short, else what it could name (as a
+    module, the text up to a NUL: _module_operand)."""
     if len(text) <= MAX_NAME_CHARS:
         return text
+    nul = text.find("\0", 0, MAX_NAME_CHARS)
+    if nul >= 0:
+        return text[: nul + 1]
     return _LONG_STR if _DOTTED_NAME.fullmatch(text) else _NOT_A_NAME
 
 
@@ -506,7 +525,15 @@ def _decode_name(raw: bytes, what: str) -> str | _Value:
         raise _Stop(f"{what} names a module or attribute that is not UTF-8") from None
 
 
+def _c_string(raw: bytes) -> bytes:
+    """A line as C code that takes it for a C string reads it: up to its first NUL (strtol,
+    PyLong_FromString and PyOS_string_to_double: `I5\\0zz` loads as 5)."""
+    nul = raw.find(b"\0")
+    return raw if nul < 0 else raw[:nul]
+
+
 def _decimal(raw: bytes, what: str) -> int:
+    raw = _c_string(raw)
     try:
         return int(raw)
     except ValueError:
@@ -517,7 +544,7 @@ def _number(raw: bytes, op: int, what: str) -> None:
     """INT and LONG are read by C's strtol / PyLong_FromString with base 0 (hex, octal and
     binary prefixes; leading zeros), FLOAT by PyOS_string_to_double. Only text that none of
     them reads stops the machine."""
-    text = raw.strip()
+    text = _c_string(raw).strip()
     try:
         if op == 0x46:
             float(text)

@@ -287,12 +287,9 @@ def _is_trainer_import(issue: _Issue) -> bool:
 
 def _may_hold_chat_templates(inv: Inventory) -> bool:
     """Whether any file can carry a chat template (Jinja's import is only paid then)."""
-    from services.validator.checks.chat_templates import TEMPLATE_JSON_NAMES
+    from services.validator.checks.chat_templates import is_template_file
 
-    return any(
-        f.kind is Kind.GGUF or f.path.name in TEMPLATE_JSON_NAMES or f.rel.endswith(".jinja")
-        for f in inv.files
-    )
+    return any(f.kind is Kind.GGUF or is_template_file(f) for f in inv.files)
 
 
 def _scanner_for(mf: ModelFile) -> _Scanner | None:
@@ -554,6 +551,15 @@ def _npy_issues(
         )
     ]
     return issues + _pickle_issues(_scan_pickles(buf, start + head.tell(), end, budget), where)
+
+
+def npy_holds_objects(head: bytes) -> bool:
+    """Whether a .npy whose first _NPY_HEADER_BYTES are `head` holds pickled objects: then its
+    scan reads the data; else only this header (remote validation fetches no more)."""
+    try:
+        return bool(_npy_issues(head, 0, len(head), budget=Budget(ops=0)))
+    except Exception:  # a header numpy cannot read: the scan reads it all
+        return True
 
 
 def _scan_npy_file(mf: ModelFile) -> list[_Issue]:

@@ -80,10 +80,13 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def write_saved_model(directory: Path, *, shards: int = 1, drop_shard: int | None = None) -> Path:
+def write_saved_model(
+    directory: Path, *, shards: int = 1, drop_shard: int | None = None, keras: bool = False
+) -> Path:
     """TensorFlow is not installable here: a SavedModel laid out as TF writes it, with a
     protobuf SavedModel (schema version + one MetaGraphDef) and a checkpoint index that ends
-    in the table footer magic."""
+    in the table footer magic. `keras`: with the keras_metadata.pb tf.keras writes beside it
+    (a SavedModelMetadata of one Dense layer)."""
     directory.mkdir(parents=True, exist_ok=True)
     meta_graph = b"\x0a\x04\x0a\x02tf"  # MetaGraphDef { meta_info_def { tags... } } framing
     pb = b"\x08" + _varint(1) + b"\x12" + _varint(len(meta_graph)) + meta_graph
@@ -94,6 +97,10 @@ def write_saved_model(directory: Path, *, shards: int = 1, drop_shard: int | Non
     for i in range(shards):
         if i != drop_shard:
             (variables / f"variables.data-{i:05d}-of-{shards:05d}").write_bytes(b"\x00" * 256)
+    if keras:
+        layer = json.dumps({"class_name": "Dense", "config": {"name": "dense", "units": 4}})
+        node = b"\x0a" + _varint(len(layer)) + layer.encode()  # nodes { metadata: "..." }
+        (directory / "keras_metadata.pb").write_bytes(b"\x0a" + _varint(len(node)) + node)
     return directory
 
 

@@ -617,6 +617,17 @@ def write_saved_model_keras_lambda(directory: Path) -> Path:
     return model
 
 
+def write_saved_model_keras_lambda_past_64k(directory: Path) -> Path:
+    """The same Lambda after a 2 MiB string field: a reader of the file's first 64 KiB (a
+    remote plan that goes by content) does not see it; the scan reads the whole file."""
+    model = write_saved_model_keras_lambda(directory)
+    layer = (model / "keras_metadata.pb").read_bytes()
+    pad = b"a" * (2 << 20)
+    length = bytes([0x80, 0x80, 0x80, 0x01])  # the varint of 2 << 20
+    (model / "keras_metadata.pb").write_bytes(b"\x12" + length + pad + layer)
+    return model
+
+
 def _model_with_config(directory: Path, **extra: Any) -> Path:
     model = write_safetensors_dir(directory)
     config = json.loads((model / "config.json").read_text())
@@ -1140,6 +1151,81 @@ def write_onnx_external_data_h5_user_block(directory: Path) -> Path:
     return onnx_naming_external_data(directory, "model.h5")
 
 
+# --- NUL bytes, as CPython's C code reads them -----------------------------------------------
+
+
+def _nul_external_data(directory: Path, data: bytes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "weights.bin").write_bytes(data)
+    return onnx_naming_external_data(directory, "weights.bin")
+
+
+def write_nul_in_module_name(directory: Path) -> Path:
+    """GLOBAL `os\\0junk`: the import system looks a frozen module (os, io, runpy ...) up by
+    its name up to the first NUL, so this imports os. As external data, where names that are
+    no identifiers are taken for raw bytes."""
+    return _nul_external_data(directory, b"cos\x00junk" + _shell_call_protocol0(directory)[3:])
+
+
+def write_nul_in_long_stack_global_module(directory: Path) -> Path:
+    """STACK_GLOBAL over `os\\0` and 600 more characters: too long and no dotted name, yet
+    what the import reads is `os`."""
+    module = op_str("os\0" + "x" * 600) + op_str("system")
+    call = module + pickle.STACK_GLOBAL + op_tuple(op_str(payload_command(directory)))
+    return _nul_external_data(directory, call + pickle.REDUCE + pickle.STOP)
+
+
+def write_nul_after_int(directory: Path) -> Path:
+    """C's load_int reads INT's line with strtol, which stops at a NUL: `I5\\0zz` is 5, and
+    the load runs on into os.system."""
+    return _nul_external_data(directory, b"I5\x00zz\n0" + _shell_call_protocol0(directory))
+
+
+# --- Files read by name, whatever their first bytes say ----------------------------------------
+
+_TEMPLATE_PAYLOAD = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ cycler.__init__.__globals__.os.popen('id').read() }}"  # noqa: E501
+
+
+def write_template_opening_like_gguf(directory: Path) -> Path:
+    """chat_template.jinja that opens with a GGUF header of no tensors and no keys (valid
+    UTF-8): by content a GGUF file, yet transformers reads it as the model's template."""
+    model = write_safetensors_dir(directory)
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)
+    (model / "chat_template.jinja").write_bytes(header + _TEMPLATE_PAYLOAD.encode())
+    return model
+
+
+def write_template_opening_like_safetensors(directory: Path) -> Path:
+    """chat_template.jinja of 1 MiB of emoji (under a million characters) whose first bytes
+    make a safetensors header with one U8 tensor over the rest: the payload is past 64 KiB,
+    where a reader that goes by content stops."""
+    model = write_safetensors_dir(directory)
+    body = ("\U0001f600" * 267_000 + _TEMPLATE_PAYLOAD).encode()
+    entry = {"t": {"dtype": "U8", "shape": [len(body)], "data_offsets": [0, len(body)]}}
+    header = json.dumps(entry, separators=(",", ":")).encode()
+    (model / "chat_template.jinja").write_bytes(struct.pack("<Q", len(header)) + header + body)
+    return model
+
+
+def write_zip_end_record_at_the_window_edge(directory: Path) -> Path:
+    """A safetensors file whose tensor holds a zip with a pickle, its end record followed by
+    64 KiB: at the first byte of the last 64 KiB + 22 that zipfile searches."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = 8 + 160 + (1 << 20)
+    archive = io.BytesIO(b"\0" * prefix)
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_STORED) as zf:
+        zf.writestr("payload.pkl", os_system_pickle(directory))
+    body = archive.getvalue()[prefix:]
+    size = (1 << 20) + len(body) + (1 << 16)
+    entry = {"t": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    header = json.dumps(entry).encode().ljust(160)
+    blob = struct.pack("<Q", 160) + header + b"\0" * (1 << 20) + body + b"\0" * (1 << 16)
+    assert blob.rfind(b"PK\x05\x06") == len(blob) - (1 << 16) - 22
+    path = directory / "model.safetensors"
+    path.write_bytes(blob)
+    return path
+
+
 # --- Registries ----------------------------------------------------------------------------
 
 BENIGN: dict[str, Writer] = {
@@ -1221,4 +1307,11 @@ HOSTILE: dict[str, Writer] = {
     "safetensors_holding_hdf5": write_safetensors_holding_hdf5,
     "json_user_block_hdf5": write_json_user_block_hdf5,
     "keras_zip_after_safetensors": write_keras_zip_after_safetensors,
+    "nul_in_module_name": write_nul_in_module_name,
+    "nul_in_long_stack_global_module": write_nul_in_long_stack_global_module,
+    "nul_after_int": write_nul_after_int,
+    "template_opening_like_gguf": write_template_opening_like_gguf,
+    "template_opening_like_safetensors": write_template_opening_like_safetensors,
+    "zip_end_record_at_the_window_edge": write_zip_end_record_at_the_window_edge,
+    "saved_model_keras_lambda_past_64k": write_saved_model_keras_lambda_past_64k,
 }

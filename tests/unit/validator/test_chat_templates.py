@@ -389,20 +389,24 @@ def test_a_broken_gguf_is_skipped(tmp_path: Path) -> None:
     assert _scan(tmp_path) == []
 
 
-def test_oversized_files_are_not_read(tmp_path: Path) -> None:
+def test_oversized_files_are_not_read_and_say_so(tmp_path: Path) -> None:
     hostile = HOSTILE_TEMPLATES["lipsum-globals"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": hostile}))
     (tmp_path / "chat_template.jinja").write_text(hostile)
     inv = build_inventory(str(tmp_path))
     found = {rel for rel, _ in scan_chat_templates(inv, ParsedHeaders()).findings}
     assert found == {"tokenizer_config.json", "chat_template.jinja"}
-    # Entries over the JSON limit are skipped without being opened.
+    # Entries over the JSON limit are not opened; transformers would still read them, so each
+    # is a finding, never a silent pass.
     inv = Inventory(
         root=inv.root,
         is_dir=True,
         files=[replace(f, size=MAX_JSON_BYTES + 1) for f in inv.files],
     )
-    assert scan_chat_templates(inv, ParsedHeaders()).findings == []
+    findings = scan_chat_templates(inv, ParsedHeaders()).findings
+    assert sorted(rel for rel, _ in findings) == ["chat_template.jinja", "tokenizer_config.json"]
+    assert all(f"{MAX_JSON_BYTES + 1:,} bytes" in what and "not scanned" in what
+               for _, what in findings)  # fmt: skip
 
 
 # ---- nothing is ever rendered -----------------------------------------------------------------

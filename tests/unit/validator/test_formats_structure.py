@@ -47,6 +47,10 @@ def kinds(directory: Path) -> dict[str, Kind]:
                 "variables/variables.index": Kind.TF_VARIABLES_INDEX,
             },
         ),
+        (
+            lambda d: formats.write_saved_model(d, keras=True),
+            {"saved_model.pb": Kind.TF_SAVED_MODEL, "keras_metadata.pb": Kind.KERAS_METADATA},
+        ),
         (formats.write_keras_h5, {"model.h5": Kind.KERAS_H5}),
         (formats.write_keras_zip, {"model.keras": Kind.KERAS_ZIP}),
     ],

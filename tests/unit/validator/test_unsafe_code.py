@@ -73,6 +73,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "keras_module_reference_zip": ("config calls os.system",),
     "keras_lambda_h5": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
     "saved_model_keras_lambda": ("keras_metadata.pb declares a Keras Lambda layer",),
+    "saved_model_keras_lambda_past_64k": ("keras_metadata.pb declares a Keras Lambda layer",),
     "config_trust_remote_code": ("config.json: sets trust_remote_code: true",),
     "config_auto_map": ("config.json: auto_map loads code: AutoModel -> modeling_x.XModel",),
     "tokenizer_config_auto_map": (
@@ -105,6 +106,18 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "zip_overlapping_members": ("entries 'm0.pkl' and 'm1.pkl' overlap",),
     "onnx_external_data_torch_payload": ("pytorch_model.bin: archive/data.pkl: imports os.system",),
     "onnx_external_data_pickle_payload": ("weights.bin: imports os.system",),
+    "nul_in_module_name": ("weights.bin: imports os.system",),
+    "nul_in_long_stack_global_module": ("weights.bin: imports os.system",),
+    "nul_after_int": ("weights.bin: imports os.system",),
+    "template_opening_like_gguf": (
+        "chat_template.jinja: template: line 1: reads attributes __init__ and __globals__",
+    ),
+    "template_opening_like_safetensors": (
+        "chat_template.jinja: template: line 1: reads attributes __init__ and __globals__",
+    ),
+    "zip_end_record_at_the_window_edge": (
+        "model.safetensors: also a zip found from its end record: payload.pkl: imports os.system",
+    ),
     "onnx_external_data_long_name_payload": (
         "weights.bin: imports os.<a name over 512 characters> (a constant name too long",
     ),
@@ -179,6 +192,9 @@ LOADERS: dict[str, str] = {
         "import torch; torch.load(path + '/pytorch_model.bin', weights_only=False)"
     ),
     "onnx_external_data_pickle_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "nul_in_module_name": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "nul_in_long_stack_global_module": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "nul_after_int": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "onnx_external_data_long_name_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "legacy_tar_without_magic": "import torch; torch.load(path, weights_only=False)",
     "pickle_in_hdf5_user_block": "pickle.load(open(path, 'rb'))",
