@@ -494,14 +494,15 @@ def _plan(
                 read_gguf_stream(reader, obj.size, Path(obj.rel))  # type: ignore[arg-type]
         except _PlanTooBig:
             return _refused(head, f"GGUF metadata of over {_human(whole_file_max)}")
-        return "GGUF header and metadata", reader.ranges, False
+        return _and_as_a_pickle(
+            store, obj, whole_file_max, "GGUF header and metadata", reader.ranges
+        )
     if not tar and len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= min(SAFETENSORS_MAX_HEADER, obj.size - 8) and head[8:9] == b"{":
-            if 8 + n <= len(head):
-                return "safetensors header", [(0, head)], False
-            rest = _read_exact(store, obj, len(head), 8 + n)
-            return "safetensors header", [(0, head + rest)], False
+            if 8 + n > len(head):
+                head += _read_exact(store, obj, len(head), 8 + n)
+            return _and_as_a_pickle(store, obj, whole_file_max, "safetensors header", [(0, head)])
     if not tar and head.startswith(ZIP_MAGICS):
         return _plan_zip(store, obj, head, whole_file_max)
     if not tar and head.startswith(b"\x93NUMPY"):
@@ -510,10 +511,10 @@ def _plan(
         # The scan reads a .npy's header; its data only when the dtype holds objects (a pickle).
         if npy_holds_objects(head):
             return _whole(obj, head, whole_file_max, "of numpy objects")
-        return "numpy header", [(0, head)], False
+        return _and_as_a_pickle(store, obj, whole_file_max, "numpy header", [(0, head)])
     kind = _kind_of(store, head, obj, name)
     if kind is Kind.TF_VARIABLES_DATA:
-        return "first 64 KiB (its kind)", [(0, head)], False
+        return _and_as_a_pickle(store, obj, whole_file_max, "first 64 KiB (its kind)", [(0, head)])
     if kind in (Kind.PICKLE, Kind.UNKNOWN):
         return _plan_pickle_scan(store, obj, head, whole_file_max, kind)
     if kind is Kind.ONNX:
@@ -524,7 +525,9 @@ def _plan(
                 read_onnx_from(Path(obj.rel), _RangeView(reader))
         except _PlanTooBig:
             return _refused(head, f"ONNX framing of over {_human(whole_file_max)}")
-        return "ONNX framing (tensor payloads skipped)", reader.ranges, False
+        return _and_as_a_pickle(
+            store, obj, whole_file_max, "ONNX framing (tensor payloads skipped)", reader.ranges
+        )
     if obj.size > whole_file_max:
         return (
             f"not read: {_human(obj.size)} of {kind.value} content would need a full download "
@@ -534,6 +537,33 @@ def _plan(
             False,
         )
     return "whole", [(0, head)], True  # the rest is streamed to disk by mirror()
+
+
+def _and_as_a_pickle(
+    store: Store,
+    obj: RemoteObject,
+    whole_file_max: int,
+    what: str,
+    ranges: list[tuple[int, bytes]],
+) -> tuple[str, list[tuple[int, bytes]], bool]:
+    """The plan for a format the unsafe-code check also reads as a pickle from byte 0
+    (READ_AS_A_PICKLE_TOO in checks/unsafe_code.py): its ranges, and what that scan reads of
+    the file beyond them, found by running it over a range reader that holds them. Its own
+    framing breaks the stream within a few opcodes, so this is mostly nothing."""
+    from services.validator.checks.unsafe_code import read_as_the_pickle_scan_does
+
+    head = ranges[0][1]
+    reads = min(MAX_PLAN_READS, max(16, obj.size // BYTES_PER_READ))
+    reader = RangeFile(store, obj, limit=whole_file_max, max_reads=reads)
+    for start, data in ranges:
+        reader._put(start, data)
+    try:
+        read_as_the_pickle_scan_does(_RangeView(reader))
+    except _PlanTooBig:
+        return _whole(obj, head, whole_file_max, f"that reads on as a pickle after its {what}")
+    if len(reader.ranges) == len(ranges):
+        return what, ranges, False
+    return f"{what}, and what a pickle scan of it reads", reader.ranges, False
 
 
 def _plan_pickle_scan(
@@ -635,7 +665,7 @@ def _plan_zip(
     from services.validator.checks.unsafe_code import (
         _PICKLE_SUFFIXES,
         MAX_ZIP_ENTRIES,
-        _is_tensor_record,
+        skips_tensor_record,
     )
 
     reader = RangeFile(store, obj)
@@ -655,7 +685,7 @@ def _plan_zip(
                     torch_zip
                     and not lower.endswith(_PICKLE_SUFFIXES)
                     and not graph
-                    and _is_tensor_record(name)
+                    and skips_tensor_record(obj.rel, name)
                 ):
                     skipped += 1
                     continue

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import CheckContext, result, summarise_findings
@@ -232,12 +232,15 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
     for mf in inv.files:
         scanner = _scanner_for(mf)
         two = mf.hdf5_at is not None or mf.zip_kind is not None  # two formats in one file
-        if scanner is None and not two:
+        as_pickle = mf.kind in READ_AS_A_PICKLE_TOO
+        if scanner is None and not two and not as_pickle:
             continue
         try:
             issues = scanner(mf) if scanner is not None else None
             if two:  # scanned as both
                 issues = [*(issues or []), *_second_format(mf)]
+            if as_pickle and (found := _as_a_pickle_from_byte_0(mf)):
+                issues = [*(issues or []), *found]
         except Exception as exc:  # a hostile file must not take the check down
             issues = [(FindingKind.UNSCANNABLE, f"could not scan: {type(exc).__name__}: {exc}")]
         if issues is None:
@@ -489,7 +492,13 @@ def _scan_external_data(mf: ModelFile) -> list[_Issue] | None:
     scanned = _scan_if_pickle_like(mf)
     if not isinstance(scanned, tuple):
         return scanned
-    scan = scanned[1]
+    return _lenient_issues(scanned[1])
+
+
+def _lenient_issues(scan: _PickleScan, where: str = "") -> list[_Issue]:
+    """The issues of bytes that may be a pickle by chance (raw tensor bytes, another format):
+    imports of names a Python unpickler could import, extension calls and forged frames; a
+    stream that imports nothing runs nothing, however it breaks, and raw bytes break at once."""
     scan.imports = [g for g in scan.imports if all(map(_importable, g))]
     if scan.error is not None:
         # Raw bytes hit EXT1-4 (3 byte values of 256) and STACK_GLOBAL on whatever is on the
@@ -502,7 +511,27 @@ def _scan_external_data(mf: ModelFile) -> list[_Issue] | None:
         scan.imports = [g for g in scan.imports if UNRESOLVED not in g]
     if not (scan.imports or scan.extensions or scan.frame_error or scan.limit):
         return []  # scanned: raw bytes that read as a few opcodes
-    return _pickle_issues(scan)
+    return _pickle_issues(scan, where)
+
+
+# Binary formats whose own checks never read them as a pickle. pickle.load, and torch.load
+# with weights_only=False, read any file as one whatever its name: a valid safetensors or GGUF
+# file can open with opcodes that pass over its header (its length's bytes read as opcodes)
+# and run a payload in its tensor data, and a name like `x.data-00000-of-00001.pt`
+# makes a TensorFlow shard of a protocol-0 pickle. Text kinds are left out: `cat\ndog\n`
+# reads as an import of at.dog, and no loader unpickles a model card.
+READ_AS_A_PICKLE_TOO: Final = frozenset(
+    {Kind.SAFETENSORS, Kind.GGUF, Kind.ONNX, Kind.TF_VARIABLES_INDEX, Kind.TF_VARIABLES_DATA,
+     Kind.TF_SAVED_MODEL, Kind.KERAS_METADATA, Kind.KERAS_H5, Kind.NUMPY}
+)  # fmt: skip
+
+
+def _as_a_pickle_from_byte_0(mf: ModelFile) -> list[_Issue]:
+    """What pickle.load would import from the file, read as raw bytes are (ONNX external data:
+    only imports, extension calls and forged frames count; its own format breaks the stream
+    within a few opcodes)."""
+    also = "read as a pickle from byte 0 (pickle.load reads any file): "
+    return [(kind, also + what) for kind, what in _scan_external_data(mf) or []]
 
 
 def _importable(name: str) -> bool:
@@ -583,7 +612,7 @@ def _scan_zip(mf: ModelFile) -> list[_Issue]:
         try:
             for info in infos:
                 if not info.is_dir():
-                    issues += _member_issues(zf, info, mf.kind, budget)
+                    issues += _member_issues(zf, info, mf.kind, budget, mf.path.name)
         except LimitReached:
             issues.append((FindingKind.UNSCANNABLE, f"more than {MAX_PICKLE_OPS:,} opcodes"))
     return issues
@@ -610,6 +639,7 @@ def _layout_issues(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> list[_I
                     "archive, or a second directory)",
                 )
             )
+        issues += _zip64_locator_issues(fp, end[zipfile._ECD_LOCATION])  # type: ignore[attr-defined]
     spans = sorted(infos, key=lambda i: i.header_offset)
     for prev, info in itertools.pairwise(spans):
         if info.header_offset < prev.header_offset + 30 + prev.compress_size:
@@ -621,6 +651,29 @@ def _layout_issues(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> list[_I
             )
             break
     return issues
+
+
+def _zip64_locator_issues(fp: IO[bytes], end_record_at: int) -> list[_Issue]:
+    """A zip64 locator (20 bytes before the end record) says where the zip64 end record is.
+    Python's zipfile ignores that and reads the 56 bytes before the locator; torch's reader
+    (miniz) goes where it says. Two zip64 records are two central directories."""
+    at = end_record_at - 20
+    if at < 0:
+        return []
+    fp.seek(at)
+    locator = fp.read(20)
+    if len(locator) < 20 or locator[:4] != b"PK\x06\x07":
+        return []
+    (declared,) = struct.unpack_from("<Q", locator, 8)
+    if declared == at - 56:
+        return []
+    return [
+        (
+            FindingKind.ARCHIVE,
+            f"zip64 locator points at byte {declared:,}, but zipfile reads the zip64 end record "
+            f"at {at - 56:,}: zip readers disagree on its entries (two central directories)",
+        )
+    ]
 
 
 def _entry_issues(infos: list[zipfile.ZipInfo]) -> list[_Issue]:
@@ -663,22 +716,28 @@ def _bomb_issues(infos: list[zipfile.ZipInfo], archive_size: int) -> list[_Issue
 
 
 def _member_issues(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind, budget: Budget
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, kind: Kind, budget: Budget, archive: str
 ) -> list[_Issue]:
     name = info.orig_filename
     lower = name.lower()
     where = f"{name}: "
     if lower.endswith(_PYTHON_SUFFIXES):
         return [(FindingKind.PYTHON, f"{where}Python source inside the archive")]
-    if kind is Kind.KERAS_ZIP and name == "config.json":
+    if name == "config.json":  # Keras 3 builds a model from the config.json of any zip
         if info.file_size > MAX_JSON_BYTES:
             return [(FindingKind.UNSCANNABLE, f"{where}{_size(info.file_size)}: too large")]
-        return _keras_issues(json.loads(zf.read(info)), where)
+        try:
+            config = json.loads(zf.read(info))
+        except ValueError:
+            if kind is Kind.KERAS_ZIP:
+                raise
+            return []  # not JSON: Keras builds nothing from it
+        return _keras_issues(config, where)
     named_pickle = lower.endswith(_PICKLE_SUFFIXES)
     if lower == "saved_model.pb" or lower.endswith("/saved_model.pb"):
         with _member_bytes(zf, info) as (buf, start, end):
             return _graph_issues(buf, start, end, where)
-    if kind is Kind.PYTORCH_ZIP and not named_pickle and _is_tensor_record(name):
+    if kind is Kind.PYTORCH_ZIP and not named_pickle and skips_tensor_record(archive, name):
         return []  # raw tensor bytes, read by the loader as bytes, never unpickled
     try:
         with _member_bytes(zf, info) as (buf, start, end):
@@ -686,7 +745,11 @@ def _member_issues(
             if head.startswith(b"\x93NUMPY"):
                 return _npy_issues(buf, start, end, where, budget)
             if not (named_pickle or _looks_like_pickle(head)):
-                return []
+                # pandas.read_pickle opens a one-member zip by its name and unpickles the
+                # member whatever it is called: read as raw bytes are (imports count).
+                if buf[start : start + 1] not in _OPCODES:
+                    return []
+                return _lenient_issues(_scan_pickles(buf, start, end, budget), where)
             scan = _scan_pickles(buf, start, end, budget)
     except _TooBig as exc:
         return [(FindingKind.UNSCANNABLE, f"{where}{exc}")]
@@ -736,9 +799,14 @@ def _member_data_offset(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
     return int(info.header_offset) + 30 + name_len + extra_len
 
 
-def _is_tensor_record(name: str) -> bool:
-    """`<archive>/data/<key>`: where torch.save puts each storage's bytes."""
+def skips_tensor_record(archive: str, name: str) -> bool:
+    """`<archive>/data/<key>` of a torch zip: where torch.save puts each storage's bytes, which
+    torch reads as bytes; not scanned (nor fetched remotely). Unless numpy would read it: a
+    member named .npy, or any member of an archive named .npz (np.load takes the members
+    that open with its magic, and unpickles object arrays)."""
     parts = name.split("/")
+    if archive.lower().endswith(".npz") or name.lower().endswith(".npy"):
+        return False
     return len(parts) >= 2 and parts[-2] == "data"
 
 

@@ -830,6 +830,79 @@ def write_zip_two_central_directories(directory: Path) -> Path:
     return path
 
 
+def write_zip64_locator_to_a_second_directory(directory: Path) -> Path:
+    """A zip64 locator that points at a second zip64 end record. Python's zipfile reads the
+    record just before the locator (a harmless state dict); torch's miniz goes where the
+    locator says (the os.system one)."""
+    benign = torch_zip(directory / "b.zip", whole_pickle(state_dict_body(SHAPES, legacy=False)))
+    hostile_zip = torch_zip(directory / "a.zip", os_system_pickle(directory))
+    entries_a, directory_a, count_a = _zip_parts(benign.read_bytes())
+    entries_b, directory_b, count_b = _zip_parts(hostile_zip.read_bytes())
+    benign.unlink()
+    hostile_zip.unlink()
+    directory_b = _shift_central_directory(directory_b, len(entries_a))
+    at_directory_b = len(entries_a) + len(entries_b)
+    at_record_b = at_directory_b + len(directory_b)
+
+    def record(count: int, size: int, offset: int) -> bytes:
+        fields = struct.pack("<QHHIIQQQQ", 44, 45, 45, 0, 0, count, count, size, offset)
+        return b"PK\x06\x06" + fields
+
+    record_b = record(count_b, len(directory_b), at_directory_b)
+    at_directory_a = at_record_b + len(record_b)
+    record_a = record(count_a, len(directory_a), at_directory_a)
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, at_record_b, 1)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path = directory / "pytorch_model.bin"
+    path.write_bytes(
+        entries_a + entries_b + directory_b + record_b + directory_a + record_a + locator + end
+    )
+    return path
+
+
+def write_npz_object_array_in_a_tensor_record(directory: Path) -> Path:
+    """An .npz that a data.pkl makes look like a torch zip: its object array sits where torch
+    keeps tensor bytes (`x/data/0.npy`), which a torch zip's scan passes over. np.load with
+    allow_pickle=True unpickles it."""
+    import numpy as np
+
+    class _Call:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (payload_command(directory),))
+
+    objects = np.empty(1, dtype=object)
+    objects[0] = _Call()
+    array = io.BytesIO()
+    np.lib.format.write_array(array, objects, allow_pickle=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "weights.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("x/data/0.npy", array.getvalue())
+        zf.writestr("x/version", "3\n")
+    return path
+
+
+def write_zip_member_pickle_for_pandas(directory: Path) -> Path:
+    """A zip whose one member, named .npy, is a protocol-0 pickle: pandas.read_pickle opens a
+    .zip by its name and unpickles its one member."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "weights.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("weights.npy", _shell_call_protocol0(directory))
+    return path
+
+
+def write_keras_zip_with_a_data_pkl(directory: Path) -> Path:
+    """A .keras with a Lambda and an assets/data.pkl, which makes its kind a torch zip: Keras 3
+    still builds the model from its config.json."""
+    path = keras_zip(directory / "model.keras", keras_model(_lambda_layer(True)))
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("assets/data.pkl", pickle.dumps({}, protocol=2))
+        zf.writestr("assets/version", "3\n")
+    return path
+
+
 def write_zip_overlapping_members(directory: Path) -> Path:
     """Many central-directory entries pointing at one stored pickle: each would be scanned, and
     budgeted, anew."""
@@ -1226,6 +1299,69 @@ def write_zip_end_record_at_the_window_edge(directory: Path) -> Path:
     return path
 
 
+# --- Formats that are pickles too ------------------------------------------------------------
+
+
+def safetensors_pickle_polyglot(directory: Path) -> bytes:
+    """A valid safetensors file that is a pickle from byte 0. Its header length 0x088c opens
+    with SHORT_BINUNICODE of 8 bytes (the rest of the length, `{` and `"`); a chain of
+    SHORT_BINSTRINGs inside the first JSON key passes over the rest of the header; the pickle
+    goes on in the tensor's data, an os.system call."""
+    payload = b"\x80\x02" + _shell_call_protocol0(directory)
+    header_len = 0x088C
+    n = len(payload)
+    tail = f'": {{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}'
+    last = 120  # the last SHORT_BINSTRING: the key's end, the tail and the padding
+    chunks, pos, last_at = [], 2, header_len - 2 - last
+    while pos < last_at:
+        gap = last_at - pos
+        n = min(0x7E, gap - 2)
+        if 0 < gap - 2 - n < 2 + 0x20:  # leave room for a last chunk of printable length
+            n = gap - 2 - (2 + 0x20)
+        chunks.append("U" + chr(n) + "x" * n)
+        pos += 2 + n
+    chunks.append("U" + chr(last) + "y" * 10)
+    header = ('{"' + "".join(chunks) + tail + " " * (last - 10 - len(tail))).encode()
+    assert len(header) == header_len
+    return struct.pack("<Q", header_len) + header + payload
+
+
+def write_safetensors_that_is_a_pickle(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pt"
+    path.write_bytes(safetensors_pickle_polyglot(directory))
+    return path
+
+
+def write_tensorflow_shard_that_is_a_pickle(directory: Path) -> Path:
+    """A protocol-0 pickle named like a TensorFlow checkpoint shard, and .pt: by its name a
+    shard (raw tensor bytes), to torch.load and pickle.load a pickle. `N0` (None, popped)
+    opens it, so it does not start like the protocol-0 pickles sniff knows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.data-00000-of-00001.pt"
+    path.write_bytes(b"N0" + _shell_call_protocol0(directory))
+    return path
+
+
+def gguf_pickle_polyglot(directory: Path) -> bytes:
+    """A valid GGUF v3 file that is a pickle from byte 0 (13 MB). `G` (BINFLOAT) takes `GUF`,
+    the version and a byte; the tensor count's next bytes are LONG1 of 5 (so 363,008 tensors);
+    the key count and the first key's length open BINBYTES of 3; the first key is a protocol-0
+    os.system pickle."""
+    n_tensors, n_kv, key_len = 0x00058A00, 0x0342, 0x0342
+    key = _shell_call_protocol0(directory).ljust(key_len, b" ")
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv))
+    out += struct.pack("<Q", key_len) + key + struct.pack("<IB", 0, 0)  # a uint8 value
+    for i in range(n_kv - 1):
+        name = b"k%d" % i
+        out += struct.pack("<Q", len(name)) + name + struct.pack("<IB", 0, 0)
+    info = struct.pack("<IQIQ", 1, 0, 0, 0)  # one dimension of 0, F32, offset 0
+    out += b"".join(
+        struct.pack("<Q", len(b"t%x" % i)) + b"t%x" % i + info for i in range(n_tensors)
+    )
+    return bytes(out + b"\0" * (-len(out) % 32))
+
+
 # --- Registries ----------------------------------------------------------------------------
 
 BENIGN: dict[str, Writer] = {
@@ -1314,4 +1450,10 @@ HOSTILE: dict[str, Writer] = {
     "template_opening_like_safetensors": write_template_opening_like_safetensors,
     "zip_end_record_at_the_window_edge": write_zip_end_record_at_the_window_edge,
     "saved_model_keras_lambda_past_64k": write_saved_model_keras_lambda_past_64k,
+    "safetensors_that_is_a_pickle": write_safetensors_that_is_a_pickle,
+    "tensorflow_shard_that_is_a_pickle": write_tensorflow_shard_that_is_a_pickle,
+    "zip64_locator_to_a_second_directory": write_zip64_locator_to_a_second_directory,
+    "npz_object_array_in_a_tensor_record": write_npz_object_array_in_a_tensor_record,
+    "zip_member_pickle_for_pandas": write_zip_member_pickle_for_pandas,
+    "keras_zip_with_a_data_pkl": write_keras_zip_with_a_data_pkl,
 }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import random
+import struct
 import subprocess
 import sys
 import zipfile
@@ -74,6 +76,17 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "keras_lambda_h5": ("model.h5: model_config: Keras Lambda layer 'lambda'",),
     "saved_model_keras_lambda": ("keras_metadata.pb declares a Keras Lambda layer",),
     "saved_model_keras_lambda_past_64k": ("keras_metadata.pb declares a Keras Lambda layer",),
+    "safetensors_that_is_a_pickle": (
+        "model.pt: read as a pickle from byte 0 (pickle.load reads any file): imports os.system",
+    ),
+    "zip64_locator_to_a_second_directory": ("zip64 locator points at byte",),
+    "npz_object_array_in_a_tensor_record": ("x/data/0.npy: array of dtype object",),
+    "zip_member_pickle_for_pandas": ("weights.zip: weights.npy: imports os.system",),
+    "keras_zip_with_a_data_pkl": ("model.keras: config.json: Keras Lambda layer",),
+    "tensorflow_shard_that_is_a_pickle": (
+        "model.data-00000-of-00001.pt: read as a pickle from byte 0 (pickle.load reads any "
+        "file): imports os.system",
+    ),
     "config_trust_remote_code": ("config.json: sets trust_remote_code: true",),
     "config_auto_map": ("config.json: auto_map loads code: AutoModel -> modeling_x.XModel",),
     "tokenizer_config_auto_map": (
@@ -193,6 +206,13 @@ LOADERS: dict[str, str] = {
     ),
     "onnx_external_data_pickle_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "nul_in_module_name": "pickle.load(open(path + '/weights.bin', 'rb'))",
+    "safetensors_that_is_a_pickle": "pickle.load(open(path, 'rb'))",
+    "tensorflow_shard_that_is_a_pickle": "pickle.load(open(path, 'rb'))",
+    "zip64_locator_to_a_second_directory": "import torch; torch.load(path, weights_only=False)",
+    "npz_object_array_in_a_tensor_record": (
+        "z = numpy.load(path, allow_pickle=True); [z[k] for k in z.files]"
+    ),
+    "zip_member_pickle_for_pandas": "import pandas; pandas.read_pickle(path)",
     "nul_in_long_stack_global_module": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "nul_after_int": "pickle.load(open(path + '/weights.bin', 'rb'))",
     "onnx_external_data_long_name_payload": "pickle.load(open(path + '/weights.bin', 'rb'))",
@@ -276,6 +296,54 @@ def test_details_list_each_finding_and_every_scanned_file(tmp_path: Path) -> Non
         {"file": "model.pkl", "kind": FindingKind.IMPORT.value, "what": "imports os.system"}
     ]
     assert res.name == "unsafe_code" and res.duration_ms >= 0
+
+
+# --- Formats that are pickles too ------------------------------------------------------------
+
+
+def test_a_safetensors_file_that_is_a_pickle_is_both(tmp_path: Path) -> None:
+    """safetensors opens it as a model, and the check reads it as the pickle it also is."""
+    from safetensors import safe_open
+
+    path = hostile.write_safetensors_that_is_a_pickle(tmp_path)
+    with safe_open(str(path), "np") as f:
+        assert len(list(f.keys())) == 1
+    assert build_inventory(str(tmp_path)).files[0].kind.value == "safetensors"
+
+
+def test_a_gguf_file_that_is_a_pickle_is_both(tmp_path: Path) -> None:
+    """A sound GGUF file of 363,008 tensors (gguf's own GGUFReader opens it too, in 21 s);
+    pickle.load runs its first key."""
+    from services.validator.checks.headers import read_gguf
+
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(hostile.gguf_pickle_polyglot(tmp_path))
+    header = read_gguf(path)
+    assert len(header.tensors) == 363_008 and header.problems == []
+    res = scan(tmp_path)
+    assert res.status is Status.FAILED
+    assert findings(res)[0] == (
+        "pytorch_model.bin: read as a pickle from byte 0 (pickle.load reads any file): imports "
+        "os.system"
+    )
+    code = "import pickle, sys\npickle.load(open(sys.argv[1], 'rb'))"
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, timeout=60, check=False)
+    assert marker(tmp_path).exists()
+
+
+def test_safetensors_files_whose_header_length_reads_as_opcodes_pass(tmp_path: Path) -> None:
+    """Every low byte of the header length, each an opcode or not, over random float data: the
+    stream breaks within a few opcodes and imports nothing."""
+    rng = np.random.default_rng(7)
+    for length in range(256, 512):
+        directory = tmp_path / str(length)
+        directory.mkdir()
+        data = rng.standard_normal(64).astype(np.float32).tobytes()
+        entry = {"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, len(data)]}}
+        header = json.dumps(entry).encode().ljust(length)
+        (directory / "model.pt").write_bytes(struct.pack("<Q", length) + header + data)
+        res = scan(directory)
+        assert res.status is Status.PASSED, (length, res.reason)
 
 
 # --- The allowlist -------------------------------------------------------------------------
