@@ -79,7 +79,9 @@ WEIGHT_KINDS = frozenset(
 # their content is free text or JSON (their content is still scanned for secrets).
 TEXT_NAMES = frozenset(
     {"readme.md", "license", "license.md", "license.txt", "notice", "tokenizer.model", "merges.txt",
-     "vocab.txt", "sentencepiece.bpe.model", "spiece.model", ".gitattributes"}
+     "vocab.txt", "sentencepiece.bpe.model", "spiece.model", ".gitattributes",
+     # the other tokenizer vocabularies the tokenizer check counts (checks/tokenizer.py)
+     "tokenizer.model.v3", "sentencepiece.model", "spm.model", "source.spm", "target.spm"}
 )  # fmt: skip
 
 
@@ -215,7 +217,9 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         return Kind.JSON, "JSON"
     if lower.endswith(".py"):
         return Kind.PYTHON, "Python source"
-    if lower in TEXT_NAMES or lower.endswith((".md", ".txt", ".yaml", ".yml", ".jinja")):
+    if lower in TEXT_NAMES or lower.endswith(
+        (".md", ".txt", ".yaml", ".yml", ".jinja", ".tiktoken")
+    ):
         return Kind.TEXT, "text"
     return Kind.UNKNOWN, f"unrecognised content, first bytes {head[:16].hex(' ')}"
 

@@ -109,6 +109,22 @@ def test_an_unrecognisable_file_fails_with_what_was_found(tmp_path: Path) -> Non
     assert "de ad be ef" in reason
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["tokenizer.model.v3", "sentencepiece.model", "spm.model", "source.spm", "target.spm",
+     "cl100k_base.tiktoken"],
+)  # fmt: skip
+def test_every_tokenizer_vocabulary_the_tokenizer_check_counts_is_recognised(
+    tmp_path: Path, name: str
+) -> None:
+    """Each is a vocabulary a model ships beside its weights (a SentencePiece protobuf, or
+    tiktoken's base64 ranks): never "unrecognisable"."""
+    formats.write_hf_safetensors(tmp_path)
+    (tmp_path / name).write_bytes(b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.PASSED, reason
+
+
 def test_a_directory_without_weights_fails(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     fmt, reason, _, _ = run(tmp_path)
