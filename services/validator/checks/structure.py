@@ -6,6 +6,7 @@ import json
 import re
 import time
 import zipfile
+from collections import Counter
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -130,9 +131,17 @@ def _gguf(f: ModelFile, headers: ParsedHeaders, tensors: dict[str, tuple[int, ..
     parsed = headers.gguf(f.path)
     if isinstance(parsed, HeaderError):
         return [str(parsed)]
+    seen: Counter[str] = Counter()
     for t in parsed.tensors:
         tensors[t.name] = tuple(reversed(t.dims))  # GGUF lists dims fastest-first
-    return list(parsed.problems)
+        seen[t.name] += 1
+    twice = [(name, n) for name, n in seen.items() if n > 1]
+    problems = list(parsed.problems)
+    for name, n in twice[:3]:  # ggml's gguf reader refuses the file on the first
+        problems.append(f"tensor {name!r} is named {n} times (llama.cpp refuses the file)")
+    if len(twice) > 3:
+        problems.append(f"{len(twice) - 3} more tensor names repeat")
+    return problems
 
 
 def _onnx(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[str]:

@@ -240,6 +240,18 @@ def test_gguf_header_is_read_like_gguf_py_writes_it(tmp_path: Path) -> None:
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)] == (block, size), name
 
 
+def test_gguf_with_a_tensor_name_twice_is_refused(tmp_path: Path) -> None:
+    """gguf's writer refuses to write one; ggml's reader refuses to load one. A dict of
+    tensors would count it once and say nothing."""
+    path = formats.write_gguf(tmp_path)
+    data = path.read_bytes()
+    assert data.count(b"blk.1.attn_q") == 1
+    path.write_bytes(data.replace(b"blk.1.attn_q", b"blk.0.attn_q"))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "tensor 'blk.0.attn_q.weight' is named 2 times (llama.cpp refuses the file)" in reason
+
+
 def test_gguf_with_a_lying_tensor_count_is_refused(tmp_path: Path) -> None:
     path = formats.write_gguf(tmp_path)
     data = bytearray(path.read_bytes())
