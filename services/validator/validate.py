@@ -13,7 +13,7 @@ from services.contracts.events import CheckResult, StageReport, Status, TargetHa
 from services.contracts.policy import ValidationPolicy
 from services.storage.base import StoreError
 from services.storage.locations import is_remote, open_store
-from services.validator.checks.base import Check, CheckContext
+from services.validator.checks.base import Check, CheckContext, bounded_details
 from services.validator.checks.checksum import DigestCache, check_checksum
 from services.validator.checks.formats import check_format
 from services.validator.checks.headers import HeaderError, parsed_headers
@@ -59,7 +59,13 @@ def metadata_texts(inv: Inventory, ctx: CheckContext) -> Iterator[tuple[str, str
 def _run(name: str, check: Check, inv: Inventory, ctx: CheckContext) -> CheckResult:
     started = time.perf_counter()
     try:
-        return check(inv, ctx)
+        checked = check(inv, ctx)
+        details = bounded_details(checked.details)
+        return (
+            checked
+            if details is checked.details
+            else checked.model_copy(update={"details": details})
+        )
     except Exception as exc:  # a check must never take the service down
         log.exception("check %s crashed", name)
         return CheckResult(

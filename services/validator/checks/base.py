@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,3 +61,57 @@ def summarise_findings(findings: list[str], limit: int = 5) -> str:
     """`a; b; c (+4 more)`: a reason that stays readable in Slack and a terminal."""
     shown = "; ".join(findings[:limit])
     return shown + (f" (+{len(findings) - limit} more)" if len(findings) > limit else "")
+
+
+# A check's details travel in the stage report, one NATS message (1 MiB by default) with every
+# other check's: a hostile model must not be able to make them too big to publish (a card with
+# 150,000 keys in it, 10,000 files each with a finding). The reason already sums them up.
+MAX_DETAILS_BYTES = 64 * 1024
+MAX_DETAIL_STRING_CHARS = 1024
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, default=str, ensure_ascii=False).encode())
+
+
+def bounded_details(details: dict[str, Any], max_bytes: int = MAX_DETAILS_BYTES) -> dict[str, Any]:
+    """`details` as they are where they fit in `max_bytes` of JSON; otherwise the longest lists
+    (at any depth of dicts) are cut to a prefix, each with `<key>_not_listed` counting what was
+    left out, and strings over MAX_DETAIL_STRING_CHARS are cut, saying so."""
+    if _json_size(details) <= max_bytes:
+        return details
+    trimmed: dict[str, Any] = _cut_strings(details)
+    while _json_size(trimmed) > max_bytes:
+        found = _longest_list(trimmed)
+        if found is None:
+            return {"cut": f"details over {max_bytes} bytes of JSON with no list left to cut"}
+        holder, key, items = found
+        keep = len(items) // 2
+        holder[key] = items[:keep]
+        counted = f"{key}_not_listed"
+        holder[counted] = int(holder.get(counted, 0)) + len(items) - keep
+    return trimmed
+
+
+def _cut_strings(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_DETAIL_STRING_CHARS:
+        return f"{value[:MAX_DETAIL_STRING_CHARS]}… (cut, {len(value)} characters)"
+    if isinstance(value, dict):
+        return {k: _cut_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cut_strings(v) for v in value]
+    return value
+
+
+def _longest_list(value: dict[str, Any]) -> tuple[dict[str, Any], str, list[Any]] | None:
+    """The dict, key and list of the longest non-empty list reachable through dicts."""
+    best: tuple[dict[str, Any], str, list[Any]] | None = None
+    stack = [value]
+    while stack:
+        holder = stack.pop()
+        for key, item in holder.items():
+            if isinstance(item, dict):
+                stack.append(item)
+            elif isinstance(item, list) and item and (best is None or len(item) > len(best[2])):
+                best = (holder, key, item)
+    return best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import re
@@ -29,6 +30,10 @@ VOCABULARY_NAMES = frozenset(
 MAX_VOCABULARY_BYTES = 64 * 1024 * 1024
 # How much of a file decides whether it is binary (sentencepiece models are named like text).
 BINARY_SNIFF_BYTES = 8192
+# What one validation reads in all (10,000 files of 4 MiB would be 40 GB of text), and where it
+# stops counting: a model with this many keys in it is answered, and judging each costs ~35 us.
+MAX_TOTAL_TEXT_BYTES = 128 * 1024 * 1024
+MAX_FINDINGS = 1000
 REDACT_KEEP = 4
 
 
@@ -225,7 +230,7 @@ class Rule:
     file costs a few substring searches however many rules there are; rules share anchors, and
     each distinct anchor is searched for once a text. Leading dots say how many characters
     before the literal the match starts (`....q~`); `walk_back` rules start where the name
-    that ends at the anchor starts (`AZURE_STORAGE_KEY=`, `postgresql+psycopg2://`).
+    that ends at the anchor starts (`postgresql+psycopg2://`), at most MAX_WALK_BACK back.
 
     A `bounded` match must start a token: `hf_` in `xhf_abc` is not a Hugging Face token;
     right after an escaped newline in a JSON string (`\\nhf_`) it is. `entropy` is gitleaks'
@@ -288,8 +293,6 @@ _DB_SCHEMES = (
 # Rules found at the end of a name (`...key =`, `scheme://`) start where the name does: the
 # search walks back over these characters from the anchor.
 _SCHEME_CHARS = frozenset(string.ascii_lowercase + string.digits + "+.-")
-_NAME_CHARS = frozenset(string.ascii_lowercase + string.digits + "_.-")
-_NAME_PREFIX = r"[A-Za-z0-9_.-]*?"
 MAX_WALK_BACK = 64
 _URL_USER = r"[^\s:/@\"'`<>{}\\]"
 
@@ -361,14 +364,16 @@ PREFIX_RULES: tuple[Rule, ...] = (
         # gitleaks has no dedicated rule (its generic-api-key covers it); the key names are AWS's.
         "aws-secret-access-key",
         "generic-api-key",
+        # Matched from the credential's own words, inside whatever name holds them
+        # (`MY_AWS_SECRET_ACCESS_KEY`). A match walked back to where the name starts, found
+        # from every `key`, tried each later `key` in a long run of name characters: a 160 KB
+        # card of `AccountKeyAccountKey...` took 52 s.
         _re(
-            _NAME_PREFIX
-            + r"(?i:secret[_-]?access[_-]?key|aws[_-]?secret[_-]?key)"
+            r"(?i:secret[_-]?access[_-]?key|aws[_-]?secret[_-]?key)"
             + _ASSIGN
             + r"(?P<secret>(?P<body>[A-Za-z0-9/+=]{40}))(?![A-Za-z0-9/+=])"
         ),
-        anchors=("key",),
-        walk_back=_NAME_CHARS,
+        anchors=("secret", "aws"),
         bounded=False,
         accept=lambda body: shannon_entropy(body) >= 3.5,
     ),
@@ -578,11 +583,10 @@ PREFIX_RULES: tuple[Rule, ...] = (
         "azure-storage-key",
         "generic-api-key",
         _re(
-            _NAME_PREFIX + r"(?i:AccountKey|SharedAccessKey)\s{0,5}=\s{0,5}"
+            r"(?i:AccountKey|SharedAccessKey)\s{0,5}=\s{0,5}"
             r"(?P<secret>(?P<body>[A-Za-z0-9+/]{40,128}={0,2}))(?![A-Za-z0-9+/=])"
         ),
-        anchors=("key",),
-        walk_back=_NAME_CHARS,
+        anchors=("accountkey", "sharedaccesskey"),
         bounded=False,
         entropy=4.0,
     ),
@@ -590,13 +594,11 @@ PREFIX_RULES: tuple[Rule, ...] = (
         "azure-storage-key",
         "generic-api-key",
         _re(
-            _NAME_PREFIX
-            + r"(?i:storage[_-]?(?:account[_-]?)?(?:access[_-]?)?key)"
+            r"(?i:storage[_-]?(?:account[_-]?)?(?:access[_-]?)?key)"
             + _ASSIGN
             + r"(?P<secret>(?P<body>[A-Za-z0-9+/]{86}==))(?![A-Za-z0-9+/=])"
         ),
-        anchors=("key",),
-        walk_back=_NAME_CHARS,
+        anchors=("storage",),
         bounded=False,
         entropy=4.0,
     ),
@@ -934,7 +936,27 @@ def _judge(rule: Rule, m: re.Match[str]) -> str | None:
     return secret
 
 
-def _prefix_hits(text: str, lowered: str) -> list[Hit]:
+class _Taken:
+    """Spans already named, kept sorted: whether a new span overlaps one costs a bisection, so
+    a card with 100,000 keys in it is not 100,000 squared comparisons."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start)
+        if i > 0 and self.ends[i - 1] > start:
+            return True
+        return i < len(self.starts) and self.starts[i] < end
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_right(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+
+
+def _prefix_hits(text: str, lowered: str, taken: _Taken, limit: int) -> list[Hit]:
     hits: list[Hit] = []
     anchors = _Anchors(lowered)
     for rule in PREFIX_RULES:
@@ -943,13 +965,12 @@ def _prefix_hits(text: str, lowered: str) -> list[Hit]:
             if secret is None:
                 continue
             start, end = m.span("secret")
-            if not _overlaps(start, end, hits):  # rules are ordered most specific first
+            if not taken.overlaps(start, end):  # rules are ordered most specific first
+                taken.add(start, end)
                 hits.append((start, end, rule.name, secret))
+                if len(hits) >= limit:
+                    return hits
     return hits
-
-
-def _overlaps(start: int, end: int, hits: list[Hit]) -> bool:
-    return any(start < h_end and h_start < end for h_start, h_end, _, _ in hits)
 
 
 def _key_before(text: str, operator: int) -> str:
@@ -965,32 +986,40 @@ def _key_before(text: str, operator: int) -> str:
     return text[k:j]
 
 
-def _generic_hits(text: str, taken: list[Hit]) -> list[Hit]:
+def _generic_hits(text: str, taken: _Taken, limit: int) -> list[Hit]:
     hits: list[Hit] = []
     for m in _ASSIGNED_VALUE.finditer(text):
         start, end = m.span("secret")
-        if _overlaps(start, end, taken):
+        if taken.overlaps(start, end):
             continue  # a specific rule already named this value
         secret = m.group("secret")
         if key_is_sensitive(_key_before(text, m.start())) and value_is_random(secret):
             hits.append((start, end, "generic-high-entropy", secret))
+            if len(hits) >= limit:
+                break
     return hits
 
 
-def scan_text(source: str, text: str, *, generic: bool = True) -> list[SecretFinding]:
-    """Every credential in `text`, in order of position; `generic=False` runs only the rules
-    with a recognisable prefix (for vocabularies, where random-looking strings are normal)."""
+def scan_text(
+    source: str, text: str, *, generic: bool = True, limit: int = MAX_FINDINGS
+) -> list[SecretFinding]:
+    """Every credential in `text`, in order of position, or the first `limit` found;
+    `generic=False` runs only the rules with a recognisable prefix (for vocabularies, where
+    random-looking strings are normal)."""
     lowered = _folded(text)
-    hits = _prefix_hits(text, lowered)
-    if generic and any(hint in lowered for hint in _GENERIC_HINTS):
-        hits += _generic_hits(text, hits)
+    taken = _Taken()
+    hits = _prefix_hits(text, lowered, taken, limit)
+    if generic and len(hits) < limit and any(hint in lowered for hint in _GENERIC_HINTS):
+        hits += _generic_hits(text, taken, limit - len(hits))
     if not hits:
         return []
     hits.sort()
-    return [
-        SecretFinding(source=source, line=text.count("\n", 0, s) + 1, rule=r, redacted=redact(v))
-        for s, _, r, v in hits
-    ]
+    findings, line, counted = [], 1, 0
+    for s, _, r, v in hits:  # lines counted once through the text, not from its start each time
+        line += text.count("\n", counted, s)
+        counted = s
+        findings.append(SecretFinding(source=source, line=line, rule=r, redacted=redact(v)))
+    return findings
 
 
 def _looks_binary(data: bytes) -> bool:
@@ -1006,29 +1035,43 @@ def check_secrets(
     findings: list[SecretFinding] = []
     scanned: list[str] = []
     skipped: list[str] = []
-    files = 0
+    files = texts = read = 0
     for f in inv.files:
-        if f.kind not in SCANNED_KINDS:
+        if f.kind not in SCANNED_KINDS or len(findings) >= MAX_FINDINGS:
             continue
         vocabulary = f.path.name.lower() in VOCABULARY_NAMES
         limit = MAX_VOCABULARY_BYTES if vocabulary else MAX_TEXT_BYTES
         if f.size > limit:
             skipped.append(f"{f.rel}: {f.size} bytes, over the {limit} byte limit")
             continue
+        if read + f.size > MAX_TOTAL_TEXT_BYTES:
+            skipped.append(f"{f.rel}: not read, over the {MAX_TOTAL_TEXT_BYTES} bytes read in all")
+            continue
         try:
             data = f.path.read_bytes()
         except OSError as exc:
             skipped.append(f"{f.rel}: unreadable: {exc.strerror}")
             continue
+        read += len(data)
         if _looks_binary(data):
             skipped.append(f"{f.rel}: binary content")
             continue
-        findings += scan_text(f.rel, data.decode("utf-8", errors="replace"), generic=not vocabulary)
+        findings += scan_text(
+            f.rel,
+            data.decode("utf-8", errors="replace"),
+            generic=not vocabulary,
+            limit=MAX_FINDINGS - len(findings),
+        )
         scanned.append(f.rel)
         files += 1
-    texts = 0
     for source, text in extra_texts:
-        findings += scan_text(source, text)
+        if len(findings) >= MAX_FINDINGS:
+            break
+        if read + len(text) > MAX_TOTAL_TEXT_BYTES:
+            skipped.append(f"{source}: not read, over the {MAX_TOTAL_TEXT_BYTES} bytes read in all")
+            continue
+        read += len(text)
+        findings += scan_text(source, text, limit=MAX_FINDINGS - len(findings))
         scanned.append(source)
         texts += 1
 
@@ -1037,10 +1080,16 @@ def check_secrets(
         details["skipped"] = skipped
     if findings:
         listed = [f"{f.source}:{f.line} {f.rule} {f.redacted}" for f in findings]
+        counted = f"{len(findings)} secret(s)"
+        if len(findings) >= MAX_FINDINGS:
+            counted = f"at least {MAX_FINDINGS} secrets (stopped counting there)"
+            details["stopped"] = (
+                f"at {MAX_FINDINGS} findings: the rest of that text and later ones were not scanned"
+            )
         return result(
             NAME,
             Status.FAILED,
-            f"{len(findings)} secret(s): {summarise_findings(listed)}",
+            f"{counted}: {summarise_findings(listed)}",
             started=started,
             value=len(findings),
             threshold=0,

@@ -1490,3 +1490,69 @@ def _time_scan(texts: list[str]) -> float:
     for text in texts:
         assert scan_text("f", text) == []
     return time.perf_counter() - started
+
+
+# Texts an attacker writes to make the scan slow: runs of each rule's anchor with characters its
+# pattern accepts, and cards that are nothing but keys. Each used to cost time quadratic in the
+# length (a 160 KB card of `AccountKey` took 52 s; 16,000 keys in a card 5 s).
+HOSTILE_UNITS: dict[str, Callable[[random.Random], str]] = {
+    "name runs ending in key": lambda rng: "AccountKey",
+    "aws secret key names": lambda rng: "aws_secret_access_key",
+    "storage key names": lambda rng: "storage_account_key",
+    "database urls": lambda rng: "postgres://a:",
+    "url users": lambda rng: "://" + "a" * 60,
+    "pem headers": lambda rng: "-----BEGIN PRIVATE KEY-----\n",
+    "assignments": lambda rng: "token=",
+    "keys": lambda rng: hf_token(rng) + "\n",
+    "names shaped like keys": lambda rng: "HF_" + "TransformersIntegrationUtilsModules"[:34] + "\n",
+    "assigned keys": lambda rng: f"api_key = {_rand(ALNUM, 24, rng)}\n",
+    "url passwords": lambda rng: f"https://u:{_rand(ALNUM, 12, rng)}@h/\n",
+}
+
+
+@pytest.mark.parametrize("unit", sorted(HOSTILE_UNITS))
+def test_hostile_cards_scan_in_linear_time(unit: str) -> None:
+    """Four times the text costs about four times as long (quadratic would be sixteen); a ratio
+    measured side by side, so a slow machine does not fail it."""
+    make = HOSTILE_UNITS[unit]
+
+    def text(n: int) -> str:
+        rng = random.Random(n)
+        return "".join(make(rng) for _ in range(n))
+
+    small, large = text(2000), text(8000)
+
+    def best(t: str) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            scan_text("README.md", t, limit=10**6)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    ratio = best(large) / max(best(small), 1e-4)
+    assert ratio < 8, f"{unit}: {ratio:.1f}x the time for 4x the text"
+
+
+def test_counting_stops_at_a_thousand_findings(tmp_path: Path) -> None:
+    keys = [hf_token(random.Random(i)) for i in range(3000)]
+    (_model_dir(tmp_path) / "README.md").write_text("\n".join(keys))
+    (tmp_path / "notes.txt").write_text(f"HF_TOKEN={HF_TOKEN}\n")
+    res = _check(tmp_path)
+    assert res.status == Status.FAILED
+    assert res.value == secrets.MAX_FINDINGS
+    assert res.reason.startswith(f"at least {secrets.MAX_FINDINGS} secrets (stopped counting")
+    assert "not scanned" in res.details["stopped"]
+
+
+def test_a_validation_reads_a_bounded_amount_of_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(secrets, "MAX_TOTAL_TEXT_BYTES", 10_000)
+    for i in range(4):
+        (tmp_path / f"notes{i}.txt").write_text("plain words\n" * 400)  # 4,800 bytes each
+    res = _check(tmp_path)
+    assert res.status == Status.PASSED
+    assert sorted(res.details["scanned"]) == ["notes0.txt", "notes1.txt"]
+    assert [s.split(":")[0] for s in res.details["skipped"]] == ["notes2.txt", "notes3.txt"]
+    assert "over the 10000 bytes read in all" in res.details["skipped"][0]

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from services.contracts.events import Status, TargetHardware
 from services.contracts.policy import PolicyFile
@@ -157,3 +158,42 @@ def test_symlink_loops_are_blocked_with_a_reason(tmp_path: Path) -> None:
     # links to directories inside the model are not walked twice, and are no finding
     assert "self:" not in fmt.reason
     assert "sub/up" not in fmt.reason
+
+
+def test_a_model_full_of_keys_gets_a_report_that_fits_one_bus_message(tmp_path: Path) -> None:
+    """150,000 keys in a 4 MB card: counted to 1,000, listed within the details budget."""
+    import random
+    import string
+
+    rng = random.Random(7)
+    model = write_sample_model(tmp_path / "m")
+    keys = ["hf_" + "".join(rng.choices(string.ascii_letters, k=34)) for _ in range(100_000)]
+    (model / "README.md").write_text("\n".join(keys))
+    report = validate(str(model), service="t")
+    secrets = next(c for c in report.checks if c.name == "secrets")
+    assert secrets.status is Status.FAILED
+    assert secrets.reason.startswith("at least 1000 secrets")
+    assert secrets.value == 1000
+    assert len(json.dumps(secrets.details)) <= 64 * 1024
+    assert secrets.details["findings_not_listed"] == 1000 - len(secrets.details["findings"])
+    assert len(report.model_dump_json()) < 256 * 1024
+
+
+def test_details_over_the_budget_are_cut_and_say_how_much() -> None:
+    from services.validator.checks.base import bounded_details
+
+    small = {"findings": [1, 2, 3], "note": "x"}
+    assert bounded_details(small) is small
+    big: dict[str, Any] = {
+        "findings": [{"file": f"f{i}", "why": "w" * 40} for i in range(10_000)],
+        "scanned": [f"file{i}" for i in range(100)],
+        "nested": {"issues": ["i" * 30] * 5_000},
+        "long": "z" * 5_000,
+    }
+    cut = bounded_details(big, max_bytes=16 * 1024)
+    assert len(json.dumps(cut)) <= 16 * 1024
+    assert len(cut["findings"]) + cut["findings_not_listed"] == 10_000
+    assert cut["findings"] == big["findings"][: len(cut["findings"])]
+    assert len(cut["nested"]["issues"]) + cut["nested"]["issues_not_listed"] == 5_000
+    assert cut["long"].endswith("(cut, 5000 characters)")
+    assert len(big["findings"]) == 10_000  # the check's own result is not changed
