@@ -13,7 +13,7 @@ from services.contracts.events import CheckResult, StageReport, Status, TargetHa
 from services.contracts.policy import ValidationPolicy
 from services.storage.base import StoreError
 from services.storage.locations import is_remote, open_store
-from services.validator.checks.base import Check, CheckContext, bounded_details
+from services.validator.checks.base import Check, CheckContext, bounded_details, short_reason
 from services.validator.checks.checksum import DigestCache, check_checksum
 from services.validator.checks.formats import check_format
 from services.validator.checks.headers import HeaderError, parsed_headers
@@ -60,18 +60,16 @@ def _run(name: str, check: Check, inv: Inventory, ctx: CheckContext) -> CheckRes
     started = time.perf_counter()
     try:
         checked = check(inv, ctx)
-        details = bounded_details(checked.details)
-        return (
-            checked
-            if details is checked.details
-            else checked.model_copy(update={"details": details})
-        )
+        details, reason = bounded_details(checked.details), short_reason(checked.reason)
+        if details is checked.details and reason == checked.reason:
+            return checked
+        return checked.model_copy(update={"details": details, "reason": reason})
     except Exception as exc:  # a check must never take the service down
         log.exception("check %s crashed", name)
         return CheckResult(
             name=name,
             status=Status.ERROR,
-            reason=f"check crashed: {type(exc).__name__}: {exc}",
+            reason=short_reason(f"check crashed: {type(exc).__name__}: {exc}"),
             duration_ms=(time.perf_counter() - started) * 1000,
         )
 
@@ -133,7 +131,8 @@ def validate(
 
 
 def _unreadable(reason: str, service: str) -> StageReport:
-    reason = " ".join(reason.split())  # one line, whatever a library put in its message
+    # One line, whatever a library put in its message, and one that prints.
+    reason = short_reason(" ".join(reason.split()))
     check = CheckResult(name="format", status=Status.FAILED, reason=reason)
     return StageReport(
         stage="validation", status=Status.FAILED, reason=reason, checks=(check,), service=service

@@ -67,39 +67,83 @@ def summarise_findings(findings: list[str], limit: int = 5) -> str:
 # other check's: a hostile model must not be able to make them too big to publish (a card with
 # 150,000 keys in it, 10,000 files each with a finding). The reason already sums them up.
 MAX_DETAILS_BYTES = 64 * 1024
+MAX_DETAIL_LIST_ITEMS = 1000
 MAX_DETAIL_STRING_CHARS = 1024
+MAX_REASON_CHARS = 2000
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it. A file name that is not UTF-8 reaches Python as lone
+    surrogates (`\udcfe`), which no JSON encoder writes: shown as the bytes they stand for."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def short_reason(reason: str, most: int = MAX_REASON_CHARS) -> str:
+    """A reason that prints: UTF-8, and cut past `most` characters (a tensor name can be 50 MB
+    long, and a reason quotes names)."""
+    reason = printable(reason)
+    if len(reason) <= most:
+        return reason
+    return f"{reason[:most]}… (cut, {len(reason):,} characters)"
 
 
 def _json_size(value: Any) -> int:
-    return len(json.dumps(value, default=str, ensure_ascii=False).encode())
+    return len(json.dumps(value, default=str))
 
 
 def bounded_details(details: dict[str, Any], max_bytes: int = MAX_DETAILS_BYTES) -> dict[str, Any]:
-    """`details` as they are where they fit in `max_bytes` of JSON; otherwise the longest lists
-    (at any depth of dicts) are cut to a prefix, each with `<key>_not_listed` counting what was
-    left out, and strings over MAX_DETAIL_STRING_CHARS are cut, saying so."""
-    if _json_size(details) <= max_bytes:
+    """`details` that print as JSON in `max_bytes`: strings made UTF-8 (`printable`) and cut
+    past MAX_DETAIL_STRING_CHARS, and the longest lists (at any depth of dicts) cut to a
+    prefix, each with `<key>_not_listed` counting what was left out. Details that are already
+    so come back as they are (the same object)."""
+    trimmed: dict[str, Any] = _tidy(details)
+    if trimmed == details and _json_size(details) <= max_bytes:
         return details
-    trimmed: dict[str, Any] = _cut_strings(details)
     while _json_size(trimmed) > max_bytes:
         found = _longest_list(trimmed)
         if found is None:
             return {"cut": f"details over {max_bytes} bytes of JSON with no list left to cut"}
         holder, key, items = found
-        keep = len(items) // 2
-        holder[key] = items[:keep]
-        counted = f"{key}_not_listed"
-        holder[counted] = int(holder.get(counted, 0)) + len(items) - keep
+        _cut_list(holder, key, items, len(items) // 2)
     return trimmed
 
 
-def _cut_strings(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_DETAIL_STRING_CHARS:
-        return f"{value[:MAX_DETAIL_STRING_CHARS]}… (cut, {len(value)} characters)"
+def _cut_list(holder: dict[str, Any], key: str, items: list[Any], keep: int) -> None:
+    holder[key] = items[:keep]
+    counted = f"{key}_not_listed"
+    holder[counted] = int(holder.get(counted, 0)) + len(items) - keep
+
+
+def _tidy(value: Any) -> Any:
+    """A copy with long lists cut first (cheap, before anything walks them), then strings."""
+    if isinstance(value, str):
+        value = printable(value)
+        if len(value) > MAX_DETAIL_STRING_CHARS:
+            return f"{value[:MAX_DETAIL_STRING_CHARS]}… (cut, {len(value)} characters)"
+        return value
     if isinstance(value, dict):
-        return {k: _cut_strings(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            key = printable(k) if isinstance(k, str) else k
+            if key in out:
+                continue  # a `<name>_not_listed` already counted with its list's cut
+            if isinstance(v, list | tuple) and len(v) > MAX_DETAIL_LIST_ITEMS:
+                out[key] = [_tidy(i) for i in v[:MAX_DETAIL_LIST_ITEMS]]
+                counted = f"{key}_not_listed"
+                out[counted] = int(value.get(counted, 0)) + len(v) - MAX_DETAIL_LIST_ITEMS
+            else:
+                out[key] = _tidy(v)
+        return out
     if isinstance(value, list | tuple):
-        return [_cut_strings(v) for v in value]
+        return [_tidy(v) for v in value]
     return value
 
 

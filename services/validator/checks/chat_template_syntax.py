@@ -100,10 +100,19 @@ def template_issues(text: str) -> list[str]:
         return [f"does not parse: {exc} (a scanner does not pass what it cannot read)"]
     except RecursionError:
         return ["does not parse: nested too deeply (a scanner does not pass what it cannot read)"]
+    except (ValueError, OverflowError, MemoryError) as exc:
+        # Jinja's lexer turns literals into Python values itself: a 5,000-digit integer is
+        # past int()'s limit and raises ValueError, which is no TemplateError.
+        return [
+            f"does not parse: {type(exc).__name__}: {str(exc)[:200]} (a scanner does not pass "
+            "what it cannot read)"
+        ]
     try:
         return _Scan(tree).run()
     except RecursionError:
         return ["nested too deeply to scan (a scanner does not pass what it cannot read)"]
+    except (ValueError, OverflowError, MemoryError) as exc:
+        return [f"could not be scanned: {type(exc).__name__}: {str(exc)[:200]}"]
 
 
 # ---- the syntax-tree walk ---------------------------------------------------------------------
@@ -227,6 +236,11 @@ class _Scan:
         self._folding: set[str] = set()
         # Folded names, once each: a chain of {% set b = a ~ a %} must not fold exponentially.
         self._folded: dict[str, Any] = {}
+        # Folded nodes, once each: the walk folds every string-building node it meets, and
+        # without this each `+` of a 900-long `a+a+...+a` folded all the `+`s below it again
+        # (quadratic: a 9 KB template took 3.4 s). Kept only for folds made outside any name's
+        # fold, whose results cannot depend on which name is being folded.
+        self._folded_nodes: dict[int, Any] = {}
 
     def run(self) -> list[str]:
         stack: list[nodes.Node] = [self.tree]
@@ -368,6 +382,15 @@ class _Scan:
         return None
 
     def _fold_any(self, node: nodes.Node, depth: int) -> Any:
+        key = id(node)  # the tree holds every node while the walk runs: ids are not reused
+        if key in self._folded_nodes:
+            return self._folded_nodes[key]
+        value = self._fold_node(node, depth)
+        if not self._folding:
+            self._folded_nodes[key] = value
+        return value
+
+    def _fold_node(self, node: nodes.Node, depth: int) -> Any:
         d = depth + 1
         if isinstance(node, nodes.Const):
             return node.value if isinstance(node.value, str | int | bool) else None

@@ -182,6 +182,8 @@ def read_manifest(inv: Inventory) -> tuple[dict[str, str], str | None, list[str]
                 raw = json.loads(text)
             except ValueError as exc:
                 return {}, name, [f"{name}: not valid JSON: {exc}"]
+            except RecursionError:
+                return {}, name, [f"{name}: JSON nested too deeply to be a manifest"]
             digests = raw.get("files", raw) if isinstance(raw, dict) else None
             if not isinstance(digests, dict):
                 return {}, name, [f"{name}: expected an object of file -> sha256"]

@@ -86,6 +86,8 @@ def read_safetensors(path: Path) -> SafetensorsHeader:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HeaderError(f"header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HeaderError("header is JSON nested too deeply to be a tensor table") from None
     if not isinstance(doc, dict):
         raise HeaderError("header is not a JSON object")
     meta = doc.pop("__metadata__", {})
@@ -128,10 +130,26 @@ def _tensor(name: str, info: Any, problems: list[str]) -> Tensor | None:
     bits = tensor.numel * SAFETENSORS_DTYPE_BITS[dtype]
     if bits % 8 or bits // 8 != tensor.nbytes:
         problems.append(
-            f"{name}: {dtype} x {list(shape)} is {bits / 8:g} bytes but its offsets span "
-            f"{tensor.nbytes}"
+            f"{name}: {dtype} x {_short(list(shape))} is {_bytes(bits)} bytes but its offsets "
+            f"span {tensor.nbytes}"
         )
     return tensor
+
+
+def _bytes(bits: int) -> str:
+    """`bits / 8` as text, exact for any integer (a float overflows past 10**308)."""
+    whole, eighths = divmod(bits, 8)
+    return _short(whole) + (f".{eighths * 125:03d}".rstrip("0") if eighths else "")
+
+
+def _short(value: object, most: int = 120) -> str:
+    """A value as text, cut to `most` characters: a hostile header's numbers run to thousands
+    of digits (and Python refuses to print an int over 4,300)."""
+    try:
+        text = str(value)
+    except ValueError:
+        return f"{type(value).__name__} too long to print"
+    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
 
 
 def _check_layout(header: SafetensorsHeader) -> None:

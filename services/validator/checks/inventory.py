@@ -350,6 +350,8 @@ def build_inventory(location: str) -> Inventory:
             inv.config = loaded if isinstance(loaded, dict) else None
         except (OSError, ValueError) as exc:
             inv.problems.append(f"config.json: not valid JSON: {exc}")
+        except RecursionError:
+            inv.problems.append("config.json: JSON nested too deeply to be a model config")
     return inv
 
 

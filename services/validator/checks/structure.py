@@ -100,7 +100,7 @@ def _shard_index(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[s
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         return [f"not a usable shard index: {exc}"]
     problems: list[str] = []
     base = PurePosixPath(f.rel).parent
@@ -198,8 +198,8 @@ def _zip(f: ModelFile) -> list[str]:
         try:
             with zipfile.ZipFile(f.path) as zf:
                 json.loads(zf.read("config.json")[: 64 * 1024 * 1024])
-        except (KeyError, ValueError, zipfile.BadZipFile) as exc:
-            return [f"Keras archive config.json unreadable: {exc}"]
+        except (KeyError, ValueError, zipfile.BadZipFile, RecursionError) as exc:
+            return [f"Keras archive config.json unreadable: {type(exc).__name__}: {exc}"]
     return []
 
 

@@ -256,9 +256,16 @@ def check_unsafe_code(inv: Inventory, ctx: CheckContext) -> CheckResult:
     if _may_hold_chat_templates(inv):
         from services.validator.checks.chat_templates import scan_chat_templates
 
-        templates = scan_chat_templates(inv, parsed_headers(ctx.shared))
-        scanned += [rel for rel in templates.files if rel not in scanned]
-        findings += [Finding(rel, FindingKind.CHAT_TEMPLATE, w) for rel, w in templates.findings]
+        try:
+            templates = scan_chat_templates(inv, parsed_headers(ctx.shared))
+        except Exception as exc:  # a hostile template must not take the check down
+            what = f"chat templates could not be scanned: {type(exc).__name__}: {str(exc)[:200]}"
+            findings.append(Finding("chat templates", FindingKind.UNSCANNABLE, what))
+        else:
+            scanned += [rel for rel in templates.files if rel not in scanned]
+            findings += [
+                Finding(rel, FindingKind.CHAT_TEMPLATE, w) for rel, w in templates.findings
+            ]
     details: dict[str, Any] = {
         "findings": [f.as_dict() for f in findings],
         "scanned": scanned,
@@ -728,7 +735,7 @@ def _member_issues(
             return [(FindingKind.UNSCANNABLE, f"{where}{_size(info.file_size)}: too large")]
         try:
             config = json.loads(zf.read(info))
-        except ValueError:
+        except (ValueError, RecursionError):
             if kind is Kind.KERAS_ZIP:
                 raise
             return []  # not JSON: Keras builds nothing from it

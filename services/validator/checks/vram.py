@@ -96,6 +96,22 @@ def _fmt(n: float) -> str:
 
 def check_vram(inv: Inventory, ctx: CheckContext) -> CheckResult:
     started = time.perf_counter()
+    try:
+        return _check_vram(inv, ctx, started)
+    except OverflowError:
+        # A config or header whose sizes run to hundreds of digits: no float holds them, and
+        # no GPU either.
+        return result(
+            NAME,
+            Status.FAILED,
+            "does not fit: the model's sizes (config.json or weight headers) are too large to "
+            "compute with, far past any GPU's memory",
+            started=started,
+            unit="bytes",
+        )
+
+
+def _check_vram(inv: Inventory, ctx: CheckContext, started: float) -> CheckResult:
     headers = parsed_headers(ctx.shared)
     target = ctx.target
     serve_bytes = FLOAT_DTYPE_BYTES.get(target.dtype or "", None)

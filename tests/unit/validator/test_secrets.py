@@ -1520,18 +1520,20 @@ def test_hostile_cards_scan_in_linear_time(unit: str) -> None:
         rng = random.Random(n)
         return "".join(make(rng) for _ in range(n))
 
-    small, large = text(2000), text(8000)
+    small, large = text(4000), text(16000)
 
-    def best(t: str) -> float:
-        times = []
-        for _ in range(3):
+    times: dict[int, list[float]] = {len(small): [], len(large): []}
+    for _ in range(5):  # interleaved, so a burst of load hits both sizes alike
+        for t in (small, large):
             started = time.perf_counter()
             scan_text("README.md", t, limit=10**6)
-            times.append(time.perf_counter() - started)
-        return min(times)
+            times[len(t)].append(time.perf_counter() - started)
 
-    ratio = best(large) / max(best(small), 1e-4)
-    assert ratio < 8, f"{unit}: {ratio:.1f}x the time for 4x the text"
+    def best(t: str) -> float:
+        return min(times[len(t)])
+
+    ratio = best(large) / max(best(small), 1e-3)
+    assert ratio < 9, f"{unit}: {ratio:.1f}x the time for 4x the text"
 
 
 def test_counting_stops_at_a_thousand_findings(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from services.contracts.events import Status, TargetHardware
 from services.contracts.policy import PolicyFile
 from services.stack.samples import write_sample_model
@@ -197,3 +199,84 @@ def test_details_over_the_budget_are_cut_and_say_how_much() -> None:
     assert len(cut["nested"]["issues"]) + cut["nested"]["issues_not_listed"] == 5_000
     assert cut["long"].endswith("(cut, 5000 characters)")
     assert len(big["findings"]) == 10_000  # the check's own result is not changed
+
+
+def _safetensors(path: Path, header: bytes, data: bytes = b"") -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def _deep_safetensors(model: Path) -> None:
+    _safetensors(model / "model.safetensors", b"[" * 100_000 + b"]" * 100_000)
+
+
+def _overflowing_shape(model: Path) -> None:
+    header = {"w": {"dtype": "F32", "shape": [2**62] * 20, "data_offsets": [0, 4]}}
+    _safetensors(model / "model.safetensors", json.dumps(header).encode(), b"\0" * 4)
+
+
+def _huge_config_numbers(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    big = 10**4000
+    config |= {"hidden_size": big, "num_hidden_layers": big, "max_position_embeddings": big}
+    import sys
+
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        (model / "config.json").write_text(json.dumps(config))
+    finally:
+        sys.set_int_max_str_digits(limit)
+
+
+def _deep_manifest(model: Path) -> None:
+    (model / "preflight-manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _deep_config(model: Path) -> None:
+    (model / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+
+
+def _template_with_a_huge_literal(model: Path) -> None:
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ " + "9" * 5000 + " }}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _name_not_utf8(model: Path) -> None:
+    os.symlink("/etc/passwd", os.path.join(os.fsencode(model), b"\xff"))
+    (Path(os.fsdecode(os.path.join(os.fsencode(model), b"notes-\xfe.txt")))).write_text("x")
+
+
+def _tensor_name_of_a_megabyte(model: Path) -> None:
+    name = "x" * (1 << 20)
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}
+    _safetensors(model / "extra.safetensors", json.dumps(header).encode(), b"\0" * 4)
+
+
+HOSTILE_FOLDERS = {
+    "safetensors header nested 100,000 deep": _deep_safetensors,
+    "safetensors shape past any float": _overflowing_shape,
+    "config numbers of 4,000 digits": _huge_config_numbers,
+    "manifest nested 100,000 deep": _deep_manifest,
+    "config.json nested 100,000 deep": _deep_config,
+    "chat template with a 5,000-digit literal": _template_with_a_huge_literal,
+    "file names that are not UTF-8": _name_not_utf8,
+    "a tensor name of 1 MiB": _tensor_name_of_a_megabyte,
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FOLDERS))
+def test_a_hostile_folder_gets_an_answer_not_a_crash(tmp_path: Path, case: str) -> None:
+    """Each of these made a check crash (RecursionError, OverflowError, ValueError,
+    UnicodeEncodeError), made a report that could not be serialised, or one of megabytes."""
+    model = write_sample_model(tmp_path / "m")
+    HOSTILE_FOLDERS[case](model)
+    report = validate(str(model), service="t")
+    assert report.status is Status.FAILED, report.reason
+    crashed = [c.reason for c in report.checks if c.status is Status.ERROR]
+    assert not crashed, crashed
+    dumped = report.model_dump_json()
+    assert len(dumped) < 64 * 1024
+    assert all(len(c.reason) <= 2100 for c in report.checks)
