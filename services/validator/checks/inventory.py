@@ -129,12 +129,28 @@ class Inventory:
     files: list[ModelFile] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     config: dict[str, Any] | None = None
+    _index_of: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _indexed: tuple[int, int] = field(default=(0, -1), repr=False, compare=False)
 
     def of(self, *kinds: Kind) -> list[ModelFile]:
         return [f for f in self.files if f.kind in kinds]
 
     def named(self, rel: str) -> ModelFile | None:
-        return next((f for f in self.files if f.rel == rel), None)
+        """The file at `rel`. An index over the files, made on first use and again when the
+        list changes length: a shard index naming 200,000 files looked each up in turn."""
+        files = self.files
+        if self._index_of is None or self._indexed != (id(files), len(files)):
+            self._index_of = {}
+            for position, f in enumerate(files):
+                self._index_of.setdefault(f.rel, position)
+            self._indexed = (id(files), len(files))
+        at = self._index_of.get(rel)
+        if at is None:
+            return None
+        if files[at].rel != rel:  # the list was rearranged in place: look it up afresh
+            self._index_of = None
+            return self.named(rel)
+        return files[at]  # a file replaced in place (formats.py) is the one returned
 
     @property
     def weights(self) -> list[ModelFile]:

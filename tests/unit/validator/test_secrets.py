@@ -1558,3 +1558,41 @@ def test_a_validation_reads_a_bounded_amount_of_text(
     assert sorted(res.details["scanned"]) == ["notes0.txt", "notes1.txt"]
     assert [s.split(":")[0] for s in res.details["skipped"]] == ["notes2.txt", "notes3.txt"]
     assert "over the 10000 bytes read in all" in res.details["skipped"][0]
+
+
+def test_a_long_text_scanned_in_windows_finds_what_one_pass_finds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys on every side of every window edge, found once each, on their own lines."""
+    rng = random.Random(3)
+    lines = []
+    for i in range(400):
+        lines.append(
+            " ".join(_rand(string.ascii_lowercase, rng.randint(2, 9), rng) for _ in range(6))
+        )
+        if i % 3 == 0:
+            lines.append(f"token: {hf_token(rng)} and {aws_key_id(rng=rng)}")
+    text = "\n".join(lines)
+    whole = scan_text("README.md", text, limit=10**6)
+    assert len(whole) > 200
+    monkeypatch.setattr(secrets, "SCAN_CHUNK_CHARS", 997)
+    monkeypatch.setattr(secrets, "CHUNK_CONTEXT_CHARS", 200)
+    assert scan_text("README.md", text, limit=10**6) == whole
+
+
+def test_gguf_string_arrays_are_scanned_as_one_text_each(tmp_path: Path) -> None:
+    (_model_dir(tmp_path) / "README.md").write_text("clean\n")
+    strings = ["plain words"] * 50_000 + [f"key {HF_TOKEN}"]
+    res = _check(tmp_path, [("model.gguf (GGUF metadata general.tags)", "\n".join(strings))])
+    assert [(f["rule"], f["line"]) for f in res.details["findings"]] == [
+        ("huggingface-token", 50_001)
+    ]
+
+
+def test_an_oversized_metadata_text_is_skipped_and_said_so(tmp_path: Path) -> None:
+    (_model_dir(tmp_path) / "README.md").write_text("clean\n")
+    res = _check(tmp_path, [("model.gguf (GGUF metadata general.notes)", "a" * (5 << 20))])
+    assert res.status == Status.PASSED
+    assert any(
+        s.startswith("model.gguf (GGUF metadata general.notes): ") for s in res.details["skipped"]
+    )
