@@ -280,3 +280,23 @@ def test_a_hostile_folder_gets_an_answer_not_a_crash(tmp_path: Path, case: str) 
     dumped = report.model_dump_json()
     assert len(dumped) < 64 * 1024
     assert all(len(c.reason) <= 2100 for c in report.checks)
+
+
+def test_a_validation_parses_a_bounded_number_of_hdf5_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each HDF5 file is parsed in a child process (~140 ms, up to 10 s): 10,000 files shaped
+    like HDF5 would have taken 25 minutes. Past the budget a file is not read, and fails."""
+    from services.validator.checks import hdf5
+
+    monkeypatch.setattr(hdf5, "MAX_HDF5_FILES", 2)
+    model = write_sample_model(tmp_path / "m")
+    for i in range(5):
+        (model / f"notes{i}.txt").write_bytes(
+            b"hello" + b" " * 507 + b"\x89HDF\r\n\x1a\n" + b"\0" * 64
+        )
+    report = validate(str(model), service="t")
+    unsafe = next(c for c in report.checks if c.name == "unsafe_code")
+    assert unsafe.status is Status.FAILED
+    refused = [f for f in unsafe.details["findings"] if "its limit (2 files" in f["what"]]
+    assert len(refused) == 3, unsafe.details["findings"]
