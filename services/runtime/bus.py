@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -21,6 +24,8 @@ from services.runtime import aio
 from services.runtime.settings import Settings, redact_url
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+
+log = logging.getLogger("preflight.bus")
 CONTENT_TYPE = {"content-type": "application/json"}
 
 
@@ -261,12 +266,66 @@ def headers_for(event: Event, nonce: str | None = None) -> dict[str, str]:
 
 async def publish_event(js: JetStreamContext, event: Event, nonce: str | None = None) -> api.PubAck:
     """Publish one event to the events stream with its dedup id (plain nats-py path)."""
-    return await js.publish(
-        subject_for(event),
-        encode(event),
-        stream=subjects.EVENTS_STREAM,
-        headers=headers_for(event, nonce),
-    )
+
+    async def publish(headers: dict[str, str]) -> api.PubAck:
+        return await js.publish(
+            subject_for(event), encode(event), stream=subjects.EVENTS_STREAM, headers=headers
+        )
+
+    return await publish_checked(js, event, publish, headers_for(event, nonce))
+
+
+async def stored_subject(js: JetStreamContext, stream: str, seq: int) -> str | None:
+    """The subject of the message stored at `seq` (direct get), or None where it cannot be read."""
+    try:
+        msg = await js.get_msg(stream, seq=seq, direct=True)
+    except Exception:  # no right to read, a timeout, the message aged out
+        log.warning("could not read back message %d of %s", seq, stream, exc_info=True)
+        return None
+    return msg.subject
+
+
+async def publish_checked(
+    js: JetStreamContext,
+    event: Event,
+    publish: Callable[[dict[str, str]], Awaitable[api.PubAck]],
+    headers: dict[str, str],
+) -> api.PubAck:
+    """Publish, and make sure a "duplicate" answer is this event's own.
+
+    Message ids are predictable (`<deployment>:promoted`) and anyone who may publish anywhere
+    on the stream may put any Nats-Msg-Id on what it sends: a `client` that publishes junk
+    with `<deployment>:validated` first would have JetStream drop the validator's real event as
+    a duplicate, and nobody would hear of it. The server only lets this service publish on its
+    own subjects, so a duplicate whose stored message has this event's subject is a true
+    repeat (a retry, a sibling instance); one stored on another subject took the id first.
+    The event then goes out again under an id of its own content, and failing that a random
+    one. Where the stored message cannot be read back, the duplicate is trusted as before."""
+    ack = await publish(headers)
+    subject = subject_for(event)
+    for suffix in (hashlib.sha256(encode(event)).hexdigest()[:16], secrets.token_hex(8)):
+        if not getattr(ack, "duplicate", False):  # a test broker's publish answers None
+            return ack
+        stored = await stored_subject(js, ack.stream, ack.seq)
+        if stored is None or stored == subject:
+            return ack
+        log.error(
+            "message id %s was taken by a message on %s (seq %d), not %s: publishing %s under "
+            "a new id",
+            headers.get(MSG_ID_HEADER),
+            stored,
+            ack.seq,
+            subject,
+            type(event).__name__,
+        )
+        headers = {**headers, MSG_ID_HEADER: f"{headers.get(MSG_ID_HEADER)}~{suffix}"}
+        ack = await publish(headers)
+    if (
+        getattr(ack, "duplicate", False)
+        and await stored_subject(js, ack.stream, ack.seq) != subject
+    ):
+        raise RuntimeError(f"{subject}: every message id tried was taken by another subject")
+    return ack
 
 
 async def read_history(js: JetStreamContext, filter_subject: str) -> list[DeploymentEvent]:
@@ -288,11 +347,34 @@ def with_sender(event: E, subject: str) -> E:
     return event.model_copy(update={"requested_by": requester})
 
 
+class SubjectMismatch(ValueError):
+    """An event whose body names another subject than the one it came on."""
+
+
+def as_sent(event: E, subject: str) -> E:
+    """`event` as its subject vouches for it. The server checks who may publish on a subject,
+    never what the body says: a validator may publish on `.failed` only, but a body on
+    `.failed` can say `DeploymentPromoted`, for another model or deployment. An event counts
+    only where its type, model and deployment give the subject it came on (a command's sender
+    is taken from the subject first, `with_sender`). An empty subject (a test broker that does
+    not pass one) is not checked."""
+    event = with_sender(event, subject)
+    if subject and isinstance(event, Event):
+        expected = subject_for(event)
+        if expected != subject:
+            raise SubjectMismatch(
+                f"a {type(event).__name__} for {event.model} {event.deployment_id} belongs on "
+                f"{expected}, not on {subject}: the body does not match the subject it was "
+                "published on (only the subject is checked by the server)"
+            )
+    return event
+
+
 def _parse(data: bytes, subject: str) -> DeploymentEvent | None:
     try:
-        return with_sender(DEPLOYMENT_EVENT.validate_json(data, strict=True), subject)
+        return as_sent(DEPLOYMENT_EVENT.validate_json(data, strict=True), subject)
     except ValueError:
-        return None
+        return None  # SubjectMismatch included: a forged event is not history
 
 
 DIRECT_BATCH = 256

@@ -46,12 +46,19 @@ class BrokerSink:
     broker: NatsBroker
 
     async def publish_event(self, event: Event) -> None:
-        await self.broker.publish(
-            bus.encode(event),
-            subject_for(event),
-            headers=bus.headers_for(event),
-            stream=subjects.EVENTS_STREAM,
-        )
+        async def publish(headers: dict[str, str]) -> Any:
+            return await self.broker.publish(
+                bus.encode(event),
+                subject_for(event),
+                headers=headers,
+                stream=subjects.EVENTS_STREAM,
+            )
+
+        connection = getattr(self.broker, "_connection", None)
+        if connection is None:  # a test broker: no server to read a duplicate back from
+            await publish(bus.headers_for(event))
+            return
+        await bus.publish_checked(connection.jetstream(), event, publish, bus.headers_for(event))
 
 
 # A dead letter must fit in one NATS message: the server's max_payload (1 MiB by default) less
@@ -257,10 +264,15 @@ class ServiceApp:
         body: bytes = msg.body
         position = stream_position(raw)
         try:
-            event = bus.with_sender(parse(body), subject)
+            event = bus.as_sent(parse(body), subject)
         except ValidationError as exc:
             reason = describe_validation_error(exc)
             await self._reject(subject, body, headers, reason, attempt, position)
+            await msg.ack()
+            return
+        except bus.SubjectMismatch as exc:
+            log.warning("%s: %s", self.name, exc)
+            await self._reject(subject, body, headers, str(exc), attempt, position)
             await msg.ack()
             return
         heartbeat = asyncio.create_task(self._keep_alive(msg)) if attempt is not None else None
@@ -268,6 +280,20 @@ class ServiceApp:
             await fn(event)
         except Rejected as exc:
             await self._reject(subject, body, headers, str(exc), attempt, position)
+            await msg.ack()
+            return
+        except nats_errors.MaxPayloadError as exc:
+            # What the handler made of this message is too big for one message (a request that
+            # fits, with a stage report added, may not): every retry would do the same work and
+            # fail the same way, so the deployment fails now, saying why.
+            reason = (
+                f"an event made from this {len(body):,}-byte message is over the server's "
+                f"max_payload of {self.max_payload():,} bytes ({exc}); a request this large "
+                "cannot go through the pipeline"
+            )
+            log.error("%s: %s: %s", self.name, subject, reason)
+            await self._reject(subject, body, headers, reason, attempt, position)
+            await self._fail_deployment(event, reason)
             await msg.ack()
             return
         except Exception as exc:

@@ -33,6 +33,7 @@ from services.contracts.events import (
     Command,
     DeadLetter,
     DeploymentEvent,
+    DeploymentFailed,
     DeploymentPromoted,
     DeploymentRequested,
     DeploymentRolledBack,
@@ -308,3 +309,100 @@ def test_a_deployment_reaches_its_one_outcome_through_a_nats_server_sigkill(
     assert info["nats_pid"] == stack.nats.proc.pid
     assert info["nats_restarts"] == stack.nats_restart_count
     assert info["nats_url"] == stack.nats.url
+
+
+# --- what a user of the bus can try beyond malformed bodies ---------------------------------
+
+
+def test_a_message_id_taken_by_another_user_does_not_drop_a_services_event(stack: Stack) -> None:
+    """Message ids are predictable (`<deployment>:validated`) and any user may put any
+    Nats-Msg-Id on what it may publish. The `client` sends junk carrying the validator's two
+    ids for a deployment, then requests that deployment: JetStream answers the validator's
+    publishes as duplicates of the junk, and before the check the deployment got no outcome,
+    no notice and no dead letter."""
+    deployment_id = new_deployment_id()
+
+    async def take_ids(js: JetStreamContext) -> None:
+        junk = subjects.stage("fault-model", new_deployment_id(), "requested")
+        for name in ("validated", "blocked"):
+            msg_id = subjects.message_id(deployment_id, name)
+            await js.publish(junk, b"{}", headers={bus.MSG_ID_HEADER: msg_id})
+
+    on_bus(stack, take_ids, user=nats_users.CLIENT)
+    send(
+        stack,
+        DeploymentRequested(
+            deployment_id=deployment_id, model="fault-model", version="1", location="/nonexistent"
+        ),
+    )
+    events = follow(stack, deployment_id, ended, timeout=30)
+    assert [type(e).__name__ for e in events] == [
+        "DeploymentRequested",
+        "ValidationCompleted",
+        "DeploymentBlocked",
+    ]
+
+
+def test_an_event_on_another_events_subject_is_dead_lettered_not_believed(stack: Stack) -> None:
+    """The validator may publish on `.failed` only among outcomes; the server checks the
+    subject, never the body. A DeploymentPromoted body there made the notifier announce a
+    promotion and `preflight status` show one."""
+    deployment_id = new_deployment_id()
+    forged = DeploymentPromoted(deployment_id=deployment_id, model="fault-model", version="6.6.6")
+
+    async def forge(js: JetStreamContext) -> int:
+        subject = subjects.outcome("fault-model", deployment_id, "failed")
+        ack = await js.publish(subject, bus.encode(forged), stream=subjects.EVENTS_STREAM)
+        return int(ack.seq)
+
+    seq = on_bus(stack, forge, user="validator")
+    deadline = time.monotonic() + 15
+    letters: list[DeadLetter] = []
+    while time.monotonic() < deadline and not letters:
+        time.sleep(0.3)
+        letters = [
+            letter
+            for letter in on_bus(stack, faults.read_dead_letters)
+            if letter.stream_sequence == seq
+        ]
+    assert letters, "the forged outcome was not dead-lettered"
+    assert "notifier" in {letter.service for letter in letters}
+    assert "belongs on preflight.outcome.fault-model." in letters[0].reason
+    assert history(stack, deployment_id) == []  # not history either
+
+
+def test_a_request_whose_next_event_cannot_fit_fails_at_once(stack: Stack, tmp_path: Path) -> None:
+    """A request just under max_payload fits, but the ValidationCompleted that embeds it and
+    its report (each listed shard missing) does not: the handler was retried five times
+    (about 18 s of checks) before its dead letter."""
+    from services.stack.samples import write_sample_model
+
+    deployment_id = new_deployment_id()
+    model = write_sample_model(tmp_path / "m")
+
+    def request_of(shards: int) -> DeploymentRequested:
+        digests = {f"weights/shard-{i:05d}-of-99999.safetensors": "0" * 64 for i in range(shards)}
+        return DeploymentRequested(
+            deployment_id=deployment_id,
+            model="fault-model",
+            version="1",
+            location=str(model),
+            expected_sha256=digests,
+        )
+
+    shards = 9000
+    while len(bus.encode(request_of(shards + 1))) < 1024 * 1024 - 2500:
+        shards += 1  # the request fits with its headers; its report (~4 KB) added does not
+    request = request_of(shards)
+    send(stack, request)
+    events = follow(stack, deployment_id, ended, timeout=30)
+    assert [type(e).__name__ for e in events] == ["DeploymentRequested", "DeploymentFailed"]
+    failed = events[-1]
+    assert isinstance(failed, DeploymentFailed)
+    assert "over the server's max_payload" in failed.error
+    letters = [
+        letter
+        for letter in on_bus(stack, faults.read_dead_letters)
+        if deployment_id in letter.subject
+    ]
+    assert [letter.delivery_attempt for letter in letters] == [1]

@@ -132,7 +132,10 @@ def calls() -> list[Call]:
             ),
             Call(f"delete {durable}", f"$JS.API.CONSUMER.DELETE.{stream}.{durable}", b"", nobody),
         ]
-    readers_of_events = frozenset({"client", "notifier", "subscriber"})
+    # Every publisher of events reads back a duplicate's stored message (bus.publish_checked).
+    readers_of_events = frozenset(
+        {"client", "notifier", "subscriber", "validator", "benchmarker", "canary-controller"}
+    )
     found += [
         Call(
             "delete an outside subscriber's durable",
