@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -118,16 +119,48 @@ class Fetched:
 # ---- pure pieces --------------------------------------------------------------------------------
 
 
-def parse_batch(data: bytes) -> RequestMetricsBatch | Unusable:
-    """A batch ready to insert, or why not."""
+# A batch's records may span this many days: ClickHouse refuses an insert into more than 100
+# partitions (one a day), after five tries and 15 s; refused here at once, with the reason.
+MAX_BATCH_DAYS = 100
+# How far ahead of this host's clock a gateway's clock may run.
+MAX_CLOCK_AHEAD = timedelta(days=1)
+
+
+def parse_batch(
+    data: bytes, *, ttl_days: int | None = None, now: datetime | None = None
+) -> RequestMetricsBatch | Unusable:
+    """A batch ready to insert, or why not. With `ttl_days`, a record the table would drop at
+    once (older than its TTL) is refused, not acked and lost; one more than a day ahead of
+    `now` too. Latencies must be finite: JSON's 1e400 reads as infinity, and one infinite
+    stable sample makes a window's p95 unknown and turns the canary's latency gate off."""
     try:
         batch = RequestMetricsBatch.model_validate_json(data, strict=True)
     except ValidationError as exc:
         return Unusable(describe_validation_error(exc))
+    now = now or datetime.now(UTC)
+    oldest = now - timedelta(days=ttl_days) if ttl_days is not None else TS_MIN
+    newest = now + MAX_CLOCK_AHEAD if ttl_days is not None else TS_MAX
+    days: set[date] = set()
     for i, record in enumerate(batch.records):
         ts = record.ts if record.ts.tzinfo else record.ts.replace(tzinfo=UTC)
         if not TS_MIN <= ts < TS_MAX:
             return Unusable(f"records.{i}.ts: {record.ts.isoformat()} is outside 1970..2200")
+        if not oldest <= ts <= newest:
+            return Unusable(
+                f"records.{i}.ts: {record.ts.isoformat()} is outside {oldest:%Y-%m-%d %H:%M} .. "
+                f"{newest:%Y-%m-%d %H:%M} UTC (older than the table's {ttl_days}-day TTL, which "
+                "would drop it unseen, or more than a day ahead of this host's clock)"
+            )
+        for name in ("latency_ms", "ttfb_ms", "ttft_ms", "itl_ms"):
+            value = getattr(record, name)
+            if value is not None and not math.isfinite(value):
+                return Unusable(f"records.{i}.{name}: {value} is not a finite number")
+        days.add(ts.date())
+    if len(days) > MAX_BATCH_DAYS:
+        return Unusable(
+            f"records span {len(days)} days; a batch may span at most {MAX_BATCH_DAYS} (one "
+            "ClickHouse partition a day)"
+        )
     return batch
 
 
@@ -350,7 +383,7 @@ class Ingestor:
         return store_up and (blame_batches or not failed)
 
     def parse(self, msg: Any) -> Fetched:
-        parsed = parse_batch(msg.data)
+        parsed = parse_batch(msg.data, ttl_days=self.settings.metrics_ttl_days)
         attempt = delivery_attempt(msg)
         if isinstance(parsed, Unusable):
             return Fetched(msg, attempt=attempt, problem=parsed.reason)

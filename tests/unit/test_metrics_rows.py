@@ -268,3 +268,37 @@ def test_series_refuses_too_many_or_too_narrow_buckets() -> None:
     with pytest.raises(ValueError, match="bucket_s"):
         queries.query_series(client, "t", "d-1", T0, T0 + timedelta(seconds=1), 0.0)
     assert client.calls == []
+
+
+def _raw(*records: RequestRecord) -> bytes:
+    return batch("batch-hostile", *records).model_dump_json().encode()
+
+
+def test_an_infinite_latency_is_refused() -> None:
+    """JSON's 1e400 reads as infinity; one infinite stable sample made a window's p95 unknown
+    and turned the canary's latency gate off for that window."""
+    payload = _raw(record(0)).replace(b'"latency_ms":0.0', b'"latency_ms":1e400')
+    assert b"1e400" in payload
+    parsed = ingest.parse_batch(payload)
+    assert isinstance(parsed, ingest.Unusable)
+    assert parsed.reason == "records.0.latency_ms: inf is not a finite number"
+
+
+def test_a_record_the_ttl_would_drop_is_refused_not_lost() -> None:
+    now = T0 + timedelta(days=40)
+    old = _raw(record(0))  # T0: 40 days before `now`, past a 30-day TTL
+    parsed = ingest.parse_batch(old, ttl_days=30, now=now)
+    assert isinstance(parsed, ingest.Unusable)
+    assert "older than the table's 30-day TTL" in parsed.reason
+    assert not isinstance(ingest.parse_batch(old, ttl_days=60, now=now), ingest.Unusable)
+    ahead = _raw(record(0, ts=now + timedelta(days=2)))
+    assert isinstance(ingest.parse_batch(ahead, ttl_days=30, now=now), ingest.Unusable)
+
+
+def test_a_batch_over_more_than_a_hundred_days_is_refused_at_once() -> None:
+    """ClickHouse refuses an insert into more than 100 partitions (one a day): it was tried five
+    times over 15 s before its dead letter."""
+    spread = _raw(*(record(i, ts=T0 + timedelta(days=i)) for i in range(150)))
+    parsed = ingest.parse_batch(spread)
+    assert isinstance(parsed, ingest.Unusable)
+    assert parsed.reason.startswith("records span 150 days")
