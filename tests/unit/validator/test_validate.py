@@ -300,3 +300,22 @@ def test_a_validation_parses_a_bounded_number_of_hdf5_files(
     assert unsafe.status is Status.FAILED
     refused = [f for f in unsafe.details["findings"] if "its limit (2 files" in f["what"]]
     assert len(refused) == 3, unsafe.details["findings"]
+
+
+def test_a_safetensors_header_with_too_many_tensors_is_refused_before_it_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.4 million entries fit the format's 100 MB header limit and took 17 s and 1.4 GB."""
+    from services.validator.checks import headers
+
+    monkeypatch.setattr(headers, "SAFETENSORS_MAX_TENSORS", 3)
+    model = write_sample_model(tmp_path / "m")
+    table = {
+        f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+        for i in range(4)
+    }
+    _safetensors(model / "extra.safetensors", json.dumps(table).encode(), b"\0" * 16)
+    report = validate(str(model), service="t")
+    structure = next(c for c in report.checks if c.name == "structure")
+    assert structure.status is Status.FAILED
+    assert "header lists 4 tensors, more than the 3" in structure.reason
