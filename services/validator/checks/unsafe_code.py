@@ -971,6 +971,7 @@ def _scan_config(mf: ModelFile) -> list[_Issue]:
     """Hugging Face loaders run the repository's own code when a config asks for it."""
     config = json.loads(mf.path.read_bytes())
     issues: list[_Issue] = []
+    places = 0
     queue: deque[Any] = deque([config])
     while queue:
         node = queue.popleft()
@@ -979,13 +980,24 @@ def _scan_config(mf: ModelFile) -> list[_Issue]:
             continue
         if not isinstance(node, dict):
             continue
+        asks = [key for key in ("auto_map", "custom_pipelines") if key in node]
         if node.get("trust_remote_code") is True:
-            issues.append((FindingKind.REMOTE_CODE, "sets trust_remote_code: true"))
-        for key in ("auto_map", "custom_pipelines"):
-            if key in node:
+            asks.insert(0, "trust_remote_code")
+        places += len(asks)
+        for key in asks[: max(0, MAX_CONFIG_FINDINGS - len(issues))]:
+            if key == "trust_remote_code":
+                issues.append((FindingKind.REMOTE_CODE, "sets trust_remote_code: true"))
+            else:
                 issues.append((FindingKind.REMOTE_CODE, f"{key} loads code: {_mapping(node[key])}"))
         queue.extend(node.values())
+    if places > len(issues):  # a 64 MB config of 3 million such keys made 23 s of findings
+        issues.append(
+            (FindingKind.REMOTE_CODE, f"asks for remote code in {places:,} places in all")
+        )
     return issues
+
+
+MAX_CONFIG_FINDINGS = 100
 
 
 def _mapping(value: Any) -> str:
