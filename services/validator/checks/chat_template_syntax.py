@@ -20,8 +20,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 __all__ = ["MAX_TEMPLATE_CHARS", "template_issues"]
 
 # Real chat templates are a few KB (the longest in common use, Cohere's, is under 20 KB). Parsing
-# is linear but slow in pure Python; a bigger "template" is not one, and is not passed unread.
-MAX_TEMPLATE_CHARS = 1024 * 1024
+# is linear but slow in pure Python (a 1 MiB template of `{{ a.b }}` took 4.4-13.8 s); a bigger
+# "template" is not one, and is not passed unread.
+MAX_TEMPLATE_CHARS = 256 * 1024
 CVE = "CVE-2024-34359"
 
 # Attributes that are no Python dunder yet reach interpreter internals (frames, code, the MRO).
