@@ -160,7 +160,7 @@ def _run_all(
         return report
     # What reading the remote model cost, in the reason and beside the format check.
     checks = tuple(
-        c.model_copy(update={"details": {**c.details, "remote": remote.details()}})
+        c.model_copy(update={"details": bounded_details({**c.details, "remote": remote.details()})})
         if c.name == "format"
         else c
         for c in report.checks

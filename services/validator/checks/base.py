@@ -101,23 +101,28 @@ def _json_size(value: Any) -> int:
 
 def bounded_details(details: dict[str, Any], max_bytes: int = MAX_DETAILS_BYTES) -> dict[str, Any]:
     """`details` that print as JSON in `max_bytes`: strings made UTF-8 (`printable`) and cut
-    past MAX_DETAIL_STRING_CHARS, and the longest lists (at any depth of dicts) cut to a
-    prefix, each with `<key>_not_listed` counting what was left out. Details that are already
-    so come back as they are (the same object)."""
+    past MAX_DETAIL_STRING_CHARS, and the longest lists and dicts (at any depth of dicts; a
+    dict keyed by file name is cut like a list) cut to a prefix, each with `<key>_not_listed`
+    counting what was left out. Details that are already so come back as they are (the same
+    object)."""
     trimmed: dict[str, Any] = _tidy(details)
     if trimmed == details and _json_size(details) <= max_bytes:
         return details
     while _json_size(trimmed) > max_bytes:
-        found = _longest_list(trimmed)
+        found = _largest_collection(trimmed)
         if found is None:
-            return {"cut": f"details over {max_bytes} bytes of JSON with no list left to cut"}
+            return {"cut": f"details over {max_bytes} bytes of JSON with nothing left to cut"}
         holder, key, items = found
-        _cut_list(holder, key, items, len(items) // 2)
+        _cut(holder, key, items, len(items) // 2)
     return trimmed
 
 
-def _cut_list(holder: dict[str, Any], key: str, items: list[Any], keep: int) -> None:
-    holder[key] = items[:keep]
+def _cut(holder: dict[str, Any], key: str, items: list[Any] | dict[str, Any], keep: int) -> None:
+    """`holder[key]` cut to its first `keep` items (a dict: its first `keep` keys)."""
+    if isinstance(items, dict):
+        holder[key] = dict(list(items.items())[:keep])
+    else:
+        holder[key] = items[:keep]
     counted = f"{key}_not_listed"
     holder[counted] = int(holder.get(counted, 0)) + len(items) - keep
 
@@ -135,8 +140,10 @@ def _tidy(value: Any) -> Any:
             key = printable(k) if isinstance(k, str) else k
             if key in out:
                 continue  # a `<name>_not_listed` already counted with its list's cut
-            if isinstance(v, list | tuple) and len(v) > MAX_DETAIL_LIST_ITEMS:
-                out[key] = [_tidy(i) for i in v[:MAX_DETAIL_LIST_ITEMS]]
+            if isinstance(v, list | tuple | dict) and len(v) > MAX_DETAIL_LIST_ITEMS:
+                # A list, or a dict keyed by file name (`files` of 10,000 shards).
+                kept = list(v.items() if isinstance(v, dict) else v)[:MAX_DETAIL_LIST_ITEMS]
+                out[key] = _tidy(dict(kept) if isinstance(v, dict) else kept)
                 counted = f"{key}_not_listed"
                 out[counted] = int(value.get(counted, 0)) + len(v) - MAX_DETAIL_LIST_ITEMS
             else:
@@ -147,15 +154,22 @@ def _tidy(value: Any) -> Any:
     return value
 
 
-def _longest_list(value: dict[str, Any]) -> tuple[dict[str, Any], str, list[Any]] | None:
-    """The dict, key and list of the longest non-empty list reachable through dicts."""
-    best: tuple[dict[str, Any], str, list[Any]] | None = None
+def _largest_collection(
+    value: dict[str, Any],
+) -> tuple[dict[str, Any], str, list[Any] | dict[str, Any]] | None:
+    """The holder, key and value of the non-empty list or dict (below the top) with the most
+    items: a dict keyed by file name is cut like a list."""
+    best: tuple[dict[str, Any], str, list[Any] | dict[str, Any]] | None = None
     stack = [value]
     while stack:
         holder = stack.pop()
         for key, item in holder.items():
             if isinstance(item, dict):
                 stack.append(item)
-            elif isinstance(item, list) and item and (best is None or len(item) > len(best[2])):
+            if (
+                isinstance(item, list | dict)
+                and item
+                and (best is None or len(item) > len(best[2]))
+            ):
                 best = (holder, key, item)
     return best

@@ -956,8 +956,12 @@ class _Taken:
         self.ends.insert(i, end)
 
 
-def _prefix_hits(text: str, lowered: str, taken: _Taken, limit: int) -> list[Hit]:
+def _prefix_hits(
+    text: str, lowered: str, taken: _Taken, limit: int, keep: tuple[int, int]
+) -> list[Hit]:
+    """Hits of the prefix rules, until `limit` of them start inside `keep`."""
     hits: list[Hit] = []
+    kept = 0
     anchors = _Anchors(lowered)
     for rule in PREFIX_RULES:
         for m in _rule_matches(rule, text, anchors):
@@ -968,7 +972,8 @@ def _prefix_hits(text: str, lowered: str, taken: _Taken, limit: int) -> list[Hit
             if not taken.overlaps(start, end):  # rules are ordered most specific first
                 taken.add(start, end)
                 hits.append((start, end, rule.name, secret))
-                if len(hits) >= limit:
+                kept += keep[0] <= start < keep[1]
+                if kept >= limit:
                     return hits
     return hits
 
@@ -986,8 +991,9 @@ def _key_before(text: str, operator: int) -> str:
     return text[k:j]
 
 
-def _generic_hits(text: str, taken: _Taken, limit: int) -> list[Hit]:
+def _generic_hits(text: str, taken: _Taken, limit: int, keep: tuple[int, int]) -> list[Hit]:
     hits: list[Hit] = []
+    kept = 0
     for m in _ASSIGNED_VALUE.finditer(text):
         start, end = m.span("secret")
         if taken.overlaps(start, end):
@@ -995,7 +1001,8 @@ def _generic_hits(text: str, taken: _Taken, limit: int) -> list[Hit]:
         secret = m.group("secret")
         if key_is_sensitive(_key_before(text, m.start())) and value_is_random(secret):
             hits.append((start, end, "generic-high-entropy", secret))
-            if len(hits) >= limit:
+            kept += keep[0] <= start < keep[1]
+            if kept >= limit:
                 break
     return hits
 
@@ -1008,13 +1015,17 @@ SCAN_CHUNK_CHARS = 4 * 1024 * 1024
 CHUNK_CONTEXT_CHARS = 64 * 1024
 
 
-def _hits(text: str, generic: bool, limit: int) -> list[Hit]:
+def _hits(text: str, generic: bool, limit: int, keep: tuple[int, int] | None = None) -> list[Hit]:
+    """Hits that start inside `keep` (all of `text` by default), at most `limit` of them.
+    Hits outside it are still found, so that rules overlap there as in one pass."""
+    keep = keep or (0, len(text))
     lowered = _folded(text)
     taken = _Taken()
-    hits = _prefix_hits(text, lowered, taken, limit)
-    if generic and len(hits) < limit and any(hint in lowered for hint in _GENERIC_HINTS):
-        hits += _generic_hits(text, taken, limit - len(hits))
-    return hits
+    hits = _prefix_hits(text, lowered, taken, limit, keep)
+    inside = sum(keep[0] <= h[0] < keep[1] for h in hits)
+    if generic and inside < limit and any(hint in lowered for hint in _GENERIC_HINTS):
+        hits += _generic_hits(text, taken, limit - inside, keep)
+    return sorted(h for h in hits if keep[0] <= h[0] < keep[1])[:limit]
 
 
 def scan_text(
@@ -1030,9 +1041,9 @@ def scan_text(
         for start in range(0, len(text), SCAN_CHUNK_CHARS):
             low = max(0, start - CHUNK_CONTEXT_CHARS)
             window = text[low : start + SCAN_CHUNK_CHARS + CHUNK_CONTEXT_CHARS]
-            for s, e, rule, value in _hits(window, generic, limit - len(hits)):
-                if start <= low + s < start + SCAN_CHUNK_CHARS:  # each hit from one window
-                    hits.append((low + s, low + e, rule, value))
+            own = (start - low, start - low + SCAN_CHUNK_CHARS)  # each hit from one window
+            for s, e, rule, value in _hits(window, generic, limit - len(hits), own):
+                hits.append((low + s, low + e, rule, value))
             if len(hits) >= limit:
                 break
     if not hits:

@@ -1578,6 +1578,9 @@ def test_a_long_text_scanned_in_windows_finds_what_one_pass_finds(
     monkeypatch.setattr(secrets, "SCAN_CHUNK_CHARS", 997)
     monkeypatch.setattr(secrets, "CHUNK_CONTEXT_CHARS", 200)
     assert scan_text("README.md", text, limit=10**6) == whole
+    # Hits in a window's context count toward no window's limit: all of them, and no more.
+    assert scan_text("README.md", text, limit=len(whole)) == whole
+    assert scan_text("README.md", text, limit=len(whole) - 1) == whole[:-1]
 
 
 def test_gguf_string_arrays_are_scanned_as_one_text_each(tmp_path: Path) -> None:

@@ -199,6 +199,13 @@ def test_details_over_the_budget_are_cut_and_say_how_much() -> None:
     assert len(cut["nested"]["issues"]) + cut["nested"]["issues_not_listed"] == 5_000
     assert cut["long"].endswith("(cut, 5000 characters)")
     assert len(big["findings"]) == 10_000  # the check's own result is not changed
+    # A dict keyed by file name (the format and checksum checks' `files`) is cut like a list,
+    # not dropped with everything beside it.
+    files = {"files": {f"model-{i:05d}.safetensors": {"kind": "safetensors"} for i in range(700)}}
+    cut = bounded_details({**files, "hashed_bytes": 7}, max_bytes=16 * 1024)
+    assert cut["hashed_bytes"] == 7
+    assert len(cut["files"]) + cut["files_not_listed"] == 700
+    assert list(cut["files"]) == list(files["files"])[: len(cut["files"])]
 
 
 def _safetensors(path: Path, header: bytes, data: bytes = b"") -> None:
