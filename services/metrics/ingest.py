@@ -155,7 +155,7 @@ def parse_batch(
             value = getattr(record, name)
             if value is not None and not math.isfinite(value):
                 return Unusable(f"records.{i}.{name}: {value} is not a finite number")
-        days.add(ts.date())
+        days.add(ts.astimezone(UTC).date())  # the table's partitions are UTC days
     if len(days) > MAX_BATCH_DAYS:
         return Unusable(
             f"records span {len(days)} days; a batch may span at most {MAX_BATCH_DAYS} (one "

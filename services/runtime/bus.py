@@ -296,9 +296,10 @@ async def publish_checked(
     Message ids are predictable (`<deployment>:promoted`) and anyone who may publish anywhere
     on the stream may put any Nats-Msg-Id on what it sends: a `client` that publishes junk
     with `<deployment>:validated` first would have JetStream drop the validator's real event as
-    a duplicate, and nobody would hear of it. The server only lets this service publish on its
-    own subjects, so a duplicate whose stored message has this event's subject is a true
-    repeat (a retry, a sibling instance); one stored on another subject took the id first.
+    a duplicate, and nobody would hear of it. The server lets only some users publish on each
+    kind of subject (`.validated`: the validator), so a duplicate stored on a subject of this
+    event's kind is a true repeat (a retry, a sibling instance, an id reused for another
+    model); one stored on another kind of subject took the id first.
     The event then goes out again under an id of its own content, and failing that a random
     one. Where the stored message cannot be read back, the duplicate is trusted as before."""
     ack = await publish(headers)
@@ -307,7 +308,7 @@ async def publish_checked(
         if not getattr(ack, "duplicate", False):  # a test broker's publish answers None
             return ack
         stored = await stored_subject(js, ack.stream, ack.seq)
-        if stored is None or stored == subject:
+        if stored is None or _same_kind(stored, subject):
             return ack
         log.error(
             "message id %s was taken by a message on %s (seq %d), not %s: publishing %s under "
@@ -320,12 +321,20 @@ async def publish_checked(
         )
         headers = {**headers, MSG_ID_HEADER: f"{headers.get(MSG_ID_HEADER)}~{suffix}"}
         ack = await publish(headers)
-    if (
-        getattr(ack, "duplicate", False)
-        and await stored_subject(js, ack.stream, ack.seq) != subject
-    ):
-        raise RuntimeError(f"{subject}: every message id tried was taken by another subject")
+    if getattr(ack, "duplicate", False):
+        stored = await stored_subject(js, ack.stream, ack.seq)
+        if stored is not None and not _same_kind(stored, subject):
+            raise RuntimeError(f"{subject}: every message id tried was taken by another subject")
     return ack
+
+
+def _same_kind(stored: str, subject: str) -> bool:
+    """Whether a stored message on `stored` is a repeat of one on `subject`: the same subject,
+    or the same but for the model token (`preflight deploy --id d-x` reused for another
+    model is deduplicated, as it always was). Who may publish where is the same for both, so
+    only a user allowed on this kind of subject can have taken the id."""
+    a, b = stored.split("."), subject.split(".")
+    return len(a) == len(b) and a[:2] + a[3:] == b[:2] + b[3:]
 
 
 async def read_history(js: JetStreamContext, filter_subject: str) -> list[DeploymentEvent]:

@@ -19,6 +19,8 @@ from services.contracts.events import (
     DeploymentPromoted,
     DeploymentRequested,
     Route,
+    StageReport,
+    Status,
     ValidationCompleted,
 )
 from services.contracts.routing import subject_for
@@ -126,6 +128,39 @@ async def test_republishing_a_request_is_harmless(js: JetStreamContext, settings
     for name in ("requested", "validated"):
         subject = subjects.stage("org/m.v2", "d-dup", name)
         assert await stream_count(js, subject, subjects.EVENTS_STREAM) == 1, name
+
+
+async def test_a_reused_deployment_id_for_another_model_is_still_deduplicated(
+    js: JetStreamContext,
+) -> None:
+    """`preflight deploy --id` reused for another model was deduplicated before the duplicate
+    read-back, and is still: the stored request is of the same kind, not a stolen id."""
+    first = await bus.publish_event(js, request("d-reuse", model="org/a"))
+    again = await bus.publish_event(js, request("d-reuse", model="org/b"))
+    assert again.duplicate and again.seq == first.seq
+
+
+async def test_an_id_taken_on_another_kind_of_subject_does_not_drop_the_event(
+    js: JetStreamContext,
+) -> None:
+    """Junk on a `.requested` subject carrying the validator's message id: the validator's
+    event is published under an id of its own content, not dropped as a duplicate."""
+    junk = subjects.stage("org/m.v2", "d-other", "requested")
+    await js.publish(junk, b"{}", headers={bus.MSG_ID_HEADER: "d-taken:validated"})
+    event = ValidationCompleted(
+        deployment_id="d-taken",
+        model="org/m.v2",
+        version="2",
+        report=StageReport(stage="validation", status=Status.PASSED, reason="ok"),
+        request=request("d-taken"),
+    )
+    ack = await bus.publish_event(js, event)
+    assert not ack.duplicate
+    stored = await js.get_msg(subjects.EVENTS_STREAM, seq=ack.seq, direct=True)
+    assert stored.subject == subject_for(event)
+    assert (stored.headers or {})[bus.MSG_ID_HEADER].startswith("d-taken:validated~")
+    again = await bus.publish_event(js, event)  # a retry of the same event: deduplicated
+    assert again.duplicate and again.seq == ack.seq
 
 
 async def test_a_service_that_was_down_catches_up(js: JetStreamContext, settings: Settings) -> None:

@@ -302,3 +302,15 @@ def test_a_batch_over_more_than_a_hundred_days_is_refused_at_once() -> None:
     parsed = ingest.parse_batch(spread)
     assert isinstance(parsed, ingest.Unusable)
     assert parsed.reason.startswith("records span 150 days")
+
+
+def test_a_batch_s_days_are_counted_in_utc_as_the_table_partitions_them() -> None:
+    from datetime import timezone
+
+    utc_days = [record(i, ts=T0 + timedelta(days=i)) for i in range(100)]
+    late = (T0 + timedelta(days=99)).replace(hour=23, minute=30)
+    west = record(100, ts=late.astimezone(timezone(timedelta(hours=-1))).replace(hour=23))
+    assert west.ts.astimezone(UTC).date() > late.date()  # its local day is one already counted
+    parsed = ingest.parse_batch(_raw(*utc_days, west))
+    assert isinstance(parsed, ingest.Unusable)
+    assert parsed.reason.startswith("records span 101 days")
