@@ -24,9 +24,9 @@ from services.runtime import aio
 from services.runtime.settings import Settings, redact_url
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+CONTENT_TYPE = {"content-type": "application/json"}
 
 log = logging.getLogger("preflight.bus")
-CONTENT_TYPE = {"content-type": "application/json"}
 
 
 class BusUnavailable(RuntimeError):
@@ -362,8 +362,9 @@ class SubjectMismatch(ValueError):
 
 def as_sent(event: E, subject: str) -> E:
     """`event` as its subject vouches for it. The server checks who may publish on a subject,
-    never what the body says: a validator may publish on `.failed` only, but a body on
-    `.failed` can say `DeploymentPromoted`, for another model or deployment. An event counts
+    never what the body says: the validator may publish no outcome but `.blocked` and
+    `.failed`, yet a body on `.failed` can say `DeploymentPromoted`, for any model or
+    deployment. An event counts
     only where its type, model and deployment give the subject it came on (a command's sender
     is taken from the subject first, `with_sender`). An empty subject (a test broker that does
     not pass one) is not checked."""
