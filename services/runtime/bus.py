@@ -119,6 +119,7 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
             storage=api.StorageType.FILE,
             duplicate_window=settings.events_duplicate_window_s,
             max_age=settings.events_max_age_days * _DAY,
+            max_bytes=settings.events_max_bytes,
             max_msg_size=1024 * 1024,
             discard=api.DiscardPolicy.OLD,
             allow_direct=True,  # readers use direct get, never a consumer (nats.conf says why)
@@ -142,7 +143,9 @@ def stream_configs(settings: Settings) -> list[api.StreamConfig]:
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             max_age=30 * _DAY,
+            max_bytes=settings.deadletter_max_bytes,
             max_msg_size=9 * 1024 * 1024,
+            discard=api.DiscardPolicy.OLD,
         ),
     ]
 

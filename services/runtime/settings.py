@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     events_duplicate_window_s: float = Field(default=3600.0, gt=0)
     events_max_age_days: float = Field(default=90.0, gt=0)
+    # The streams share the server's JetStream store (nats.conf: max_file_store 20GB). Each is
+    # bounded, oldest dropped first, so a flood of junk (each stored, each dead-lettered) ages
+    # out history instead of filling the store and refusing every publish.
+    events_max_bytes: int = Field(default=8 * 1024**3, gt=0)
+    deadletter_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     metrics_max_age_s: float = Field(default=86400.0, gt=0)
     metrics_max_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_deliver: int = Field(default=5, ge=1, description="Deliveries before a dead letter.")

@@ -74,9 +74,17 @@ async def test_topology_is_idempotent_and_follows_config_changes(
     info = await js.stream_info(subjects.EVENTS_STREAM)
     assert getattr(info.config.storage, "value", info.config.storage) == "file"
     assert info.config.duplicate_window == settings.events_duplicate_window_s
-    changed = settings.model_copy(update={"events_duplicate_window_s": 600.0, "max_deliver": 7})
+    assert info.config.max_bytes == settings.events_max_bytes  # a flood ages out, never fills
+    letters = await js.stream_info(subjects.DEADLETTER_STREAM)
+    assert letters.config.max_bytes == settings.deadletter_max_bytes
+    assert getattr(letters.config.discard, "value", letters.config.discard) == "old"
+    changed = settings.model_copy(
+        update={"events_duplicate_window_s": 600.0, "max_deliver": 7, "events_max_bytes": 1 << 30}
+    )
     await bus.ensure_topology(js, changed)
-    assert (await js.stream_info(subjects.EVENTS_STREAM)).config.duplicate_window == 600.0
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    assert info.config.duplicate_window == 600.0
+    assert info.config.max_bytes == 1 << 30
     consumer = await js.consumer_info(subjects.EVENTS_STREAM, subjects.VALIDATOR_DURABLE)
     assert consumer.config.max_deliver == 7
     for bucket in (subjects.ROUTES_BUCKET, subjects.ROLLOUTS_BUCKET):
