@@ -13,10 +13,15 @@ from services.contracts.events import CheckResult, StageReport, Status, TargetHa
 from services.contracts.policy import ValidationPolicy
 from services.storage.base import StoreError
 from services.storage.locations import is_remote, open_store
-from services.validator.checks.base import Check, CheckContext, bounded_details, short_reason
+from services.validator.checks.base import (
+    Check,
+    CheckContext,
+    bounded_details,
+    short_reason,
+    validation_budget,
+)
 from services.validator.checks.checksum import DigestCache, check_checksum
 from services.validator.checks.formats import check_format
-from services.validator.checks.hdf5 import hdf5_budget
 from services.validator.checks.headers import HeaderError, parsed_headers
 from services.validator.checks.inventory import Inventory, Kind, LocationError, build_inventory
 from services.validator.checks.secrets import check_secrets
@@ -145,7 +150,7 @@ def _run_all(
 ) -> StageReport:
     switches = policy.checks.model_dump()
     results: list[CheckResult] = []
-    with hdf5_budget():  # HDF5 files are parsed in children, within one budget a validation
+    with validation_budget():  # what per-file limits multiply by the files: one budget
         for name, run_check in CHECKS:
             if not switches.get(name, True):
                 results.append(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,3 +175,39 @@ def _largest_collection(
             ):
                 best = (holder, key, item)
     return best
+
+
+# --- what one validation may spend ------------------------------------------------------------
+#
+# Most limits are per file: a pickle's opcodes, an HDF5 child's seconds. A model of many such
+# files multiplies them (10,000 files shaped like HDF5 took 25 minutes; 20 pickles of 2 million
+# opcodes 12 s), so these costs also come out of one budget a validation. Past it, a file is
+# not read and fails as not scanned.
+MAX_PICKLE_OPS_PER_VALIDATION = 20_000_000
+
+
+@dataclass
+class ValidationBudget:
+    pickle_ops: int = field(default_factory=lambda: MAX_PICKLE_OPS_PER_VALIDATION)
+    hdf5_files: set[str] = field(default_factory=set)
+    hdf5_seconds: float = 0.0
+
+
+_SPENDING: ContextVar[ValidationBudget | None] = ContextVar("preflight_validation", default=None)
+
+
+@contextmanager
+def validation_budget() -> Iterator[ValidationBudget]:
+    """One validation's budget (validate.py runs every check inside one; outside one, only the
+    per-file limits apply)."""
+    budget = ValidationBudget()
+    token = _SPENDING.set(budget)
+    try:
+        yield budget
+    finally:
+        _SPENDING.reset(token)
+
+
+def spending() -> ValidationBudget | None:
+    """The running validation's budget, if any."""
+    return _SPENDING.get()

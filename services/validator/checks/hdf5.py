@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["H5_MEMORY_BYTES", "H5_TIMEOUT_S", "Hdf5Read", "hdf5_budget", "read_hdf5"]
+from services.validator.checks.base import spending
+
+__all__ = ["H5_MEMORY_BYTES", "H5_TIMEOUT_S", "Hdf5Read", "read_hdf5"]
 
 H5_TIMEOUT_S = 10.0
 H5_MEMORY_BYTES = 2 * 1024**3
@@ -47,52 +46,33 @@ class Hdf5Read:
     problem: str | None = None
 
 
-# What one validation spends on HDF5 children. Each costs ~140 ms to start and may run to
-# H5_TIMEOUT_S: 10,000 files shaped like HDF5 would take 25 minutes, or a day if each hangs. A
-# real Keras model is one .h5 file or a few; past these, a file is not read, and says so (the
-# checks then fail it as not scanned).
+# What one validation spends on HDF5 children (base.ValidationBudget). Each costs ~140 ms to
+# start and may run to H5_TIMEOUT_S: 10,000 files shaped like HDF5 would take 25 minutes, or a
+# day if each hangs. A real Keras model is one .h5 file or a few; past these, a file is not
+# read, and says so (the checks then fail it as not scanned).
 MAX_HDF5_FILES = 32
 MAX_HDF5_SECONDS = 30.0
-
-
-@dataclass
-class _Budget:
-    files: set[str] = field(default_factory=set)
-    seconds: float = 0.0
-
-
-_BUDGET: ContextVar[_Budget | None] = ContextVar("preflight_hdf5_budget", default=None)
-
-
-@contextmanager
-def hdf5_budget() -> Iterator[None]:
-    """One validation's HDF5 budget (validate.py runs every check inside one)."""
-    token = _BUDGET.set(_Budget())
-    try:
-        yield
-    finally:
-        _BUDGET.reset(token)
 
 
 def read_hdf5(path: Path) -> Hdf5Read:
     """The file read once per content: the structure and unsafe-code checks both ask."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    budget = _BUDGET.get()
-    if budget is None or str(path) in budget.files:
+    budget = spending()
+    if budget is None or str(path) in budget.hdf5_files:
         return _read(*key)
-    if len(budget.files) >= MAX_HDF5_FILES or budget.seconds >= MAX_HDF5_SECONDS:
+    if len(budget.hdf5_files) >= MAX_HDF5_FILES or budget.hdf5_seconds >= MAX_HDF5_SECONDS:
         return Hdf5Read(
-            problem=f"not read: this validation has read {len(budget.files)} HDF5 files in "
-            f"{budget.seconds:.0f} s, its limit ({MAX_HDF5_FILES} files, {MAX_HDF5_SECONDS:g} s; "
-            "each is parsed in a child process)"
+            problem=f"not read: this validation has read {len(budget.hdf5_files)} HDF5 files in "
+            f"{budget.hdf5_seconds:.0f} s, its limit ({MAX_HDF5_FILES} files, "
+            f"{MAX_HDF5_SECONDS:g} s; each is parsed in a child process)"
         )
-    budget.files.add(str(path))
+    budget.hdf5_files.add(str(path))
     started = time.perf_counter()
     try:
         return _read(*key)
     finally:
-        budget.seconds += time.perf_counter() - started
+        budget.hdf5_seconds += time.perf_counter() - started
 
 
 @functools.lru_cache(maxsize=64)

@@ -80,9 +80,11 @@ class LimitReached(Exception):
 
 @dataclass
 class Budget:
-    """Opcodes left to run, shared by every pickle of one stream."""
+    """Opcodes left to run, shared by every pickle of one stream. `capped`: fewer than a
+    stream's own limit, because the validation's budget had no more left."""
 
     ops: int
+    capped: bool = False
 
 
 @dataclass

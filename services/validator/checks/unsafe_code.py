@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from services.contracts.events import CheckResult, Status
-from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.base import (
+    MAX_PICKLE_OPS_PER_VALIDATION,
+    CheckContext,
+    result,
+    spending,
+    summarise_findings,
+)
 from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import parsed_headers
 from services.validator.checks.inventory import (
@@ -325,13 +331,40 @@ class _PickleScan:
     limit: str | None = None
 
 
+@contextmanager
+def _stream_budget() -> Iterator[Budget]:
+    """A stream's opcodes (an archive shares one among its members), taken from what the
+    validation has left (base.ValidationBudget) and charged to it as they are run."""
+    total = spending()
+    left = MAX_PICKLE_OPS if total is None else max(0, total.pickle_ops)
+    budget = Budget(ops=min(MAX_PICKLE_OPS, left), capped=left < MAX_PICKLE_OPS)
+    granted = budget.ops
+    try:
+        yield budget
+    finally:
+        if total is not None:
+            total.pickle_ops -= granted - max(budget.ops, 0)
+
+
+def _limit_reached(budget: Budget) -> str:
+    if budget.capped:
+        return (
+            f"not scanned to the end: this validation has run its "
+            f"{MAX_PICKLE_OPS_PER_VALIDATION:,} pickle opcodes (each file may run "
+            f"{MAX_PICKLE_OPS:,})"
+        )
+    return f"more than {MAX_PICKLE_OPS:,} opcodes"
+
+
 def _scan_pickles(buf: Buffer, start: int, end: int, budget: Budget | None = None) -> _PickleScan:
     """Every pickle from `start` to `end` (or the legacy torch format's five), each run on its
     own as an unpickler would: its own memo, and a reason wherever one would stop loading.
     Whitespace after the last STOP is allowed: pickle.load never reads it (hand-edited files
     end in a newline); anything else after it is parsed as the next pickle."""
+    if budget is None:
+        with _stream_budget() as own:
+            return _scan_pickles(buf, start, end, own)
     scan = _PickleScan()
-    budget = budget or Budget(ops=MAX_PICKLE_OPS)  # an archive shares one among its members
     seen: set[tuple[str, str]] = set()
     pos, count, expected = start, 0, None
     while pos < end:
@@ -343,7 +376,7 @@ def _scan_pickles(buf: Buffer, start: int, end: int, budget: Budget | None = Non
         try:
             run = run_pickle(buf, pos, end, budget, origin=start)
         except LimitReached:
-            scan.limit = f"more than {MAX_PICKLE_OPS:,} opcodes"
+            scan.limit = _limit_reached(budget)
             break
         for imported in run.imports:
             if imported not in seen:
@@ -615,13 +648,13 @@ def _scan_zip(mf: ModelFile) -> list[_Issue]:
         bombs = _bomb_issues(infos, mf.size)
         if bombs:
             return issues + bombs  # nothing inside is worth inflating
-        budget = Budget(ops=MAX_PICKLE_OPS)
-        try:
-            for info in infos:
-                if not info.is_dir():
-                    issues += _member_issues(zf, info, mf.kind, budget, mf.path.name)
-        except LimitReached:
-            issues.append((FindingKind.UNSCANNABLE, f"more than {MAX_PICKLE_OPS:,} opcodes"))
+        with _stream_budget() as budget:
+            try:
+                for info in infos:
+                    if not info.is_dir():
+                        issues += _member_issues(zf, info, mf.kind, budget, mf.path.name)
+            except LimitReached:
+                issues.append((FindingKind.UNSCANNABLE, _limit_reached(budget)))
     return issues
 
 

@@ -358,3 +358,28 @@ def test_a_model_s_chat_templates_are_scanned_within_one_budget(
     assert unsafe.status is Status.FAILED
     whats = [f["what"] for f in unsafe.details["findings"]]
     assert len(whats) == 1 and whats[0].startswith("chat_template[t3]: not scanned"), whats
+
+
+def test_a_validation_runs_a_bounded_number_of_pickle_opcodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pickle may run 2 million opcodes; 20 such files took 12 s and 10,000 would take
+    hours. Past the validation's budget a pickle is not scanned to the end, and fails."""
+    import pickle
+
+    from services.validator.checks import base
+
+    monkeypatch.setattr(base, "MAX_PICKLE_OPS_PER_VALIDATION", 15_000)
+    model = write_sample_model(tmp_path / "m")
+    for i in range(3):
+        (model / f"state{i}.pkl").write_bytes(pickle.dumps(list(range(10_000)), protocol=2))
+    report = validate(str(model), service="t")
+    unsafe = next(c for c in report.checks if c.name == "unsafe_code")
+    assert unsafe.status is Status.FAILED
+    refused = sorted(
+        f["file"] for f in unsafe.details["findings"] if "not scanned to the end" in f["what"]
+    )
+    assert len(refused) == 2, unsafe.details["findings"]
+    monkeypatch.undo()  # the default budget: the same pickles scan whole and pass
+    again = next(c for c in validate(str(model), service="t").checks if c.name == "unsafe_code")
+    assert again.status is Status.PASSED, again.reason
