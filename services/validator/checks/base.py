@@ -143,11 +143,11 @@ def _tidy(value: Any) -> Any:
             if key in out:
                 continue  # a `<name>_not_listed` already counted with its list's cut
             if isinstance(v, list | tuple | dict) and len(v) > MAX_DETAIL_LIST_ITEMS:
-                # A list, or a dict keyed by file name (`files` of 10,000 shards).
-                kept = list(v.items() if isinstance(v, dict) else v)[:MAX_DETAIL_LIST_ITEMS]
-                out[key] = _tidy(dict(kept) if isinstance(v, dict) else kept)
-                counted = f"{key}_not_listed"
-                out[counted] = int(value.get(counted, 0)) + len(v) - MAX_DETAIL_LIST_ITEMS
+                # A list, or a dict keyed by file name (`files` of 10,000 shards): cut before
+                # it is walked, its count carried on from the original's.
+                out[f"{key}_not_listed"] = value.get(f"{key}_not_listed", 0)
+                _cut(out, key, v if isinstance(v, dict) else list(v), MAX_DETAIL_LIST_ITEMS)
+                out[key] = _tidy(out[key])
             else:
                 out[key] = _tidy(v)
         return out
