@@ -39,6 +39,13 @@ class ValidationChecks(_Strict):
 class ValidationPolicy(_Strict):
     enabled: bool = Field(default=True, description="Run the validator; off: skipped.")
     budget_s: float = Field(default=2.0, gt=0, description="Time budget for all checks.")
+    time_limit_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Hard limit for all checks, hashing not counted: a check still running then "
+        "stops and fails, and the checks after it fail as not run, so no file can hold the "
+        "validator. The budget is the goal; this is where a hostile file is cut off.",
+    )
     checks: ValidationChecks = ValidationChecks()
     vram_overhead_fraction: float = Field(
         default=0.10, ge=0, le=1, description="Share of GPU memory kept free for the runtime."

@@ -16,7 +16,9 @@ from services.storage.locations import is_remote, open_store
 from services.validator.checks.base import (
     Check,
     CheckContext,
+    TimeLimitReached,
     bounded_details,
+    on_time,
     short_reason,
     validation_budget,
 )
@@ -65,11 +67,17 @@ def metadata_texts(inv: Inventory, ctx: CheckContext) -> Iterator[tuple[str, str
 def _run(name: str, check: Check, inv: Inventory, ctx: CheckContext) -> CheckResult:
     started = time.perf_counter()
     try:
+        on_time()  # past the limit already: this check is not run
+    except TimeLimitReached as exc:
+        return _late(name, exc, started, ran=False)
+    try:
         checked = check(inv, ctx)
         details, reason = bounded_details(checked.details), short_reason(checked.reason)
         if details is checked.details and reason == checked.reason:
             return checked
         return checked.model_copy(update={"details": details, "reason": reason})
+    except TimeLimitReached as exc:
+        return _late(name, exc, started, ran=True)
     except Exception as exc:  # a check must never take the service down
         log.exception("check %s crashed", name)
         return CheckResult(
@@ -78,6 +86,27 @@ def _run(name: str, check: Check, inv: Inventory, ctx: CheckContext) -> CheckRes
             reason=short_reason(f"check crashed: {type(exc).__name__}: {exc}"),
             duration_ms=(time.perf_counter() - started) * 1000,
         )
+
+
+def _late(name: str, exc: TimeLimitReached, started: float, *, ran: bool) -> CheckResult:
+    """A check the time limit stopped (`ran`) or never let start: failed, since what was not
+    read to the end cannot be passed."""
+    spent = time.perf_counter() - started
+    if ran:
+        reason = (
+            f"not checked to the end: stopped after {spent:.2f} s, when {exc} "
+            "(validation.time_limit_s); a model whose checks cannot finish in time is not passed"
+        )
+        log.warning("check %s stopped by the time limit after %.2f s", name, spent)
+    else:
+        reason = f"not run: {exc} (validation.time_limit_s) before this check began"
+    return CheckResult(
+        name=name,
+        status=Status.FAILED,
+        reason=reason,
+        duration_ms=round(spent * 1000, 3),
+        details={"time_limit_s": exc.limit_s, "stopped": ran},
+    )
 
 
 def validate(
@@ -150,7 +179,10 @@ def _run_all(
 ) -> StageReport:
     switches = policy.checks.model_dump()
     results: list[CheckResult] = []
-    with validation_budget():  # what per-file limits multiply by the files: one budget
+    # What per-file limits multiply by the files (pickle opcodes, HDF5 children) and the time
+    # limit: one budget for the checks, from their start (the listing and remote reads are not
+    # counted; they have their own limits).
+    with validation_budget(policy.time_limit_s):
         for name, run_check in CHECKS:
             if not switches.get(name, True):
                 results.append(
@@ -183,7 +215,14 @@ def _report(
     skipped = [r for r in results if r.status is Status.SKIPPED]
     if failed:
         status = Status.FAILED
-        reason = "; ".join(f"{r.name}: {r.reason}" for r in failed)
+        # The checks the time limit kept from starting are named once, not a sentence each.
+        late = [
+            r for r in failed if r.details.get("stopped") is False and "time_limit_s" in r.details
+        ]
+        reason = "; ".join(f"{r.name}: {r.reason}" for r in failed if r not in late)
+        if late:
+            names = ", ".join(r.name for r in late)
+            reason += f"{'; ' if reason else ''}not run, the time limit having passed: {names}"
     elif not passed:
         status = Status.SKIPPED
         reason = "skipped: every check is disabled or had nothing to check"

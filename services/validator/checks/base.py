@@ -191,16 +191,36 @@ class ValidationBudget:
     pickle_ops: int = field(default_factory=lambda: MAX_PICKLE_OPS_PER_VALIDATION)
     hdf5_files: set[str] = field(default_factory=set)
     hdf5_seconds: float = 0.0
+    # The validation's time limit (validation.time_limit_s): when the checks must stop, on the
+    # perf_counter clock, moved on by the time spent hashing (not_timed). None: no limit.
+    time_limit_s: float | None = None
+    deadline: float | None = None
+
+    def left_s(self) -> float | None:
+        """Seconds before the time limit, None where there is none."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+
+class TimeLimitReached(BaseException):
+    """The validation ran past its time limit. Raised at a check's next `on_time()`, it unwinds
+    the check to validate.py, which fails that check and every later one. A BaseException, so
+    that no `except Exception` of a parser can take it for that file's own fault."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(f"the validation's {limit_s:g} s time limit passed")
+        self.limit_s = limit_s
 
 
 _SPENDING: ContextVar[ValidationBudget | None] = ContextVar("preflight_validation", default=None)
 
 
 @contextmanager
-def validation_budget() -> Iterator[ValidationBudget]:
+def validation_budget(time_limit_s: float | None = None) -> Iterator[ValidationBudget]:
     """One validation's budget (validate.py runs every check inside one; outside one, only the
-    per-file limits apply)."""
-    budget = ValidationBudget()
+    per-file limits apply). The time limit runs from here."""
+    budget = ValidationBudget(time_limit_s=time_limit_s)
+    if time_limit_s is not None:
+        budget.deadline = time.perf_counter() + time_limit_s
     token = _SPENDING.set(budget)
     try:
         yield budget
@@ -211,3 +231,28 @@ def validation_budget() -> Iterator[ValidationBudget]:
 def spending() -> ValidationBudget | None:
     """The running validation's budget, if any."""
     return _SPENDING.get()
+
+
+TIME_CHECK_MASK = 4095
+"""Loops whose length a file decides call on_time() when `not i & TIME_CHECK_MASK`."""
+
+
+def on_time() -> None:
+    """Raise TimeLimitReached if the running validation is past its time limit. Loops whose
+    length a file decides call it every few thousand turns (it costs ~0.1 us)."""
+    budget = _SPENDING.get()
+    if budget is not None and budget.deadline is not None and time.perf_counter() > budget.deadline:
+        raise TimeLimitReached(budget.time_limit_s or 0.0)
+
+
+@contextmanager
+def not_timed() -> Iterator[None]:
+    """Time that does not count against the time limit: hashing, whose cost is the model's size
+    and which a file cannot make slower than reading it."""
+    budget = _SPENDING.get()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if budget is not None and budget.deadline is not None:
+            budget.deadline += time.perf_counter() - started

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from services.validator.checks.base import on_time
 from services.validator.checks.headers import GGUFHeader, ParsedHeaders
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
 
@@ -57,6 +58,7 @@ def scan_chat_templates(inv: Inventory, headers: ParsedHeaders) -> TemplateScan:
     count = chars = 0
     refused: set[str] = set()
     for rel, label, text in located_templates(inv, headers):
+        on_time()  # one template of 256 KiB may take a few seconds to parse, never more
         if rel not in scan.files:
             scan.files.append(rel)
         count, chars = count + 1, chars + len(text)

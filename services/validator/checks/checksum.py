@@ -19,7 +19,7 @@ from typing import Any
 
 from services.contracts.events import CheckResult, Status
 from services.storage.base import StoreError
-from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.base import CheckContext, not_timed, result, summarise_findings
 from services.validator.checks.inventory import Inventory, ModelFile
 
 NAME = "checksum"
@@ -248,12 +248,14 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
     if ctx.remote is not None:  # provider checksums, else a streamed download
         estimate = None
         try:
-            hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
+            with not_timed():  # a download to hash: the model's size, not the file's doing
+                hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
         except StoreError as exc:  # the object changed, or the store refused mid-way
             return result(NAME, Status.FAILED, str(exc), started=started)
     else:
         estimate = _estimate_seconds(to_hash, ctx)
-        hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
+        with not_timed():  # reading every byte once: the model's size decides, not its content
+            hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
     mismatched = [h.rel for h in hashed if h.digest != expected[h.rel]]
     problems += [f"{rel}: sha256 mismatch (corrupted or altered)" for rel in mismatched]
     hashed_bytes = sum(h.size for h in hashed if not h.cached)

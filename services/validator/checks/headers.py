@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, overload
 
+from services.validator.checks.base import TIME_CHECK_MASK, on_time
 from services.validator.checks.inventory import SAFETENSORS_MAX_HEADER
 
 
@@ -292,7 +293,12 @@ class _Reader:
                 if count > 4096:  # long numeric arrays (token scores) are not worth decoding
                     return f"<{count} x {fmt}>"
                 return list(struct.unpack(f"<{count}{fmt[1]}", raw))
-            return [self.value(item_type, what, depth + 1) for _ in range(count)]
+            items = []
+            for i in range(count):  # 5 million empty arrays fit in 60 MB
+                if not i & TIME_CHECK_MASK:
+                    on_time()
+                items.append(self.value(item_type, what, depth + 1))
+            return items
         raise HeaderError(f"{what}: unknown value type {vtype}")
 
 
@@ -316,11 +322,15 @@ def read_gguf_stream(fh: BinaryIO, size: int, path: Path) -> GGUFHeader:
         raise HeaderError(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
+        if not i & TIME_CHECK_MASK:
+            on_time()
         key = r.string(f"metadata key {i}")
         vtype = r.unpack("<I", f"type of {key}")
         metadata[key] = r.value(vtype, key)
     infos: list[tuple[str, tuple[int, ...], int, int]] = []
     for i in range(n_tensors):
+        if not i & TIME_CHECK_MASK:
+            on_time()
         name = r.string(f"tensor {i} name")
         n_dims = r.unpack("<I", f"{name} dims")
         if n_dims > 8:
@@ -412,7 +422,11 @@ def _varint(buf: ByteSource, pos: int, end: int) -> tuple[int, int]:
 def protobuf_fields(buf: ByteSource, start: int, end: int) -> Iterator[Field]:
     """Top-level fields of a serialized message in buf[start:end], skipping payloads."""
     pos = start
+    turns = 0
     while pos < end:
+        turns += 1
+        if not turns & TIME_CHECK_MASK:  # a field can take 2 bytes: 15 million in 30 MB
+            on_time()
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:

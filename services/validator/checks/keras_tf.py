@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from services.validator.checks.base import TIME_CHECK_MASK, on_time
 from services.validator.checks.headers import Field, HeaderError, protobuf_fields
 
 __all__ = [
@@ -361,6 +362,8 @@ class _Walk:
             self.fields += 1
             if self.fields > MAX_GRAPH_FIELDS:
                 raise _TooLarge(f"more than {MAX_GRAPH_FIELDS:,} protobuf fields")
+            if not self.fields & TIME_CHECK_MASK:  # across messages: a node holds a few
+                on_time()
             yield f
 
     def _op(self, f: Field) -> str | None:

@@ -27,6 +27,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final, Protocol, overload
 
+from services.validator.checks.base import on_time
+
 __all__ = [
     "LONG_NAME",
     "MAX_NAME_CHARS",
@@ -52,6 +54,7 @@ NOT_A_NAME: Final = "<not a name>"
 _DOTTED_NAME: Final = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _DOTTED_NAME_BYTES: Final = re.compile(rb"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 HIGHEST_PROTOCOL: Final = 5
+TIME_CHECK_EVERY: Final = 16384  # opcodes between two looks at the validation's time limit
 
 
 class ByteReader(Protocol):
@@ -85,6 +88,9 @@ class Budget:
 
     ops: int
     capped: bool = False
+    # Where the run next asks whether the validation is past its time limit (base.on_time):
+    # one comparison an opcode, as for the count itself.
+    check_at: int | None = None
 
 
 @dataclass
@@ -309,10 +315,16 @@ class _Machine:
                 raise _Stop(f"{what} on an empty stack (stack underflow)")
             return stack[-1]
 
+        if budget.check_at is None:
+            budget.check_at = max(budget.ops - TIME_CHECK_EVERY, 0)
+        check_at = budget.check_at
         while True:
             budget.ops -= 1
-            if budget.ops < 0:
-                raise LimitReached("opcodes")
+            if budget.ops < check_at:
+                if budget.ops < 0:
+                    raise LimitReached("opcodes")
+                on_time()
+                budget.check_at = check_at = max(budget.ops - TIME_CHECK_EVERY, 0)
             frame_end = self.frame_end
             at = self.pos
             if frame_end is not None and at >= frame_end:

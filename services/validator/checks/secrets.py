@@ -15,7 +15,13 @@ from itertools import pairwise
 from typing import Any
 
 from services.contracts.events import CheckResult, Status
-from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.base import (
+    TIME_CHECK_MASK,
+    CheckContext,
+    on_time,
+    result,
+    summarise_findings,
+)
 from services.validator.checks.inventory import Inventory, Kind
 
 NAME = "secrets"
@@ -894,7 +900,9 @@ def _rule_matches(rule: Rule, text: str, anchors: _Anchors) -> Iterator[re.Match
     if rule.context and not anchors(rule.context):
         return
     taken = 0
-    for start in anchors.starts(rule):
+    for turn, start in enumerate(anchors.starts(rule)):
+        if not turn & TIME_CHECK_MASK:
+            on_time()
         if start < taken or (rule.bounded and not _starts_token(text, start)):
             continue
         m = rule.pattern.match(text, start)
@@ -964,6 +972,7 @@ def _prefix_hits(
     kept = 0
     anchors = _Anchors(lowered)
     for rule in PREFIX_RULES:
+        on_time()
         for m in _rule_matches(rule, text, anchors):
             secret = _judge(rule, m)
             if secret is None:
@@ -994,7 +1003,9 @@ def _key_before(text: str, operator: int) -> str:
 def _generic_hits(text: str, taken: _Taken, limit: int, keep: tuple[int, int]) -> list[Hit]:
     hits: list[Hit] = []
     kept = 0
-    for m in _ASSIGNED_VALUE.finditer(text):
+    for turn, m in enumerate(_ASSIGNED_VALUE.finditer(text)):
+        if not turn & TIME_CHECK_MASK:
+            on_time()
         start, end = m.span("secret")
         if taken.overlaps(start, end):
             continue  # a specific rule already named this value
@@ -1072,6 +1083,7 @@ def check_secrets(
     skipped: list[str] = []
     files = texts = read = 0
     for f in inv.files:
+        on_time()
         if f.kind not in SCANNED_KINDS or len(findings) >= MAX_FINDINGS:
             continue
         vocabulary = f.path.name.lower() in VOCABULARY_NAMES
@@ -1100,6 +1112,7 @@ def check_secrets(
         scanned.append(f.rel)
         files += 1
     for source, text in extra_texts:
+        on_time()
         if len(findings) >= MAX_FINDINGS:
             break
         if len(text) > MAX_TEXT_BYTES:

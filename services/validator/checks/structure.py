@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from services.contracts.events import CheckResult, Status
-from services.validator.checks.base import CheckContext, result, summarise_findings
+from services.validator.checks.base import CheckContext, on_time, result, summarise_findings
 from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import (
     HeaderError,
@@ -41,6 +41,7 @@ def check_structure(inv: Inventory, ctx: CheckContext) -> CheckResult:
     tensors: dict[str, tuple[int, ...]] = {}
     checked = 0
     for f in inv.files:
+        on_time()
         found: list[str] = []
         if f.kind is Kind.SAFETENSORS:
             found = _safetensors(f, headers, tensors)

@@ -1,0 +1,151 @@
+"""The validation's time limit (`validation.time_limit_s`): no file can hold the validator.
+
+Each hostile folder below takes seconds to check in full on the 2-CPU reference machine (the
+longest loop of some parser or scanner, which the file decides). With a limit of 0.2 s the
+check that is running stops at its next look at the clock and fails, and the checks after it
+fail as not run. If a loop had no look at the clock, its check would finish (and pass or fail
+on its own terms) and no check would report being stopped.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from services.contracts.events import CheckResult, Status
+from services.contracts.policy import ValidationPolicy
+from services.stack.samples import write_sample_model
+from services.validator.checks import checksum, hdf5
+from services.validator.validate import CHECKS, validate
+from tests.unit.validator import hostile
+
+LIMIT_S = 0.2
+# What may pass after the limit: the stopped check's last few thousand turns, the report.
+SLACK_S = 1.3
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _onnx_of_empty_initializers(model: Path) -> None:
+    # ModelProto{ir_version: 7, graph: GraphProto{initializer: {} x 3 million}}: 6 MB, ~6 s.
+    (model / "model.onnx").write_bytes(b"\x08\x07" + _field(7, b"\x2a\x00" * 3_000_000))
+
+
+def _saved_model_of_empty_nodes(model: Path) -> None:
+    # SavedModel{meta_graphs: MetaGraphDef{graph_def: GraphDef{node: {} x 1.5 million}}}.
+    graph = b"\x0a\x00" * 1_500_000
+    (model / "saved_model.pb").write_bytes(b"\x08\x01" + _field(2, _field(2, graph)))
+
+
+def _gguf_of_nested_empty_arrays(model: Path) -> None:
+    # One metadata key: an array of 1.5 million empty arrays of u8 (12 bytes each), ~5 s.
+    count = 1_500_000
+    key = b"x.nested"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    header += struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)  # GGUF_TYPE_ARRAY
+    header += struct.pack("<IQ", 9, count) + struct.pack("<IQ", 0, 0) * count
+    (model / "model.gguf").write_bytes(header)
+
+
+def _pickles_of_two_million_opcodes(model: Path) -> None:
+    # Six pickles of 2 million opcodes (NONE, POP, ...): within every opcode limit, ~4 s.
+    body = b"\x80\x02" + b"N0" * 1_000_000 + b"N."
+    for i in range(6):
+        (model / f"extra-{i}.pkl").write_bytes(body)
+
+
+def _cards_of_one_anchor(model: Path) -> None:
+    # Two 4 MB notes made of one rule's anchor (`xox`, Slack's): ~2.4 s each.
+    for i in range(2):
+        (model / f"notes-{i}.md").write_text("xox" * 1_398_000)
+
+
+HOSTILE = {
+    "ONNX of 3 million empty initializers": _onnx_of_empty_initializers,
+    "SavedModel of 1.5 million empty nodes": _saved_model_of_empty_nodes,
+    "GGUF of 1.5 million nested empty arrays": _gguf_of_nested_empty_arrays,
+    "six pickles of 2 million opcodes": _pickles_of_two_million_opcodes,
+    "two 4 MB cards of one secret rule's anchor": _cards_of_one_anchor,
+}
+
+
+def _stopped(checks: Sequence[CheckResult]) -> list[str]:
+    return [c.name for c in checks if c.details.get("stopped") is True]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_folder_is_stopped_at_the_time_limit(tmp_path: Path, case: str) -> None:
+    model = write_sample_model(tmp_path / "m")
+    HOSTILE[case](model)
+    started = time.perf_counter()
+    report = validate(str(model), policy=ValidationPolicy(time_limit_s=LIMIT_S))
+    wall = time.perf_counter() - started
+    assert report.status is Status.FAILED
+    assert report.blocks
+    stopped = _stopped(report.checks)
+    assert len(stopped) == 1, [(c.name, c.status, c.reason) for c in report.checks]
+    check = next(c for c in report.checks if c.name == stopped[0])
+    assert check.status is Status.FAILED
+    assert check.reason.startswith("not checked to the end: stopped after ")
+    assert "the validation's 0.2 s time limit passed (validation.time_limit_s)" in check.reason
+    after = [name for name, _ in CHECKS][[name for name, _ in CHECKS].index(check.name) + 1 :]
+    not_run = [c for c in report.checks if c.name in after]
+    assert all(c.status is Status.FAILED and c.reason.startswith("not run: ") for c in not_run)
+    if after:  # named once in the stage's reason, not a sentence each
+        assert report.reason.count("not run") == 1
+        assert f"not run, the time limit having passed: {', '.join(after)}" in report.reason
+    assert wall < LIMIT_S + SLACK_S, (wall, [(c.name, c.duration_ms) for c in report.checks])
+
+
+def test_a_hanging_hdf5_parser_is_killed_at_the_time_limit_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hdf5, "_H5_READER", "import time; time.sleep(60)")
+    hdf5._read.cache_clear()
+    model = hostile.write_keras_h5(tmp_path)
+    started = time.perf_counter()
+    report = validate(str(model), policy=ValidationPolicy(time_limit_s=0.5))
+    wall = time.perf_counter() - started
+    hdf5._read.cache_clear()
+    assert report.status is Status.FAILED
+    assert _stopped(report.checks), report.reason
+    assert wall < 0.5 + SLACK_S + 1.0, wall  # not the child's own 10 s
+    assert hdf5.H5_TIMEOUT_S >= 10
+
+
+def test_hashing_does_not_count_against_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading every byte for its digest is the model's size, which no file makes slower: a
+    500 GB model hashed cold must not fail for the time it takes."""
+    model = write_sample_model(tmp_path / "m")
+    real: Callable[..., list[checksum.Hashed]] = checksum.hash_files
+
+    def slow_hash(*args: object, **kwargs: object) -> list[checksum.Hashed]:
+        time.sleep(0.6)  # three times the limit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checksum, "hash_files", slow_hash)
+    report = validate(str(model), policy=ValidationPolicy(time_limit_s=LIMIT_S))
+    assert report.status is Status.PASSED, report.reason
+    assert report.duration_ms > 600
+
+
+def test_the_default_limit_is_far_above_a_real_model_and_below_a_stuck_validator() -> None:
+    assert ValidationPolicy().time_limit_s == 30.0
+    assert ValidationPolicy().budget_s < ValidationPolicy().time_limit_s
