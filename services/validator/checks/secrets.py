@@ -900,15 +900,16 @@ def _rule_matches(rule: Rule, text: str, anchors: _Anchors) -> Iterator[re.Match
     if rule.context and not anchors(rule.context):
         return
     taken = 0
-    for turn, start in enumerate(anchors.starts(rule)):
-        if not turn & TIME_CHECK_MASK:
-            on_time()
-        if start < taken or (rule.bounded and not _starts_token(text, start)):
-            continue
-        m = rule.pattern.match(text, start)
-        if m is not None:
-            taken = m.end()
-            yield m
+    starts = anchors.starts(rule)
+    for batch in range(0, len(starts), TIME_CHECK_MASK + 1):  # a look at the clock a batch
+        on_time()
+        for start in starts[batch : batch + TIME_CHECK_MASK + 1]:
+            if start < taken or (rule.bounded and not _starts_token(text, start)):
+                continue
+            m = rule.pattern.match(text, start)
+            if m is not None:
+                taken = m.end()
+                yield m
 
 
 def _judge(rule: Rule, m: re.Match[str]) -> str | None:

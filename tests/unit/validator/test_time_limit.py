@@ -41,20 +41,21 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _onnx_of_empty_initializers(model: Path) -> None:
-    # ModelProto{ir_version: 7, graph: GraphProto{initializer: {} x 3 million}}: 6 MB, ~6 s.
-    (model / "model.onnx").write_bytes(b"\x08\x07" + _field(7, b"\x2a\x00" * 3_000_000))
+def _onnx_of_empty_initializers(model: Path, scale: int = 1) -> None:
+    # ModelProto{ir_version: 7, graph: GraphProto{initializer: {} x 3 million}}: 6 MB, ~3 s.
+    graph = b"\x2a\x00" * 3_000_000 * scale
+    (model / "model.onnx").write_bytes(b"\x08\x07" + _field(7, graph))
 
 
-def _saved_model_of_empty_nodes(model: Path) -> None:
-    # SavedModel{meta_graphs: MetaGraphDef{graph_def: GraphDef{node: {} x 1.5 million}}}.
-    graph = b"\x0a\x00" * 1_500_000
+def _saved_model_of_empty_nodes(model: Path, scale: int = 1) -> None:
+    # SavedModel{meta_graphs: MetaGraphDef{graph_def: GraphDef{node: {} x 1.5 million}}}: ~3 s.
+    graph = b"\x0a\x00" * 1_500_000 * scale
     (model / "saved_model.pb").write_bytes(b"\x08\x01" + _field(2, _field(2, graph)))
 
 
-def _gguf_of_nested_empty_arrays(model: Path) -> None:
-    # One metadata key: an array of 1.5 million empty arrays of u8 (12 bytes each), ~5 s.
-    count = 1_500_000
+def _gguf_of_nested_empty_arrays(model: Path, scale: int = 1) -> None:
+    # One metadata key: an array of 1.5 million empty arrays of u8 (12 bytes each), ~4 s.
+    count = 1_500_000 * scale
     key = b"x.nested"
     header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
     header += struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)  # GGUF_TYPE_ARRAY
@@ -62,20 +63,21 @@ def _gguf_of_nested_empty_arrays(model: Path) -> None:
     (model / "model.gguf").write_bytes(header)
 
 
-def _pickles_of_two_million_opcodes(model: Path) -> None:
-    # Six pickles of 2 million opcodes (NONE, POP, ...): within every opcode limit, ~4 s.
+def _pickles_of_two_million_opcodes(model: Path, scale: int = 1) -> None:
+    # Six pickles of 2 million opcodes (NONE, POP, ...): within every opcode limit, ~4 s. Past
+    # 10 of them, the validation's 20 million opcodes are spent and the rest are not scanned.
     body = b"\x80\x02" + b"N0" * 1_000_000 + b"N."
-    for i in range(6):
+    for i in range(6 * scale):
         (model / f"extra-{i}.pkl").write_bytes(body)
 
 
-def _cards_of_one_anchor(model: Path) -> None:
+def _cards_of_one_anchor(model: Path, scale: int = 1) -> None:
     # Two 4 MB notes made of one rule's anchor (`xox`, Slack's): ~2.4 s each.
-    for i in range(2):
+    for i in range(2 * scale):
         (model / f"notes-{i}.md").write_text("xox" * 1_398_000)
 
 
-HOSTILE = {
+HOSTILE: dict[str, Callable[..., None]] = {  # (model, scale=1); bench/validation_time_limit.py
     "ONNX of 3 million empty initializers": _onnx_of_empty_initializers,
     "SavedModel of 1.5 million empty nodes": _saved_model_of_empty_nodes,
     "GGUF of 1.5 million nested empty arrays": _gguf_of_nested_empty_arrays,
