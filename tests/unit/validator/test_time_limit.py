@@ -77,12 +77,19 @@ def _cards_of_one_anchor(model: Path, scale: int = 1) -> None:
         (model / f"notes-{i}.md").write_text("xox" * 1_398_000)
 
 
+def _shard_index_of_a_million_entries(model: Path, scale: int = 1) -> None:
+    # Every tensor of a real index, named a million times over (28 MB): ~1 s, 4 s before.
+    entries = ",".join(f'"t{i:x}":"model.safetensors"' for i in range(1_000_000 * scale))
+    (model / "model.safetensors.index.json").write_text('{"weight_map":{' + entries + "}}")
+
+
 HOSTILE: dict[str, Callable[..., None]] = {  # (model, scale=1); bench/validation_time_limit.py
     "ONNX of 3 million empty initializers": _onnx_of_empty_initializers,
     "SavedModel of 1.5 million empty nodes": _saved_model_of_empty_nodes,
     "GGUF of 1.5 million nested empty arrays": _gguf_of_nested_empty_arrays,
     "six pickles of 2 million opcodes": _pickles_of_two_million_opcodes,
     "two 4 MB cards of one secret rule's anchor": _cards_of_one_anchor,
+    "a shard index of a million entries": _shard_index_of_a_million_entries,
 }
 
 
@@ -151,3 +158,57 @@ def test_hashing_does_not_count_against_the_limit(
 def test_the_default_limit_is_far_above_a_real_model_and_below_a_stuck_validator() -> None:
     assert ValidationPolicy().time_limit_s == 30.0
     assert ValidationPolicy().budget_s < ValidationPolicy().time_limit_s
+
+
+# --- costs that a file multiplied, now paid once (found by attacking the limit) --------------
+
+
+def test_external_data_references_to_one_json_file_parse_it_once(tmp_path: Path) -> None:
+    # 100 initializers whose external data is one 5 MB JSON file: it was parsed for each.
+    model = write_sample_model(tmp_path / "m")
+    (model / "big.json").write_text("[" + ",".join(["1"] * 2_500_000) + "]")
+    entry = _field(1, b"location") + _field(2, b"big.json")
+    tensor = _field(13, entry) + b"\x70\x01"  # external_data {location: big.json}, EXTERNAL
+    (model / "model.onnx").write_bytes(b"\x08\x07" + _field(7, _field(5, tensor) * 100))
+    started = time.perf_counter()
+    report = validate(str(model))
+    wall = time.perf_counter() - started
+    fmt = next(c for c in report.checks if c.name == "format")
+    assert fmt.status is Status.FAILED
+    assert fmt.reason.count("external data big.json is not raw tensor bytes") == 1, fmt.reason
+    assert wall < 2.0, wall  # 100 parses took 42 s for 20 MB
+
+
+def test_a_keras_config_that_inflates_past_the_json_limit_is_not_inflated(tmp_path: Path) -> None:
+    import zipfile
+
+    from services.validator.checks.inventory import MAX_JSON_BYTES
+
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("metadata.json", '{"keras_version": "3.5.0"}')
+        with zf.open("config.json", "w", force_zip64=True) as out:
+            block = b" " * (1 << 20)
+            for _ in range(MAX_JSON_BYTES // len(block) + 4):
+                out.write(block)
+        zf.writestr("model.weights.h5", b"")
+    report = validate(str(path))
+    structure = next(c for c in report.checks if c.name == "structure")
+    assert structure.status is Status.FAILED
+    assert "Keras archive config.json inflates to 71,303,168 bytes, more than the" in (
+        structure.reason
+    )
+
+
+def test_a_manifest_past_its_limit_is_refused_unread(tmp_path: Path) -> None:
+    from services.validator.checks.checksum import MAX_MANIFEST_BYTES
+
+    model = write_sample_model(tmp_path / "m")
+    (model / "preflight-manifest.json").unlink()
+    line = b"0" * 64 + b"  weights/shard.bin\n"
+    (model / "SHA256SUMS").write_bytes(line * (MAX_MANIFEST_BYTES // len(line) + 1))
+    report = validate(str(model))
+    check = next(c for c in report.checks if c.name == "checksum")
+    assert check.status is Status.FAILED
+    assert check.reason.startswith("SHA256SUMS: 16,777,"), check.reason
+    assert "a manifest is read to (a model holds at most 10,000 files)" in check.reason
