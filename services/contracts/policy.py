@@ -46,6 +46,14 @@ class ValidationPolicy(_Strict):
         "stops and fails, and the checks after it fail as not run, so no file can hold the "
         "validator. The budget is the goal; this is where a hostile file is cut off.",
     )
+    hash_limit_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest the checksum check hashes files the digest cache does not hold "
+        "(the time limit does not count hashing): a model whose hashing is estimated past it "
+        "is refused before a byte is read, and hashing that runs past it stops. A file can "
+        "claim any size: a sparse file of 16 TB takes no disk.",
+    )
     checks: ValidationChecks = ValidationChecks()
     vram_overhead_fraction: float = Field(
         default=0.10, ge=0, le=1, description="Share of GPU memory kept free for the runtime."

@@ -128,13 +128,20 @@ class DigestCache:
             self._db.close()
 
 
-def sha256_file(path: Path, read_size: int = READ_SIZE) -> str:
+class HashingTooLong(Exception):
+    """Hashing ran past its deadline (validation.hash_limit_s)."""
+
+
+def sha256_file(path: Path, read_size: int = READ_SIZE, deadline: float | None = None) -> str:
+    """The file's sha256; raises HashingTooLong once past `deadline` (perf_counter clock)."""
     digest = hashlib.sha256()
     buffer = bytearray(read_size)
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as fh:
         while n := fh.readinto(buffer):
             digest.update(view[:n])
+            if deadline is not None and time.perf_counter() > deadline:
+                raise HashingTooLong(path.name)
     return digest.hexdigest()
 
 
@@ -146,24 +153,30 @@ class Hashed:
     size: int
 
 
-def digest_of(path: Path, cache: DigestCache | None) -> tuple[str, bool]:
+def digest_of(
+    path: Path, cache: DigestCache | None, deadline: float | None = None
+) -> tuple[str, bool]:
     """(sha256, came from the cache): the cache when the file's key is unchanged, else read."""
     key = FileKey.of(path)
     if cache is not None and (known := cache.get(key)) is not None:
         return known, True
-    digest = sha256_file(path)
+    digest = sha256_file(path, deadline=deadline)
     if cache is not None and FileKey.of(path) == key:  # unchanged while we read it
         cache.put(key, digest)
     return digest, False
 
 
 def hash_files(
-    files: list[ModelFile], cache: DigestCache | None, workers: int | None = None
+    files: list[ModelFile],
+    cache: DigestCache | None,
+    workers: int | None = None,
+    deadline: float | None = None,
 ) -> list[Hashed]:
-    """Digest every file, from the cache when its key is unchanged, else by reading it."""
+    """Digest every file, from the cache when its key is unchanged, else by reading it; raises
+    HashingTooLong past `deadline`."""
 
     def one(f: ModelFile) -> Hashed:
-        digest, cached = digest_of(f.path, cache)
+        digest, cached = digest_of(f.path, cache, deadline)
         return Hashed(f.rel, digest, cached, f.size)
 
     if len(files) <= 1 or (
@@ -275,8 +288,30 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
             return result(NAME, Status.FAILED, str(exc), started=started)
     else:
         estimate = _estimate_seconds(to_hash, ctx)
-        with not_timed():  # reading every byte once: the model's size decides, not its content
-            hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers)
+        limit = ctx.policy.hash_limit_s
+        if estimate is not None and estimate[0] > limit:
+            problems.append(
+                f"not hashed: {estimate[1] / 1e9:,.1f} GB that the digest cache does not hold "
+                f"would take about {estimate[0]:,.0f} s at {SHA256_BYTES_PER_S_PER_CORE / 1e9:g} "
+                f"GB/s a core, more than validation.hash_limit_s ({limit:g} s)"
+            )
+            refused = {"estimated_s": round(estimate[0], 3), "uncached_bytes": estimate[1]}
+            return result(
+                NAME, Status.FAILED, summarise_findings(problems), started=started, details=refused
+            )
+        hash_started = time.perf_counter()
+        try:
+            with not_timed():  # reading every byte once: the model's size decides, not its content
+                hashed = hash_files(
+                    to_hash, ctx.digest_cache, ctx.hash_workers, deadline=hash_started + limit
+                )
+        except HashingTooLong as exc:
+            problems.append(
+                f"hashing stopped in {exc} after {time.perf_counter() - hash_started:,.1f} s, at "
+                f"validation.hash_limit_s ({limit:g} s): the disk reads slower than the "
+                f"{SHA256_BYTES_PER_S_PER_CORE / 1e9:g} GB/s a core it was estimated at"
+            )
+            return result(NAME, Status.FAILED, summarise_findings(problems), started=started)
     mismatched = [h.rel for h in hashed if h.digest != expected[h.rel]]
     problems += [f"{rel}: sha256 mismatch (corrupted or altered)" for rel in mismatched]
     hashed_bytes = sum(h.size for h in hashed if not h.cached)

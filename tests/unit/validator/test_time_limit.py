@@ -212,3 +212,46 @@ def test_a_manifest_past_its_limit_is_refused_unread(tmp_path: Path) -> None:
     assert check.status is Status.FAILED
     assert check.reason.startswith("SHA256SUMS: 16,777,"), check.reason
     assert "a manifest is read to (a model holds at most 10,000 files)" in check.reason
+
+
+# --- hashing has its own limit ----------------------------------------------------------------
+
+
+def _with_sparse_file(tmp_path: Path, size: int) -> tuple[Path, dict[str, str]]:
+    model = write_sample_model(tmp_path / "m")
+    with (model / "big.safetensors").open("wb") as fh:
+        fh.truncate(size)  # takes no disk: a file can claim any size
+    return model, {"big.safetensors": "0" * 64}
+
+
+def test_hashing_estimated_past_its_limit_is_refused_before_a_byte_is_read(
+    tmp_path: Path,
+) -> None:
+    model, digests = _with_sparse_file(tmp_path, 8 << 40)  # 8 TiB: 1.6 hours at 1.5 GB/s
+    started = time.perf_counter()
+    report = validate(str(model), expected_sha256=digests)
+    wall = time.perf_counter() - started
+    check = next(c for c in report.checks if c.name == "checksum")
+    assert check.status is Status.FAILED
+    assert "not hashed: 8,796.1 GB that the digest cache does not hold would take about" in (
+        check.reason
+    )
+    assert "more than validation.hash_limit_s (3600 s)" in check.reason
+    assert wall < 2.0, wall  # not the hour and more that hashing it takes
+
+
+def test_hashing_that_runs_past_its_limit_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The estimate says it is quick (as it would on a disk slower than it assumes).
+    monkeypatch.setattr(checksum, "SHA256_BYTES_PER_S_PER_CORE", 1e15)
+    model, digests = _with_sparse_file(tmp_path, 64 << 30)  # 64 GiB: ~45 s of hashing
+    started = time.perf_counter()
+    policy = ValidationPolicy(hash_limit_s=0.3)
+    report = validate(str(model), expected_sha256=digests, policy=policy)
+    wall = time.perf_counter() - started
+    check = next(c for c in report.checks if c.name == "checksum")
+    assert check.status is Status.FAILED
+    assert "hashing stopped in big.safetensors after 0." in check.reason, check.reason
+    assert "at validation.hash_limit_s (0.3 s)" in check.reason
+    assert wall < 0.3 + SLACK_S, wall
