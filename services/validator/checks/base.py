@@ -191,6 +191,9 @@ class ValidationBudget:
     pickle_ops: int = field(default_factory=lambda: MAX_PICKLE_OPS_PER_VALIDATION)
     hdf5_files: set[str] = field(default_factory=set)
     hdf5_seconds: float = 0.0
+    # HDF5 reads cut short to the time limit: kept here for the next check that asks, since
+    # the parser's own cache (hdf5._read) holds only reads given their whole timeout.
+    hdf5_reads: dict[Any, Any] = field(default_factory=dict)
     # The validation's time limit (validation.time_limit_s): when the checks must stop, on the
     # perf_counter clock, moved on by the time spent hashing (not_timed). None: no limit.
     time_limit_s: float | None = None

@@ -59,6 +59,9 @@ def read_hdf5(path: Path) -> Hdf5Read:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     budget = spending()
+    if budget is not None and key in budget.hdf5_reads:
+        read: Hdf5Read = budget.hdf5_reads[key]
+        return read
     if budget is None or str(path) in budget.hdf5_files:
         return _read(*key)
     if len(budget.hdf5_files) >= MAX_HDF5_FILES or budget.hdf5_seconds >= MAX_HDF5_SECONDS:
@@ -74,9 +77,10 @@ def read_hdf5(path: Path) -> Hdf5Read:
         left = budget.left_s()
         if left is not None and left < H5_TIMEOUT_S:  # the child may not outlive the limit
             try:
-                return _spawn(key[0], max(left, 0.01))
+                read = budget.hdf5_reads[key] = _spawn(key[0], max(left, 0.01))
             except subprocess.TimeoutExpired:
                 raise TimeLimitReached(budget.time_limit_s or 0.0) from None
+            return read
         return _read(*key)
     finally:
         budget.hdf5_seconds += time.perf_counter() - started

@@ -255,3 +255,26 @@ def test_hashing_that_runs_past_its_limit_stops(
     assert "hashing stopped in big.safetensors after 0." in check.reason, check.reason
     assert "at validation.hash_limit_s (0.3 s)" in check.reason
     assert wall < 0.3 + SLACK_S, wall
+
+
+def test_an_hdf5_file_read_near_the_limit_is_still_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under 10 s from the limit, the child gets only what is left, and its answer is kept for
+    the next check that asks (structure and unsafe_code both read the file)."""
+    spawned: list[float] = []
+    real = hdf5._spawn
+
+    def counted(path: str, timeout: float) -> hdf5.Hdf5Read:
+        spawned.append(timeout)
+        return real(path, timeout)
+
+    monkeypatch.setattr(hdf5, "_spawn", counted)
+    hdf5._read.cache_clear()
+    report = validate(
+        str(hostile.write_keras_h5(tmp_path)), policy=ValidationPolicy(time_limit_s=8)
+    )
+    hdf5._read.cache_clear()
+    assert len(spawned) == 1, spawned
+    assert spawned[0] < 8
+    assert not _stopped(report.checks), report.reason
