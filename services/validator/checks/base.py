@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.contracts.events import CheckResult, Status, TargetHardware
 from services.contracts.policy import ValidationPolicy
 from services.validator.checks.inventory import Inventory
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -246,6 +248,15 @@ def on_time() -> None:
     budget = _SPENDING.get()
     if budget is not None and budget.deadline is not None and time.perf_counter() > budget.deadline:
         raise TimeLimitReached(budget.time_limit_s or 0.0)
+
+
+def timed(items: Iterable[T]) -> Iterator[T]:
+    """`items`, with a look at the time limit every TIME_CHECK_MASK + 1 of them (for loops
+    that are not the hottest; those test the mask inline)."""
+    for turn, item in enumerate(items):
+        if not turn & TIME_CHECK_MASK:
+            on_time()
+        yield item
 
 
 @contextmanager

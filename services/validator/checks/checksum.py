@@ -20,12 +20,11 @@ from typing import Any
 from services.contracts.events import CheckResult, Status
 from services.storage.base import StoreError
 from services.validator.checks.base import (
-    TIME_CHECK_MASK,
     CheckContext,
     not_timed,
-    on_time,
     result,
     summarise_findings,
+    timed,
 )
 from services.validator.checks.inventory import MAX_FILES, Inventory, ModelFile
 
@@ -221,9 +220,7 @@ def read_manifest(inv: Inventory) -> tuple[dict[str, str], str | None, list[str]
                 return {}, name, [f"{name}: expected an object of file -> sha256"]
             return {str(k): str(v).lower() for k, v in digests.items()}, name, []
         digests = {}
-        for turn, line in enumerate(text.splitlines()):
-            if not turn & TIME_CHECK_MASK:
-                on_time()
+        for line in timed(text.splitlines()):
             parts = line.strip().split(maxsplit=1)
             if len(parts) == 2:
                 digests[parts[1].lstrip("*").removeprefix("./")] = parts[0].lower()

@@ -21,6 +21,7 @@ from services.validator.checks.base import (
     on_time,
     result,
     summarise_findings,
+    timed,
 )
 from services.validator.checks.inventory import Inventory, Kind
 
@@ -1004,9 +1005,7 @@ def _key_before(text: str, operator: int) -> str:
 def _generic_hits(text: str, taken: _Taken, limit: int, keep: tuple[int, int]) -> list[Hit]:
     hits: list[Hit] = []
     kept = 0
-    for turn, m in enumerate(_ASSIGNED_VALUE.finditer(text)):
-        if not turn & TIME_CHECK_MASK:
-            on_time()
+    for m in timed(_ASSIGNED_VALUE.finditer(text)):
         start, end = m.span("secret")
         if taken.overlaps(start, end):
             continue  # a specific rule already named this value

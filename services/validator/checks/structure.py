@@ -12,11 +12,11 @@ from typing import Any
 
 from services.contracts.events import CheckResult, Status
 from services.validator.checks.base import (
-    TIME_CHECK_MASK,
     CheckContext,
     on_time,
     result,
     summarise_findings,
+    timed,
 )
 from services.validator.checks.hdf5 import read_hdf5
 from services.validator.checks.headers import (
@@ -114,9 +114,7 @@ def _shard_index(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[s
     shards: dict[str, SafetensorsHeader | None] = {}
     rels: dict[str, str] = {}  # shard name -> path: a few shards, named by every tensor
     missing_by_shard: dict[str, int] = {}
-    for turn, (tensor, shard) in enumerate(weight_map.items()):
-        if not turn & TIME_CHECK_MASK:  # 2.2 million entries fit in the 64 MiB a JSON may take
-            on_time()
+    for tensor, shard in timed(weight_map.items()):  # 2.2 million fit in 64 MiB
         name = str(shard)
         rel = rels.get(name)
         if rel is None:
@@ -145,9 +143,7 @@ def _gguf(f: ModelFile, headers: ParsedHeaders, tensors: dict[str, tuple[int, ..
     if isinstance(parsed, HeaderError):
         return [str(parsed)]
     seen: Counter[str] = Counter()
-    for turn, t in enumerate(parsed.tensors):
-        if not turn & TIME_CHECK_MASK:
-            on_time()
+    for t in timed(parsed.tensors):
         tensors[t.name] = tuple(reversed(t.dims))  # GGUF lists dims fastest-first
         seen[t.name] += 1
     twice = [(name, n) for name, n in seen.items() if n > 1]

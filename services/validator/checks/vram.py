@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.contracts.events import CheckResult, Status
-from services.validator.checks.base import TIME_CHECK_MASK, CheckContext, on_time, result
+from services.validator.checks.base import CheckContext, result, timed
 from services.validator.checks.headers import FLOAT_DTYPE_BYTES, HeaderError, parsed_headers
 from services.validator.checks.inventory import Inventory, Kind
 
@@ -127,9 +127,7 @@ def _check_vram(inv: Inventory, ctx: CheckContext, started: float) -> CheckResul
                 unreadable.append(f.rel)
                 weights += f.size
                 continue
-            for turn, t in enumerate(st.tensors.values()):
-                if not turn & TIME_CHECK_MASK:
-                    on_time()
+            for t in timed(st.tensors.values()):
                 stored = _SAFETENSORS_FLOAT_BYTES.get(t.dtype)
                 if stored is not None:
                     stored_dtype_bytes = stored_dtype_bytes or stored
