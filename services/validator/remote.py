@@ -39,6 +39,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zipfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,7 +48,13 @@ from pathlib import Path
 from typing import Any, overload
 
 from services.storage.base import ReadCounter, RemoteObject, Store, StoreError
-from services.validator.checks.checksum import MANIFEST_NAMES, DigestCache, FileKey, Hashed
+from services.validator.checks.checksum import (
+    MANIFEST_NAMES,
+    DigestCache,
+    FileKey,
+    Hashed,
+    HashingTooLong,
+)
 from services.validator.checks.headers import HeaderError, read_gguf_stream, read_onnx_from
 from services.validator.checks.inventory import (
     HDF5_SIGNATURE,
@@ -291,10 +298,11 @@ class RemoteModel:
     # --- checksums --------------------------------------------------------------------------
 
     def hash(
-        self, files: list[ModelFile], cache: DigestCache | None
+        self, files: list[ModelFile], cache: DigestCache | None, deadline: float | None = None
     ) -> tuple[list[Hashed], dict[str, str]]:
         """A sha256 for each file without downloading where the provider states one:
-        (hashed, rel -> where the digest came from: provider | mirror | cache | download)."""
+        (hashed, rel -> where the digest came from: provider | mirror | cache | download).
+        A download still running at `deadline` (perf_counter clock) raises HashingTooLong."""
         out: dict[str, Hashed] = {}
         how: dict[str, str] = {}
         streamed: list[ModelFile] = []
@@ -322,7 +330,9 @@ class RemoteModel:
                 ", ".join(f.rel for f in streamed[:5]) + (" ..." if len(streamed) > 5 else ""),
             )
             with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="remote-sha256") as pool:
-                digests = [self._stream_digest(self.objects[f.rel], pool) for f in streamed]
+                digests = [
+                    self._stream_digest(self.objects[f.rel], pool, deadline) for f in streamed
+                ]
             for f, digest in zip(streamed, digests, strict=True):
                 out[f.rel], how[f.rel] = Hashed(f.rel, digest, False, f.size), "download"
                 key = _remote_key(self.store, self.objects[f.rel])
@@ -330,7 +340,9 @@ class RemoteModel:
                     cache.put(key, digest)
         return [out[f.rel] for f in files], how
 
-    def _stream_digest(self, obj: RemoteObject, pool: ThreadPoolExecutor) -> str:
+    def _stream_digest(
+        self, obj: RemoteObject, pool: ThreadPoolExecutor, deadline: float | None = None
+    ) -> str:
         """sha256 of one object from parallel ranged reads, hashed in order (nothing kept)."""
         digest = hashlib.sha256()
         inflight: deque[tuple[Future[bytes], int]] = deque()
@@ -349,6 +361,8 @@ class RemoteModel:
                         kind="changed",
                     )
                 digest.update(data)
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise HashingTooLong(obj.rel)
         finally:
             for future, _ in inflight:
                 future.cancel()

@@ -222,6 +222,28 @@ def test_without_provider_checksums_the_digest_costs_a_download_and_is_cached(
     assert two.details["downloaded_bytes"] == 0
 
 
+def test_hashing_by_download_stops_at_the_hash_limit(tmp_path: Path, s3env: Any) -> None:
+    """Without a provider sha256 a weight file is downloaded to hash, for as long as the store
+    takes: validation.hash_limit_s bounds it as it bounds hashing from a local disk."""
+    from services.contracts.policy import ValidationPolicy
+
+    directory = tmp_path / "model"
+    write_sample_model(directory)
+    client, bucket = new_bucket(s3env)
+    upload_directory(client, bucket, "m/", directory, sha256=False)  # S3 states no sha256
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(remote, "SMALL_FILE_BYTES", 0)
+        mp.setattr(remote, "DIGEST_CHUNK", 256)  # many reads, so there is a "between"
+        mp.setattr(remote, "DIGEST_INFLIGHT", 1)
+        report = validate(f"s3://{bucket}/m/", policy=ValidationPolicy(hash_limit_s=0.001))
+    check = next(c for c in report.checks if c.name == "checksum")
+    assert check.status is Status.FAILED, check.reason
+    assert "hashing stopped in model.safetensors after " in check.reason
+    assert "at validation.hash_limit_s (0.001 s): the store states no sha256 for it" in (
+        check.reason
+    )
+
+
 def test_a_wrong_sha256_on_the_command_line_blocks_without_a_download(
     tmp_path: Path, s3env: Any
 ) -> None:

@@ -276,39 +276,41 @@ def check_checksum(inv: Inventory, ctx: CheckContext) -> CheckResult:
     uncovered = [f.rel for f in weights if f.rel not in expected]
     problems += [f"{rel}: weight file without an expected digest" for rel in uncovered]
     sources: dict[str, str] = {}
-    if ctx.remote is not None:  # provider checksums, else a streamed download
-        estimate = None
-        try:
-            with not_timed():  # a download to hash: the model's size, not the file's doing
-                hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache)
-        except StoreError as exc:  # the object changed, or the store refused mid-way
-            return result(NAME, Status.FAILED, str(exc), started=started)
-    else:
-        estimate = _estimate_seconds(to_hash, ctx)
-        limit = ctx.policy.hash_limit_s
-        if estimate is not None and estimate[0] > limit:
-            problems.append(
-                f"not hashed: {estimate[1] / 1e9:,.1f} GB that the digest cache does not hold "
-                f"would take about {estimate[0]:,.0f} s at {SHA256_BYTES_PER_S_PER_CORE / 1e9:g} "
-                f"GB/s a core, more than validation.hash_limit_s ({limit:g} s)"
-            )
-            refused = {"estimated_s": round(estimate[0], 3), "uncached_bytes": estimate[1]}
-            return result(
-                NAME, Status.FAILED, summarise_findings(problems), started=started, details=refused
-            )
-        hash_started = time.perf_counter()
-        try:
-            with not_timed():  # reading every byte once: the model's size decides, not its content
-                hashed = hash_files(
-                    to_hash, ctx.digest_cache, ctx.hash_workers, deadline=hash_started + limit
-                )
-        except HashingTooLong as exc:
-            problems.append(
-                f"hashing stopped in {exc} after {time.perf_counter() - hash_started:,.1f} s, at "
-                f"validation.hash_limit_s ({limit:g} s): the disk reads slower than the "
-                f"{SHA256_BYTES_PER_S_PER_CORE / 1e9:g} GB/s a core it was estimated at"
-            )
-            return result(NAME, Status.FAILED, summarise_findings(problems), started=started)
+    limit = ctx.policy.hash_limit_s
+    estimate = None if ctx.remote is not None else _estimate_seconds(to_hash, ctx)
+    if estimate is not None and estimate[0] > limit:
+        problems.append(
+            f"not hashed: {estimate[1] / 1e9:,.1f} GB that the digest cache does not hold "
+            f"would take about {estimate[0]:,.0f} s at {SHA256_BYTES_PER_S_PER_CORE / 1e9:g} "
+            f"GB/s a core, more than validation.hash_limit_s ({limit:g} s)"
+        )
+        refused = {"estimated_s": round(estimate[0], 3), "uncached_bytes": estimate[1]}
+        return result(
+            NAME, Status.FAILED, summarise_findings(problems), started=started, details=refused
+        )
+    hash_started = time.perf_counter()
+    deadline = hash_started + limit
+    try:
+        # Reading every byte once, or downloading it: the model's size decides, not its content.
+        with not_timed():
+            if ctx.remote is not None:  # provider checksums, else a streamed download
+                hashed, sources = ctx.remote.hash(to_hash, ctx.digest_cache, deadline=deadline)
+            else:
+                hashed = hash_files(to_hash, ctx.digest_cache, ctx.hash_workers, deadline=deadline)
+    except StoreError as exc:  # the object changed, or the store refused mid-way
+        return result(NAME, Status.FAILED, str(exc), started=started)
+    except HashingTooLong as exc:
+        why = (
+            "the store states no sha256 for it, so it is downloaded to hash"
+            if ctx.remote is not None
+            else f"the disk reads slower than the {SHA256_BYTES_PER_S_PER_CORE / 1e9:g} GB/s a "
+            "core it was estimated at"
+        )
+        problems.append(
+            f"hashing stopped in {exc} after {time.perf_counter() - hash_started:,.1f} s, at "
+            f"validation.hash_limit_s ({limit:g} s): {why}"
+        )
+        return result(NAME, Status.FAILED, summarise_findings(problems), started=started)
     mismatched = [h.rel for h in hashed if h.digest != expected[h.rel]]
     problems += [f"{rel}: sha256 mismatch (corrupted or altered)" for rel in mismatched]
     hashed_bytes = sum(h.size for h in hashed if not h.cached)
