@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,9 +130,9 @@ def test_fingerprint_reuses_digests_the_validator_already_computed(
     reads: list[Path] = []
     real = checksum.sha256_file
 
-    def counting(path: Path, *args: int) -> str:
+    def counting(path: Path, *args: Any, **kwargs: Any) -> str:
         reads.append(path)
-        return real(path, *args)
+        return real(path, *args, **kwargs)
 
     monkeypatch.setattr(checksum, "sha256_file", counting)
     assert model_fingerprint(model, cache) == first
