@@ -231,6 +231,12 @@ def sniff(path: Path, size: int, name: str) -> tuple[Kind, str]:
         if lower == "config.json":
             return Kind.CONFIG, "model config"
         return Kind.JSON, "JSON"
+    if stripped[:1] in (b"{", b"[") and lower.endswith(".json"):
+        # Named and opened as JSON, but no check parses this much: say so, not "unrecognised".
+        return Kind.UNKNOWN, (
+            f"too large to read as JSON: {size:,} bytes, more than the {MAX_JSON_BYTES:,} "
+            "a JSON file may have"
+        )
     if lower.endswith(".py"):
         return Kind.PYTHON, "Python source"
     if lower in TEXT_NAMES or lower.endswith(

@@ -13,7 +13,7 @@ from services.stack.samples import write_sparse_sharded_model
 from services.validator.checks.base import CheckContext
 from services.validator.checks.formats import check_format
 from services.validator.checks.headers import GGML_TYPES, read_gguf
-from services.validator.checks.inventory import Kind, build_inventory
+from services.validator.checks.inventory import MAX_JSON_BYTES, Kind, build_inventory
 from services.validator.checks.structure import check_structure
 from tests.unit.validator import formats
 
@@ -107,6 +107,21 @@ def test_an_unrecognisable_file_fails_with_what_was_found(tmp_path: Path) -> Non
     assert fmt is Status.FAILED
     assert "blob.dat: unsupported or unrecognisable" in reason
     assert "de ad be ef" in reason
+
+
+def test_a_json_file_too_large_to_read_says_so(tmp_path: Path) -> None:
+    """A tokenizer.json past the size any check parses is named as too large, not as bytes
+    the validator does not recognise."""
+    formats.write_hf_safetensors(tmp_path)
+    big = tmp_path / "tokenizer.json"
+    big.write_bytes(b'{"model": ')
+    with big.open("r+b") as f:
+        f.truncate(MAX_JSON_BYTES + 1)  # sparse: no 64 MiB written
+    fmt, reason, _, _ = run(tmp_path)
+    assert fmt is Status.FAILED
+    assert "tokenizer.json: unsupported or unrecognisable (too large to read as JSON: " in reason
+    assert f"{MAX_JSON_BYTES + 1:,} bytes" in reason
+    assert "first bytes" not in reason
 
 
 @pytest.mark.parametrize(
