@@ -159,6 +159,27 @@ def load_model(
     return loaded
 
 
+BUILT_IN_ATTENTION = frozenset({"eager", "sdpa"})
+"""Attention that is torch's own code. Anything else a config asks for is code from elsewhere:
+a Hub kernel ("kernels-community/flash-attn2", fetched and run by the `kernels` package even
+with local_files_only), or flash-attention, which transformers replaces with that Hub kernel
+when the package is missing."""
+
+
+def _attention(config: Any) -> list[str | None]:
+    """The attention implementations to try, in order: the config's own when it is built in
+    (None: transformers' default, sdpa where the model has it), else sdpa and then eager."""
+    requested = getattr(config, "_attn_implementation", None)
+    if requested is None or requested in BUILT_IN_ATTENTION:
+        return [None]
+    log.warning(
+        "config.json asks for attention %s: benchmarked with sdpa (or eager) instead, which "
+        "fetch and run no code from outside torch",
+        str(requested)[:200],
+    )
+    return ["sdpa", "eager"]
+
+
 def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loaded:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -181,13 +202,21 @@ def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loade
         tokenizer = AutoTokenizer.from_pretrained(
             path, local_files_only=True, trust_remote_code=False
         )
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            path,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-            dtype=torch_dtype,
-        )
+        model: Any = None
+        for attention in _attention(config):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                    dtype=torch_dtype,
+                    **({"attn_implementation": attention} if attention else {}),
+                )
+                break
+            except ValueError as exc:
+                if attention != "sdpa" or "sdpa" not in str(exc).lower():
+                    raise  # only "this model has no sdpa" is worth another try, with eager
     except Exception as exc:  # transformers and safetensors raise many kinds on a bad model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"{location}: does not load: {first}") from exc

@@ -1025,13 +1025,30 @@ def _scan_config(mf: ModelFile) -> list[_Issue]:
             continue
         if not isinstance(node, dict):
             continue
-        asks = [key for key in ("auto_map", "custom_pipelines") if key in node]
+        asks: list[tuple[str, str]] = [
+            (key, "") for key in ("auto_map", "custom_pipelines") if key in node
+        ]
         if node.get("trust_remote_code") is True:
-            asks.insert(0, "trust_remote_code")
+            asks.insert(0, ("trust_remote_code", ""))
+        asks += [
+            (key, name)
+            for key in ATTENTION_KEYS
+            if key in node
+            for name in _strings(node[key])
+            if HUB_KERNEL.match(name)
+        ]
         places += len(asks)
-        for key in asks[: max(0, MAX_CONFIG_FINDINGS - len(issues))]:
+        for key, name in asks[: max(0, MAX_CONFIG_FINDINGS - len(issues))]:
             if key == "trust_remote_code":
                 issues.append((FindingKind.REMOTE_CODE, "sets trust_remote_code: true"))
+            elif key in ATTENTION_KEYS:
+                issues.append(
+                    (
+                        FindingKind.REMOTE_CODE,
+                        f"{key} {name[:200]!r} is a kernel on the Hugging Face Hub: transformers "
+                        "downloads its compiled code and runs it when the model loads",
+                    )
+                )
             else:
                 issues.append((FindingKind.REMOTE_CODE, f"{key} loads code: {_mapping(node[key])}"))
         queue.extend(node.values())
@@ -1043,6 +1060,19 @@ def _scan_config(mf: ModelFile) -> list[_Issue]:
 
 
 MAX_CONFIG_FINDINGS = 100
+ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
+HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?\Z")
+"""transformers' own test for an attention implementation that names a Hub kernel
+(integrations/hub_kernels.py `is_kernel`): `org/repo`, `@revision`, `:function`."""
+
+
+def _strings(value: Any) -> list[str]:
+    """The names an attention setting gives: one, or one per sub-model (a dict)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [v for v in value.values() if isinstance(v, str)]
+    return []
 
 
 def _mapping(value: Any) -> str:

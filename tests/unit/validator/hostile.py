@@ -643,6 +643,18 @@ def write_config_auto_map(directory: Path) -> Path:
     return _model_with_config(directory, auto_map={"AutoModel": "modeling_x.XModel"})
 
 
+def write_config_hub_kernel_attention(directory: Path) -> Path:
+    """transformers fetches a Hub kernel named as the attention and runs its compiled code,
+    local_files_only or not (the `kernels` package; transformers 5)."""
+    return _model_with_config(directory, attn_implementation="kernels-community/flash-attn2")
+
+
+def write_config_hub_kernel_per_submodel(directory: Path) -> Path:
+    return _model_with_config(
+        directory, _attn_implementation={"text_config": "sdpa", "vision_config": "evil/kern@v1"}
+    )
+
+
 def write_tokenizer_config_auto_map(directory: Path) -> Path:
     model = write_safetensors_dir(directory)
     tokenizer = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
@@ -1413,6 +1425,8 @@ HOSTILE: dict[str, Writer] = {
     "saved_model_keras_lambda": write_saved_model_keras_lambda,
     "config_trust_remote_code": write_config_trust_remote_code,
     "config_auto_map": write_config_auto_map,
+    "config_hub_kernel_attention": write_config_hub_kernel_attention,
+    "config_hub_kernel_per_submodel": write_config_hub_kernel_per_submodel,
     "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
     "python_file": write_python_file,
     "frame_evasion_pkl": write_frame_evasion_pkl,

@@ -89,6 +89,11 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     ),
     "config_trust_remote_code": ("config.json: sets trust_remote_code: true",),
     "config_auto_map": ("config.json: auto_map loads code: AutoModel -> modeling_x.XModel",),
+    "config_hub_kernel_attention": (
+        "config.json: attn_implementation 'kernels-community/flash-attn2' is a kernel on the "
+        "Hugging Face Hub",
+    ),
+    "config_hub_kernel_per_submodel": ("config.json: _attn_implementation 'evil/kern@v1' is a",),
     "tokenizer_config_auto_map": (
         'tokenizer_config.json: auto_map loads code: AutoTokenizer -> ["tokenization_x',
     ),
@@ -183,6 +188,15 @@ def test_benign_model_passes(name: str, tmp_path: Path) -> None:
     assert res.status is Status.PASSED, res.reason
     assert res.details["findings"] == []
     assert res.details["scanned"]
+
+
+@pytest.mark.parametrize(
+    "attention",
+    ["sdpa", "eager", "flash_attention_2", {"text_config": "sdpa", "vision_config": None}],
+)
+def test_a_built_in_attention_is_no_hub_kernel(attention: object, tmp_path: Path) -> None:
+    res = scan(hostile._model_with_config(tmp_path / "m", attn_implementation=attention))
+    assert res.status is Status.PASSED, res.reason
 
 
 # How the real loader would read each payload, so that "the marker is absent" above means the

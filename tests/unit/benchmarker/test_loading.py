@@ -1,0 +1,49 @@
+"""The loader runs no code from outside torch: an attention a config names is replaced by sdpa
+when it is a Hub kernel (which transformers would download and run) or anything not built in."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.stack.samples import write_sample_model
+
+pytest.importorskip("transformers")
+
+
+def model_asking_for(directory: Path, attention: object) -> Path:
+    model = write_sample_model(directory, layers=1, hidden=16, heads=2, vocab=32)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"attn_implementation": attention}))
+    return model
+
+
+@pytest.mark.parametrize(
+    "attention", ["kernels-community/flash-attn2", "evil/kernel@v1:attention", "flash_attention_2"]
+)
+def test_an_attention_that_is_not_torch_s_own_loads_as_sdpa_and_nothing_is_fetched(
+    attention: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.benchmarker.loading import load_model
+
+    lookups: list[Any] = []
+
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        lookups.append(args[:2])
+        raise OSError("the loader reached for the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    loaded = load_model(str(model_asking_for(tmp_path / "m", attention)), device="cpu")
+    assert loaded.model.config._attn_implementation == "sdpa"
+    assert lookups == []  # before the fix: huggingface.co, 443 (and the Hub token read)
+
+
+def test_a_built_in_attention_is_kept(tmp_path: Path) -> None:
+    from services.benchmarker.loading import load_model
+
+    loaded = load_model(str(model_asking_for(tmp_path / "m", "eager")), device="cpu")
+    assert loaded.model.config._attn_implementation == "eager"
