@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, Final
 
 from services.contracts.events import CheckResult, Status
@@ -204,6 +204,8 @@ class FindingKind(StrEnum):
     """A Keras config naming a module or function outside Keras: imported on load."""
     REMOTE_CODE = "remote-code"
     """A config that asks the loader to run the repository's own code."""
+    OUTSIDE_FILE = "outside-file"
+    """A config naming a file outside the model for the loader to read (a tokenizer's vocab)."""
     PYTHON = "python-source"
     """Python source shipped with the weights."""
     TRAINING_STATE = "training-state"
@@ -1011,8 +1013,8 @@ def _chunks(path: Path, *, overlap: int, size: int = 1024 * 1024) -> Iterator[by
 def _scan_config(mf: ModelFile) -> list[_Issue]:
     """Hugging Face loaders run the repository's own code when a config asks for it."""
     config = json.loads(mf.path.read_bytes())
-    issues: list[_Issue] = []
-    places = 0
+    issues: list[_Issue] = _outside_files(config)
+    places = len(issues)
     queue: deque[Any] = deque([config])
     turns = 0
     while queue:
@@ -1060,6 +1062,39 @@ def _scan_config(mf: ModelFile) -> list[_Issue]:
 
 
 MAX_CONFIG_FINDINGS = 100
+PATH_KEYS = frozenset({"vocab", "merges"})
+"""tokenizer_config.json's arguments that transformers 5 hands to the tokenizer as file names,
+over the model folder's own files (GPT2Tokenizer opens `vocab` and `merges` when they are
+strings). `tokenizer_file` and `vocab_file` there are not: the folder's files win (tried), and
+real configs carry their authors' absolute paths in them, so they are not findings."""
+
+
+def _outside_files(config: Any) -> list[_Issue]:
+    """A config's top-level arguments that name a file outside the model: from_pretrained passes
+    tokenizer_config.json's keys to the tokenizer, which reads them from anywhere on the host
+    (a `vocab` of /etc/passwd became the vocabulary, passing the model folder's own by)."""
+    if not isinstance(config, dict):
+        return []
+    issues: list[_Issue] = []
+    for key, value in config.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue
+        if key not in PATH_KEYS:
+            continue
+        path = PurePosixPath(value.replace("\\", "/"))
+        if value.startswith(("/", "~")) or re.match(r"[A-Za-z]:", value) or ".." in path.parts:
+            issues.append(
+                (
+                    FindingKind.OUTSIDE_FILE,
+                    f"{key} names {value[:200]!r}, a file outside the model: the loader would "
+                    "read it from the host",
+                )
+            )
+        if len(issues) >= MAX_CONFIG_FINDINGS:
+            break
+    return issues
+
+
 ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
 HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?\Z")
 """transformers' own test for an attention implementation that names a Hub kernel

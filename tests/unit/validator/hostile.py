@@ -655,6 +655,21 @@ def write_config_hub_kernel_per_submodel(directory: Path) -> Path:
     )
 
 
+def write_tokenizer_config_vocab_outside(directory: Path) -> Path:
+    """transformers 5's GPT2Tokenizer opens `vocab` and `merges` given as strings, anywhere on
+    the host, over the folder's own vocab.json and merges.txt."""
+    model = write_safetensors_dir(directory)
+    (model / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1}))
+    (model / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "vocab": "/etc/preflight/credentials.json",
+        "merges": "../../merges.txt",
+    }
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return model
+
+
 def write_tokenizer_config_auto_map(directory: Path) -> Path:
     model = write_safetensors_dir(directory)
     tokenizer = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
@@ -1427,6 +1442,7 @@ HOSTILE: dict[str, Writer] = {
     "config_auto_map": write_config_auto_map,
     "config_hub_kernel_attention": write_config_hub_kernel_attention,
     "config_hub_kernel_per_submodel": write_config_hub_kernel_per_submodel,
+    "tokenizer_config_vocab_outside": write_tokenizer_config_vocab_outside,
     "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
     "python_file": write_python_file,
     "frame_evasion_pkl": write_frame_evasion_pkl,

@@ -94,6 +94,10 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "Hugging Face Hub",
     ),
     "config_hub_kernel_per_submodel": ("config.json: _attn_implementation 'evil/kern@v1' is a",),
+    "tokenizer_config_vocab_outside": (
+        "tokenizer_config.json: vocab names '/etc/preflight/credentials.json', a file outside",
+        "tokenizer_config.json: merges names '../../merges.txt', a file outside the model",
+    ),
     "tokenizer_config_auto_map": (
         'tokenizer_config.json: auto_map loads code: AutoTokenizer -> ["tokenization_x',
     ),
@@ -188,6 +192,26 @@ def test_benign_model_passes(name: str, tmp_path: Path) -> None:
     assert res.status is Status.PASSED, res.reason
     assert res.details["findings"] == []
     assert res.details["scanned"]
+
+
+def test_a_tokenizer_config_naming_its_own_files_or_an_author_s_paths_passes(
+    tmp_path: Path,
+) -> None:
+    """Real tokenizer configs carry `name_or_path` and `tokenizer_file` with their authors'
+    absolute paths; the loader does not read those over the folder's files."""
+    model = hostile.write_safetensors_dir(tmp_path / "m")
+    (model / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "name_or_path": "/home/author/llama",
+                "tokenizer_file": "/home/author/.cache/tokenizer.json",
+                "vocab": "vocab.json",
+                "merges": "merges.txt",
+            }
+        )
+    )
+    res = scan(model)
+    assert res.status is Status.PASSED, res.reason
 
 
 @pytest.mark.parametrize(
