@@ -30,7 +30,7 @@ from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind,
 
 NAME = "structure"
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")  # h.0. (BLOOM)
 _EMBEDDING_NAMES = (
     "embed_tokens.weight",
     "wte.weight",
@@ -252,6 +252,13 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
         if vocab is not None and rows != vocab:
             problems.append(f"vocab_size {vocab} but the embedding has {rows} rows")
     indices = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
+    if layers and embedding is not None and not indices:
+        # transformers builds every layer the weights lack from random numbers: a 1 MB folder
+        # declaring 40 layers of 8192 allocated gigabytes before it said anything.
+        problems.append(
+            f"{layers} layers in config, no layer tensors in the weights (the loader would "
+            "build every one from random numbers)"
+        )
     if layers is not None and indices:
         found = max(indices) + 1
         if found != layers or len(indices) != found:

@@ -311,3 +311,40 @@ def test_a_fifo_is_reported_and_never_opened(tmp_path: Path) -> None:
     fmt, reason, _, _ = run(tmp_path)
     assert fmt is Status.FAILED
     assert "extra.bin: not a regular file" in reason
+
+
+def test_a_config_whose_layers_have_no_tensors_fails(tmp_path: Path) -> None:
+    """Weights for the embeddings only, a config of 40 layers: transformers would build all 40
+    from random numbers (a 1 MB folder allocated gigabytes in a review)."""
+    from safetensors.numpy import load_file, save_file
+
+    from services.stack.samples import write_sample_model
+
+    model = write_sample_model(tmp_path / "m", layers=2, hidden=16, heads=2, vocab=32)
+    (model / "preflight-manifest.json").unlink()
+    weights = load_file(str(model / "model.safetensors"))
+    kept = {name: t for name, t in weights.items() if ".h." not in name}
+    assert kept and len(kept) < len(weights)
+    save_file(kept, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"n_layer": 40}))
+    _, _, st, reason = run(model)
+    assert st is Status.FAILED
+    assert "40 layers in config, no layer tensors in the weights" in reason
+
+
+def test_layer_tensors_named_from_the_root_count(tmp_path: Path) -> None:
+    """BLOOM's and GPT-2's own checkpoints name layers h.0. with no prefix."""
+    from safetensors.numpy import save_file
+
+    np = pytest.importorskip("numpy")
+    tmp_path.mkdir(exist_ok=True)
+    tensors = {"word_embeddings.weight": np.zeros((32, 8), np.float32)}
+    tensors |= {f"h.{i}.mlp.weight": np.zeros((8, 8), np.float32) for i in range(2)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2, "hidden_size": 8}))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.PASSED, reason
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "hidden_size": 8}))
+    _, _, st, reason = run(tmp_path)
+    assert "3 layers in config, tensors for 2" in reason
