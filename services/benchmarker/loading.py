@@ -170,7 +170,7 @@ def _attention(config: Any) -> list[str | None]:
     """The attention implementations to try, in order: the config's own when it is built in
     (None: transformers' default, sdpa where the model has it), else sdpa and then eager."""
     requested = getattr(config, "_attn_implementation", None)
-    if requested is None or requested in BUILT_IN_ATTENTION:
+    if requested is None or (isinstance(requested, str) and requested in BUILT_IN_ATTENTION):
         return [None]
     log.warning(
         "config.json asks for attention %s: benchmarked with sdpa (or eager) instead, which "

@@ -23,10 +23,16 @@ def model_asking_for(directory: Path, attention: object) -> Path:
 
 
 @pytest.mark.parametrize(
-    "attention", ["kernels-community/flash-attn2", "evil/kernel@v1:attention", "flash_attention_2"]
+    "attention",
+    [
+        "kernels-community/flash-attn2",
+        "evil/kernel@v1:attention",
+        "flash_attention_2",
+        {"": "kernels-community/flash-attn2"},  # one per sub-model: not hashable
+    ],
 )
 def test_an_attention_that_is_not_torch_s_own_loads_as_sdpa_and_nothing_is_fetched(
-    attention: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    attention: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from services.benchmarker.loading import load_model
 
