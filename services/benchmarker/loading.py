@@ -166,18 +166,24 @@ with local_files_only), or flash-attention, which transformers replaces with tha
 when the package is missing."""
 
 
-def _attention(config: Any) -> list[str | None]:
-    """The attention implementations to try, in order: the config's own when it is built in
-    (None: transformers' default, sdpa where the model has it), else sdpa and then eager."""
+def _attention(config: Any, auto_class: Any) -> str | None:
+    """The attention to load with: None (the config's own, or transformers' default) when it is
+    built in; else sdpa where the model has it, eager where it does not."""
     requested = getattr(config, "_attn_implementation", None)
     if requested is None or (isinstance(requested, str) and requested in BUILT_IN_ATTENTION):
-        return [None]
+        return None
+    try:
+        model_class = auto_class._model_mapping[type(config)]
+    except KeyError:  # no causal LM for this config: from_pretrained says so
+        model_class = None
+    attention = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
     log.warning(
-        "config.json asks for attention %s: benchmarked with sdpa (or eager) instead, which "
-        "fetch and run no code from outside torch",
+        "config.json asks for attention %s: benchmarked with %s instead, which fetches and runs "
+        "no code from outside torch",
         str(requested)[:200],
+        attention,
     )
-    return ["sdpa", "eager"]
+    return attention
 
 
 def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loaded:
@@ -202,21 +208,15 @@ def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loade
         tokenizer = AutoTokenizer.from_pretrained(
             path, local_files_only=True, trust_remote_code=False
         )
-        model: Any = None
-        for attention in _attention(config):
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    path,
-                    local_files_only=True,
-                    trust_remote_code=False,
-                    use_safetensors=True,
-                    dtype=torch_dtype,
-                    **({"attn_implementation": attention} if attention else {}),
-                )
-                break
-            except ValueError as exc:
-                if attention != "sdpa" or "sdpa" not in str(exc).lower():
-                    raise  # only "this model has no sdpa" is worth another try, with eager
+        attention = _attention(config, AutoModelForCausalLM)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            dtype=torch_dtype,
+            **({"attn_implementation": attention} if attention else {}),
+        )
     except Exception as exc:  # transformers and safetensors raise many kinds on a bad model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"{location}: does not load: {first}") from exc

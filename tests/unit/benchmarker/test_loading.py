@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -53,3 +53,29 @@ def test_a_built_in_attention_is_kept(tmp_path: Path) -> None:
 
     loaded = load_model(str(model_asking_for(tmp_path / "m", "eager")), device="cpu")
     assert loaded.model.config._attn_implementation == "eager"
+
+
+def test_a_model_without_sdpa_gets_eager_not_a_failed_load() -> None:
+    """transformers refuses sdpa for such a model with a message that never says "sdpa", so
+    the choice is made from the model class, before loading."""
+    from services.benchmarker.loading import _attention
+
+    class Config:
+        _attn_implementation = "kernels-community/flash-attn2"
+
+    class WithoutSdpa:
+        _supports_sdpa = False
+
+    class WithSdpa:
+        _supports_sdpa = True
+
+    class Auto:
+        _model_mapping: ClassVar[dict[type, type]] = {Config: WithoutSdpa}
+
+    assert _attention(Config(), Auto) == "eager"
+    Auto._model_mapping = {Config: WithSdpa}
+    assert _attention(Config(), Auto) == "sdpa"
+    Auto._model_mapping = {}
+    assert _attention(Config(), Auto) == "eager"
+    Config._attn_implementation = "sdpa"
+    assert _attention(Config(), Auto) is None
