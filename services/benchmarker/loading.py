@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.runtime import faults
+
 if TYPE_CHECKING:
     from services.storage.cache import ModelCache, Progress
 
@@ -217,8 +219,12 @@ def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loade
             dtype=torch_dtype,
             **({"attn_implementation": attention} if attention else {}),
         )
-    except Exception as exc:  # transformers and safetensors raise many kinds on a bad model
+    except BaseException as exc:  # transformers, tokenizers, safetensors: many kinds, panics too
+        if not faults.is_contained(exc):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, Exception):  # a Rust panic says nothing of where it came from
+            first = f"{faults.describe(exc)} (a Rust library panicked on this model's files)"
         raise LoadError(f"{location}: does not load: {first}") from exc
     model.to(device)
     model.eval()

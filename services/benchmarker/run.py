@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from services.benchmarker import consistency, latency, loading, perplexity
 from services.contracts.events import CheckResult, StageReport, Status
 from services.contracts.policy import BenchmarkPolicy, LatencyThresholds, Policy
+from services.runtime import faults
 from services.validator.checks.checksum import DigestCache, digest_of
 
 if TYPE_CHECKING:
@@ -308,12 +309,11 @@ def _guarded(name: str, measure: Any) -> CheckResult:
     try:
         result: CheckResult = measure()
         return result
-    except Exception as exc:  # a model can fail in any layer of torch or transformers
+    except BaseException as exc:  # any layer of torch, transformers or tokenizers; Rust panics
+        if not faults.is_contained(exc):
+            raise
         log.exception("benchmark %s failed", name)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return _check(
-            name, Status.ERROR, f"could not measure: {type(exc).__name__}: {first}", started
-        )
+        return _check(name, Status.ERROR, f"could not measure: {faults.describe(exc)}", started)
 
 
 def could_not_run(reason: str, service: str, started: float) -> StageReport:

@@ -25,7 +25,7 @@ from services.contracts import subjects
 from services.contracts.events import Command, DeadLetter, DeploymentFailed, Event, Outcome
 from services.contracts.policy import PolicyFile, load_policy_file
 from services.contracts.routing import subject_for
-from services.runtime import bus
+from services.runtime import bus, faults
 from services.runtime.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -296,7 +296,9 @@ class ServiceApp:
             await self._fail_deployment(event, reason)
             await msg.ack()
             return
-        except Exception as exc:
+        except BaseException as exc:  # a Rust panic in model code is a BaseException (faults.py)
+            if not faults.is_contained(exc):
+                raise
             if attempt is not None and attempt >= self.settings.max_deliver:
                 log.exception("%s: giving up on %s after %d attempts", self.name, subject, attempt)
                 reason = f"handler failed on attempt {attempt}: {type(exc).__name__}: {exc}"

@@ -271,6 +271,51 @@ async def test_a_handler_that_keeps_failing_is_retried_then_dead_lettered(
     assert events[-1].stage == "validator"
 
 
+def rust_panic() -> BaseException:
+    """The real `pyo3_runtime.PanicException`, as tokenizers raises it on a hostile file."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = {
+        "version": "1.0",
+        "normalizer": {"type": "Precompiled", "precompiled_charsmap": "AQ=="},
+        "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"},
+    }
+    try:
+        tokenizers.Tokenizer.from_str(json.dumps(tokenizer))
+    except BaseException as exc:  # the point: it is not an Exception
+        return exc
+    raise AssertionError("tokenizers no longer panics on this charsmap")
+
+
+async def test_a_rust_panic_in_a_handler_ends_the_deployment_and_the_service_goes_on(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    panic = rust_panic()
+    assert not isinstance(panic, Exception)
+    calls: list[str] = []
+
+    def panicking(request: DeploymentRequested, *args: Any) -> Any:
+        calls.append(request.deployment_id)
+        if request.deployment_id == "d-panic":
+            raise panic
+        raise RuntimeError("reached the next request")
+
+    from services.validator import app as validator_app
+
+    monkeypatch.setattr(validator_app, "run_checks", panicking)
+    async with running(registry.build("validator", settings)):
+        await bus.publish_event(js, request("d-panic"))
+        [letter] = await dead_letters(js, 1)
+        # Before: the panic escaped the handler; no ack, no dead letter, and the message came
+        # back to crash the next instance. Now the same instance takes the next request.
+        await bus.publish_event(js, request("d-after"))
+        await dead_letters(js, 2)
+    assert calls.count("d-panic") == settings.max_deliver
+    assert "d-after" in calls
+    assert "PanicException" in letter["reason"]
+    events = await collect(js, subjects.deployment_events("d-panic"), 2)
+    assert events[-1].type == "DeploymentFailed"
+
+
 async def test_history_reads_back_one_deployment_and_one_model(
     js: JetStreamContext, settings: Settings
 ) -> None:
