@@ -6,6 +6,7 @@ layout (docs/subscribing.md) and the schemas in schemas/ (one JSON Schema per me
     python examples/subscribe_outcomes.py --server nats://127.0.0.1:4222
     python examples/subscribe_outcomes.py --model org/chat-7b.v2 --from-start
     python examples/subscribe_outcomes.py --durable my-system     # resumes where it stopped
+    NATS_PASSWORD=... python examples/subscribe_outcomes.py --user subscriber  # shipped nats.conf
 
 Prints one line per outcome; a message that does not match its schema is reported on stderr
 and skipped (acknowledged, so it is not redelivered forever).
@@ -17,6 +18,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -25,12 +28,13 @@ from typing import Any
 import jsonschema
 import nats
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError
 
 STREAM = "PREFLIGHT_EVENTS"
 OUTCOMES = "preflight.outcome.>"
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+INACTIVE_S = 300.0  # an ephemeral consumer nobody pulled from for this long is deleted
 
 
 def model_subject(model: str) -> str:
@@ -91,7 +95,16 @@ def describe(outcome: dict[str, Any]) -> str:
 async def follow(args: argparse.Namespace) -> int:
     validators = load_validators(args.schemas)
     subject = model_subject(args.model) if args.model else OUTCOMES
-    nc = await nats.connect(args.server, name="outcome-subscriber")
+    auth: dict[str, Any] = {}
+    if args.user:
+        # With the shipped nats.conf a user receives replies (pulled messages too) only on its
+        # own inbox prefix, `_INBOX_<user>.>`.
+        auth = {
+            "user": args.user,
+            "password": os.environ.get("NATS_PASSWORD", ""),
+            "inbox_prefix": f"_INBOX_{args.user}",
+        }
+    nc = await nats.connect(args.server, name="outcome-subscriber", **auth)
     js = nc.jetstream()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,6 +122,7 @@ async def follow(args: argparse.Namespace) -> int:
         print(describe(outcome), flush=True)
         return True
 
+    ephemeral = ""
     try:
         if args.durable:
             # A durable pull consumer: the server remembers what was acknowledged, so a restart
@@ -132,24 +146,40 @@ async def follow(args: argparse.Namespace) -> int:
                         stop.set()
                         break
         else:
-            # An ordered consumer: ephemeral, in order, nothing to clean up; starts at new
-            # messages, or at the beginning of the stream's history with --from-start.
-            push = await js.subscribe(
-                subject,
-                stream=STREAM,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL if args.from_start else DeliverPolicy.NEW,
+            # An ephemeral pull consumer of our own: a random name, no acks, in order; starts
+            # at new messages, or at the beginning of the stream's history with --from-start.
+            # The server deletes it INACTIVE_S after the last pull, so a killed process leaves
+            # nothing behind. It is named (the create subject carries the name): the shipped
+            # nats.conf refuses the unnamed create that nats-py's ordered consumers use, since
+            # on that subject a body could name, and rewrite, a service's durable.
+            ephemeral = f"outcomes-{secrets.token_hex(6)}"
+            await js.add_consumer(
+                STREAM,
+                ConsumerConfig(
+                    name=ephemeral,
+                    filter_subject=subject,
+                    deliver_policy=DeliverPolicy.ALL if args.from_start else DeliverPolicy.NEW,
+                    ack_policy=AckPolicy.NONE,
+                    inactive_threshold=INACTIVE_S,
+                    mem_storage=True,
+                ),
             )
+            pull = await js.pull_subscribe_bind(ephemeral, stream=STREAM)
             print(f"subscribed to {subject}", file=sys.stderr, flush=True)
             while not stop.is_set():
                 try:
-                    msg = await push.next_msg(timeout=1.0)
-                except TimeoutError:
+                    batch = await pull.fetch(10, timeout=1.0)
+                except (TimeoutError, FetchTimeoutError):
                     continue
-                seen += take(msg)
-                if args.count and seen >= args.count:
-                    break
+                for msg in batch:
+                    seen += take(msg)
+                    if args.count and seen >= args.count:
+                        stop.set()
+                        break
     finally:
+        if ephemeral:
+            with contextlib.suppress(Exception):
+                await js.delete_consumer(STREAM, ephemeral)
         with contextlib.suppress(Exception):
             await nc.flush()  # the last acks reach the server before the connection closes
         await nc.close()
@@ -159,10 +189,13 @@ async def follow(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--server", default="nats://127.0.0.1:4222", help="NATS URL")
+    parser.add_argument(
+        "--user", help="NATS user, e.g. subscriber (the password is read from NATS_PASSWORD)"
+    )
     parser.add_argument("--model", help="only this model's outcomes, e.g. org/chat-7b.v2")
     parser.add_argument("--durable", help="durable consumer name (resume after a restart)")
     parser.add_argument(
-        "--from-start", action="store_true", help="ordered consumer: replay the stream's history"
+        "--from-start", action="store_true", help="without --durable: replay the history too"
     )
     parser.add_argument("--count", type=int, default=0, help="exit after N outcomes (0: never)")
     parser.add_argument("--schemas", type=Path, default=SCHEMAS, help="schemas/ directory")

@@ -123,12 +123,21 @@ def calls() -> list[Call]:
                 nobody,
             ),
             Call(
-                # Answered for the subscriber (it may create ephemeral consumers), but the server
-                # refuses a durable's name there: the snapshot below shows nothing changed.
-                f"change {durable}'s filter (unnamed create)",
+                # The bare create subject takes the consumer's name from the body, where no
+                # deny can see it; the server refuses a `durable_name` there, but an update
+                # by `name` rewrote the durable while the subscriber could use this subject.
+                f"change {durable}'s filter (unnamed create, update by name)",
                 f"$JS.API.CONSUMER.CREATE.{stream}",
-                durable_config(durable, name=durable, filter_subjects=["preflight.nothing"]),
-                frozenset({"subscriber"}) if stream == EVENTS else nobody,
+                {
+                    "stream_name": stream,
+                    "action": "update",
+                    "config": {
+                        "name": durable,
+                        "ack_policy": "explicit",
+                        "filter_subject": "preflight.nothing",
+                    },
+                },
+                nobody,
             ),
             Call(f"delete {durable}", f"$JS.API.CONSUMER.DELETE.{stream}.{durable}", b"", nobody),
         ]
@@ -137,6 +146,26 @@ def calls() -> list[Call]:
         {"client", "notifier", "subscriber", "validator", "benchmarker", "canary-controller"}
     )
     found += [
+        Call(
+            "create a consumer of one's own (named in the subject)",
+            f"$JS.API.CONSUMER.CREATE.{EVENTS}.outcomes-1.{subjects.OUTCOME_SUBJECTS}",
+            {
+                "stream_name": EVENTS,
+                "config": {
+                    "name": "outcomes-1",
+                    "ack_policy": "none",
+                    "filter_subject": subjects.OUTCOME_SUBJECTS,
+                    "inactive_threshold": 60_000_000_000,
+                },
+            },
+            frozenset({"subscriber"}),
+        ),
+        Call(
+            "create an unnamed ephemeral consumer",
+            f"$JS.API.CONSUMER.CREATE.{EVENTS}",
+            {"stream_name": EVENTS, "config": {"ack_policy": "none"}},
+            nobody,
+        ),
         Call(
             "delete an outside subscriber's durable",
             f"$JS.API.CONSUMER.DELETE.{EVENTS}.{OUTSIDE_DURABLE}-victim",
@@ -531,15 +560,42 @@ async def test_a_push_consumer_cannot_write_routes_without_interest(
         assert attacker.nc is not None
         body = {
             "stream_name": EVENTS,
-            "config": {"deliver_subject": f"$KV.{subjects.ROUTES_BUCKET}.{MODEL}",
-                       "ack_policy": "none"},
+            "config": {"name": "evil", "ack_policy": "none",
+                       "deliver_subject": f"$KV.{subjects.ROUTES_BUCKET}.{MODEL}"},
         }  # fmt: skip
         await attacker.nc.request(
-            f"$JS.API.CONSUMER.CREATE.{EVENTS}", json.dumps(body).encode(), timeout=2
+            f"$JS.API.CONSUMER.CREATE.{EVENTS}.evil", json.dumps(body).encode(), timeout=2
         )
         await asyncio.sleep(1.5)
     info = await js.stream_info(ROUTES_KV)
     assert info.state.messages == 0
+    await admin.close()
+
+
+@pytest.mark.integration
+async def test_the_subscriber_example_works_as_the_subscriber_user(
+    server: str, passwords: dict[str, str]
+) -> None:
+    """docs/subscribing.md's example under the shipped permissions: both kinds of consumer are
+    created on subjects that name them, and the ephemeral one is gone when it stops."""
+    from services.contracts.events import DeploymentPromoted
+    from tests.integration.test_subscriber_example import run_example
+
+    admin_settings = settings_as(server, "admin", passwords)
+    admin = await bus.connect(admin_settings, "bootstrap")
+    js = admin.jetstream()
+    await bus.ensure_topology(js, admin_settings)
+    promoted = DeploymentPromoted(deployment_id=DEPLOYMENT, model=MODEL, version="2")
+    await bus.publish_event(js, promoted)
+    as_subscriber = ("--user", "subscriber", "--from-start", "--count", "1")
+    for extra in ((), ("--durable", OUTSIDE_DURABLE)):
+        out, err = await run_example(
+            server, *as_subscriber, *extra, password=passwords["subscriber"]
+        )
+        assert f"promoted   {MODEL} 2 {DEPLOYMENT}" in out, err
+    names = {info.name for info in await js.consumers_info(EVENTS)}
+    assert OUTSIDE_DURABLE in names
+    assert not [n for n in names if n.startswith("outcomes-")]  # deleted on the way out
     await admin.close()
 
 

@@ -6,6 +6,7 @@ Outcomes are published with the project's bus helpers; what the example prints i
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -51,15 +52,18 @@ def outcomes() -> list[Event]:
     ]
 
 
-async def run_example(settings: Settings, *args: str, timeout: float = 30.0) -> tuple[str, str]:
+async def run_example(
+    url: str, *args: str, password: str = "", timeout: float = 30.0
+) -> tuple[str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLE),
         "--server",
-        settings.nats_url,
+        url,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NATS_PASSWORD": password},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -80,7 +84,7 @@ async def test_it_follows_every_outcome_and_skips_what_fails_its_schema(
     await js.publish("preflight.outcome.m.d-bad.blocked", b'{"type": "DeploymentBlocked"}')
     for event in outcomes():
         await bus.publish_event(js, event)
-    out, err = await run_example(settings, "--from-start", "--count", "3")
+    out, err = await run_example(settings.nats_url, "--from-start", "--count", "3")
     lines = out.splitlines()
     assert len(lines) == 3, out
     assert " blocked    org/chat-7b.v2 1 d-sub-1 by bob: checksum: differs" in lines[0]
@@ -96,12 +100,12 @@ async def test_a_durable_subscriber_gets_one_model_and_resumes_where_it_stopped(
     for event in outcomes():
         await bus.publish_event(js, event)
     args = ("--model", "org/chat-7b.v2", "--durable", "audit")
-    first, _ = await run_example(settings, *args, "--count", "2")
+    first, _ = await run_example(settings.nats_url, *args, "--count", "2")
     assert [line.split()[4] for line in first.splitlines()] == ["d-sub-1", "d-sub-3"]
     later = DeploymentPromoted(deployment_id="d-sub-4", model="org/chat-7b.v2", version="3")
     await bus.publish_event(
         js, DeploymentPromoted(deployment_id="d-sub-5", model="org/x", version="1")
     )
     await bus.publish_event(js, later)
-    again, _ = await run_example(settings, *args, "--count", "1")
+    again, _ = await run_example(settings.nats_url, *args, "--count", "1")
     assert [line.split()[4] for line in again.splitlines()] == ["d-sub-4"]
