@@ -37,6 +37,7 @@ from services.runtime.aio import wait_event
 from services.runtime.clickhouse import METRICS_COLUMNS, check_table_name
 from services.runtime.service import (
     DEFAULT_MAX_PAYLOAD,
+    delivered_by,
     delivery_attempt,
     describe_validation_error,
     make_dead_letter,
@@ -90,6 +91,8 @@ class IngestStats:
     dead_letter_failures: int = 0
     """Dead letters the stream refused even without their payload (the message comes back)."""
     insert_failures: int = 0
+    foreign: int = 0
+    """Messages on the inbox that the ingest's durable did not deliver: dropped unread."""
     last_insert_lag_s: float | None = None
     """From the newest record's ts to the end of the insert that made it queryable."""
     last_insert_at: datetime | None = None
@@ -304,6 +307,7 @@ class Ingestor:
     _last_log: float = field(default=0.0, init=False)
     _logged_records: int = field(default=0, init=False)
     _last_error: str = field(default="insert failed", init=False)
+    _foreign_logged: float = field(default=-math.inf, init=False)
 
     def __post_init__(self) -> None:
         check_table_name(self.settings.metrics_table)
@@ -323,6 +327,7 @@ class Ingestor:
                     log.warning("metrics fetch failed (%s: %s); retrying", type(exc).__name__, exc)
                     await wait_or_stop(stop, 1.0)
                     msgs = []
+                msgs = self.own_deliveries(msgs)
                 if msgs:
                     try:
                         healthy = await self.handle(msgs)
@@ -337,6 +342,29 @@ class Ingestor:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             self.log_progress()
+
+    def own_deliveries(self, msgs: Sequence[Any]) -> list[Any]:
+        """The messages the ingest's durable delivered. Its inbox is not private (as for the
+        services: ServiceApp.require_own_delivery): a consumer of the events stream aimed at
+        it would replay whatever a `client` had published there, forged request records
+        included, into ClickHouse and so into the canary's analysis. The rest is dropped,
+        unacked, and counted in a warning at most once a minute."""
+        own = (subjects.METRICS_STREAM, subjects.INGEST_DURABLE)
+        kept = [m for m in msgs if delivered_by(m) == own]
+        dropped = len(msgs) - len(kept)
+        if dropped:
+            self.stats.foreign += dropped
+            now = self.clock()
+            if now - self._foreign_logged >= 60.0:
+                self._foreign_logged = now
+                log.warning(
+                    "metrics ingest: dropped %d messages on its inbox that %s did not deliver "
+                    "(%d so far): someone aims another consumer, or a reply, at this inbox",
+                    dropped,
+                    subjects.INGEST_DURABLE,
+                    self.stats.foreign,
+                )
+        return kept
 
     async def _bind(self, stop: asyncio.Event) -> Any:
         """Bind to the durable consumer, retrying while the topology is not there yet."""

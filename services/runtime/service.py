@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -149,6 +150,16 @@ def stream_position(raw: Any) -> tuple[str | None, int | None]:
         return None, None
 
 
+def delivered_by(raw: Any) -> tuple[str, str] | None:
+    """(stream, consumer) whose delivery this is, from the ack subject JetStream replies on;
+    None for a message that no consumer delivered (core NATS, in-memory tests)."""
+    try:
+        meta = raw.metadata
+        return str(meta.stream), str(meta.consumer)
+    except (AttributeError, TypeError, ValueError, IndexError, nats_errors.NotJSMessageError):
+        return None
+
+
 def delivery_attempt(raw: Any) -> int | None:
     """Which delivery of a JetStream message this is; None for core NATS (and in-memory tests)."""
     try:
@@ -183,6 +194,17 @@ class ServiceApp:
     policy_file: PolicyFile
     listening: dict[str, str] = field(default_factory=dict)
     durables: list[str] = field(default_factory=list)
+    # Handle only what this service's own durable delivered. A pull consumer's messages arrive
+    # on the service's inbox, and that inbox is not private: another user may create a push
+    # consumer that delivers there (nats-server does not check a deliver subject against the
+    # creator's rights, nats-io/nats-server#8274), pull from its own consumer with the
+    # service's inbox as the reply subject, or make JetStream answer a direct get there. The
+    # inboxes are listed by the monitoring port's /connz?subs=detail. Every such message is a
+    # stored one replayed: a refused promote, fired again at a held canary, promoted it. Off
+    # only for FastStream's in-memory broker, whose messages carry no JetStream metadata.
+    require_own_delivery: bool = True
+    _foreign: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _foreign_logged: float = field(default=-math.inf, init=False, repr=False)
 
     def max_payload(self) -> int:
         connection = getattr(self.broker, "_connection", None)
@@ -244,11 +266,35 @@ class ServiceApp:
                 title=f"{self.name}:{durable}",
             )
             async def handler(msg: NatsMessage) -> None:
+                if self.require_own_delivery and not self._own_delivery(msg, stream, durable):
+                    return
                 await self._handle(msg, parse, fn, retry_delay or default_retry_delay)
 
             return fn
 
         return register
+
+    def _own_delivery(self, msg: Any, stream: str, durable: str) -> bool:
+        """Whether `durable` delivered `msg`; any other message is dropped unread and unacked
+        (it is not this consumer's to ack), and counted in a warning at most once a minute."""
+        source = delivered_by(msg.raw_message)
+        if source == (stream, durable):
+            return True
+        who = f"{source[0]} consumer {source[1]}" if source else "no consumer (a plain message)"
+        self._foreign[who] = self._foreign.get(who, 0) + 1
+        now = time.monotonic()
+        if now - self._foreign_logged >= 60.0:
+            self._foreign_logged = now
+            counts = ", ".join(f"{n} from {w}" for w, n in sorted(self._foreign.items()))
+            log.warning(
+                "%s: dropped messages on %s's inbox that %s did not deliver (%s so far): "
+                "someone aims another consumer, or a reply, at this service's inbox",
+                self.name,
+                durable,
+                durable,
+                counts,
+            )
+        return False
 
     async def _handle(
         self,

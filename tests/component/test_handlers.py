@@ -11,9 +11,18 @@ from faststream.nats.annotations import NatsMessage
 from services.contracts import subjects
 from services.contracts.events import DeploymentRequested
 from services.runtime import registry
+from services.runtime.service import ServiceApp
 from services.runtime.settings import Settings
 
 REQUEST = DeploymentRequested(deployment_id="d-1", model="org/m.v2", version="2", location="/m")
+
+
+def in_memory(svc: ServiceApp) -> ServiceApp:
+    """A service for FastStream's in-memory broker, whose messages carry no JetStream metadata:
+    the check that only the service's own durable delivered a message cannot apply there
+    (tests/integration/test_bus.py tries it on a real server)."""
+    svc.require_own_delivery = False
+    return svc
 
 
 def collector(svc: Any, subject: str, stream: str = subjects.EVENTS_STREAM) -> list[dict[str, Any]]:
@@ -28,7 +37,7 @@ def collector(svc: Any, subject: str, stream: str = subjects.EVENTS_STREAM) -> l
 
 
 async def test_validator_publishes_validation_completed() -> None:
-    svc = registry.build("validator", Settings(instance="v-test"))
+    svc = in_memory(registry.build("validator", Settings(instance="v-test")))
     completed = collector(svc, subjects.stage_filter("validated"))
     async with TestNatsBroker(svc.broker) as broker:
         await broker.publish(
@@ -45,7 +54,7 @@ async def test_validator_publishes_validation_completed() -> None:
 
 
 async def test_malformed_request_goes_to_dead_letters_with_the_reason() -> None:
-    svc = registry.build("validator", Settings(instance="v-test"))
+    svc = in_memory(registry.build("validator", Settings(instance="v-test")))
     dead = collector(svc, subjects.DEADLETTER_SUBJECTS, subjects.DEADLETTER_STREAM)
     completed = collector(svc, subjects.stage_filter("validated"))
     async with TestNatsBroker(svc.broker) as broker:
@@ -71,7 +80,9 @@ async def test_notifier_renders_every_outcome_it_receives(capsys: Any) -> None:
     from services.notifier.dedup import MemoryLedger
     from services.notifier.history import NoRequests
 
-    svc = build(Settings(instance="n-test"), ledger=MemoryLedger(), requests=NoRequests())
+    svc = in_memory(
+        build(Settings(instance="n-test"), ledger=MemoryLedger(), requests=NoRequests())
+    )
     blocked = DeploymentBlocked(
         deployment_id="d-1",
         model="m",
@@ -95,7 +106,9 @@ async def test_a_command_from_a_user_not_allowed_to_send_it_is_dead_lettered() -
     replaced, and a user outside `command_users` gets a dead letter, not a rollout change."""
     from services.contracts.events import AbortDeployment, Requester
 
-    svc = registry.build("canary-controller", Settings(instance="c-test", controller_http_port=0))
+    svc = in_memory(
+        registry.build("canary-controller", Settings(instance="c-test", controller_http_port=0))
+    )
     dead = collector(svc, subjects.DEADLETTER_SUBJECTS, subjects.DEADLETTER_STREAM)
     claimed = Requester(user="mallory", nats_user="client")  # a claim in the body, ignored
     command = AbortDeployment(deployment_id="d-1", model="m", version="1", requested_by=claimed)

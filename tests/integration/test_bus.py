@@ -25,8 +25,10 @@ from services.contracts.events import (
 )
 from services.contracts.routing import subject_for
 from services.runtime import bus, registry
+from services.runtime.nats_server import NatsServer
 from services.runtime.service import ServiceApp
 from services.runtime.settings import Settings
+from tests.inbox_replay import aim_push_consumers
 
 pytestmark = pytest.mark.integration
 
@@ -269,6 +271,73 @@ async def test_a_handler_that_keeps_failing_is_retried_then_dead_lettered(
     events = await collect(js, subjects.deployment_events("d-fail"), 2)
     assert events[-1].type == "DeploymentFailed"
     assert events[-1].stage == "validator"
+
+
+async def service_inboxes(monitor_url: str, connection_prefix: str) -> list[str]:
+    """What anyone on the host reads from the monitoring port: each subscription of a
+    service's connections, its pull inbox among them."""
+    import urllib.request
+
+    def read() -> dict[str, Any]:
+        url = f"{monitor_url}/connz?subs=detail"  # http://127.0.0.1:<port>, from the server
+        with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310
+            found: dict[str, Any] = json.load(reply)
+            return found
+
+    connz = await asyncio.to_thread(read)
+    return [
+        sub["subject"]
+        for conn in connz["connections"]
+        if str(conn.get("name", "")).startswith(connection_prefix)
+        for sub in conn.get("subscriptions_list_detail", [])
+    ]
+
+
+async def test_stored_events_aimed_at_a_service_s_inbox_are_not_handled(
+    js: JetStreamContext,
+    settings: Settings,
+    nats_server: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer of one's own delivering into a service's pull inbox (nats-server does not
+    check a deliver subject: nats-io/nats-server#8274), or a pull from it with that inbox as
+    the reply subject, or a direct get answered there, replays stored events into the service.
+    A replayed refused promote promoted a held canary. The service handles only what its own
+    durable delivered."""
+    handled: list[str] = []
+
+    def counting(request: DeploymentRequested, *args: Any) -> Any:
+        handled.append(request.deployment_id)
+        raise RuntimeError("counted")
+
+    from services.validator import app as validator_app
+
+    monkeypatch.setattr(validator_app, "run_checks", counting)
+    stored = subjects.stage("org/m.v2", "d-replayed", "requested")
+    async with running(registry.build("validator", settings)):
+        await bus.publish_event(js, request("d-replayed"))
+        await dead_letters(js, 1)  # handled max_deliver times by its durable, then given up
+        assert handled.count("d-replayed") == settings.max_deliver
+        inboxes = await service_inboxes(nats_server.monitor_url, "preflight-validator-")
+        assert inboxes, inboxes
+        await aim_push_consumers(js, inboxes, stored, "replay-push")
+        for i, inbox in enumerate(inboxes):
+            await js.add_consumer(
+                subjects.EVENTS_STREAM, name=f"replay-pull-{i}", filter_subject=stored
+            )
+            nc = js._nc
+            await nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{subjects.EVENTS_STREAM}.replay-pull-{i}",
+                json.dumps({"batch": 1}).encode(),
+                reply=inbox.replace("*", "y"),
+            )
+            await nc.publish(
+                f"$JS.API.DIRECT.GET.{subjects.EVENTS_STREAM}",
+                json.dumps({"last_by_subj": stored}).encode(),
+                reply=inbox.replace("*", "z"),
+            )
+        await asyncio.sleep(2.0)
+    assert handled.count("d-replayed") == settings.max_deliver  # before: replays handled too
 
 
 def rust_panic() -> BaseException:

@@ -30,6 +30,7 @@ from services.metrics import ingest, queries
 from services.runtime import bus, clickhouse
 from services.runtime.settings import Settings
 from tests.dead_letters import sized_dead_letters
+from tests.inbox_replay import aim_push_consumers
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +199,29 @@ async def test_batches_on_the_stream_become_exact_window_numbers(
         expected.tolist()
     )
     assert result.canary.measurement().error_rate == pytest.approx(0.08)
+
+
+async def test_records_aimed_at_the_ingest_s_inbox_are_not_stored(
+    js: JetStreamContext, chdb_client: Any, table: str, ingest_settings: Settings
+) -> None:
+    """A `client` may publish any body on `.requested`; a consumer of the events stream
+    delivering that into the ingest's inbox (nats-server does not check deliver subjects:
+    nats-io/nats-server#8274) would store forged records for a canary. Only what the ingest's
+    durable delivered is stored."""
+    forged = batch([rec(i, "canary", 1.0, deployment_id="d-forged") for i in range(20)])
+    stored = subjects.stage("org/chat-7b", "d-forged", "requested")
+    await js.publish(stored, forged.model_dump_json().encode(), stream=subjects.EVENTS_STREAM)
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await asyncio.sleep(0.5)  # bound and fetching
+        inboxes = [sub.subject for sub in js._nc._subs.values()]  # the ingest shares js
+        await aim_push_consumers(js, inboxes, stored, "forge")
+        real = batch([rec(i, "canary", 2.0, deployment_id="d-real") for i in range(5)])
+        await publish_batch(js, real)
+        await waiter.until(lambda: ingestor.stats.records >= 5)
+        await asyncio.sleep(0.5)
+    assert count_rows(chdb_client, table, "d-real") == 5
+    assert count_rows(chdb_client, table, "d-forged") == 0  # before: 20
+    assert ingestor.stats.foreign >= 1
 
 
 async def test_raw_latencies_come_whole_or_as_a_uniform_sample(
