@@ -445,6 +445,14 @@ class RequestRecord(Message):
     error_kind: str | None = Field(
         default=None, max_length=64, description="e.g. `timeout`, `connect`, `http_5xx`."
     )
+    pinned: bool = Field(
+        default=False,
+        description=(
+            "The request chose its role with the X-Preflight-Pin header, not by the weight: a "
+            "tester's request. Stored, but never part of the canary analysis, or anyone could "
+            "dilute a failing canary's error rate with pinned requests."
+        ),
+    )
 
 
 class RequestMetricsBatch(Message):

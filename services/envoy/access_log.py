@@ -2,8 +2,10 @@
 record the built-in router publishes; pure, no I/O.
 
 Who the request was for comes from the request headers the routes set and the access log sends
-(config.LOGGED_REQUEST_HEADERS): model, role, version, deployment id. Any Envoy (Envoy Gateway,
-Istio, a hand-written one) that sets those four on its canary routes feeds preflight the same way.
+(config.LOGGED_REQUEST_HEADERS): model, role, version, deployment id, and whether the pin header
+chose the role (`x-preflight-pinned: true`; records so marked stay out of the canary analysis).
+Any Envoy (Envoy Gateway, Istio, a hand-written one) that sets them on its canary routes feeds
+preflight the same way.
 
     status      the upstream's HTTP status; 0 when no response came back from it (the built-in
                 router's rule), told by `response_code_details` == "via_upstream"
@@ -28,7 +30,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from services.contracts.events import RequestRecord
-from services.envoy.config import DEPLOYMENT_HEADER, ROLE_HEADER, VERSION_HEADER
+from services.envoy.config import DEPLOYMENT_HEADER, PINNED_HEADER, ROLE_HEADER, VERSION_HEADER
 from services.router.routes import MODEL_HEADER
 
 FLAG_KINDS: Final = (
@@ -93,9 +95,9 @@ def error_kind(flags: Any, details: str) -> str | None:
     return kind
 
 
-_Fields = tuple[int, int, str, str, str, str, float, float | None, int, str | None]
+_Fields = tuple[int, int, str, str, str, str, float, float | None, int, str | None, bool]
 """What one entry says: start seconds, start nanos, deployment id, model, version, role,
-latency ms, ttfb ms, status, error kind."""
+latency ms, ttfb ms, status, error kind, pinned."""
 
 
 def read_entry(entry: Any) -> _Fields | Unmapped:
@@ -159,6 +161,7 @@ def read_entry(entry: Any) -> _Fields | Unmapped:
         ttfb,
         status,
         kind,
+        headers.get(PINNED_HEADER) == "true",
     )
 
 
@@ -168,7 +171,9 @@ def _timestamp(seconds: int, nanos: int) -> datetime:
 
 
 def _validated(fields: _Fields) -> RequestRecord | Unmapped:
-    seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind = fields
+    seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind, pinned = (
+        fields
+    )
     try:
         return RequestRecord(
             ts=_timestamp(seconds, nanos),
@@ -180,6 +185,7 @@ def _validated(fields: _Fields) -> RequestRecord | Unmapped:
             ttfb_ms=ttfb,
             status=status,
             error_kind=kind,
+            pinned=pinned,
         )
     except (ValidationError, ValueError, OverflowError, OSError) as exc:
         if not isinstance(exc, ValidationError):  # a start_time no datetime can hold
@@ -219,7 +225,9 @@ class RecordEncoder:
         fields = read_entry(entry)
         if isinstance(fields, Unmapped):
             return fields
-        seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind = fields
+        seconds, nanos, deployment_id, model, version, role, latency, ttfb, status, kind, pinned = (
+            fields
+        )
         if not (
             0 <= seconds <= _MAX_SECONDS
             and 0 <= nanos < 1_000_000_000
@@ -252,7 +260,7 @@ class RecordEncoder:
                 head,
                 f'"latency_ms":{latency!r},"ttfb_ms":{_number(ttfb)},"ttft_ms":null,'
                 f'"itl_ms":null,"output_tokens":null,"status":{status},'
-                f'"error_kind":{_KIND_JSON[kind]}}}'.encode(),
+                f'"error_kind":{_KIND_JSON[kind]},"pinned":{_BOOL_JSON[pinned]}}}'.encode(),
             )
         )
 
@@ -269,6 +277,7 @@ def _identity_json(key: tuple[str, str, str, str]) -> bytes:
     ).encode()
 
 
+_BOOL_JSON: Final = {True: "true", False: "false"}
 _KIND_JSON: Final[dict[str | None, str]] = {
     None: "null",
     "http_5xx": '"http_5xx"',

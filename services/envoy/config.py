@@ -53,11 +53,15 @@ METADATA_NAMESPACE: Final = "preflight"
 ROLE_HEADER: Final = "x-preflight-role"
 VERSION_HEADER: Final = "x-preflight-version"
 DEPLOYMENT_HEADER: Final = "x-preflight-deployment"
+PINNED_HEADER: Final = "x-preflight-pinned"
+"""`true` on the pin routes' requests, `false` on the split's: pinned records stay out of the
+canary analysis (RequestRecord.pinned)."""
 LOGGED_REQUEST_HEADERS: Final = (
     MODEL_HEADER.lower(),
     ROLE_HEADER,
     VERSION_HEADER,
     DEPLOYMENT_HEADER,
+    PINNED_HEADER,
 )
 """Request headers the access log sends to the receiver (all set by the routes, never trusted
 from the client)."""
@@ -208,7 +212,9 @@ def _set_header(name: str, value: str) -> dict[str, Any]:
     }
 
 
-def _marks(model: str, role: Role, target: RouteTarget, deployment_id: str) -> dict[str, Any]:
+def _marks(
+    model: str, role: Role, target: RouteTarget, deployment_id: str, *, pinned: bool = False
+) -> dict[str, Any]:
     """Header mutations of one way to a cluster: what the access log reports, what the client
     sees (the built-in router's X-Preflight-Version and X-Preflight-Role)."""
     return {
@@ -217,6 +223,7 @@ def _marks(model: str, role: Role, target: RouteTarget, deployment_id: str) -> d
             _set_header(ROLE_HEADER, role),
             _set_header(VERSION_HEADER, target.version),
             _set_header(DEPLOYMENT_HEADER, deployment_id),
+            _set_header(PINNED_HEADER, "true" if pinned else "false"),
         ],
         "response_headers_to_add": [
             _set_header(VERSION_HEADER, target.version),
@@ -269,7 +276,7 @@ def model_routes(
                 "match": _match(header, role),
                 "metadata": metadata,
                 "route": {"cluster": cluster_name(model, role, target), "timeout": timeout},
-                **_marks(model, role, target, deployment_id),
+                **_marks(model, role, target, deployment_id, pinned=True),
             }
         )
     parts = split(route)

@@ -67,6 +67,7 @@ ARROW_SCHEMA: Final = pa.schema(
         ("output_tokens", pa.uint32()),
         ("status", pa.uint16()),
         ("error_kind", pa.string()),
+        ("pinned", pa.bool_()),
         ("batch_id", pa.string()),
         ("seq", pa.uint32()),
     ]
@@ -196,6 +197,7 @@ def to_arrow(batches: Sequence[RequestMetricsBatch]) -> Any:
     tokens: list[int | None] = []
     status: list[int] = []
     error_kind: list[str] = []
+    pinned: list[bool] = []
     batch_ids: list[str] = []
     seq: list[int] = []
     for batch in batches:
@@ -212,6 +214,7 @@ def to_arrow(batches: Sequence[RequestMetricsBatch]) -> Any:
         tokens.extend(r.output_tokens for r in records)
         status.extend(r.status for r in records)
         error_kind.extend(r.error_kind or "" for r in records)
+        pinned.extend(r.pinned for r in records)
         batch_ids.extend([batch.batch_id] * len(records))
         seq.extend(range(len(records)))
     columns = (
@@ -227,6 +230,7 @@ def to_arrow(batches: Sequence[RequestMetricsBatch]) -> Any:
         tokens,
         status,
         error_kind,
+        pinned,
         batch_ids,
     )
     return pa.Table.from_arrays(

@@ -53,10 +53,13 @@ ERROR_CONDITION: Final = (
     "(status = 0 OR status >= 500 OR (error_kind != '' AND error_kind != 'client_closed'))"
 )
 QUANTILES: Final = "quantilesExactInclusive(0.5, 0.95, 0.99)(latency_ms)"
+# Pinned requests (X-Preflight-Pin) are a tester's choice of role, not the weight's: counted,
+# they let anyone dilute a failing canary's error rate with requests that cannot fail.
 WINDOW_FILTER: Final = (
     "deployment_id = {deployment_id:String}"
     " AND ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')"
     " AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"
+    " AND NOT pinned"
 )
 DEFAULT_TIMEOUT_S: Final = 10.0
 MAX_BUCKETS: Final = 10_000

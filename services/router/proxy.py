@@ -326,6 +326,7 @@ class Proxy:
                 output_tokens=tokens.output_tokens,
                 status=status,
                 error_kind=kind,
+                pinned=sel.pinned,
             )
         except ValidationError:
             log.exception("request record for %s does not validate; dropped", sel.model)

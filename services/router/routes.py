@@ -77,6 +77,8 @@ class Selection:
     role: Role
     target: RouteTarget | None
     deployment_id: str
+    pinned: bool = False
+    """The pin header chose the role (the record is left out of the analysis)."""
 
     @property
     def upstream(self) -> str | None:
@@ -91,16 +93,17 @@ def select(
     route: Route, *, draw: float, client: str | None = None, pin: str | None = None
 ) -> Selection:
     """`pin`: the request's X-Preflight-Pin header (services/traffic/base.py): `canary` or
-    `stable` sends it there whatever the weight, while that role exists; anything else is
-    ignored (the weighted choice)."""
+    `stable` sends it there whatever the weight, while that role exists, and marks the
+    selection `pinned`; anything else is ignored (the weighted choice)."""
     role = pick_role(route, draw=draw, client=client)
     wanted = (pin or "").strip().lower()
+    pinned = False
     if wanted == "canary" and route.canary is not None and route.canary.upstream is not None:
-        role = "canary"
+        role, pinned = "canary", True
     elif wanted == "stable" and route.stable is not None:
-        role = "stable"
+        role, pinned = "stable", True
     target = route.canary if role == "canary" else route.stable
-    return Selection(route.model, role, target, record_deployment_id(route))
+    return Selection(route.model, role, target, record_deployment_id(route), pinned)
 
 
 class NoModel(LookupError):

@@ -24,6 +24,7 @@ METRICS_COLUMNS: Final = (
     "output_tokens",
     "status",
     "error_kind",
+    "pinned",
     "batch_id",
     "seq",
 )
@@ -34,6 +35,7 @@ ADDED_COLUMNS: Final = (
     ("ttft_ms", "Nullable(Float64)", "ttfb_ms"),
     ("itl_ms", "Nullable(Float64)", "ttft_ms"),
     ("output_tokens", "Nullable(UInt32)", "itl_ms"),
+    ("pinned", "Bool DEFAULT false", "error_kind"),
 )
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -108,6 +110,7 @@ def metrics_table_ddl(table: str, ttl_days: int) -> str:
             output_tokens Nullable(UInt32),
             status UInt16,
             error_kind LowCardinality(String),
+            pinned Bool DEFAULT false,
             batch_id String,
             seq UInt32
         )

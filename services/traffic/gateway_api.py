@@ -132,7 +132,7 @@ class GatewayApiRouter:
             template or o.backend_template, model=route.model, role=share.role, target=share.target
         )
 
-    def backend_ref(self, route: Route, share: Share, weight: int) -> Obj:
+    def backend_ref(self, route: Route, share: Share, weight: int, *, pinned: bool = False) -> Obj:
         o = self.options
         ref: Obj = {"name": self.backend_name(route, share), "weight": weight}
         if o.backend_kind == "Service":
@@ -148,7 +148,10 @@ class GatewayApiRouter:
                 {
                     "type": "RequestHeaderModifier",
                     "requestHeaderModifier": {
-                        "set": [{"name": n, "value": v} for n, v in record_headers(route, share)]
+                        "set": [
+                            {"name": n, "value": v}
+                            for n, v in record_headers(route, share, pinned=pinned)
+                        ]
                     },
                 }
             ]
@@ -163,7 +166,7 @@ class GatewayApiRouter:
                 out.append(
                     {
                         "matches": [pin_match(m, share.role) for m in self.options.matches],
-                        "backendRefs": [self.backend_ref(route, share, 1)],
+                        "backendRefs": [self.backend_ref(route, share, 1, pinned=True)],
                     }
                 )
         out.append(

@@ -138,12 +138,15 @@ class IstioRouter:
         return dest
 
     def way(self, route: Route, share: Share, weight: int | None) -> Obj:
-        """One HTTPRouteDestination: where, how much, and the record headers."""
+        """One HTTPRouteDestination: where, how much (None: a pin route's), and the record
+        headers."""
         out: Obj = {"destination": self.destination(route, share)}
         if weight is not None:
             out["weight"] = weight
         if self.options.record_headers:
-            out["headers"] = {"request": {"set": dict(record_headers(route, share))}}
+            pinned = weight is None
+            headers = dict(record_headers(route, share, pinned=pinned))
+            out["headers"] = {"request": {"set": headers}}
         return out
 
     def http(self, route: Route) -> list[Obj]:

@@ -38,7 +38,7 @@ from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.contracts.events import Route, RouteTarget
-from services.envoy.config import DEPLOYMENT_HEADER, ROLE_HEADER, VERSION_HEADER
+from services.envoy.config import DEPLOYMENT_HEADER, PINNED_HEADER, ROLE_HEADER, VERSION_HEADER
 from services.router.routes import MODEL_HEADER
 from services.traffic.base import RouterConfigError, RouterError
 
@@ -227,15 +227,17 @@ def record_deployment(route: Route) -> str:
     return (target.deployment_id if target is not None else None) or ""
 
 
-def record_headers(route: Route, share: Share) -> list[tuple[str, str]]:
+def record_headers(route: Route, share: Share, *, pinned: bool = False) -> list[tuple[str, str]]:
     """The request headers a backend's requests carry, for the Envoy access log that feeds
-    envoy-receiver (docs/data-planes/envoy.md): model, role, version and the deployment id the
-    record counts for. Empty values are left out."""
+    envoy-receiver (docs/data-planes/envoy.md): model, role, version, the deployment id the
+    record counts for, and whether a pin rule sent it (pinned records stay out of the canary
+    analysis). Empty values are left out."""
     pairs = [
         (MODEL_HEADER.lower(), route.model),
         (ROLE_HEADER, share.role),
         (VERSION_HEADER, share.target.version),
         (DEPLOYMENT_HEADER, record_deployment(route)),
+        (PINNED_HEADER, "true" if pinned else "false"),
     ]
     return [(name, value) for name, value in pairs if value]
 

@@ -105,6 +105,7 @@ def test_rows_past_the_ttl_are_dropped(chdb_client: Any) -> None:
             None,
             200,
             "",
+            False,
             f"b-{age}",
             0,
         )
@@ -207,7 +208,9 @@ def test_a_table_from_an_older_version_gets_the_new_columns(chdb_client: Any) ->
         table,
         [(t0, "d-up", "m", "1", "stable", 5.0, None, 200, "", "b-old", 0)],
         column_names=[
-            c for c in clickhouse.METRICS_COLUMNS if c not in ("ttft_ms", "itl_ms", "output_tokens")
+            c
+            for c in clickhouse.METRICS_COLUMNS
+            if c not in {name for name, _, _ in clickhouse.ADDED_COLUMNS}
         ],
     )
     settings = Settings(metrics_table=table)
@@ -224,7 +227,12 @@ def test_a_table_from_an_older_version_gets_the_new_columns(chdb_client: Any) ->
     batch = RequestMetricsBatch(batch_id="batch-new", source="test", records=tuple(new))
     chdb_client.insert_arrow(table, ingest.to_arrow([batch]))
     rows = chdb_client.query(
-        f"SELECT batch_id, ttft_ms, output_tokens FROM {table} ORDER BY batch_id, seq"  # noqa: S608
+        f"SELECT batch_id, ttft_ms, output_tokens, pinned FROM {table} "  # noqa: S608
+        "ORDER BY batch_id, seq"
     ).result_rows
-    assert rows == [("b-old", None, None), ("batch-new", 1.0, 1), ("batch-new", 6.0, 2)]
+    assert rows == [
+        ("b-old", None, None, False),
+        ("batch-new", 1.0, 1, False),
+        ("batch-new", 6.0, 2, False),
+    ]
     assert clickhouse.missing_columns_sql(table, set(clickhouse.METRICS_COLUMNS)) is None

@@ -320,16 +320,17 @@ async def test_weights_are_confirmed_from_envoy_and_the_split_follows_them(stack
     pinned = await send(url, 20, {MODEL_HDR: MODEL, PIN_HEADER: "canary"})
     assert shares(pinned) == {"canary": 20}
     zero = await stack.new_records(120, since=0)
-    assert {(r.role, r.deployment_id, r.version) for r in zero} == {
-        ("stable", STABLE_ID, "1"),
-        ("canary", STABLE_ID, "2"),  # not live: records count for the stable (built-in's rule)
+    assert {(r.role, r.deployment_id, r.version, r.pinned) for r in zero} == {
+        ("stable", STABLE_ID, "1", False),
+        ("canary", STABLE_ID, "2", True),  # not live: records count for the stable (built-in's)
     }
 
     # 20 %: ~1000 requests split within a few percent; both roles carry the canary's id.
     seconds = await _apply_and_time(router, at[20.0])
     applied = await router.read(at[20.0])
     assert applied.confirmed and applied.weight == 20.0, applied
-    answers = await send(url, 1000)
+    # A client's own x-preflight-pinned is overwritten by the route: it cannot vote itself out.
+    answers = await send(url, 1000, {MODEL_HDR: MODEL, "x-preflight-pinned": "true"})
     assert all(status == 200 for status, _ in answers)
     canary_share = shares(answers).get("canary", 0) / 1000
     assert abs(canary_share - 0.20) < 0.05, canary_share
@@ -338,6 +339,8 @@ async def test_weights_are_confirmed_from_envoy_and_the_split_follows_them(stack
     twenty = await stack.new_records(1020, since=120)
     assert {r.deployment_id for r in twenty} == {CANARY_ID}
     assert sum(r.role == "canary" for r in twenty) == shares(answers)["canary"]
+    assert sum(r.pinned for r in twenty) == 20
+    assert {r.role for r in twenty if r.pinned} == {"stable"}
     for rec in twenty:
         assert rec.model == MODEL and rec.status == 200 and rec.error_kind is None
         assert rec.version == ("2" if rec.role == "canary" else "1")

@@ -201,6 +201,33 @@ async def test_batches_on_the_stream_become_exact_window_numbers(
     assert result.canary.measurement().error_rate == pytest.approx(0.08)
 
 
+async def test_pinned_requests_are_stored_but_do_not_dilute_the_canary_s_window(
+    js: JetStreamContext, chdb_client: Any, table: str, ingest_settings: Settings
+) -> None:
+    """The attack: a canary failing 20% of its requests, and 2,000 requests pinned to it on a
+    path that answers 404 (not an error). Counted, they read as 1% errors and the canary was
+    promoted; pinned, they stay out of the window."""
+    failing = [rec(i, "canary", 10.0, 503 if i % 5 == 0 else 200) for i in range(100)]
+    stable = [rec(100 + i, "stable", 10.0) for i in range(200)]
+    noise = [
+        RequestRecord.model_validate(
+            rec(300 + i, "canary", 1.0, 404).model_dump() | {"pinned": True}
+        )
+        for i in range(2000)
+    ]
+    records = [*failing, *stable, *noise]
+    for i in range(0, len(records), 500):
+        await publish_batch(js, batch(records[i : i + 500]))
+    async with ingesting(js, chdb_client, ingest_settings) as (ingestor, waiter):
+        await waiter.until(lambda: ingestor.stats.records == len(records))
+    assert count_rows(chdb_client, table, "d-ingest-1") == len(records)  # stored, all of them
+    result = window(chdb_client, table, raw=True)
+    assert (result.canary.requests, result.canary.errors) == (100, 20)
+    assert result.canary.error_rate == pytest.approx(0.2)
+    assert len(result.canary.latencies_ms) == 100 and min(result.canary.latencies_ms) == 10.0
+    assert result.stable.requests == 200
+
+
 async def test_records_aimed_at_the_ingest_s_inbox_are_not_stored(
     js: JetStreamContext, chdb_client: Any, table: str, ingest_settings: Settings
 ) -> None:

@@ -580,9 +580,14 @@ async def test_records_reach_the_metrics_stream_with_the_deployment_id_contract(
         await eventually(lambda: weight_of(r) == 0.0)
         for _ in range(10):
             await completion(s, running.url)
-    batches = await read_batches(js, 40)
+        for _ in range(5):  # a tester on the canary: stored, marked, left out of the analysis
+            await completion(s, running.url, **{PIN_HEADER: "canary"})
+    batches = await read_batches(js, 45)
     records = [rec for b, _ in batches for rec in b.records]
-    assert len(records) == 40
+    assert len(records) == 45
+    records, pinned = records[:40], records[40:]
+    assert {(rec.role, rec.version, rec.pinned) for rec in pinned} == {("canary", "2", True)}
+    assert not any(rec.pinned for rec in records)
     for batch, msg in batches:
         assert msg.subject == subjects.metrics("test")
         assert msg.headers[bus.MSG_ID_HEADER] == batch.batch_id

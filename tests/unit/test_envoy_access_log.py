@@ -78,6 +78,13 @@ def test_a_plain_entry_encodes_to_the_records_own_json_byte_for_byte() -> None:
     assert record.latency_ms == 0.5 and record.ttfb_ms == 0.4 and record.status == 200
 
 
+def test_only_the_routes_own_true_marks_a_record_pinned() -> None:
+    assert not to_record(entry()).pinned  # type: ignore[union-attr]
+    for value, pinned in (("true", True), ("false", False), ("1", False), ("", False)):
+        record = same_answer(entry(headers={config.PINNED_HEADER: value}))
+        assert isinstance(record, RequestRecord) and record.pinned is pinned
+
+
 def test_random_entries_agree_with_the_validated_record() -> None:
     rng = random.Random(15)
     encoder = RecordEncoder()  # one encoder throughout: its caches must not leak between entries
@@ -96,6 +103,7 @@ def test_random_entries_agree_with_the_validated_record() -> None:
                 config.ROLE_HEADER: rng.choice(["stable", "canary"]),
                 config.VERSION_HEADER: rng.choice(["v1", "v2", "2026-12-01"]),
                 config.DEPLOYMENT_HEADER: rng.choice(["", "d-1", "d-2"]),
+                config.PINNED_HEADER: rng.choice(["", "true", "false", "TRUE"]),
             },
         )
         same_answer(e, encoder)

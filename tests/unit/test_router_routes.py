@@ -134,6 +134,24 @@ def test_both_roles_carry_the_canary_id_while_it_is_live() -> None:
     assert stable.deployment_id == canary.deployment_id == "d-canary"
 
 
+@pytest.mark.parametrize(
+    ("case", "r", "pin", "role", "pinned"),
+    [
+        ("canary pin at weight 0", route(0.0), "canary", "canary", True),
+        ("canary pin, any case", route(0.0), " Canary ", "canary", True),
+        ("stable pin at 100", route(100.0), "stable", "stable", True),
+        ("pin to a missing canary", route(0.0, canary=False), "canary", "stable", False),
+        ("not a role", route(100.0), "both", "canary", False),
+        ("no header", route(100.0), None, "canary", False),
+    ],
+)
+def test_only_a_pin_that_chose_the_role_marks_the_selection_pinned(
+    case: str, r: Route, pin: str | None, role: str, pinned: bool
+) -> None:
+    chosen = select(r, draw=50.0, pin=pin)
+    assert (chosen.role, chosen.pinned) == (role, pinned), case
+
+
 def test_resolve_model_header_then_default_then_the_only_route() -> None:
     one = {MODEL: route(0.0)}
     two = {MODEL: route(0.0), "b": route(0.0, model="b")}

@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS request_metrics (
     output_tokens Nullable(UInt32),
     status UInt16,
     error_kind LowCardinality(String),
+    pinned Bool DEFAULT false,
     batch_id String,
     seq UInt32
 )
