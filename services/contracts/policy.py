@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -279,12 +279,128 @@ class Policy(_Strict):
         return self.model_class(model_class).canary or self.canary.thresholds
 
 
+REQUEST_DENIED: Final = ("validation.enabled", "validation.checks")
+"""What a request may not change by default: the validator is the gate against hostile files
+(code that runs on load, leaked keys), and anyone who may publish a request would switch it off."""
+
+REQUEST_MAX: Final[dict[str, float]] = {
+    # Each of these holds a shared service for as long as it asks: one request with
+    # `latency_runs: 1e9` held the only benchmarker, and every other team's deployment waited.
+    "validation.budget_s": 10.0,
+    "validation.time_limit_s": 120.0,
+    "validation.hash_limit_s": 3600.0,
+    "benchmark.latency_runs": 100,
+    "benchmark.latency_warmup_runs": 20,
+    "benchmark.max_length": 2048,
+}
+"""Ceilings on what a request's `policy_overrides` may set (the file's own layers are not held
+to them)."""
+
+REQUEST_MIN: Final[dict[str, float]] = {
+    "benchmark.stride": 32,  # the number of perplexity windows grows as 1/stride
+    "canary.analysis_interval_s": 0.5,  # every look queries the store
+    "canary.e_process.look_interval_s": 0.25,
+}
+"""Floors on what a request's `policy_overrides` may set."""
+
+
+class RequestLimits(_Strict):
+    """What a deployment's own `policy_overrides` may set. The file's layers are the operator's;
+    a request comes from anyone who may publish one, so it is checked against these first."""
+
+    deny: tuple[str, ...] = Field(
+        default=REQUEST_DENIED,
+        description="Keys, or whole sections, a request may not change (it may restate the "
+        "value the file gives). Replaces the built-in list; `[]` lets a request change anything.",
+    )
+    max: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Ceilings by key, merged over the built-in ones (`benchmark.latency_runs: "
+        "100`, `validation.time_limit_s: 120`, ...); null removes one.",
+    )
+    min: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Floors by key, merged over the built-in ones (`benchmark.stride: 32`, "
+        "`canary.analysis_interval_s: 0.5`, ...); null removes one.",
+    )
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> RequestLimits:
+        known = _paths(Policy().model_dump(mode="json"))
+        for section, keys in (("deny", self.deny), ("max", self.max), ("min", self.min)):
+            for key in keys:
+                if key not in known and not any(k.startswith(f"{key}.") for k in known):
+                    raise ValueError(f"{section}: {key!r} is not a policy key")
+        return self
+
+    def ceilings(self) -> dict[str, float]:
+        merged = {**REQUEST_MAX, **self.max}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    def floors(self) -> dict[str, float]:
+        merged = {**REQUEST_MIN, **self.min}
+        return {k: v for k, v in merged.items() if v is not None}
+
+    def problems(self, overrides: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+        """What in `overrides` a request may not set; `given`: the policy the file's layers
+        resolve to (as JSON), so that restating a denied value is no problem."""
+        found: list[str] = []
+        ceilings, floors = self.ceilings(), self.floors()
+        for key, value in _leaves(overrides):
+            denied = next((d for d in self.deny if key == d or key.startswith(f"{d}.")), None)
+            if denied is not None and value != _get(given, key):
+                found.append(f"{key}: a request may not change {denied} (request_overrides.deny)")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if key in ceilings and value > ceilings[key]:
+                found.append(
+                    f"{key}: {_number(value)} is above the ceiling of {_number(ceilings[key])} "
+                    "for a request (request_overrides.max)"
+                )
+            if key in floors and value < floors[key]:
+                found.append(
+                    f"{key}: {_number(value)} is below the floor of {_number(floors[key])} "
+                    "for a request (request_overrides.min)"
+                )
+        return found
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _leaves(document: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in document.items():
+        if isinstance(value, Mapping) and value:
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _paths(document: Mapping[str, Any]) -> set[str]:
+    return {key for key, _ in _leaves(document)}
+
+
+def _get(document: Mapping[str, Any], key: str) -> Any:
+    value: Any = document
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 class PolicyFile(_Strict):
-    """The YAML file: defaults plus overrides per team and per model (partial documents)."""
+    """The YAML file: defaults plus overrides per team and per model (partial documents), and
+    what a request's own overrides may set."""
 
     defaults: dict[str, Any] = Field(default_factory=dict)
     teams: dict[str, dict[str, Any]] = Field(default_factory=dict)
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    request_overrides: RequestLimits = RequestLimits()
     source: str = Field(default="<built-in>", exclude=True)
 
     def resolve(
@@ -303,6 +419,13 @@ class PolicyFile(_Strict):
             layers.append(("deployment policy_overrides", overrides))
         merged: dict[str, Any] = {}
         for where, layer in layers:
+            if layer is overrides:
+                given = _validate(merged, where).model_dump(mode="json")
+                refused = self.request_overrides.problems(overrides, given)
+                if refused:
+                    raise PolicyError(
+                        "; ".join(f"{where}: {problem} in {self.source}" for problem in refused)
+                    )
             merged = _merge(merged, dict(layer))
             _validate(merged, where)  # fail at the layer that broke it, so the error names it
         return _validate(merged, layers[-1][0])

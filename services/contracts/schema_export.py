@@ -325,7 +325,13 @@ def _policy_rows(schema: dict[str, Any], defs: dict[str, Any], prefix: str) -> l
 
 def policy_reference() -> str:
     """docs/policy.md: every policy key, its type, default and meaning (generated)."""
-    from services.contracts.policy import Policy
+    from services.contracts.policy import (
+        REQUEST_DENIED,
+        REQUEST_MAX,
+        REQUEST_MIN,
+        Policy,
+        RequestLimits,
+    )
 
     schema = Policy.model_json_schema(mode="serialization")
     defs = schema.get("$defs", {})
@@ -351,7 +357,25 @@ def policy_reference() -> str:
         "for the benchmarker and, optionally, canary thresholds that replace",
         "`canary.thresholds` for that class. Built in: `default`, `small`, `large`.",
         "",
+        "## What a request may override",
+        "",
+        "A fourth section, `request_overrides`, says what a deployment's own `policy_overrides`",
+        "may set; the file's layers are not held to it. A request that breaks it is blocked",
+        "at validation, naming the key and the limit. It is checked even when the file has no",
+        "such section: the built-in limits below apply.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
     ]
+    limits = RequestLimits.model_json_schema(mode="serialization")
+    lines += _policy_rows(limits, limits.get("$defs", {}), "request_overrides.")
+    lines += ["", "Built-in denials: " + ", ".join(f"`{k}`" for k in REQUEST_DENIED) + "."]
+    lines += ["", "| key | built-in ceiling | built-in floor |", "|---|---|---|"]
+    for key in sorted({*REQUEST_MAX, *REQUEST_MIN}):
+        high, low = REQUEST_MAX.get(key), REQUEST_MIN.get(key)
+        lines.append(f"| `{key}` | {'' if high is None else f'{high:g}'} | "
+                     f"{'' if low is None else f'{low:g}'} |")  # fmt: skip
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from services.contracts.events import (
     BenchmarkCompleted,
+    CheckResult,
     DeploymentBlocked,
     DeploymentDegraded,
     DeploymentFailed,
@@ -65,6 +66,19 @@ def policy_failure(
         error=f"policy: {error}",
         reasons=(f"the deployment's policy cannot be used: {error}",),
         requested_by=request.requested_by,
+    )
+
+
+def policy_refusal(error: PolicyError, service: str) -> StageReport:
+    """The validation report of a request whose policy cannot be used (an unknown key, a value
+    out of range, or what `request_overrides` forbids a request): it is blocked, saying why. Bad
+    input gets a clear answer, never the crash outcome `failed`."""
+    return StageReport(
+        stage="validation",
+        status=Status.FAILED,
+        reason=f"the deployment's policy cannot be used: {error}",
+        checks=(CheckResult(name="policy", status=Status.FAILED, reason=str(error)),),
+        service=service,
     )
 
 

@@ -42,7 +42,7 @@ def handle_requested(
     try:
         policy = pipeline.resolve_policy(policy_file, request)
     except PolicyError as exc:
-        return [pipeline.policy_failure(request, "validation", exc)]
+        return pipeline.after_validation(request, pipeline.policy_refusal(exc, instance))
     return pipeline.after_validation(request, run_checks(request, policy, instance, cache))
 
 

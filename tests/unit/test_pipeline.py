@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from services.benchmarker.app import handle_validated
 from services.canary_controller.app import handle_benchmarked
 from services.contracts.events import (
@@ -11,7 +14,6 @@ from services.contracts.events import (
     CheckResult,
     DeploymentBlocked,
     DeploymentDegraded,
-    DeploymentFailed,
     DeploymentPromoted,
     DeploymentRequested,
     StageReport,
@@ -70,17 +72,65 @@ def test_validator_blocks_what_it_cannot_find() -> None:
 
 
 def test_a_disabled_stage_says_disabled_by_policy() -> None:
-    request = REQUEST.model_copy(update={"policy_overrides": {"validation": {"enabled": False}}})
-    [event] = handle_requested(request, PolicyFile(), "v-1")
+    off = PolicyFile(defaults={"validation": {"enabled": False}})  # the operator's file
+    [event] = handle_requested(REQUEST, off, "v-1")
     assert isinstance(event, ValidationCompleted)
     assert event.report.reason == "skipped: disabled by policy"
 
 
-def test_a_bad_policy_override_fails_the_deployment_with_the_reason() -> None:
-    request = REQUEST.model_copy(update={"policy_overrides": {"canary": {"bogus": 1}}})
-    [event] = handle_requested(request, PolicyFile(), "v-1")
-    assert isinstance(event, DeploymentFailed)
-    assert "canary.bogus" in event.error
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ({"canary": {"bogus": 1}}, "canary.bogus: Extra inputs are not permitted"),
+        # What anyone who may publish a request would do: switch the gate off, hold a service.
+        ({"validation": {"enabled": False}}, "a request may not change validation.enabled"),
+        (
+            {"validation": {"checks": {"unsafe_code": False}}},
+            "a request may not change validation.checks",
+        ),
+        (
+            {"benchmark": {"latency_runs": 1_000_000_000}},
+            "benchmark.latency_runs: 1000000000 is above the ceiling of 100 for a request",
+        ),
+        (
+            {"validation": {"time_limit_s": 86400}},
+            "validation.time_limit_s: 86400 is above the ceiling of 120",
+        ),
+        ({"benchmark": {"stride": 1}}, "benchmark.stride: 1 is below the floor of 32"),
+    ],
+)
+def test_a_policy_override_that_cannot_be_used_blocks_at_validation_saying_why(
+    overrides: dict[str, object], said: str
+) -> None:
+    request = REQUEST.model_copy(update={"policy_overrides": overrides})
+    completed, blocked = handle_requested(request, PolicyFile(), "v-1")
+    assert isinstance(completed, ValidationCompleted) and completed.report.blocks
+    assert isinstance(blocked, DeploymentBlocked) and blocked.stage == "validation"
+    assert said in blocked.reasons[0], blocked.reasons
+    assert "deployment policy_overrides" in blocked.reasons[0]
+    assert handle_validated(completed, PolicyFile(), "b-1") == []
+
+
+def test_an_operator_sets_what_requests_may_override() -> None:
+    lenient = PolicyFile.model_validate(
+        {
+            "request_overrides": {
+                "deny": [],
+                "max": {"benchmark.latency_runs": 1000, "validation.time_limit_s": None},
+            }
+        }
+    )
+    overrides = {
+        "validation": {"enabled": False, "time_limit_s": 86400},
+        "benchmark": {"latency_runs": 500},
+    }
+    policy = lenient.resolve(model="m", overrides=overrides)
+    assert not policy.validation.enabled and policy.benchmark.latency_runs == 500
+    # Restating what the file gives is no change; the file's own layers are never limited.
+    PolicyFile().resolve(model="m", overrides={"validation": {"enabled": True}})
+    PolicyFile(defaults={"benchmark": {"latency_runs": 10_000}}).resolve(model="m")
+    with pytest.raises(ValidationError, match=r"'benchmark\.latency_run' is not a policy key"):
+        PolicyFile.model_validate({"request_overrides": {"max": {"benchmark.latency_run": 5}}})
 
 
 def test_failed_validation_blocks_and_names_the_check() -> None:
