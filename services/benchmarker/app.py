@@ -31,6 +31,7 @@ def handle_validated(
     instance: str,
     store: ResultStore | None = None,
     models: ModelCache | None = None,
+    time_limit_s: float | None = None,
 ) -> list[Event]:
     if not pipeline.should_benchmark(validated):
         return []  # the validator already published DeploymentBlocked
@@ -47,6 +48,7 @@ def handle_validated(
         store=store,
         service=instance,
         model_cache=models,
+        time_limit_s=time_limit_s,
     )
     return pipeline.after_benchmark(validated, report, policy, device=device)
 
@@ -70,7 +72,13 @@ def build(settings: Settings) -> ServiceApp:
         # with in-progress acks and acks only at the end, so a killed benchmarker's deployment
         # is redelivered to another one.
         events = await asyncio.to_thread(
-            handle_validated, validated, svc.policy_file, settings.instance, store, models
+            handle_validated,
+            validated,
+            svc.policy_file,
+            settings.instance,
+            store,
+            models,
+            settings.benchmark_time_limit_s,
         )
         for event in events:
             await svc.sink.publish_event(event)

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.benchmarker import deadline
+
 NEW_TOKENS = 16
 BATCH_SIZE = 1  # fixed: batch composition must not change what is compared
 
@@ -111,7 +113,8 @@ def greedy_outputs(
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     outputs: list[list[int]] = []
     with torch.inference_mode():
-        for prompt in prompts:
+        for number, prompt in enumerate(prompts, 1):
+            deadline.check(f"consistency (prompt {number} of {len(prompts)})")
             inputs = tokenizer(prompt, return_tensors="pt").to(device)
             generated = model.generate(
                 **inputs,

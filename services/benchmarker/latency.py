@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from services.benchmarker import deadline
+
 LATENCY_PROMPT = "The default value of the argument is"
 NEW_TOKENS = 32
 
@@ -61,6 +63,7 @@ def measure_latency(
     total: list[float] = []
     with torch.inference_mode():
         for i in range(warmup_runs + runs):
+            deadline.check(f"latency (run {i + 1} of {warmup_runs + runs})")
             _synchronize(device)
             t0 = time.perf_counter()
             model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **common)

@@ -168,6 +168,31 @@ with local_files_only), or flash-attention, which transformers replaces with tha
 when the package is missing."""
 
 
+GENERATION_KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+"""All that generation_config.json keeps for the benchmark: which tokens are which."""
+
+
+def _plain_generation(model: Any, location: str) -> None:
+    """Replace the model's generation settings with greedy, one beam, a dynamic cache.
+
+    generation_config.json is the uploader's, and transformers applies it on every generate()
+    the benchmark runs: `num_beams: 200000` or `cache_implementation: static` with a huge
+    `max_cache_len` asked for hundreds of GB, and `custom_generate` names code to run. The
+    benchmark measures the model at fixed greedy decoding, so only the token ids are kept."""
+    generation_config: Any = importlib.import_module("transformers").GenerationConfig
+    given = getattr(model, "generation_config", None)
+    if given is None:
+        return
+    kept = {k: getattr(given, k, None) for k in GENERATION_KEPT}
+    plain = generation_config(**{k: v for k, v in kept.items() if v is not None})
+    dropped = sorted(
+        set(given.to_diff_dict()) - set(plain.to_diff_dict()) - {"transformers_version"}
+    )
+    if dropped:
+        log.info("%s: generation_config.json settings not used: %s", location, ", ".join(dropped))
+    model.generation_config = plain
+
+
 def _attention(config: Any, auto_class: Any) -> str | None:
     """The attention to load with: None (the config's own, or transformers' default) when it is
     built in; else sdpa where the model has it, eager where it does not."""
@@ -228,6 +253,7 @@ def _load(location: str, path: Path, *, dtype: str, device: str | None) -> Loade
         raise LoadError(f"{location}: does not load: {first}") from exc
     model.to(device)
     model.eval()
+    _plain_generation(model, location)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     name = str(torch_dtype).replace("torch.", "")

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from services.benchmarker import deadline
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -45,6 +47,7 @@ def sliding_window_perplexity(
     windows = 0
     with torch.inference_mode():
         for begin in range(0, seq_len, stride):
+            deadline.check(f"perplexity (window {windows + 1})")
             end = min(begin + max_length, seq_len)
             target_len = end - prev_end
             window = ids[:, begin:end]

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.benchmarker import consistency, latency, loading, perplexity
+from services.benchmarker import consistency, deadline, latency, loading, perplexity
 from services.contracts.events import CheckResult, StageReport, Status
 from services.contracts.policy import BenchmarkPolicy, LatencyThresholds, Policy
 from services.runtime import faults
@@ -316,6 +316,14 @@ def _guarded(name: str, measure: Any) -> CheckResult:
         return _check(name, Status.ERROR, f"could not measure: {faults.describe(exc)}", started)
 
 
+def _over_time(name: str) -> CheckResult:
+    return CheckResult(
+        name=name,
+        status=Status.ERROR,
+        reason="not run: the benchmark is past its time limit (PREFLIGHT_BENCHMARK_TIME_LIMIT_S)",
+    )
+
+
 def could_not_run(reason: str, service: str, started: float) -> StageReport:
     return StageReport(
         stage="benchmark",
@@ -336,11 +344,13 @@ def run_benchmarks(
     device: str | None = None,
     service: str = "",
     model_cache: ModelCache | None = None,
+    time_limit_s: float | None = None,
 ) -> tuple[StageReport, str | None]:
     """(report, device description). Never raises on a bad model: that is a result.
 
     Remote locations are fetched through `model_cache`; their snapshots are held from eviction
-    until the report is made."""
+    until the report is made. `time_limit_s`: measurements (not loading) stop once past it
+    (deadline.py)."""
     with ExitStack() as held:
         return _run_benchmarks(
             location,
@@ -352,6 +362,7 @@ def run_benchmarks(
             service=service,
             model_cache=model_cache,
             held=held,
+            time_limit_s=time_limit_s,
         )
 
 
@@ -366,6 +377,7 @@ def _run_benchmarks(
     service: str,
     model_cache: ModelCache | None,
     held: ExitStack,
+    time_limit_s: float | None,
 ) -> tuple[StageReport, str | None]:
     started = time.perf_counter()
     bench = policy.benchmark
@@ -402,6 +414,7 @@ def _run_benchmarks(
             checks.append(
                 CheckResult(name="baseline", status=Status.ERROR, reason=f"previous version: {exc}")
             )
+    held.enter_context(deadline.limited(time_limit_s))  # from here: loading is not counted
     from services.benchmarker.corpus import load_prompts
 
     prompts = load_prompts()[: bench.consistency_prompts]
@@ -422,6 +435,8 @@ def _run_benchmarks(
             checks.append(
                 CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
             )
+        elif deadline.passed():
+            checks.append(_over_time(name))
         else:
             checks.append(_guarded(name, measure))
     if bench.consistency:
@@ -432,7 +447,11 @@ def _run_benchmarks(
             outputs.extend(produced)
             return check
 
-        checks.append(_guarded("consistency", run_consistency))
+        checks.append(
+            _over_time("consistency")
+            if deadline.passed()
+            else _guarded("consistency", run_consistency)
+        )
         if bench.compare_outputs_with_stable and baseline is not None and outputs:
             stable = baseline
             checks.append(

@@ -115,6 +115,15 @@ class Settings(BaseSettings):
         gt=0,
         description="In-progress acks stop after this: a hung handler's message is redelivered.",
     )
+    benchmark_time_limit_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description=(
+            "Hard limit on one deployment's benchmark, loading not counted: measurements stop "
+            "at the next window, run or prompt after it, and the checks not run say so. What a "
+            "model or a request asks for can no longer hold a benchmarker for hours."
+        ),
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

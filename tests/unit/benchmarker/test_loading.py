@@ -79,3 +79,25 @@ def test_a_model_without_sdpa_gets_eager_not_a_failed_load() -> None:
     assert _attention(Config(), Auto) == "eager"
     Config._attn_implementation = "sdpa"
     assert _attention(Config(), Auto) is None
+
+
+def test_the_uploader_s_generation_settings_are_not_used(tmp_path: Path) -> None:
+    """generation_config.json applies to every generate() the benchmark runs: these asked for
+    hundreds of GB (200,000 beams; a static cache of 1e9 positions for a 32-token output)."""
+    from services.benchmarker.loading import load_model
+
+    model = write_sample_model(tmp_path / "m", layers=1, hidden=16, heads=2, vocab=32)
+    hostile = {
+        "num_beams": 200_000,
+        "cache_implementation": "static",
+        "cache_config": {"max_cache_len": 1_000_000_000},
+        "repetition_penalty": 3.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    (model / "generation_config.json").write_text(json.dumps(hostile))
+    generation = load_model(str(model), device="cpu").model.generation_config
+    assert generation.num_beams in (None, 1)  # None: generate()'s default, one beam
+    assert generation.cache_implementation is None
+    assert generation.repetition_penalty in (None, 1.0)
+    assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
