@@ -28,6 +28,7 @@ from services.canary_controller import decision as rules
 from services.canary_controller.engine import (
     Engine,
     RolloutStore,
+    TickHealth,
     canary_target,
     run_ticks,
     stable_target,
@@ -253,6 +254,7 @@ def build(settings: Settings) -> ServiceApp:
     tasks: list[asyncio.Task[None]] = []
     registry = CollectorRegistry()  # GET /metrics on the page's port
     decision_metrics = DecisionMetrics(registry)
+    ticks = TickHealth()
 
     def link(rollout: RolloutState, now: datetime) -> str | None:
         return metrics_url(
@@ -291,6 +293,8 @@ def build(settings: Settings) -> ServiceApp:
                 if not nc.is_connected:
                     problems.append("not connected to NATS")
                 problems += [f"{t.get_name()} stopped" for t in tasks if t.done()]
+                if (stuck := ticks.problem()) is not None:
+                    problems.append(stuck)
                 status = "unavailable" if problems else "ok"
                 return {
                     "status": status,
@@ -341,7 +345,9 @@ def build(settings: Settings) -> ServiceApp:
             )
         )
         svc.sink = GuardedSink(svc.sink, engine)
-        tasks.append(asyncio.create_task(run_ticks(engine, stop), name="rollout-ticks"))
+        tasks.append(
+            asyncio.create_task(run_ticks(engine, stop, health=ticks), name="rollout-ticks")
+        )
         if settings.clickhouse_url == "chdb":
             from services.metrics.ingest import run_ingest
 

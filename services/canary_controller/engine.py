@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -106,7 +107,7 @@ class RolloutStore:
     async def get(self, deployment_id: str) -> Stored | None:
         try:
             entry = await self.kv.get(deployment_id)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         if entry.value is None or entry.revision is None:
             return None
@@ -120,10 +121,7 @@ class RolloutStore:
 
     async def all(self, *, live_only: bool = False) -> list[Stored]:
         """Every rollout that parses; with `live_only`, finished ones with nothing pending."""
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        keys = await bus.kv_keys(self.kv._js, self.kv._name)  # no consumer, unlike kv.keys()
         out = []
         for key in keys:
             if live_only and key in self.finished:
@@ -537,14 +535,51 @@ def stable_target(benchmarked: BenchmarkCompleted, route: Route | None) -> Route
     return RouteTarget(version=stable.version, location=stable.location, upstream=stable.endpoint)
 
 
-async def run_ticks(engine: Engine, stop: asyncio.Event, interval_s: float = 0.5) -> None:
+@dataclass
+class TickHealth:
+    """Whether the ticks that judge every rollout are getting through, for /healthz: a tick
+    that keeps failing (the server's consumer limit reached, a store that refuses) stops all
+    analysis and rollbacks while the process looks alive."""
+
+    failing_since: float | None = None
+    error: str = ""
+    clock: Callable[[], float] = time.monotonic
+
+    def succeeded(self) -> None:
+        self.failing_since, self.error = None, ""
+
+    def failed(self, error: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = self.clock()
+        self.error = error
+
+    def problem(self, grace_s: float = 10.0) -> str | None:
+        """A sentence for /healthz once ticks have failed for `grace_s` in a row."""
+        if self.failing_since is None:
+            return None
+        failing = self.clock() - self.failing_since
+        if failing < grace_s:
+            return None
+        return f"rollout ticks failing for {failing:.0f} s: {self.error}"
+
+
+async def run_ticks(
+    engine: Engine,
+    stop: asyncio.Event,
+    interval_s: float = 0.5,
+    health: TickHealth | None = None,
+) -> None:
     """Tick until `stop` is set; a failing tick is logged and retried, never fatal."""
+    health = health or TickHealth()
     while not stop.is_set():
         try:
             if engine.may_act():  # a standby, or a leader whose lease lapsed, does nothing
                 await engine.tick()
+            health.succeeded()
         except BUS_ERRORS as exc:  # an outage: said once by the connection, not as a traceback
             log.warning("controller tick: the bus did not answer (%s); retrying", describe(exc))
-        except Exception:
+            health.failed(describe(exc))
+        except Exception as exc:
             log.exception("controller tick failed; retrying")
+            health.failed(describe(exc))
         await wait_event(stop, interval_s)

@@ -236,10 +236,43 @@ async def ensure_topology(
         consumer = consumer_config(durable, filters, settings)
         try:
             await js.add_consumer(stream, consumer)
-        except BadRequestError:
-            with contextlib.suppress(BadRequestError):
+        except BadRequestError as first:
+            try:
                 await js.add_consumer(stream, consumer)  # a concurrent start created it first
+            except BadRequestError as again:
+                # Ready only if it is there: "maximum consumers limit reached" and the like
+                # used to be suppressed here, and bootstrap said ready for a missing durable.
+                try:
+                    await js.consumer_info(stream, durable)
+                except NotFoundError:
+                    raise TopologyMissing(
+                        f"durable consumer {stream}/{durable} could not be created: "
+                        f"{again.description or first.description or again}"
+                    ) from again
         tell(f"durable consumer {stream}/{durable}: ready")
+
+
+async def kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """The keys of a KV bucket that hold a message (deleted ones included: `get` says so),
+    read from its stream's subject counts (`$JS.API.STREAM.INFO` with a subject filter, a
+    page at a time). nats-py's `KeyValue.keys()` creates a consumer on every call, which
+    lingers: the controller's ticks and each unauthenticated GET of the rollout page left
+    hundreds, until the server's consumer limit stopped the controller's ticks."""
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    keys: list[str] = []
+    while True:
+        request = {"subjects_filter": f"{prefix}>", "offset": len(keys)}
+        reply = await js._nc.request(
+            f"$JS.API.STREAM.INFO.{stream}", json.dumps(request).encode(), timeout=5.0
+        )
+        info = json.loads(reply.data)
+        if "error" in info:
+            raise NotFoundError(description=str(info["error"].get("description", info)))
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        keys += [subject.removeprefix(prefix) for subject in subjects]
+        total = int(info.get("total", 0) or 0)
+        if not subjects or len(keys) >= total:
+            return keys
 
 
 async def require_consumers(js: JetStreamContext, durables: Sequence[str]) -> None:

@@ -340,6 +340,51 @@ async def test_stored_events_aimed_at_a_service_s_inbox_are_not_handled(
     assert handled.count("d-replayed") == settings.max_deliver  # before: replays handled too
 
 
+async def test_listing_rollouts_leaves_no_consumer_behind(js: JetStreamContext) -> None:
+    """nats-py's `kv.keys()` made a consumer per call that lingered: 300 GETs of the rollout
+    page (no password) took the server from 579 to 879 consumers, and at its limit of 1,000
+    the controller's ticks failed."""
+    from services.canary_controller.engine import RolloutStore
+
+    kv = await js.key_value(subjects.ROLLOUTS_BUCKET)
+    for i in range(3):
+        await kv.put(f"d-list-{i}", b"{}")
+    await kv.delete("d-list-2")
+    assert sorted(await bus.kv_keys(js, subjects.ROLLOUTS_BUCKET)) == [
+        "d-list-0",
+        "d-list-1",
+        "d-list-2",  # a delete marker: `get` answers None for it
+    ]
+    before = (await js.account_info()).consumers
+    store = RolloutStore(kv)
+    for _ in range(50):
+        assert await store.all() == []  # "{}" does not parse as a rollout: skipped, logged
+    assert (await js.account_info()).consumers == before
+    assert await bus.kv_keys(js, subjects.LEASES_BUCKET) == []
+
+
+async def test_bootstrap_says_why_a_durable_could_not_be_made(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to suppress any error on its second try and say "ready" for a durable that did
+    not exist (the server's consumer limit reached)."""
+    from nats.js.errors import BadRequestError
+
+    await js.delete_consumer(subjects.EVENTS_STREAM, subjects.NOTIFIER_DURABLE)
+    real = js.add_consumer
+
+    async def refused(stream: str, config: Any = None, **kwargs: Any) -> Any:
+        if config is not None and config.durable_name == subjects.NOTIFIER_DURABLE:
+            raise BadRequestError(description="maximum consumers limit reached")
+        return await real(stream, config, **kwargs)
+
+    monkeypatch.setattr(js, "add_consumer", refused)
+    said: list[str] = []
+    with pytest.raises(bus.TopologyMissing, match="notifier could not be created: maximum"):
+        await bus.ensure_topology(js, settings, said.append)
+    assert not any("notifier: ready" in line for line in said)
+
+
 def rust_panic() -> BaseException:
     """The real `pyo3_runtime.PanicException`, as tokenizers raises it on a hostile file."""
     tokenizers = pytest.importorskip("tokenizers")
