@@ -414,10 +414,18 @@ def build(settings: Settings) -> ServiceApp:
                 f"not send commands (PREFLIGHT_COMMAND_USERS: {settings.command_users})"
             )
         engine: Engine = state["engine"]
-        if await engine.store.get(command.deployment_id) is None:
+        stored = await engine.store.get(command.deployment_id)
+        if stored is None:
             raise Rejected(
                 f"{command.type} for {command.deployment_id} refused: no rollout with that id "
                 "(unknown, or a deployment that never reached its canary)"
+            )
+        if stored.state.model != command.model:
+            # Permissions (and a team's own tooling) go by the subject's model: a command for
+            # one model must not steer another's rollout that happens to have this id.
+            raise Rejected(
+                f"{command.type} for {command.deployment_id} refused: the command is for model "
+                f"{command.model!r}, the rollout with that id is of {stored.state.model!r}"
             )
         outcome = await engine.on_command(command)
         if not outcome.applied:

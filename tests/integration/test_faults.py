@@ -242,6 +242,22 @@ def test_commands_for_a_finished_rollout_are_dead_lettered(stack: Stack, model: 
     )
     who = Requester(user="test", nats_user=nats_users.CLIENT)
     ids = {"deployment_id": canary.deployment_id, "model": "fault-late", "version": "2"}
+    # A command on another model's subject, for this rollout's id: refused, not obeyed.
+    elsewhere = AbortDeployment(**{**ids, "model": "someone-else"}, requested_by=who)
+    send(stack, elsewhere)
+
+    async def refused(js: JetStreamContext) -> list[DeadLetter]:
+        return [
+            letter
+            for letter in await faults.read_dead_letters(js)
+            if letter.subject == subject_for(elsewhere)
+        ]
+
+    deadline = time.monotonic() + 5
+    while not (found := on_bus(stack, refused)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert found and "the rollout with that id is of 'fault-late'" in found[0].reason
+    assert not ended(history(stack, canary.deployment_id) or [])
     send(stack, AbortDeployment(**ids, requested_by=who))
     rolled = [
         e for e in follow(stack, canary.deployment_id, ended) if isinstance(e, TERMINAL_TYPES)
