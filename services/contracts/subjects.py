@@ -103,6 +103,12 @@ def deployment_events(deployment_id: str) -> str:
     return f"{PREFIX}.*.*.{deployment_id}.>"
 
 
+def model_deployment_events(model: str, deployment_id: str) -> str:
+    """Every event and command of one deployment of one model: another model's events under
+    the same id (anyone may pick any id) are not this deployment's."""
+    return f"{PREFIX}.*.{model_token(model)}.{deployment_id}.>"
+
+
 def request_of(deployment_id: str) -> str:
     """The one `requested` event of a deployment, whatever its model."""
     return f"{PREFIX}.stage.*.{deployment_id}.requested"

@@ -404,7 +404,10 @@ def deploy(
     async def send(js: Any) -> Any:
         if request.stable is not None:
             await _check_stable_matches_route(js, model, request.stable.version, force_stable)
-        return await bus.publish_event(js, request)
+        ack = await bus.publish_event(js, request)
+        if ack.duplicate:
+            await _check_duplicate_is_ours(js, request, ack.seq)
+        return ack
 
     ack = run_async(lambda: _connected(settings, send))
     if endpoint is None and stable is not None and not as_json:
@@ -422,8 +425,32 @@ def deploy(
         note = " (already requested: deduplicated)" if ack.duplicate else ""
         out.print(f"{request.deployment_id}{note}", highlight=False)
     if wait:
-        code = _watch(settings, request.deployment_id, timeout, as_json, stop_at_held=True)
+        code = _watch(
+            settings, request.deployment_id, timeout, as_json, stop_at_held=True, model=model
+        )
         raise typer.Exit(code)
+
+
+async def _check_duplicate_is_ours(js: Any, request: DeploymentRequested, seq: int) -> None:
+    """A duplicate answer means the id's request is already stored; it is this one only if it
+    asks for the same thing. Ids are anyone's to pick: another request under this id (another
+    model, version or location) means this one was dropped, and following the id would show
+    that request's outcome as this one's."""
+    try:
+        stored = await js.get_msg(subjects.EVENTS_STREAM, seq=seq, direct=True)
+        theirs = DeploymentRequested.model_validate_json(stored.data)
+    except Exception:  # unreadable or not a request: not ours either way
+        fail(
+            f"deployment id {request.deployment_id} is already taken by a message this "
+            "request cannot be compared with; nothing was requested: choose another --id"
+        )
+    ours = (request.model, request.version, request.location)
+    if (theirs.model, theirs.version, theirs.location) != ours:
+        fail(
+            f"deployment id {request.deployment_id} is already taken by another request "
+            f"({theirs.model} {theirs.version} from {theirs.location}); nothing was requested: "
+            "choose another --id, or leave --id out for a fresh one"
+        )
 
 
 def _watch(
@@ -433,9 +460,16 @@ def _watch(
     as_json: bool,
     *,
     stop_at_held: bool = False,
+    model: str | None = None,
 ) -> int:
+    wanted = (
+        subjects.model_deployment_events(model, deployment_id)
+        if model is not None
+        else subjects.deployment_events(deployment_id)
+    )
+
     async def follow(js: Any) -> DeploymentEvent | None:
-        async for event in bus.follow(js, subjects.deployment_events(deployment_id)):
+        async for event in bus.follow(js, wanted):
             if as_json:
                 print(event.model_dump_json(), flush=True)
             else:
