@@ -115,6 +115,15 @@ class Settings(BaseSettings):
         gt=0,
         description="In-progress acks stop after this: a hung handler's message is redelivered.",
     )
+    model_roots: str | None = Field(
+        default=None,
+        description=(
+            "Directories local model locations must lie in, separated by ':' (compose and "
+            "Kubernetes: /models). A request for a local path outside them is blocked before a "
+            "byte is read; unset: any path the service can read (development, the embedded "
+            "stack). Remote locations (s3://, hf://, https://) are not affected."
+        ),
+    )
     benchmark_time_limit_s: float = Field(
         default=1800.0,
         gt=0,

@@ -8,6 +8,8 @@ a local path (or file://) that the validator and loader read directly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.storage.base import Store, StoreError
 
 REMOTE_SCHEMES = ("s3", "hf", "https")
@@ -23,6 +25,22 @@ def scheme_of(location: str) -> str | None:
 
 def is_remote(location: str) -> bool:
     return scheme_of(location) in REMOTE_SCHEMES
+
+
+def outside_roots(location: str, roots: str | None) -> str | None:
+    """Why a local `location` may not be read under `roots` (directories joined by ':'), or
+    None. The path is resolved first (symlinks, `..`), so a link inside a root that points
+    out of it is outside. A client could otherwise ask for `file:///etc/shadow` or `/etc` and
+    read the first bytes of a host file, or the host's file names, back from the outcome."""
+    if roots is None or is_remote(location):
+        return None
+    allowed = [Path(r).resolve() for r in roots.split(":") if r.strip()]
+    path = location.split("://", 1)[1] if scheme_of(location) == "file" else location
+    resolved = Path(path).resolve()
+    if any(resolved.is_relative_to(root) for root in allowed):
+        return None
+    shown = ", ".join(str(r) for r in allowed) or "(none)"
+    return f"{location}: local models must be under PREFLIGHT_MODEL_ROOTS ({shown})"
 
 
 def open_store(location: str) -> Store:

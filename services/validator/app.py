@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from services.contracts import subjects
-from services.contracts.events import DeploymentRequested, Event, StageReport
+from services.contracts.events import CheckResult, DeploymentRequested, Event, StageReport, Status
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
+from services.storage.locations import outside_roots
 from services.validator.checks.checksum import DigestCache, digest_cache_path
 from services.validator.validate import validate
 
@@ -38,12 +39,27 @@ def handle_requested(
     policy_file: PolicyFile,
     instance: str,
     cache: DigestCache | None = None,
+    model_roots: str | None = None,
 ) -> list[Event]:
     try:
         policy = pipeline.resolve_policy(policy_file, request)
     except PolicyError as exc:
         return pipeline.after_validation(request, pipeline.policy_refusal(exc, instance))
+    locations = [request.location, *([request.stable.location] if request.stable else [])]
+    for location in locations:
+        if (outside := outside_roots(location, model_roots)) is not None:
+            return pipeline.after_validation(request, location_refusal(outside, instance))
     return pipeline.after_validation(request, run_checks(request, policy, instance, cache))
+
+
+def location_refusal(reason: str, service: str) -> StageReport:
+    return StageReport(
+        stage="validation",
+        status=Status.FAILED,
+        reason=reason,
+        checks=(CheckResult(name="location", status=Status.FAILED, reason=reason),),
+        service=service,
+    )
 
 
 def build(settings: Settings) -> ServiceApp:
@@ -54,7 +70,12 @@ def build(settings: Settings) -> ServiceApp:
     async def on_requested(request: DeploymentRequested) -> None:
         # Checks read files and hash: off the event loop, so acks and heartbeats keep flowing.
         events = await asyncio.to_thread(
-            handle_requested, request, svc.policy_file, settings.instance, cache
+            handle_requested,
+            request,
+            svc.policy_file,
+            settings.instance,
+            cache,
+            settings.model_roots,
         )
         for event in events:
             await svc.sink.publish_event(event)

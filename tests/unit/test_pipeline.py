@@ -16,6 +16,7 @@ from services.contracts.events import (
     DeploymentDegraded,
     DeploymentPromoted,
     DeploymentRequested,
+    ModelRef,
     StageReport,
     Status,
     ValidationCompleted,
@@ -204,3 +205,34 @@ def test_promotion_without_canary_lists_every_stage_that_did_not_run() -> None:
     # No template and no rollout: no page to link to.
     [unlinked] = handle_benchmarked(benchmarked, no_canary, Settings(instance="c-1"))
     assert isinstance(unlinked, DeploymentPromoted) and unlinked.metrics_url is None
+
+
+def test_a_local_location_outside_the_model_roots_is_blocked_unread(tmp_path: Path) -> None:
+    """What a `client` tried: file:///etc/shadow put the file's first bytes in the outcome, and
+    /etc the host's file names. Under PREFLIGHT_MODEL_ROOTS nothing outside is opened."""
+    from services.storage.locations import outside_roots
+
+    root = tmp_path / "models"
+    (root / "m").mkdir(parents=True)
+    (root / "escape").symlink_to("/etc")
+    roots = f"{root}:/nonexistent/other"
+    assert outside_roots(str(root / "m"), roots) is None
+    assert outside_roots(f"file://{root}/m", roots) is None
+    assert outside_roots("s3://bucket/m/", roots) is None  # remote: not a local path
+    assert outside_roots("/etc/shadow", None) is None  # unset: any local path
+    for hostile in ("/etc/shadow", "file:///etc", f"{root}/../../etc", f"{root}/escape/passwd"):
+        assert "local models must be under PREFLIGHT_MODEL_ROOTS" in (
+            outside_roots(hostile, roots) or ""
+        ), hostile
+    request = REQUEST.model_copy(update={"location": "file:///etc/shadow"})
+    _, blocked = handle_requested(request, PolicyFile(), "v-1", model_roots=roots)
+    assert isinstance(blocked, DeploymentBlocked)
+    assert blocked.reasons == (
+        f"location: file:///etc/shadow: local models must be under PREFLIGHT_MODEL_ROOTS "
+        f"({root}, /nonexistent/other)",
+    )
+    stable = ModelRef(name="org/m.v2", version="1", location="/etc")
+    request = REQUEST.model_copy(update={"location": str(root / "m"), "stable": stable})
+    _, blocked = handle_requested(request, PolicyFile(), "v-1", model_roots=roots)
+    assert isinstance(blocked, DeploymentBlocked)
+    assert "/etc: local models must be under" in blocked.reasons[0]
