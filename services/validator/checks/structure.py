@@ -124,6 +124,14 @@ def _shard_index(f: ModelFile, inv: Inventory, headers: ParsedHeaders) -> list[s
             if entry is None:
                 problems.append(f"shard {shard} is missing")
                 shards[rel] = None
+            elif entry.kind is not Kind.SAFETENSORS:
+                # transformers picks a shard's reader by its name: an index pointing at a .bin
+                # pickle made it torch.load a folder file, whatever use_safetensors says.
+                problems.append(
+                    f"shard {shard} is not a safetensors file ({entry.detail or entry.kind}): "
+                    "the loader would read it with torch.load"
+                )
+                shards[rel] = None
             else:
                 parsed = headers.safetensors(entry.path)
                 shards[rel] = None if isinstance(parsed, HeaderError) else parsed

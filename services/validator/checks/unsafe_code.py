@@ -317,7 +317,7 @@ def _scanner_for(mf: ModelFile) -> _Scanner | None:
     name = mf.path.name.lower()
     if mf.kind is Kind.PYTHON or name.endswith(_PYTHON_SUFFIXES):
         return _scan_python
-    if mf.kind is Kind.JSON and name.endswith("config.json"):
+    if mf.kind is Kind.JSON and (name.endswith("config.json") or name in TOKENIZER_ARGUMENTS):
         return _scan_config  # tokenizer_config.json, preprocessor_config.json ... carry auto_map
     return _SCANNERS.get(mf.kind)
 
@@ -1013,7 +1013,7 @@ def _chunks(path: Path, *, overlap: int, size: int = 1024 * 1024) -> Iterator[by
 def _scan_config(mf: ModelFile) -> list[_Issue]:
     """Hugging Face loaders run the repository's own code when a config asks for it."""
     config = json.loads(mf.path.read_bytes())
-    issues: list[_Issue] = _outside_files(config)
+    issues: list[_Issue] = _outside_files(config, mf.path.parent)
     places = len(issues)
     queue: deque[Any] = deque([config])
     turns = 0
@@ -1068,31 +1068,74 @@ over the model folder's own files (GPT2Tokenizer opens `vocab` and `merges` when
 strings). `tokenizer_file` and `vocab_file` there are not: the folder's files win (tried), and
 real configs carry their authors' absolute paths in them, so they are not findings."""
 
+TOKENIZER_ARGUMENTS = frozenset({"special_tokens_map.json"})
+"""JSON files besides the *config.json ones whose keys become the tokenizer's arguments:
+transformers copies every key of special_tokens_map.json into them (a `vocab` there is read
+like one in tokenizer_config.json)."""
 
-def _outside_files(config: Any) -> list[_Issue]:
-    """A config's top-level arguments that name a file outside the model: from_pretrained passes
-    tokenizer_config.json's keys to the tokenizer, which reads them from anywhere on the host
-    (a `vocab` of /etc/passwd became the vocabulary, passing the model folder's own by)."""
+SAFE_WEIGHTS_NAME = re.compile(r"[^/\\]+\.safetensors(?:\.index\.json)?\Z")
+
+
+def _outside_files(config: Any, folder: Path) -> list[_Issue]:
+    """A config's top-level arguments that make the loader read a file that is not one of the
+    model's: from_pretrained passes tokenizer_config.json's keys to the tokenizer, which opens a
+    name from anywhere on the host (a `vocab` of /etc/passwd became the vocabulary), and a
+    relative name against its working directory, not the folder (`credentials.json` there read
+    a secrets file of the benchmarker's data directory). So a name must be a file of the folder.
+    `fast_tokenizer_files` picks a tokenizer.json by transformers version (`../x/tokenizer.4.0.json`
+    loaded a tokenizer from outside), and `transformers_weights` names the weights file, which
+    transformers reads with torch.load unless it is safetensors."""
     if not isinstance(config, dict):
         return []
     issues: list[_Issue] = []
     for key, value in config.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            continue
-        if key not in PATH_KEYS:
-            continue
-        path = PurePosixPath(value.replace("\\", "/"))
-        if value.startswith(("/", "~")) or re.match(r"[A-Za-z]:", value) or ".." in path.parts:
-            issues.append(
-                (
-                    FindingKind.OUTSIDE_FILE,
-                    f"{key} names {value[:200]!r}, a file outside the model: the loader would "
-                    "read it from the host",
+        if key in PATH_KEYS and isinstance(value, str):
+            names = [value]
+        elif key == "fast_tokenizer_files" and isinstance(value, list):
+            names = [v for v in value if isinstance(v, str)]
+        elif key == "transformers_weights" and isinstance(value, str):
+            if not SAFE_WEIGHTS_NAME.match(value):
+                issues.append(
+                    (
+                        FindingKind.OUTSIDE_FILE,
+                        f"transformers_weights names {value[:200]!r}, not a safetensors file: "
+                        "transformers would read it with torch.load",
+                    )
                 )
-            )
+            continue
+        else:
+            continue
+        for name in names:
+            why = _not_in_folder(name, folder, plain=key == "fast_tokenizer_files")
+            if why is not None:
+                issues.append(
+                    (
+                        FindingKind.OUTSIDE_FILE,
+                        f"{key} names {name[:200]!r}, {why}: the loader would read it from the "
+                        "host",
+                    )
+                )
         if len(issues) >= MAX_CONFIG_FINDINGS:
             break
-    return issues
+    return issues[:MAX_CONFIG_FINDINGS]
+
+
+def _not_in_folder(name: str, folder: Path, *, plain: bool) -> str | None:
+    """Why `name` is not a file of `folder`, or None. `plain`: only a bare file name will do."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if name.startswith(("/", "~")) or re.match(r"[A-Za-z]:", name) or ".." in path.parts:
+        return "a file outside the model"
+    if plain and len(path.parts) != 1:
+        return "not a file name of the model folder"
+    target = folder.joinpath(*path.parts)
+    try:
+        inside = target.resolve().is_relative_to(folder.resolve())
+        regular = target.is_file()
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        return "not a file of the model"
+    if not (inside and regular):
+        return "not a file of the model (a relative name is opened from the working directory)"
+    return None
 
 
 ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")

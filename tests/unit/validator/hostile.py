@@ -670,6 +670,42 @@ def write_tokenizer_config_vocab_outside(directory: Path) -> Path:
     return model
 
 
+def write_tokenizer_config_vocab_relative(directory: Path) -> Path:
+    """A relative name is opened from the loader's working directory, not the model folder:
+    `credentials.json` read a secrets file of the benchmarker's data directory."""
+    model = write_safetensors_dir(directory)
+    (model / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1}))
+    (model / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = {"tokenizer_class": "GPT2Tokenizer", "vocab": "credentials.json"}
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return model
+
+
+def write_special_tokens_map_vocab_outside(directory: Path) -> Path:
+    """transformers copies every key of special_tokens_map.json into the tokenizer's arguments."""
+    model = write_safetensors_dir(directory)
+    (model / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "vocab": "/etc/preflight/vocab.json"})
+    )
+    return model
+
+
+def write_fast_tokenizer_files_outside(directory: Path) -> Path:
+    """`fast_tokenizer_files` picks a tokenizer.json by transformers version, joined to the folder
+    as given: a name through a directory called tokenizer.1.json reached any host file."""
+    model = write_safetensors_dir(directory)
+    (model / "tokenizer.1.json").mkdir()
+    files = ["tokenizer.1.json/../../../etc/hostname", "tokenizer.4.0.0.json"]
+    (model / "tokenizer_config.json").write_text(json.dumps({"fast_tokenizer_files": files}))
+    return model
+
+
+def write_config_transformers_weights_bin(directory: Path) -> Path:
+    """transformers reads the file `transformers_weights` names with torch.load unless it is
+    safetensors, use_safetensors or not."""
+    return _model_with_config(directory, transformers_weights="adapter_model.bin")
+
+
 def write_tokenizer_config_auto_map(directory: Path) -> Path:
     model = write_safetensors_dir(directory)
     tokenizer = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
@@ -1443,6 +1479,10 @@ HOSTILE: dict[str, Writer] = {
     "config_hub_kernel_attention": write_config_hub_kernel_attention,
     "config_hub_kernel_per_submodel": write_config_hub_kernel_per_submodel,
     "tokenizer_config_vocab_outside": write_tokenizer_config_vocab_outside,
+    "tokenizer_config_vocab_relative": write_tokenizer_config_vocab_relative,
+    "special_tokens_map_vocab_outside": write_special_tokens_map_vocab_outside,
+    "fast_tokenizer_files_outside": write_fast_tokenizer_files_outside,
+    "config_transformers_weights_bin": write_config_transformers_weights_bin,
     "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
     "python_file": write_python_file,
     "frame_evasion_pkl": write_frame_evasion_pkl,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,27 @@ def test_shard_index_naming_a_tensor_its_shard_lacks_fails(tmp_path: Path) -> No
         in reason
     )
     assert "shard model-00003-of-00002.safetensors is missing" in reason
+
+
+def test_shard_index_naming_a_pickle_shard_fails(tmp_path: Path) -> None:
+    """transformers picks a shard's reader by its name: an index mapping tensors to a .bin made
+    it torch.load a folder file, use_safetensors or not."""
+    write_sparse_sharded_model(
+        tmp_path, layers=2, hidden=64, intermediate=128, vocab=100, heads=4, kv_heads=4, shards=1
+    )
+    pickled = tmp_path / "model-00001-of-00001.bin"
+    with zipfile.ZipFile(pickled, "w") as archive:  # a torch.save zip: data.pkl inside
+        archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], pickled.name)
+    index_path.write_text(json.dumps(index))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert (
+        "shard model-00001-of-00001.bin is not a safetensors file (PyTorch zip (data.pkl)): "
+        "the loader would read it with torch.load"
+    ) in reason
 
 
 def test_config_that_disagrees_with_the_tensors_fails(tmp_path: Path) -> None:

@@ -98,6 +98,21 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "tokenizer_config.json: vocab names '/etc/preflight/credentials.json', a file outside",
         "tokenizer_config.json: merges names '../../merges.txt', a file outside the model",
     ),
+    "tokenizer_config_vocab_relative": (
+        "tokenizer_config.json: vocab names 'credentials.json', not a file of the model (a "
+        "relative name is opened from the working directory)",
+    ),
+    "special_tokens_map_vocab_outside": (
+        "special_tokens_map.json: vocab names '/etc/preflight/vocab.json', a file outside",
+    ),
+    "fast_tokenizer_files_outside": (
+        "fast_tokenizer_files names 'tokenizer.1.json/../../../etc/hostname', a file outside",
+        "fast_tokenizer_files names 'tokenizer.4.0.0.json', not a file of the model",
+    ),
+    "config_transformers_weights_bin": (
+        "config.json: transformers_weights names 'adapter_model.bin', not a safetensors file: "
+        "transformers would read it with torch.load",
+    ),
     "tokenizer_config_auto_map": (
         'tokenizer_config.json: auto_map loads code: AutoTokenizer -> ["tokenization_x',
     ),
@@ -200,6 +215,8 @@ def test_a_tokenizer_config_naming_its_own_files_or_an_author_s_paths_passes(
     """Real tokenizer configs carry `name_or_path` and `tokenizer_file` with their authors'
     absolute paths; the loader does not read those over the folder's files."""
     model = hostile.write_safetensors_dir(tmp_path / "m")
+    for own in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (model / own).write_text("{}")
     (model / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -207,11 +224,15 @@ def test_a_tokenizer_config_naming_its_own_files_or_an_author_s_paths_passes(
                 "tokenizer_file": "/home/author/.cache/tokenizer.json",
                 "vocab": "vocab.json",
                 "merges": "merges.txt",
+                "fast_tokenizer_files": ["tokenizer.json"],
             }
         )
     )
+    (model / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
     res = scan(model)
     assert res.status is Status.PASSED, res.reason
+    weights = hostile._model_with_config(tmp_path / "w", transformers_weights="model.safetensors")
+    assert scan(weights).status is Status.PASSED
 
 
 @pytest.mark.parametrize(
