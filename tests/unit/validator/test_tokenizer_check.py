@@ -88,8 +88,8 @@ def test_the_stage_blocks_before_anything_is_loaded(tmp_path: Path) -> None:
 
 
 def test_the_policy_switch_turns_it_off(tmp_path: Path) -> None:
-    policy = PolicyFile().resolve(
-        model="m", overrides={"validation": {"checks": {"tokenizer": False}}}
+    policy = PolicyFile(models={"m": {"validation": {"checks": {"tokenizer": False}}}}).resolve(
+        model="m"
     )
     report = validate(str(without_tokenizer(tmp_path / "m")), policy=policy.validation)
     assert report.status is Status.PASSED, report.reason

@@ -40,9 +40,8 @@ def test_a_failure_blocks_and_names_the_check(tmp_path: Path) -> None:
 
 def test_checks_switched_off_in_policy_are_skipped_and_say_so(tmp_path: Path) -> None:
     model = write_sample_model(tmp_path / "m")
-    policy = PolicyFile().resolve(
-        model="m", overrides={"validation": {"checks": {"secrets": False, "vram_fit": False}}}
-    )
+    off = {"validation": {"checks": {"secrets": False, "vram_fit": False}}}
+    policy = PolicyFile(defaults=off).resolve(model="m")  # the operator's file: a request may not
     report = validate(str(model), policy=policy.validation)
     by_name = {c.name: c for c in report.checks}
     assert by_name["secrets"].status is Status.SKIPPED
@@ -52,7 +51,7 @@ def test_checks_switched_off_in_policy_are_skipped_and_say_so(tmp_path: Path) ->
 
 
 def test_whole_stage_switched_off_is_skipped() -> None:
-    policy = PolicyFile().resolve(model="m", overrides={"validation": {"enabled": False}})
+    policy = PolicyFile(defaults={"validation": {"enabled": False}}).resolve(model="m")
     report = validate("/does/not/matter", policy=policy.validation)
     assert report.status is Status.SKIPPED
     assert report.reason == "skipped: disabled by policy"
