@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import zipfile
@@ -29,6 +30,9 @@ from services.validator.checks.headers import (
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
 
 NAME = "structure"
+PARAMETER_SLACK = 32
+"""How many times fewer elements than config.json's least parameter count the weights may hold
+(packed quantized weights hold 2 to 16 parameters per element)."""
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")  # h.0. (BLOOM)
 _EMBEDDING_NAMES = (
@@ -233,6 +237,13 @@ def _h5(f: ModelFile) -> list[str]:
     return [] if read.problem is None else [f"HDF5 file does not open: {read.problem}"]
 
 
+def _count(n: int, *, grouped: bool = True) -> str:
+    """A count for a message; a config's 4,000-digit number cannot even be printed whole."""
+    if n >= 10**18:
+        return "over 10^18"
+    return f"{n:,}" if grouped else str(n)
+
+
 def _first(config: dict[str, Any], *keys: str) -> int | None:
     for key in keys:
         value = config.get(key)
@@ -272,5 +283,19 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
         if found != layers or len(indices) != found:
             problems.append(
                 f"{layers} layers in config, tensors for {len(indices)} (max index {found - 1})"
+            )
+    if hidden and layers and hidden > 0 and layers > 0:
+        # Names and counts can be made to match with one tiny tensor per layer, or no
+        # embedding at all: what the weights hold against what the config makes the loader
+        # build cannot. At least the attention's query and output projections per layer, and
+        # the embedding once; 32x slack for packed quantized weights (4-bit packs 8 to an int32).
+        declared = layers * 2 * hidden * hidden + max(vocab or 0, 0) * hidden
+        held = sum(math.prod(shape) for shape in tensors.values())
+        if held * PARAMETER_SLACK < declared:
+            problems.append(
+                f"declares at least {_count(declared)} parameters ({_count(layers, grouped=False)} "
+                f"layers of hidden size {_count(hidden, grouped=False)}), the weights hold "
+                f"{_count(held)}: the loader "
+                "would build the rest from random numbers"
             )
     return problems

@@ -371,3 +371,23 @@ def test_layer_tensors_named_from_the_root_count(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 3, "hidden_size": 8}))
     _, _, st, reason = run(tmp_path)
     assert "3 layers in config, tensors for 2" in reason
+
+
+@pytest.mark.parametrize("embedding", [True, False])
+def test_a_config_far_bigger_than_its_weights_fails(tmp_path: Path, embedding: bool) -> None:
+    """The review's bypass of the layer check: one 8-element tensor per layer makes the names
+    and counts match (or no embedding skips that test), and 40 layers of 8192 made the loader
+    allocate about 120 GiB from a 1 MB folder. What the weights hold cannot be faked."""
+    from safetensors.numpy import save_file
+
+    np = pytest.importorskip("numpy")
+    tensors = {f"h.{i}.ln_1.weight": np.zeros((8,), np.float32) for i in range(40)}
+    if embedding:
+        tensors["wte.weight"] = np.zeros((32, 8192), np.float16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = {"model_type": "gpt2", "n_layer": 40, "n_embd": 8192, "vocab_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "declares at least 5,368,971,264 parameters (40 layers of hidden size 8192)" in reason
+    assert "the loader would build the rest from random numbers" in reason
