@@ -43,6 +43,7 @@ def handle_requested(
 ) -> list[Event]:
     try:
         policy = pipeline.resolve_policy(policy_file, request)
+        policy.model_class(request.model_class)  # an unknown class: said now, not as degraded
     except PolicyError as exc:
         return pipeline.after_validation(request, pipeline.policy_refusal(exc, instance))
     locations = [request.location, *([request.stable.location] if request.stable else [])]

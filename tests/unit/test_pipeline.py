@@ -112,6 +112,15 @@ def test_a_policy_override_that_cannot_be_used_blocks_at_validation_saying_why(
     assert handle_validated(completed, PolicyFile(), "b-1") == []
 
 
+def test_an_unknown_model_class_blocks_at_validation() -> None:
+    """It used to pass validation and end `degraded` at the benchmarker ("could not run"),
+    then be promoted: a typo in --class is bad input, answered at once."""
+    request = REQUEST.model_copy(update={"model_class": "smal"})
+    _, blocked = handle_requested(request, PolicyFile(), "v-1")
+    assert isinstance(blocked, DeploymentBlocked)
+    assert "unknown model class 'smal' (known: default, large, small)" in blocked.reasons[0]
+
+
 def test_an_operator_sets_what_requests_may_override() -> None:
     lenient = PolicyFile.model_validate(
         {
