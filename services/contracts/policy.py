@@ -279,9 +279,11 @@ class Policy(_Strict):
         return self.model_class(model_class).canary or self.canary.thresholds
 
 
-REQUEST_DENIED: Final = ("validation.enabled", "validation.checks")
+REQUEST_DENIED: Final = ("validation.enabled", "validation.checks", "notify.webhook_url")
 """What a request may not change by default: the validator is the gate against hostile files
-(code that runs on load, leaked keys), and anyone who may publish a request would switch it off."""
+(code that runs on load, leaked keys), and anyone who may publish a request would switch it off;
+the notifier signs what it posts to a webhook, and would post it anywhere (a request's own
+`notify.webhook_url` is held to PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead)."""
 
 REQUEST_MAX: Final[dict[str, float]] = {
     # Each of these holds a shared service for as long as it asks: one request with

@@ -164,6 +164,7 @@ class Notifier:
             self.svc.policy_file,
             default_channel=self.svc.settings.slack_channel,
             default_webhook=self.svc.settings.webhook_url,
+            request_webhook_prefixes=self.svc.settings.request_webhook_prefixes,
         )
         notice = make_notice(
             event,

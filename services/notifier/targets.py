@@ -46,6 +46,14 @@ def notify_policy(
         return NotifyPolicy()
 
 
+def webhook_allowed(url: str, prefixes: str | None) -> bool:
+    """Whether a request may have notices posted to `url`: only under an operator's prefix. The
+    notifier signs what it posts, so anyone who may publish a request could otherwise make it
+    post, signed, to loopback services or a cloud metadata address."""
+    allowed = [p.strip() for p in (prefixes or "").split(",") if p.strip()]
+    return any(url.startswith(prefix) for prefix in allowed)
+
+
 def resolve_targets(
     event: NoticeEvent,
     request: DeploymentRequested | None,
@@ -53,12 +61,21 @@ def resolve_targets(
     *,
     default_channel: str | None,
     default_webhook: str | None,
+    request_webhook_prefixes: str | None = None,
 ) -> Targets:
     policy = notify_policy(policy_file, event, request)
     asked = request.notify if request else None
     channel = (asked.slack_channel if asked else None) or policy.slack_channel or default_channel
     urls: list[str] = []
-    for url in (asked.webhook_url if asked else None, policy.webhook_url, default_webhook):
+    wanted = asked.webhook_url if asked else None
+    if wanted and not webhook_allowed(wanted, request_webhook_prefixes):
+        log.warning(
+            "%s: the request's notify.webhook_url is not under PREFLIGHT_REQUEST_WEBHOOK_PREFIXES;"
+            " not sent there",
+            event.deployment_id,
+        )
+        wanted = None
+    for url in (wanted, policy.webhook_url, default_webhook):
         if url and url not in urls:
             urls.append(url)
     return Targets(slack_channel=channel, webhook_urls=tuple(urls), kinds=frozenset(policy.on))

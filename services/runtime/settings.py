@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key; signature in `X-Preflight-Signature`."
     )
+    request_webhook_prefixes: str | None = Field(
+        default=None,
+        description=(
+            "URL prefixes, comma-separated, that a deployment request's own `notify.webhook_url` "
+            "may start with (e.g. https://hooks.example.com/); unset: requests may not name "
+            "webhooks. The notifier signs what it sends, so an open choice let anyone make it "
+            "post, signed, to any address, loopback and cloud metadata included."
+        ),
+    )
     router_host: str = "127.0.0.1"
     router_port: int = Field(default=8480, ge=0, le=65535)
     router_default_model: str | None = Field(

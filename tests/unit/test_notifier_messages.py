@@ -574,10 +574,34 @@ def test_webhooks_add_up_and_notify_on_filters_kinds() -> None:
         POLICY,
         default_channel=None,
         default_webhook="https://ops.example.com/hook",
+        request_webhook_prefixes="https://hooks.example.com/, https://mine.example.com/",
     )
     assert targets.webhook_urls == ("https://mine.example.com/h", "https://ops.example.com/hook")
     assert targets.wants("blocked") and not targets.wants("promoted")
     assert not targets.wants("progress")
+
+
+@pytest.mark.parametrize(
+    ("url", "prefixes"),
+    [
+        ("http://127.0.0.1:8471/api/anything", None),  # no prefixes: no request webhooks
+        ("http://169.254.169.254/latest/meta-data/", "https://hooks.example.com/"),
+        ("https://hooks.example.com.evil.test/x", "https://hooks.example.com/"),
+    ],
+)
+def test_a_request_s_own_webhook_goes_only_under_an_operator_s_prefix(
+    url: str, prefixes: str | None
+) -> None:
+    """The notifier signs what it posts: a request could make it post anywhere (F4)."""
+    targets = resolve_targets(
+        CASES["blocked"],
+        request(webhook_url=url),
+        POLICY,
+        default_channel=None,
+        default_webhook="https://ops.example.com/hook",
+        request_webhook_prefixes=prefixes,
+    )
+    assert targets.webhook_urls == ("https://ops.example.com/hook",)
 
 
 def test_a_broken_policy_override_still_notifies() -> None:

@@ -98,6 +98,10 @@ def test_a_disabled_stage_says_disabled_by_policy() -> None:
             "validation.time_limit_s: 86400 is above the ceiling of 120",
         ),
         ({"benchmark": {"stride": 1}}, "benchmark.stride: 1 is below the floor of 32"),
+        (
+            {"notify": {"webhook_url": "http://169.254.169.254/latest/"}},
+            "a request may not change notify.webhook_url",
+        ),
     ],
 )
 def test_a_policy_override_that_cannot_be_used_blocks_at_validation_saying_why(
