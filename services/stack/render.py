@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,16 @@ from services.contracts.events import (
     ValidationCompleted,
 )
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """Text from a request (who, why, where) as it may reach a terminal: control characters and
+    bidirectional overrides written as escapes (a `requested_by` with ESC sequences rewrote the
+    operator's screen, or hid the line), Rich markup escaped."""
+    return escape(_UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text))
+
+
 _STYLE = {
     Status.PASSED: "green",
     Status.SKIPPED: "yellow",
@@ -41,14 +52,14 @@ def stage_line(report: StageReport) -> str:
     style = _STYLE[report.status]
     text = f"{report.stage}: [{style}]{report.status.value}[/{style}]"
     if report.reason and not report.reason.startswith(report.status.value):
-        text += f" - {escape(report.reason)}"
+        text += f" - {shown(report.reason)}"
     elif report.reason:
-        text += escape(report.reason[len(report.status.value) :])
+        text += shown(report.reason[len(report.status.value) :])
     failed = [
         c for c in report.checks if c.status in (Status.FAILED, Status.ERROR, Status.DEGRADED)
     ]
     for check in failed:
-        text += f"\n      {check.name}: {check.status.value} - {escape(check.reason)}"
+        text += f"\n      {shown(check.name)}: {check.status.value} - {shown(check.reason)}"
     return text
 
 
@@ -61,8 +72,8 @@ def describe(event: DeploymentEvent) -> str:
             who = event.requested_by
             stable = f", replacing {event.stable.version}" if event.stable else ""
             return (
-                f"{head}requested {event.model} {event.version} from {event.location}"
-                f"{stable} (by {who.user} via {who.system})"
+                f"{head}requested {event.model} {event.version} from {shown(event.location)}"
+                f"{stable} (by {shown(who.user)} via {shown(who.system)})"
             )
         case ValidationCompleted() | BenchmarkCompleted():
             return head + stage_line(event.report)
@@ -73,7 +84,7 @@ def describe(event: DeploymentEvent) -> str:
             return f"{head}canary step {step}: {event.weight:g}% for {event.duration_s:g} s"
         case CanaryAnalysed():
             numbers = compare(event.canary, event.stable)
-            why = "" if event.verdict == "healthy" else f": {escape(event.reason)}"
+            why = "" if event.verdict == "healthy" else f": {shown(event.reason)}"
             return f"{head}canary analysed: {event.verdict} ({numbers}){why}"
         case DeploymentPromoted():
             numbers = ""
@@ -101,11 +112,11 @@ def describe(event: DeploymentEvent) -> str:
                 event
             )
         case DeploymentFailed():
-            return f"{head}[bold red]FAILED[/bold red] in {event.stage}: {event.error}"
+            return f"{head}[bold red]FAILED[/bold red] in {event.stage}: {shown(event.error)}"
         case Command():
             by = event.requested_by
-            sender = f" as NATS user {by.nats_user}" if by.nats_user else ""
-            return f"{head}command {event.type} by {by.user}{sender}: {event.reason}"
+            sender = f" as NATS user {shown(by.nats_user)}" if by.nats_user else ""
+            return f"{head}command {event.type} by {shown(by.user)}{sender}: {shown(event.reason)}"
     return f"{head}{event.type}"  # pragma: no cover - every type is matched above
 
 
@@ -123,9 +134,9 @@ def compare(canary: RoleMeasurement | None, stable: RoleMeasurement | None) -> s
 
 
 def _why(outcome: Outcome) -> str:
-    text = "".join(f"\n      {escape(reason)}" for reason in outcome.reasons)
+    text = "".join(f"\n      {shown(reason)}" for reason in outcome.reasons)
     if outcome.metrics_url:
-        text += f"\n      metrics: {outcome.metrics_url}"
+        text += f"\n      metrics: {shown(outcome.metrics_url)}"
     return text
 
 
@@ -142,7 +153,7 @@ def report_table(report: StageReport, title: str) -> Table:
             check.name,
             f"[{style}]{check.status.value}[/{style}]",
             f"{check.duration_ms:.1f}",
-            escape(check.reason),
+            shown(check.reason),
         )
     return table
 
