@@ -137,14 +137,13 @@ class IstioRouter:
             dest["port"] = {"number": o.port}
         return dest
 
-    def way(self, route: Route, share: Share, weight: int | None) -> Obj:
-        """One HTTPRouteDestination: where, how much (None: a pin route's), and the record
-        headers."""
+    def way(self, route: Route, share: Share, weight: int | None, *, pinned: bool = False) -> Obj:
+        """One HTTPRouteDestination: where, how much, and the record headers (`pinned`: a pin
+        route's, whose records stay out of the analysis)."""
         out: Obj = {"destination": self.destination(route, share)}
         if weight is not None:
             out["weight"] = weight
         if self.options.record_headers:
-            pinned = weight is None
             headers = dict(record_headers(route, share, pinned=pinned))
             out["headers"] = {"request": {"set": headers}}
         return out
@@ -162,7 +161,7 @@ class IstioRouter:
                     {
                         "name": f"{o.route_name}-pin-{share.role}",
                         "match": matches,
-                        "route": [self.way(route, share, None)],
+                        "route": [self.way(route, share, None, pinned=True)],
                     }
                 )
         weighted: Obj = {

@@ -59,9 +59,9 @@ def first_route() -> Route:
     return Route(model=MODEL, stable=RouteTarget(version=V1, location=target(V1).location))
 
 
-def header_filter(role: str, version: str, deployment: str) -> list[Obj]:
+def header_filter(role: str, version: str, deployment: str, pinned: bool = False) -> list[Obj]:
     """The RequestHeaderModifier the gateway-api router puts on each backendRef."""
-    pairs = marks(role, version, deployment)
+    pairs = marks(role, version, deployment, pinned)
     return [
         {
             "type": "RequestHeaderModifier",
@@ -70,13 +70,15 @@ def header_filter(role: str, version: str, deployment: str) -> list[Obj]:
     ]
 
 
-def marks(role: str, version: str, deployment: str) -> dict[str, str]:
-    """The record headers (services/envoy/config.py) for one role of the route."""
+def marks(role: str, version: str, deployment: str, pinned: bool = False) -> dict[str, str]:
+    """The record headers (services/envoy/config.py) for one role of the route: `true` in the
+    pin rules, whose records stay out of the canary analysis."""
     return {
         "x-preflight-model": MODEL,
         "x-preflight-role": role,
         "x-preflight-version": version,
         "x-preflight-deployment": deployment,
+        "x-preflight-pinned": "true" if pinned else "false",
     }
 
 
