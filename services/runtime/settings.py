@@ -133,6 +133,15 @@ class Settings(BaseSettings):
             "stack). Remote locations (s3://, hf://, https://) are not affected."
         ),
     )
+    remote_location_prefixes: str | None = Field(
+        default=None,
+        description=(
+            "Comma-separated prefixes remote locations must start with (s3://models/, "
+            "hf://acme/, https://models.example.com/); unset: any. An https:// location is "
+            "fetched by the validator, so an open choice lets a request probe hosts and ports "
+            "the validator can reach."
+        ),
+    )
     benchmark_time_limit_s: float = Field(
         default=1800.0,
         gt=0,

@@ -43,6 +43,29 @@ def outside_roots(location: str, roots: str | None) -> str | None:
     return f"{location}: local models must be under PREFLIGHT_MODEL_ROOTS ({shown})"
 
 
+def remote_not_allowed(location: str, prefixes: str | None) -> str | None:
+    """Why a remote `location` may not be fetched under `prefixes` (comma-separated), or None.
+    Compared as given and lower-cased in scheme and host, so `HTTPS://Models...` is the same."""
+    if prefixes is None or not is_remote(location):
+        return None
+    allowed = [p.strip() for p in prefixes.split(",") if p.strip()]
+    scheme, _, rest = location.partition("://")
+    host, slash, path = rest.partition("/")
+    normal = f"{scheme.lower()}://{host.lower()}{slash}{path}"
+    if any(_under(normal, prefix) or _under(location, prefix) for prefix in allowed):
+        return None
+    shown = ", ".join(allowed) or "(none)"
+    return f"{location}: remote models must be under PREFLIGHT_REMOTE_LOCATION_PREFIXES ({shown})"
+
+
+def _under(location: str, prefix: str) -> bool:
+    """`location` starts with `prefix` at a path boundary: https://models.example.com does not
+    admit https://models.example.com.evil.test/."""
+    if not location.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(location) == len(prefix) or location[len(prefix)] in "/@"
+
+
 def open_store(location: str) -> Store:
     """The store for a remote location. Raises StoreError (one line) for an unsupported one."""
     scheme = scheme_of(location)

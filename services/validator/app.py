@@ -10,7 +10,7 @@ from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.runtime import pipeline
 from services.runtime.service import ServiceApp, build_service
 from services.runtime.settings import Settings
-from services.storage.locations import outside_roots
+from services.storage.locations import outside_roots, remote_not_allowed
 from services.validator.checks.checksum import DigestCache, digest_cache_path
 from services.validator.validate import validate
 
@@ -40,6 +40,7 @@ def handle_requested(
     instance: str,
     cache: DigestCache | None = None,
     model_roots: str | None = None,
+    remote_prefixes: str | None = None,
 ) -> list[Event]:
     try:
         policy = pipeline.resolve_policy(policy_file, request)
@@ -48,7 +49,10 @@ def handle_requested(
         return pipeline.after_validation(request, pipeline.policy_refusal(exc, instance))
     locations = [request.location, *([request.stable.location] if request.stable else [])]
     for location in locations:
-        if (outside := outside_roots(location, model_roots)) is not None:
+        outside = outside_roots(location, model_roots) or remote_not_allowed(
+            location, remote_prefixes
+        )
+        if outside is not None:
             return pipeline.after_validation(request, location_refusal(outside, instance))
     return pipeline.after_validation(request, run_checks(request, policy, instance, cache))
 
@@ -77,6 +81,7 @@ def build(settings: Settings) -> ServiceApp:
             settings.instance,
             cache,
             settings.model_roots,
+            settings.remote_location_prefixes,
         )
         for event in events:
             await svc.sink.publish_event(event)

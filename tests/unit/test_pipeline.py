@@ -249,3 +249,32 @@ def test_a_local_location_outside_the_model_roots_is_blocked_unread(tmp_path: Pa
     _, blocked = handle_requested(request, PolicyFile(), "v-1", model_roots=roots)
     assert isinstance(blocked, DeploymentBlocked)
     assert "/etc: local models must be under" in blocked.reasons[0]
+
+
+def test_a_remote_location_outside_the_allowed_prefixes_is_blocked_unfetched() -> None:
+    """An https:// location is fetched by the validator: without prefixes, a request could make
+    it probe any host and port it can reach."""
+    from services.storage.locations import remote_not_allowed
+
+    prefixes = "s3://models/, hf://acme/, https://models.example.com"
+    for fine in (
+        "s3://models/org/chat/",
+        "hf://acme/chat-7b@v2",
+        "HTTPS://Models.Example.com/org/chat/",
+        "/local/path",  # PREFLIGHT_MODEL_ROOTS is for those
+    ):
+        assert remote_not_allowed(fine, prefixes) is None, fine
+    assert remote_not_allowed("https://10.0.0.1:6379/", None) is None  # unset: any
+    for hostile in (
+        "https://10.0.0.1:6379/",
+        "https://models.example.com.evil.test/m/",
+        "s3://models-evil/x/",
+        "hf://acme-evil/x",
+    ):
+        assert "remote models must be under PREFLIGHT_REMOTE_LOCATION_PREFIXES" in (
+            remote_not_allowed(hostile, prefixes) or ""
+        ), hostile
+    request = REQUEST.model_copy(update={"location": "https://169.254.169.254/latest/"})
+    _, blocked = handle_requested(request, PolicyFile(), "v-1", remote_prefixes=prefixes)
+    assert isinstance(blocked, DeploymentBlocked)
+    assert "https://169.254.169.254/latest/: remote models must be under" in blocked.reasons[0]
