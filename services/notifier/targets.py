@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.contracts.events import DeploymentRequested, Outcome
 from services.contracts.policy import NotifyPolicy, PolicyError, PolicyFile
 from services.notifier.messages import NoticeEvent, NoticeKind
+from services.storage.locations import starts_under
 
 log = logging.getLogger("preflight.notifier")
 
@@ -51,7 +52,7 @@ def webhook_allowed(url: str, prefixes: str | None) -> bool:
     notifier signs what it posts, so anyone who may publish a request could otherwise make it
     post, signed, to loopback services or a cloud metadata address."""
     allowed = [p.strip() for p in (prefixes or "").split(",") if p.strip()]
-    return any(url.startswith(prefix) for prefix in allowed)
+    return any(starts_under(url, prefix) for prefix in allowed)
 
 
 def resolve_targets(

@@ -52,13 +52,13 @@ def remote_not_allowed(location: str, prefixes: str | None) -> str | None:
     scheme, _, rest = location.partition("://")
     host, slash, path = rest.partition("/")
     normal = f"{scheme.lower()}://{host.lower()}{slash}{path}"
-    if any(_under(normal, prefix) or _under(location, prefix) for prefix in allowed):
+    if any(starts_under(normal, prefix) or starts_under(location, prefix) for prefix in allowed):
         return None
     shown = ", ".join(allowed) or "(none)"
     return f"{location}: remote models must be under PREFLIGHT_REMOTE_LOCATION_PREFIXES ({shown})"
 
 
-def _under(location: str, prefix: str) -> bool:
+def starts_under(location: str, prefix: str) -> bool:
     """`location` starts with `prefix` at a path boundary: https://models.example.com does not
     admit https://models.example.com.evil.test/."""
     if not location.startswith(prefix):

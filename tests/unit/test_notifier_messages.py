@@ -587,6 +587,7 @@ def test_webhooks_add_up_and_notify_on_filters_kinds() -> None:
         ("http://127.0.0.1:8471/api/anything", None),  # no prefixes: no request webhooks
         ("http://169.254.169.254/latest/meta-data/", "https://hooks.example.com/"),
         ("https://hooks.example.com.evil.test/x", "https://hooks.example.com/"),
+        ("https://hooks.example.com.evil.test/x", "https://hooks.example.com"),
     ],
 )
 def test_a_request_s_own_webhook_goes_only_under_an_operator_s_prefix(
