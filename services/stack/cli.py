@@ -448,7 +448,8 @@ async def _check_duplicate_is_ours(js: Any, request: DeploymentRequested, seq: i
     if (theirs.model, theirs.version, theirs.location) != ours:
         fail(
             f"deployment id {request.deployment_id} is already taken by another request "
-            f"({theirs.model} {theirs.version} from {theirs.location}); nothing was requested: "
+            f"({theirs.model} {theirs.version} from {render.shown(theirs.location)}); nothing "
+            "was requested: "
             "choose another --id, or leave --id out for a fresh one"
         )
 
