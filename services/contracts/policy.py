@@ -279,11 +279,18 @@ class Policy(_Strict):
         return self.model_class(model_class).canary or self.canary.thresholds
 
 
-REQUEST_DENIED: Final = ("validation.enabled", "validation.checks", "notify.webhook_url")
+REQUEST_DENIED: Final = (
+    "validation.enabled",
+    "validation.checks",
+    "notify.webhook_url",
+    "canary.traffic",
+)
 """What a request may not change by default: the validator is the gate against hostile files
 (code that runs on load, leaked keys), and anyone who may publish a request would switch it off;
 the notifier signs what it posts to a webhook, and would post it anywhere (a request's own
-`notify.webhook_url` is held to PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead)."""
+`notify.webhook_url` is held to PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead); the data plane and
+its options (a Kubernetes API URL the controller sends its token to, another team's object to
+patch with force, an xDS directory to write) are the operator's."""
 
 REQUEST_MAX: Final[dict[str, float]] = {
     # Each of these holds a shared service for as long as it asks: one request with
@@ -302,6 +309,7 @@ REQUEST_MIN: Final[dict[str, float]] = {
     "benchmark.stride": 32,  # the number of perplexity windows grows as 1/stride
     "canary.analysis_interval_s": 0.5,  # every look queries the store
     "canary.e_process.look_interval_s": 0.25,
+    "canary.e_process.change_every_s": 1.0,
 }
 """Floors on what a request's `policy_overrides` may set."""
 
@@ -343,12 +351,16 @@ class RequestLimits(_Strict):
         merged = {**REQUEST_MIN, **self.min}
         return {k: v for k, v in merged.items() if v is not None}
 
-    def problems(self, overrides: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
-        """What in `overrides` a request may not set; `given`: the policy the file's layers
-        resolve to (as JSON), so that restating a denied value is no problem."""
+    def problems(
+        self, overrides: Mapping[str, Any], given: Mapping[str, Any], result: Mapping[str, Any]
+    ) -> list[str]:
+        """What in `overrides` a request may not set. `given`: the policy the file's layers
+        resolve to, `result`: with the overrides (both as JSON). Values are compared as the
+        policy will use them, after validation: `"1e9"` is the number 1e9 to the policy."""
         found: list[str] = []
         ceilings, floors = self.ceilings(), self.floors()
-        for key, value in _leaves(overrides):
+        for key, _ in _leaves(overrides):
+            value = _get(result, key)
             denied = next((d for d in self.deny if key == d or key.startswith(f"{d}.")), None)
             if denied is not None and value != _get(given, key):
                 found.append(f"{key}: a request may not change {denied} (request_overrides.deny)")
@@ -420,16 +432,19 @@ class PolicyFile(_Strict):
         if overrides:
             layers.append(("deployment policy_overrides", overrides))
         merged: dict[str, Any] = {}
+        given: dict[str, Any] = {}
         for where, layer in layers:
             if layer is overrides:
                 given = _validate(merged, where).model_dump(mode="json")
-                refused = self.request_overrides.problems(overrides, given)
+            merged = _merge(merged, dict(layer))
+            checked = _validate(merged, where)  # fail at the layer that broke it: it is named
+            if layer is overrides:
+                result = checked.model_dump(mode="json")
+                refused = self.request_overrides.problems(overrides, given, result)
                 if refused:
                     raise PolicyError(
                         "; ".join(f"{where}: {problem} in {self.source}" for problem in refused)
                     )
-            merged = _merge(merged, dict(layer))
-            _validate(merged, where)  # fail at the layer that broke it, so the error names it
         return _validate(merged, layers[-1][0])
 
 

@@ -6,9 +6,9 @@ really in force. The controller never starts counting a step on a weight it has 
 `read` returning `Applied(confirmed=False, ...)` keeps the step from ending, and past the policy's
 `traffic.confirm_timeout_s` the rollout is held with `Applied.detail` as the reason.
 
-One module per router under services/traffic/, picked by name (`ROUTERS` in __init__.py) from the
-policy's `canary.traffic.router` (per model, or per request through `policy_overrides`), the way
-the notifier picks its channels: no if-chains in the engine.
+One module per router under services/traffic/, picked by name (`ROUTERS` in __init__.py) from
+the policy's `canary.traffic.router` (per model; per request only where the operator allows
+it), the way the notifier picks its channels: no if-chains in the engine.
 
 Every router that can also installs a header route, so a tester can pin themselves to one role:
 requests with `PIN_HEADER: canary` (or `: stable`) go there whatever the weight.

@@ -270,11 +270,14 @@ def _secret(value: Any) -> str | None:
 def configure(options: KubeOptions, settings: Any) -> tuple[kube_client.Configuration, str]:
     """The client configuration and, in words, where it came from (for error messages)."""
     cfg = kube_client.Configuration()
-    url = options.api_url or getattr(settings, "kube_api_url", None)
+    configured = getattr(settings, "kube_api_url", None)
+    url = options.api_url or configured
     if url:
         cfg.host = str(url).rstrip("/")
         token = _secret(getattr(settings, "kube_token", None))
-        if token:
+        # The token is PREFLIGHT_KUBE_API_URL's: never sent to a URL the options name instead
+        # (a request that could set them received the controller's token at its own server).
+        if token and (not options.api_url or _same_url(options.api_url, configured)):
             cfg.api_key = {"BearerToken": token}
             cfg.api_key_prefix = {"BearerToken": "Bearer"}
         ca_file = getattr(settings, "kube_ca_file", None)
@@ -306,6 +309,10 @@ def configure(options: KubeOptions, settings: Any) -> tuple[kube_client.Configur
             ) from None
     cfg.retries = False  # our own loop retries, with backoff, and knows which errors are transient
     return cfg, source
+
+
+def _same_url(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and str(a).rstrip("/") == str(b).rstrip("/")
 
 
 def _without_userinfo(url: str) -> str:

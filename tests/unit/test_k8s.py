@@ -494,3 +494,22 @@ def test_a_namespace_set_in_kustomize_reaches_the_scaledobject(where: str, tmp_p
     (scaled,) = (d for d in built if d["kind"] == "ScaledObject")
     assert scaled["metadata"]["namespace"] == "ml-platform"
     assert _monitoring_namespace(scaled) == "ml-platform"
+
+
+def test_the_token_goes_only_to_the_configured_api_url() -> None:
+    """A request that could name `api_url` received the controller's token at its own server
+    (review 13, F4): the token belongs to PREFLIGHT_KUBE_API_URL."""
+    from types import SimpleNamespace
+
+    from services.traffic.k8s import KubeOptions, configure
+
+    settings = SimpleNamespace(kube_api_url="https://kubernetes.internal:6443", kube_token="T0K")
+    ref = {"namespace": "models", "name": "chat"}
+    own, _ = configure(KubeOptions(**ref), settings)
+    assert own.host == "https://kubernetes.internal:6443"
+    assert own.api_key == {"BearerToken": "T0K"}
+    same, _ = configure(KubeOptions(**ref, api_url="https://kubernetes.internal:6443/"), settings)
+    assert same.api_key == {"BearerToken": "T0K"}
+    other, where = configure(KubeOptions(**ref, api_url="http://127.0.0.1:9999"), settings)
+    assert other.host == "http://127.0.0.1:9999" and not other.api_key
+    assert "options" in where

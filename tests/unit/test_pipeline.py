@@ -102,6 +102,26 @@ def test_a_disabled_stage_says_disabled_by_policy() -> None:
             {"notify": {"webhook_url": "http://169.254.169.254/latest/"}},
             "a request may not change notify.webhook_url",
         ),
+        # Numbers as strings: the policy reads "1e9" as 1e9, so the limits must too.
+        (
+            {"benchmark": {"latency_runs": "1000000000"}},
+            "benchmark.latency_runs: 1000000000 is above the ceiling of 100",
+        ),
+        ({"validation": {"time_limit_s": "1e9"}}, "validation.time_limit_s: 1000000000 is above"),
+        (
+            {"canary": {"analysis_interval_s": "0.000001"}},
+            "canary.analysis_interval_s: 1e-06 is below the floor of 0.5",
+        ),
+        (
+            {"canary": {"e_process": {"change_every_s": 1e-9}}},
+            "canary.e_process.change_every_s: 1e-09 is below the floor of 1",
+        ),
+        # The data plane and its options: a Kubernetes API URL that received the controller's
+        # token, another team's object to patch with force, an xDS directory to write.
+        (
+            {"canary": {"traffic": {"router": "istio", "options": {"api_url": "http://x:1"}}}},
+            "a request may not change canary.traffic",
+        ),
     ],
 )
 def test_a_policy_override_that_cannot_be_used_blocks_at_validation_saying_why(
