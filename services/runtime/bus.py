@@ -18,7 +18,13 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from services.contracts import subjects
-from services.contracts.events import DEPLOYMENT_EVENT, Command, DeploymentEvent, Event
+from services.contracts.events import (
+    DEPLOYMENT_EVENT,
+    Command,
+    DeploymentEvent,
+    DeploymentRequested,
+    Event,
+)
 from services.contracts.routing import message_id_for, subject_for
 from services.runtime import aio
 from services.runtime.settings import Settings, redact_url
@@ -420,6 +426,20 @@ def _parse(data: bytes, subject: str) -> DeploymentEvent | None:
 
 DIRECT_BATCH = 256
 FOLLOW_POLL_S = 0.2
+
+
+async def first_request(js: JetStreamContext, deployment_id: str) -> DeploymentRequested | None:
+    """The first request stored under a deployment id, whatever its model (direct get), or None.
+    Ids are anyone's to pick and each publisher may choose its own message id, so a later
+    request under a taken id is not deduplicated: the first one is the deployment."""
+    found, _ = await direct_get(
+        js._nc, subjects.EVENTS_STREAM, subjects.request_of(deployment_id), 1, 16
+    )
+    for _, subject, payload in found:
+        parsed = _parse(payload, subject)
+        if isinstance(parsed, DeploymentRequested):
+            return parsed
+    return None
 
 
 async def direct_get(

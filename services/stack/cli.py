@@ -407,6 +407,15 @@ def deploy(
         ack = await bus.publish_event(js, request)
         if ack.duplicate:
             await _check_duplicate_is_ours(js, request, ack.seq)
+        first = await bus.first_request(js, request.deployment_id)
+        if first is not None and not _same_ask(first, request):
+            # Another request took the id first under a message id of its own: not a
+            # duplicate, but it is the deployment (the validator drops this one).
+            fail(
+                f"deployment id {request.deployment_id} is already taken by another request "
+                f"({first.model} {first.version} from {render.shown(first.location)}); "
+                "choose another --id, or leave --id out for a fresh one"
+            )
         return ack
 
     ack = run_async(lambda: _connected(settings, send))
@@ -431,6 +440,11 @@ def deploy(
         raise typer.Exit(code)
 
 
+def _same_ask(a: DeploymentRequested, b: DeploymentRequested) -> bool:
+    """Whether two requests ask for the same thing (a retry of one's own request is)."""
+    return (a.model, a.version, a.location) == (b.model, b.version, b.location)
+
+
 async def _check_duplicate_is_ours(js: Any, request: DeploymentRequested, seq: int) -> None:
     """A duplicate answer means the id's request is already stored; it is this one only if it
     asks for the same thing. Ids are anyone's to pick: another request under this id (another
@@ -444,8 +458,7 @@ async def _check_duplicate_is_ours(js: Any, request: DeploymentRequested, seq: i
             f"deployment id {request.deployment_id} is already taken by a message this "
             "request cannot be compared with; nothing was requested: choose another --id"
         )
-    ours = (request.model, request.version, request.location)
-    if (theirs.model, theirs.version, theirs.location) != ours:
+    if not _same_ask(theirs, request):
         fail(
             f"deployment id {request.deployment_id} is already taken by another request "
             f"({theirs.model} {theirs.version} from {render.shown(theirs.location)}); nothing "

@@ -7,8 +7,8 @@ import asyncio
 from services.contracts import subjects
 from services.contracts.events import CheckResult, DeploymentRequested, Event, StageReport, Status
 from services.contracts.policy import Policy, PolicyError, PolicyFile
-from services.runtime import pipeline
-from services.runtime.service import ServiceApp, build_service
+from services.runtime import bus, pipeline
+from services.runtime.service import Rejected, ServiceApp, build_service
 from services.runtime.settings import Settings
 from services.storage.locations import outside_roots, remote_not_allowed
 from services.validator.checks.checksum import DigestCache, digest_cache_path
@@ -67,12 +67,29 @@ def location_refusal(reason: str, service: str) -> StageReport:
     )
 
 
+async def refuse_a_taken_id(svc: ServiceApp, request: DeploymentRequested) -> None:
+    """Only the first request under a deployment id is validated: another one (any model, any
+    message id) is dead-lettered, so a request that took the id CI was about to use cannot make
+    CI's request wait behind it and `deploy --wait` show the other one's outcome."""
+    connection = getattr(svc.broker, "_connection", None)
+    if connection is None:  # FastStream's in-memory broker: no stream to read
+        return
+    first = await bus.first_request(connection.jetstream(), request.deployment_id)
+    if first is not None and first != request:
+        raise Rejected(
+            f"deployment id {request.deployment_id} was first requested for {first.model} "
+            f"{first.version} from {first.location[:200]}: a later request under it is not "
+            "validated (choose a fresh id)"
+        )
+
+
 def build(settings: Settings) -> ServiceApp:
     svc = build_service(NAME, settings)
     cache = DigestCache(digest_cache_path(settings.data_dir))
 
     @svc.consume(subjects.VALIDATOR_DURABLE, DeploymentRequested)
     async def on_requested(request: DeploymentRequested) -> None:
+        await refuse_a_taken_id(svc, request)
         # Checks read files and hash: off the event loop, so acks and heartbeats keep flowing.
         events = await asyncio.to_thread(
             handle_requested,

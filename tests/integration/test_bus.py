@@ -385,6 +385,30 @@ async def test_bootstrap_says_why_a_durable_could_not_be_made(
     assert not any("notifier: ready" in line for line in said)
 
 
+async def test_only_the_first_request_under_an_id_is_validated(
+    js: JetStreamContext, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handled: list[str] = []
+
+    def counting(request: DeploymentRequested, *args: Any) -> Any:
+        handled.append(request.model)
+        raise RuntimeError("counted")
+
+    from services.validator import app as validator_app
+
+    monkeypatch.setattr(validator_app, "run_checks", counting)
+    first = request("d-first-wins", model="evil/m")
+    later = request("d-first-wins", model="org/m.v2")
+    async with running(registry.build("validator", settings)):
+        headers = {**bus.headers_for(first), bus.MSG_ID_HEADER: "mallory-1"}  # its own id
+        await js.publish(subject_for(first), bus.encode(first), headers=headers)
+        await bus.publish_event(js, later)  # not a duplicate: stored, and refused
+        letters = await dead_letters(js, 2)
+    refused = [x for x in letters if "was first requested for evil/m" in x["reason"]]
+    assert refused and "a later request under it is not validated" in refused[0]["reason"]
+    assert set(handled) == {"evil/m"}
+
+
 def rust_panic() -> BaseException:
     """The real `pyo3_runtime.PanicException`, as tokenizers raises it on a hostile file."""
     tokenizers = pytest.importorskip("tokenizers")
