@@ -442,6 +442,17 @@ async def first_request(js: JetStreamContext, deployment_id: str) -> DeploymentR
     return None
 
 
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: `*` one token, `>` one or more at the end."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, want in enumerate(wanted):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (want != "*" and want != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
 async def direct_get(
     nc: NATS, stream: str, filter_subject: str, start_seq: int, batch: int = DIRECT_BATCH
 ) -> tuple[list[tuple[int, str, bytes]], int]:
@@ -466,6 +477,16 @@ async def direct_get(
                 ) from exc
             headers = msg.headers or {}
             status = headers.get("Status")
+            # Not this read's answers: a consumer's delivery aimed at the inbox by someone else
+            # (it has an ack subject, and carries whatever headers were stored with it), or a
+            # message outside the filter from a direct get someone else asked to be answered
+            # here. The server's own answers have no reply subject and its Nats-Subject (review
+            # 13: a forged PROMOTED pushed into `deploy --wait`'s reads).
+            if msg.reply or (
+                status is None
+                and not subject_matches(headers.get("Nats-Subject", ""), filter_subject)
+            ):
+                continue
             if status == "404":
                 return found, 0
             if status is not None:  # 204 end of batch; 408 or other: what we have is all
