@@ -30,6 +30,8 @@ from services.validator.checks.headers import (
 from services.validator.checks.inventory import MAX_JSON_BYTES, Inventory, Kind, ModelFile
 
 NAME = "structure"
+MAX_LAYERS = 1_000_000
+"""Past this, a layer count is only compared through the parameters it implies."""
 PARAMETER_SLACK = 32
 """How many times fewer elements than config.json's least parameter count the weights may hold
 (packed quantized weights hold 2 to 16 parameters per element)."""
@@ -266,23 +268,34 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
     )
     if embedding is not None and len(embedding) == 2:
         rows, cols = embedding
-        if hidden is not None and cols != hidden:
+        # A factorised embedding is narrower than the model: ALBERT's embedding_size, OPT-350m's
+        # word_embed_proj_dim (projected in and out).
+        widths = {hidden, _first(config, "embedding_size"), _first(config, "word_embed_proj_dim")}
+        if hidden is not None and cols not in widths:
             problems.append(f"hidden size {hidden} but the embedding is {rows} x {cols}")
         if vocab is not None and rows != vocab:
             problems.append(f"vocab_size {vocab} but the embedding has {rows} rows")
-    indices = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
-    if layers and embedding is not None and not indices:
-        # transformers builds every layer the weights lack from random numbers: a 1 MB folder
-        # declaring 40 layers of 8192 allocated gigabytes before it said anything.
-        problems.append(
-            f"{layers} layers in config, no layer tensors in the weights (the loader would "
-            "build every one from random numbers)"
-        )
-    if layers is not None and indices:
-        found = max(indices) + 1
-        if found != layers or len(indices) != found:
+    stacks: dict[str, set[int]] = {}
+    for name in tensors:
+        if (m := _LAYER_INDEX.search(name)) is not None:
+            stacks.setdefault(name[: m.start(1)], set()).add(int(m.group(1)))
+    if layers is not None and 0 < layers <= MAX_LAYERS and stacks:
+        # Layers the weights lack are built from random numbers; more than declared is common
+        # and fine (a vision tower's blocks, a decoder deeper than the encoder, DeepSeek's
+        # multi-token-prediction layer at index num_hidden_layers). So only missing ones fail,
+        # in the stack that has the most; models that share layers (ALBERT) name none. (More
+        # layers than MAX_LAYERS: the parameter count below says it.)
+        def present(indices: set[int]) -> int:
+            return sum(1 for i in indices if i < layers)
+
+        prefix, indices = max(stacks.items(), key=lambda kv: present(kv[1]))
+        have = present(indices)
+        if have < layers:
+            missing = [i for i in range(layers) if i not in indices][:5]
+            shown = ", ".join(map(str, missing)) + (" ..." if layers - have > 5 else "")
             problems.append(
-                f"{layers} layers in config, tensors for {len(indices)} (max index {found - 1})"
+                f"{layers} layers in config, tensors under {prefix!r} for {have} of them "
+                f"(missing {shown})"
             )
     if hidden and layers and hidden > 0 and layers > 0:
         # Names and counts can be made to match with one tiny tensor per layer, or no
