@@ -239,6 +239,26 @@ def _h5(f: ModelFile) -> list[str]:
     return [] if read.problem is None else [f"HDF5 file does not open: {read.problem}"]
 
 
+def _least_per_layer(config: dict[str, Any], hidden: int) -> int:
+    """The fewest parameters one layer of this config can have: the attention's query and
+    output projections (as wide as heads x head_dim where those are given), and the MLP's two
+    projections per expert where an intermediate size is given (review 14 grew folders of
+    300 KB to 2-4 GB with intermediate_size, num_local_experts or head_dim alone)."""
+    heads = _first(config, "num_attention_heads", "n_head", "num_heads")
+    head_dim = _first(config, "head_dim")
+    width = heads * head_dim if heads and head_dim and heads > 0 and head_dim > 0 else hidden
+    least = 2 * hidden * width
+    inner = _first(config, "intermediate_size", "n_inner", "ffn_dim", "d_ff")
+    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts")
+    if experts is not None and experts > 1:
+        # An expert's own width where the config gives one (DeepSeek, Qwen-MoE: narrower than
+        # the dense layers' intermediate_size, which only a few layers use).
+        inner = _first(config, "moe_intermediate_size", "expert_intermediate_size") or inner
+    if inner is not None and inner > 0:
+        least += 2 * hidden * inner * max(experts or 1, 1)
+    return least
+
+
 def _count(n: int, *, grouped: bool = True) -> str:
     """A count for a message; a config's 4,000-digit number cannot even be printed whole."""
     if n >= 10**18:
@@ -262,7 +282,7 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
     problems = []
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     vocab = _first(config, "vocab_size", "n_vocab")
-    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    layers = _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
     embedding = next(
         (shape for name, shape in tensors.items() if name.endswith(_EMBEDDING_NAMES)), None
     )
@@ -302,7 +322,7 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
         # embedding at all: what the weights hold against what the config makes the loader
         # build cannot. At least the attention's query and output projections per layer, and
         # the embedding once; 32x slack for packed quantized weights (4-bit packs 8 to an int32).
-        declared = layers * 2 * hidden * hidden + max(vocab or 0, 0) * hidden
+        declared = layers * _least_per_layer(config, hidden) + max(vocab or 0, 0) * hidden
         held = sum(math.prod(shape) for shape in tensors.values())
         if held * PARAMETER_SLACK < declared:
             problems.append(

@@ -412,3 +412,62 @@ def test_real_layouts_that_differ_from_the_simple_one_pass(tmp_path: Path, case:
     (tmp_path / "config.json").write_text(json.dumps(config))
     _, _, st, reason = run(tmp_path)
     assert st is Status.PASSED, reason
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"intermediate_size": 4_000_000},
+        {"intermediate_size": 4096, "num_local_experts": 2000},
+        {"num_attention_heads": 2, "head_dim": 4_000_000},
+        {"n_layers": 40, "num_hidden_layers": None},  # MPT names its layer count n_layers
+    ],
+)
+def test_a_config_whose_other_sizes_outgrow_the_weights_fails(
+    tmp_path: Path, extra: dict[str, object]
+) -> None:
+    """Review 14: 300 KB folders grew to 2-4 GB through keys the bound did not read."""
+    from safetensors.numpy import save_file
+
+    np = pytest.importorskip("numpy")
+    tensors = {"model.embed_tokens.weight": np.zeros((32, 64), np.float32)}
+    tensors |= {f"model.layers.{i}.attn.weight": np.zeros((64, 64), np.float32) for i in range(1)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = {"hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 32} | extra
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v}))
+    _, _, st, reason = run(tmp_path)
+    assert st is Status.FAILED
+    assert "the loader would build the rest from random numbers" in reason
+
+
+@pytest.mark.parametrize(
+    ("config", "params"),
+    [
+        (
+            {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+             "num_local_experts": 8, "vocab_size": 32000},
+            46.7e9,
+        ),
+        (
+            {"hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+             "intermediate_size": 18432, "moe_intermediate_size": 2048,
+             "n_routed_experts": 256, "vocab_size": 129280},
+            671e9,
+        ),
+        (
+            {"hidden_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 8,
+             "head_dim": 256, "intermediate_size": 16384, "vocab_size": 256000},
+            2.5e9,
+        ),
+    ],
+)  # fmt: skip
+def test_real_models_even_packed_to_2_bits_are_within_the_bound(
+    config: dict[str, int], params: float
+) -> None:
+    """Mixtral-8x7B, DeepSeek-V3, Gemma-2B: 2-bit weights packed 16 to an int32 element."""
+    from services.validator.checks.structure import PARAMETER_SLACK, _least_per_layer
+
+    hidden = config["hidden_size"]
+    declared = config["num_hidden_layers"] * _least_per_layer(config, hidden)
+    declared += config["vocab_size"] * hidden
+    assert params / 16 * PARAMETER_SLACK >= declared
