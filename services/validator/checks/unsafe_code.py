@@ -1013,7 +1013,7 @@ def _chunks(path: Path, *, overlap: int, size: int = 1024 * 1024) -> Iterator[by
 def _scan_config(mf: ModelFile) -> list[_Issue]:
     """Hugging Face loaders run the repository's own code when a config asks for it."""
     config = json.loads(mf.path.read_bytes())
-    issues: list[_Issue] = _outside_files(config, mf.path.parent)
+    issues: list[_Issue] = _outside_files(config, mf.path.parent, mf.path.name.lower())
     places = len(issues)
     queue: deque[Any] = deque([config])
     turns = 0
@@ -1076,7 +1076,7 @@ like one in tokenizer_config.json)."""
 SAFE_WEIGHTS_NAME = re.compile(r"[^/\\]+\.safetensors(?:\.index\.json)?\Z")
 
 
-def _outside_files(config: Any, folder: Path) -> list[_Issue]:
+def _outside_files(config: Any, folder: Path, name: str = "") -> list[_Issue]:
     """A config's top-level arguments that make the loader read a file that is not one of the
     model's: from_pretrained passes tokenizer_config.json's keys to the tokenizer, which opens a
     name from anywhere on the host (a `vocab` of /etc/passwd became the vocabulary), and a
@@ -1089,7 +1089,14 @@ def _outside_files(config: Any, folder: Path) -> list[_Issue]:
         return []
     issues: list[_Issue] = []
     for key, value in config.items():
-        if key in PATH_KEYS and isinstance(value, str):
+        if (
+            key in PATH_KEYS
+            or key == "gguf_file"  # the tokenizer is read from any GGUF it names (review 14)
+            or (name in TOKENIZER_ARGUMENTS and isinstance(key, str) and key.endswith("_file"))
+        ) and isinstance(value, str):
+            # special_tokens_map.json's tokenizer_file, vocab_file, merges_file replace the
+            # folder's own; tokenizer_config.json's carry authors' paths and are not read for
+            # most classes (vocab_file is, for GemmaTokenizer: not caught here).
             names = [value]
         elif key == "fast_tokenizer_files" and isinstance(value, list):
             names = [v for v in value if isinstance(v, str)]

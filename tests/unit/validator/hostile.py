@@ -690,6 +690,22 @@ def write_special_tokens_map_vocab_outside(directory: Path) -> Path:
     return model
 
 
+def write_special_tokens_map_tokenizer_file_outside(directory: Path) -> Path:
+    """special_tokens_map.json's tokenizer_file replaces the folder's tokenizer.json."""
+    model = write_safetensors_dir(directory)
+    (model / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "</s>", "tokenizer_file": "/etc/preflight/tokenizer.json"})
+    )
+    return model
+
+
+def write_tokenizer_config_gguf_file_outside(directory: Path) -> Path:
+    """transformers reads the tokenizer from any GGUF file `gguf_file` names."""
+    model = write_safetensors_dir(directory)
+    (model / "tokenizer_config.json").write_text(json.dumps({"gguf_file": "../../host.gguf"}))
+    return model
+
+
 def write_fast_tokenizer_files_outside(directory: Path) -> Path:
     """`fast_tokenizer_files` picks a tokenizer.json by transformers version, joined to the folder
     as given: a name through a directory called tokenizer.1.json reached any host file."""
@@ -1482,6 +1498,8 @@ HOSTILE: dict[str, Writer] = {
     "tokenizer_config_vocab_relative": write_tokenizer_config_vocab_relative,
     "special_tokens_map_vocab_outside": write_special_tokens_map_vocab_outside,
     "fast_tokenizer_files_outside": write_fast_tokenizer_files_outside,
+    "special_tokens_map_tokenizer_file_outside": write_special_tokens_map_tokenizer_file_outside,
+    "tokenizer_config_gguf_file_outside": write_tokenizer_config_gguf_file_outside,
     "config_transformers_weights_bin": write_config_transformers_weights_bin,
     "tokenizer_config_auto_map": write_tokenizer_config_auto_map,
     "python_file": write_python_file,

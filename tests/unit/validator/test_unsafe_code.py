@@ -109,6 +109,13 @@ EXPECTED: dict[str, tuple[str, ...]] = {
         "fast_tokenizer_files names 'tokenizer.1.json/../../../etc/hostname', a file outside",
         "fast_tokenizer_files names 'tokenizer.4.0.0.json', not a file of the model",
     ),
+    "special_tokens_map_tokenizer_file_outside": (
+        "special_tokens_map.json: tokenizer_file names '/etc/preflight/tokenizer.json', a file "
+        "outside the model",
+    ),
+    "tokenizer_config_gguf_file_outside": (
+        "tokenizer_config.json: gguf_file names '../../host.gguf', a file outside the model",
+    ),
     "config_transformers_weights_bin": (
         "config.json: transformers_weights names 'adapter_model.bin', not a safetensors file: "
         "transformers would read it with torch.load",
