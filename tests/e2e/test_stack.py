@@ -300,10 +300,17 @@ def test_cli_deploy_wait_promote_and_status(
     assert "preflight promote d-cli-1" in deployed.stderr
 
     again = cli(
+        "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7",
+        "--stable", "6", str(model_dir), "--id", "d-cli-1", "--policy", str(overrides),
+        data_dir=stack.data_dir,
+    )  # fmt: skip
+    assert "deduplicated" in again.stdout, again.stdout + again.stderr  # a retry of the same ask
+    other = cli(
         "deploy", str(model_dir), "--model", "org/chat.v2", "--version", "7", "--id", "d-cli-1",
         data_dir=stack.data_dir,
     )  # fmt: skip
-    assert "deduplicated" in again.stdout
+    assert other.returncode == 2, other.stdout + other.stderr  # another ask: not this deployment
+    assert "d-cli-1 is already taken by another request" in " ".join(other.stderr.split())
 
     # Another local user with a service's password cannot steer the rollout: refused by the
     # server, nothing recorded.
