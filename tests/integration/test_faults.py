@@ -230,6 +230,18 @@ def ended(events: list[DeploymentEvent]) -> bool:
     return any(isinstance(e, TERMINAL_TYPES) for e in events)
 
 
+def dead_letters_for(stack: Stack, subject: str, timeout: float = 5.0) -> list[DeadLetter]:
+    """The dead letters of messages on `subject`, once there are any (well under a second)."""
+
+    async def letters(js: JetStreamContext) -> list[DeadLetter]:
+        return [x for x in await faults.read_dead_letters(js) if x.subject == subject]
+
+    deadline = time.monotonic() + timeout
+    while not (found := on_bus(stack, letters)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return found
+
+
 def test_commands_for_a_finished_rollout_are_dead_lettered(stack: Stack, model: Path) -> None:
     first = request_for(model, "fault-late", "1")
     send(stack, first)
@@ -245,17 +257,7 @@ def test_commands_for_a_finished_rollout_are_dead_lettered(stack: Stack, model: 
     # A command on another model's subject, for this rollout's id: refused, not obeyed.
     elsewhere = AbortDeployment(**{**ids, "model": "someone-else"}, requested_by=who)
     send(stack, elsewhere)
-
-    async def refused(js: JetStreamContext) -> list[DeadLetter]:
-        return [
-            letter
-            for letter in await faults.read_dead_letters(js)
-            if letter.subject == subject_for(elsewhere)
-        ]
-
-    deadline = time.monotonic() + 5
-    while not (found := on_bus(stack, refused)) and time.monotonic() < deadline:
-        time.sleep(0.3)
+    found = dead_letters_for(stack, subject_for(elsewhere))
     assert found and "the rollout with that id is of 'fault-late'" in found[0].reason
     assert not ended(history(stack, canary.deployment_id) or [])
     send(stack, AbortDeployment(**ids, requested_by=who))
@@ -267,17 +269,7 @@ def test_commands_for_a_finished_rollout_are_dead_lettered(stack: Stack, model: 
 
     late = PauseDeployment(**ids, requested_by=who)
     send(stack, late)
-
-    async def letters(js: JetStreamContext) -> list[DeadLetter]:
-        return [
-            letter
-            for letter in await faults.read_dead_letters(js)
-            if letter.subject == subject_for(late)
-        ]
-
-    deadline = time.monotonic() + 5  # a dead letter takes well under a second
-    while not (found := on_bus(stack, letters)) and time.monotonic() < deadline:
-        time.sleep(0.3)
+    found = dead_letters_for(stack, subject_for(late))
     assert [letter.service for letter in found] == ["canary-controller"]
     assert "ended" in found[0].reason
 
