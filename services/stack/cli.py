@@ -405,12 +405,17 @@ def deploy(
         if request.stable is not None:
             await _check_stable_matches_route(js, model, request.stable.version, force_stable)
         ack = await bus.publish_event(js, request)
-        if ack.duplicate:
-            await _check_duplicate_is_ours(js, request, ack.seq)
+        # Ids are anyone's to pick, and the first request stored under one is the deployment
+        # (the validator drops later ones): unless it asks for what this one asks, this request
+        # was dropped (a duplicate) or will be, and following the id would show that other
+        # request's outcome as this one's.
         first = await bus.first_request(js, request.deployment_id)
+        if first is None and ack.duplicate:
+            fail(
+                f"deployment id {request.deployment_id} is already taken by a message this "
+                "request cannot be compared with; nothing was requested: choose another --id"
+            )
         if first is not None and not _same_ask(first, request):
-            # Another request took the id first under a message id of its own: not a
-            # duplicate, but it is the deployment (the validator drops this one).
             fail(
                 f"deployment id {request.deployment_id} is already taken by another request "
                 f"({first.model} {first.version} from {render.shown(first.location)}); "
@@ -445,28 +450,6 @@ def _same_ask(a: DeploymentRequested, b: DeploymentRequested) -> bool:
     a retry of one's own request does. Model, version and location alone did not do: a request
     that copied them with its own endpoint and no notices passed as CI's (review 13, F9)."""
     return a.model_dump(exclude={"occurred_at"}) == b.model_dump(exclude={"occurred_at"})
-
-
-async def _check_duplicate_is_ours(js: Any, request: DeploymentRequested, seq: int) -> None:
-    """A duplicate answer means the id's request is already stored; it is this one only if it
-    asks for the same thing. Ids are anyone's to pick: another request under this id (another
-    model, version or location) means this one was dropped, and following the id would show
-    that request's outcome as this one's."""
-    try:
-        stored = await js.get_msg(subjects.EVENTS_STREAM, seq=seq, direct=True)
-        theirs = DeploymentRequested.model_validate_json(stored.data)
-    except Exception:  # unreadable or not a request: not ours either way
-        fail(
-            f"deployment id {request.deployment_id} is already taken by a message this "
-            "request cannot be compared with; nothing was requested: choose another --id"
-        )
-    if not _same_ask(theirs, request):
-        fail(
-            f"deployment id {request.deployment_id} is already taken by another request "
-            f"({theirs.model} {theirs.version} from {render.shown(theirs.location)}); nothing "
-            "was requested: "
-            "choose another --id, or leave --id out for a fresh one"
-        )
 
 
 def _watch(
