@@ -69,17 +69,24 @@ def policy_failure(
     )
 
 
-def policy_refusal(error: PolicyError, service: str) -> StageReport:
-    """The validation report of a request whose policy cannot be used (an unknown key, a value
-    out of range, or what `request_overrides` forbids a request): it is blocked, saying why. Bad
-    input gets a clear answer, never the crash outcome `failed`."""
+def refusal(check: str, reason: str, service: str, *, said: str | None = None) -> StageReport:
+    """The validation report of a request refused before any check ran, by `check` (its reason
+    `said`, else `reason`): it is blocked, saying why. Bad input gets a clear answer, never the
+    crash outcome `failed`."""
     return StageReport(
         stage="validation",
         status=Status.FAILED,
-        reason=f"the deployment's policy cannot be used: {error}",
-        checks=(CheckResult(name="policy", status=Status.FAILED, reason=str(error)),),
+        reason=reason,
+        checks=(CheckResult(name=check, status=Status.FAILED, reason=said or reason),),
         service=service,
     )
+
+
+def policy_refusal(error: PolicyError, service: str) -> StageReport:
+    """A request whose policy cannot be used: an unknown key, a value out of range, or what
+    `request_overrides` forbids a request."""
+    reason = f"the deployment's policy cannot be used: {error}"
+    return refusal("policy", reason, service, said=str(error))
 
 
 def after_validation(request: DeploymentRequested, report: StageReport) -> list[Event]:

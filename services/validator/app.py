@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from services.contracts import subjects
-from services.contracts.events import CheckResult, DeploymentRequested, Event, StageReport, Status
+from services.contracts.events import DeploymentRequested, Event, StageReport
 from services.contracts.policy import Policy, PolicyError, PolicyFile
 from services.runtime import bus, pipeline
 from services.runtime.service import Rejected, ServiceApp, build_service
@@ -53,18 +53,9 @@ def handle_requested(
             location, remote_prefixes
         )
         if outside is not None:
-            return pipeline.after_validation(request, location_refusal(outside, instance))
+            refused = pipeline.refusal("location", outside, instance)
+            return pipeline.after_validation(request, refused)
     return pipeline.after_validation(request, run_checks(request, policy, instance, cache))
-
-
-def location_refusal(reason: str, service: str) -> StageReport:
-    return StageReport(
-        stage="validation",
-        status=Status.FAILED,
-        reason=reason,
-        checks=(CheckResult(name="location", status=Status.FAILED, reason=reason),),
-        service=service,
-    )
 
 
 async def refuse_a_taken_id(svc: ServiceApp, request: DeploymentRequested) -> None:
