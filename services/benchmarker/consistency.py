@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.benchmarker import deadline
+from services.benchmarker import deadline, loading
 
 NEW_TOKENS = 16
 BATCH_SIZE = 1  # fixed: batch composition must not change what is compared
@@ -110,12 +110,12 @@ def greedy_outputs(
 ) -> list[list[int]]:
     import torch
 
-    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    model, tokenizer = loaded.model, loaded.tokenizer
     outputs: list[list[int]] = []
     with torch.inference_mode():
         for number, prompt in enumerate(prompts, 1):
             deadline.check(f"consistency (prompt {number} of {len(prompts)})")
-            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+            inputs = loading.encode(loaded, prompt, f"consistency prompt {number}")
             generated = model.generate(
                 **inputs,
                 max_new_tokens=new_tokens,

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from services.benchmarker import deadline
+from services.benchmarker import deadline, loading
 
 LATENCY_PROMPT = "The default value of the argument is"
 NEW_TOKENS = 32
@@ -53,7 +53,7 @@ def measure_latency(
     import torch
 
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
-    inputs = tokenizer(LATENCY_PROMPT, return_tensors="pt").to(device)
+    inputs = loading.encode(loaded, LATENCY_PROMPT, "latency prompt")
     common = {
         "do_sample": False,
         "pad_token_id": tokenizer.pad_token_id,

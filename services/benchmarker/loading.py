@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,15 @@ PROGRESS_EVERY_S = 10.0
 
 class LoadError(RuntimeError):
     """The model could not be loaded; the message says why in one line."""
+
+
+class InflatedInput(RuntimeError):
+    """The tokenizer made far more tokens of a text than it has bytes."""
+
+
+TOKENS_OVER_BYTES = 32
+"""Tokens a text may have beyond one per byte: a tokenizer's special tokens (BOS, EOS, a
+chat prefix). Byte fallback, the worst real case, gives one token per byte."""
 
 
 @dataclass
@@ -138,6 +147,22 @@ def local_directory(location: str, cache: ModelCache | None) -> Iterator[Path]:
         yield path
 
 
+def encode(loaded: Loaded, text: str, what: str) -> Any:
+    """The tokenizer's tensors of `text` on the model's device, refused when the tokenizer
+    inflates it: a normalizer or post-processor in tokenizer.json can turn a 36-byte prompt
+    into 600,000 tokens, and one forward pass over them runs for minutes."""
+    inputs = loaded.tokenizer(text, return_tensors="pt")
+    tokens = int(inputs.input_ids.shape[1])
+    size = len(text.encode("utf-8"))
+    if tokens > size + TOKENS_OVER_BYTES:
+        raise InflatedInput(
+            f"the tokenizer turned the {what} ({size:,} bytes) into {tokens:,} tokens, more than "
+            f"one per byte plus {TOKENS_OVER_BYTES} special tokens: its normalizer, pre-tokenizer "
+            "or post-processor (tokenizer.json) inflates what it encodes"
+        )
+    return inputs.to(loaded.device)
+
+
 def load_model(
     location: str,
     *,
@@ -145,16 +170,21 @@ def load_model(
     device: str | None = None,
     cache: ModelCache | None = None,
     held: ExitStack | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Loaded:
     """The model and tokenizer, never unpickling: safetensors weights, no remote code.
 
     A remote location is fetched through `cache` and its snapshot held while it loads, and
     after that until `held` closes when one is given (`Loaded.path` is read again later: the
-    baseline's fingerprint)."""
+    baseline's fingerprint). `on_phase` hears "fetching" (remote locations) and "loading"."""
     if not torch_available():
         raise LoadError("torch is not installed here: install preflight[benchmark]")
     with ExitStack() as stack:
+        if on_phase is not None and "://" in location:
+            on_phase("fetching")
         path = stack.enter_context(local_directory(location, cache))
+        if on_phase is not None:
+            on_phase("loading")
         loaded = _load(location, path, dtype=dtype, device=device)
         if held is not None:
             held.push(stack.pop_all())

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from services.benchmarker import deadline
+from services.benchmarker import deadline, loading
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,14 @@ def sliding_window_perplexity(
     is scored once, with up to `max_length - stride` tokens of context before it."""
     import torch
 
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     limit = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None
     )
     if limit is not None:
         max_length = min(max_length, int(limit))
         stride = min(stride, max_length)
-    ids = tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
+    ids = loading.encode(loaded, text, "evaluation text").input_ids
     seq_len = ids.size(1)
     nll_sum = 0.0
     scored = 0

@@ -9,10 +9,11 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from services.benchmarker import consistency, deadline, latency, loading, perplexity
 from services.contracts.events import CheckResult, StageReport, Status
@@ -324,6 +325,21 @@ def _over_time(name: str) -> CheckResult:
     )
 
 
+@dataclass(frozen=True)
+class Step:
+    """Where a benchmark is: fetching or loading a model (`name`: its location), the candidate
+    loaded (`name`: the device), measuring a check (`name`: the check), or a check done
+    (`check`). isolated.py hears these from its child process, so that a child it must stop
+    still leaves a report of what it did."""
+
+    phase: Literal["fetching", "loading", "loaded", "measuring", "checked"]
+    name: str
+    check: CheckResult | None = None
+
+
+OnStep = Callable[[Step], None]
+
+
 def could_not_run(reason: str, service: str, started: float) -> StageReport:
     return StageReport(
         stage="benchmark",
@@ -345,12 +361,14 @@ def run_benchmarks(
     service: str = "",
     model_cache: ModelCache | None = None,
     time_limit_s: float | None = None,
+    on_step: OnStep | None = None,
 ) -> tuple[StageReport, str | None]:
     """(report, device description). Never raises on a bad model: that is a result.
 
     Remote locations are fetched through `model_cache`; their snapshots are held from eviction
     until the report is made. `time_limit_s`: measurements (not loading) stop once past it
-    (deadline.py)."""
+    (deadline.py). `on_step` hears each step as it starts and each check as it ends. This runs
+    in the calling process: the benchmarker service runs it in a child (isolated.py)."""
     with ExitStack() as held:
         return _run_benchmarks(
             location,
@@ -363,6 +381,7 @@ def run_benchmarks(
             model_cache=model_cache,
             held=held,
             time_limit_s=time_limit_s,
+            on_step=on_step or (lambda step: None),
         )
 
 
@@ -378,6 +397,7 @@ def _run_benchmarks(
     model_cache: ModelCache | None,
     held: ExitStack,
     time_limit_s: float | None,
+    on_step: OnStep,
 ) -> tuple[StageReport, str | None]:
     started = time.perf_counter()
     bench = policy.benchmark
@@ -392,15 +412,29 @@ def _run_benchmarks(
         thresholds = policy.model_class(model_class).latency
     except ValueError as exc:
         return could_not_run(str(exc), service, started), None
+    checks: list[CheckResult] = []
+
+    def add(check: CheckResult) -> None:
+        checks.append(check)
+        on_step(Step("checked", check.name, check))
+
+    def phases(location: str) -> Callable[[str], None]:
+        return lambda phase: on_step(Step(phase, location))  # type: ignore[arg-type]
+
     try:
         candidate = loading.load_model(
-            location, dtype=bench.dtype, device=device, cache=model_cache, held=held
+            location,
+            dtype=bench.dtype,
+            device=device,
+            cache=model_cache,
+            held=held,
+            on_phase=phases(location),
         )
     except loading.LoadError as exc:
         return could_not_run(str(exc), service, started), None
     device_name = loading.describe_device(candidate.device)
+    on_step(Step("loaded", device_name))
     baseline = None
-    checks: list[CheckResult] = []
     if baseline_location:
         try:
             baseline = loading.load_model(
@@ -409,9 +443,10 @@ def _run_benchmarks(
                 device=candidate.device,
                 cache=model_cache,
                 held=held,
+                on_phase=phases(baseline_location),
             )
         except loading.LoadError as exc:
-            checks.append(
+            add(
                 CheckResult(name="baseline", status=Status.ERROR, reason=f"previous version: {exc}")
             )
     held.enter_context(deadline.limited(time_limit_s))  # from here: loading is not counted
@@ -432,13 +467,12 @@ def _run_benchmarks(
     ]
     for name, enabled, measure in steps:
         if not enabled:
-            checks.append(
-                CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy")
-            )
+            add(CheckResult(name=name, status=Status.SKIPPED, reason="disabled by policy"))
         elif deadline.passed():
-            checks.append(_over_time(name))
+            add(_over_time(name))
         else:
-            checks.append(_guarded(name, measure))
+            on_step(Step("measuring", name))
+            add(_guarded(name, measure))
     if bench.consistency:
         outputs: list[list[int]] = []
 
@@ -447,26 +481,25 @@ def _run_benchmarks(
             outputs.extend(produced)
             return check
 
-        checks.append(
-            _over_time("consistency")
-            if deadline.passed()
-            else _guarded("consistency", run_consistency)
-        )
+        if deadline.passed():
+            add(_over_time("consistency"))
+        else:
+            on_step(Step("measuring", "consistency"))
+            add(_guarded("consistency", run_consistency))
         if bench.compare_outputs_with_stable and baseline is not None and outputs:
             stable = baseline
-            checks.append(
+            on_step(Step("measuring", "consistency_vs_stable"))
+            add(
                 _guarded(
                     "consistency_vs_stable", lambda: versus_stable_check(outputs, stable, prompts)
                 )
             )
     else:
-        checks.append(
-            CheckResult(name="consistency", status=Status.SKIPPED, reason="disabled by policy")
-        )
-    return _verdict(checks, started, service, device_name), device_name
+        add(CheckResult(name="consistency", status=Status.SKIPPED, reason="disabled by policy"))
+    return verdict(checks, started, service, device_name), device_name
 
 
-def _verdict(checks: list[CheckResult], started: float, service: str, device: str) -> StageReport:
+def verdict(checks: list[CheckResult], started: float, service: str, device: str) -> StageReport:
     """Worst wins: a failed assertion degrades; a check that could not run (the previous
     version did not load, a measurement raised) makes the stage `error`, never `passed`."""
     failed = [c for c in checks if c.status is Status.FAILED]

@@ -148,7 +148,28 @@ class Settings(BaseSettings):
         description=(
             "Hard limit on one deployment's benchmark, loading not counted: measurements stop "
             "at the next window, run or prompt after it, and the checks not run say so. What a "
-            "model or a request asks for can no longer hold a benchmarker for hours."
+            "model or a request asks for can no longer hold a benchmarker for hours. A step "
+            "that never returns (a tokenizer call, a forward pass) is stopped with the child "
+            "process the benchmark runs in, once past the limit plus max(60 s, 10%)."
+        ),
+    )
+    benchmark_load_time_limit_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Hard limit on loading one model for the benchmark (a remote model's fetch is not "
+            "counted: it logs progress): past it the child process the benchmark runs in is "
+            "stopped and the benchmark says `could not run` and why. Two loads (candidate, "
+            "previous version) and the measurements' limit should fit in max_handler_s."
+        ),
+    )
+    benchmark_memory_limit: str | None = Field(
+        default=None,
+        description=(
+            "Memory (resident) the benchmark's child process may use: bytes or with a unit "
+            "(16GiB). Past it the child is stopped and the benchmark says so; a model's files "
+            "can no longer take the host's memory. Default: 80% of this host's, or its "
+            "container's, memory."
         ),
     )
     torch_threads: int | None = Field(

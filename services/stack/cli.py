@@ -967,13 +967,13 @@ def benchmark(
     as_json: JsonFlag = False,
 ) -> None:
     """Run the benchmarks locally against a baseline: exit 1 when degraded, 2 when it cannot run."""
-    from services.benchmarker.app import result_store
-    from services.benchmarker.run import run_benchmarks
+    from services.benchmarker.isolated import Job, Runner, job_settings, limits
     from services.storage.cache import ModelCache
 
     settings = load_settings(data_dir)
     try:
-        models = ModelCache.configured(settings.model_cache_dir, settings.model_cache_max_bytes)
+        ModelCache.configured(settings.model_cache_dir, settings.model_cache_max_bytes)
+        runner = Runner(limits(settings))  # in a child process, as the service runs it
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -985,15 +985,16 @@ def benchmark(
     if not as_json:
         err.print(f"benchmarking {path}" + (f" against {baseline}" if baseline else "") + " ...")
     with _fetch_progress_on_stderr(not as_json):
-        report, device_name = run_benchmarks(
-            path,
-            baseline,
-            resolved,
-            model_class=model_class,
-            store=result_store(settings),
-            device=device,
-            service="cli",
-            model_cache=models,
+        report, device_name = runner.run(
+            Job.of(
+                path,
+                baseline,
+                resolved,
+                model_class=model_class,
+                service="cli",
+                device=device,
+                **job_settings(settings),
+            )
         )
     if as_json:
         print(

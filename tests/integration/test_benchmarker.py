@@ -267,11 +267,32 @@ async def test_a_benchmarker_killed_mid_run_leaves_its_deployment_to_another(
     else:
         pytest.fail("the benchmarker never took the message")
     await asyncio.sleep(3)  # well into the run, past one in-progress heartbeat
-    benchmarkers.procs["doomed"].send_signal(signal.SIGKILL)
+    doomed = benchmarkers.procs["doomed"]
+    children = children_of(doomed.pid)  # the running benchmark's child and the spare
+    assert children, "the benchmark runs in a child process"
+    doomed.send_signal(signal.SIGKILL)
     benchmarkers.start("survivor")
     [done] = await completed(js, 1, timeout=300)
     assert done.deployment_id == "d-kill"
     assert done.report.service == "survivor"
+    # The killed benchmarker's children end with it: nothing of it goes on measuring.
+    assert not still_running(children)
+
+
+def still_running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_cli_benchmark_exits_1_on_a_regression_with_the_numbers(

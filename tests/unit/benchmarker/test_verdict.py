@@ -10,7 +10,7 @@ import pytest
 
 from services.benchmarker.consistency import compare_runs, first_divergence
 from services.benchmarker.latency import Percentiles
-from services.benchmarker.run import _verdict
+from services.benchmarker.run import verdict as _verdict
 from services.contracts.events import CheckResult, Status
 
 
