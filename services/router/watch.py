@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 from nats.js import JetStreamContext
@@ -13,9 +14,13 @@ from nats.js.kv import KV_DEL, KV_PURGE
 
 from services.contracts import subjects
 from services.router.routes import Change, RouteTable
-from services.runtime import aio
+from services.runtime import aio, bus
 
 log = logging.getLogger("preflight.router.watch")
+
+
+class WatchBehind(RuntimeError):
+    """The bucket holds changes the watch never delivered; the message says which."""
 
 
 @dataclass
@@ -25,6 +30,13 @@ class RouteWatcher:
     nats-py's KV watch is an ordered consumer: after a reconnect it resumes from the last
     sequence it saw, so no change is missed. If the watch itself fails it is started again
     (current values first), after a short backoff.
+
+    The watch is also checked against the bucket every `check_s`: review 13 froze it from
+    outside (consumer deliveries aimed at its inbox, whose name the monitoring port lists, made
+    the ordered consumer resume at another stream's sequence, so an abort to weight 0 never
+    arrived). When the routes stream holds a revision the watch has not delivered a second
+    later, every route is read back (no consumer), the missed ones applied, and the watch
+    started again.
     """
 
     js: JetStreamContext
@@ -32,9 +44,14 @@ class RouteWatcher:
     bucket: str = subjects.ROUTES_BUCKET
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
+    check_s: float = 2.0
+    catch_up_s: float = 1.0
     live: bool = False
     problem: str | None = "route watch not started"
     on_live: Callable[[], None] | None = None  # called when the watch turns live
+    seen: int = 0
+    """The highest revision the current watch delivered."""
+    revisions: dict[str, int] = field(default_factory=dict)
 
     def _went_live(self) -> None:
         self.live = True
@@ -50,6 +67,11 @@ class RouteWatcher:
             except asyncio.CancelledError:
                 self.live = False
                 raise
+            except WatchBehind as exc:
+                self.live = False
+                self.problem = f"route watch restarted: {exc}"
+                log.warning("%s", exc)
+                backoff = self.retry_initial_s
             except Exception as exc:
                 self.live = False
                 self.problem = f"route watch failed: {type(exc).__name__}: {exc}"
@@ -64,28 +86,89 @@ class RouteWatcher:
             self.problem = f"KV bucket {self.bucket!r} does not exist yet"
             raise
         watcher = await kv.watchall()
+        self.seen, self.revisions = 0, {}
+        follow = asyncio.create_task(self._follow(watcher), name="router-route-follow")
+        check = asyncio.create_task(self._check_loop(), name="router-route-check")
         try:
-            async for entry in watcher:
-                if entry is None:  # the current values are all in
-                    self._went_live()
-                    log.info("route watch live: %d routes", len(self.table.routes))
-                    continue
-                deleted = entry.operation in (KV_DEL, KV_PURGE)
-                update = self.table.apply(entry.key, entry.value, deleted=deleted)
-                if update.change is Change.MALFORMED:
-                    log.warning(
-                        "route for %r at revision %s ignored, the previous one stays: %s",
-                        entry.key,
-                        entry.revision,
-                        update.reason,
-                    )
-                else:
-                    log.info("route %s %s (revision %s)", entry.key, update.change, entry.revision)
+            done, _ = await asyncio.wait({follow, check}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended it
         finally:
             self.live = False
+            for task in (follow, check):
+                task.cancel()
+            await asyncio.gather(follow, check, return_exceptions=True)
             try:
                 await watcher.stop()  # type: ignore[no-untyped-call]
             except Exception:
                 log.debug("stopping the KV watcher failed", exc_info=True)
         # The watcher only ends when stopped from elsewhere; start again.
         raise RuntimeError("route watch ended")
+
+    async def _follow(self, watcher: Any) -> None:
+        async for entry in watcher:
+            if entry is None:  # the current values are all in
+                self._went_live()
+                log.info("route watch live: %d routes", len(self.table.routes))
+                continue
+            self._apply(entry.key, entry.value, entry.revision, entry.operation)
+
+    def _apply(self, key: str, value: bytes | None, revision: int, operation: Any) -> None:
+        self.seen = max(self.seen, revision)
+        self.revisions[key] = max(self.revisions.get(key, 0), revision)
+        deleted = operation in (KV_DEL, KV_PURGE, "DEL", "PURGE")
+        update = self.table.apply(key, value, deleted=deleted)
+        if update.change is Change.MALFORMED:
+            log.warning(
+                "route for %r at revision %s ignored, the previous one stays: %s",
+                key,
+                revision,
+                update.reason,
+            )
+        else:
+            log.info("route %s %s (revision %s)", key, update.change, revision)
+
+    async def _check_loop(self) -> None:
+        while True:
+            await aio.sleep(self.check_s)
+            if not self.live:
+                continue
+            try:
+                await self.check()
+            except WatchBehind:
+                raise
+            except Exception as exc:  # a read that failed says nothing of the watch
+                log.warning("route watch check could not read the bucket: %s", exc)
+
+    async def check(self) -> None:
+        """Raise WatchBehind, after applying what the watch missed, when the routes stream
+        holds a revision the watch has not delivered within `catch_up_s`."""
+        nc = self.js._nc
+        info = await bus.stream_info(nc, f"KV_{self.bucket}")
+        last = int((info.get("state") or {}).get("last_seq", 0) or 0)
+        if last == self.seen:
+            return
+        if last > self.seen:  # a change may be on its way: give the watch its second
+            await aio.sleep(self.catch_up_s)
+            if self.seen >= last:
+                return
+        delivered = self.seen
+        missed = []
+        keys = await bus.kv_keys(self.js, self.bucket)
+        for key in keys:
+            found = await bus.kv_last(nc, self.bucket, key)
+            if found is not None and found[0] != self.revisions.get(key):
+                revision, value, deleted = found
+                self._apply(key, value, revision, "DEL" if deleted else None)
+                missed.append(f"{key} at revision {revision}")
+        for key in set(self.table.routes) - set(keys):
+            self.table.apply(key, None, deleted=True)
+            missed.append(f"{key} removed")
+        if not missed:  # the stream's last message is gone (purged, expired): nothing missed
+            self.seen = last
+            return
+        raise WatchBehind(
+            f"the routes stream is at revision {last} but the watch delivered up to "
+            f"{delivered}: it missed changes (frozen from outside, or the stream was "
+            f"replaced); read back and applied: {', '.join(missed)}"
+        )

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -268,17 +268,82 @@ async def kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
     keys: list[str] = []
     while True:
         request = {"subjects_filter": f"{prefix}>", "offset": len(keys)}
-        reply = await js._nc.request(
-            f"$JS.API.STREAM.INFO.{stream}", json.dumps(request).encode(), timeout=5.0
-        )
-        info = json.loads(reply.data)
-        if "error" in info:
-            raise NotFoundError(description=str(info["error"].get("description", info)))
+        info = await stream_info(js._nc, stream, request)
         subjects = (info.get("state") or {}).get("subjects") or {}
         keys += [subject.removeprefix(prefix) for subject in subjects]
         total = int(info.get("total", 0) or 0)
         if not subjects or len(keys) >= total:
             return keys
+
+
+async def _answers(nc: NATS, subject: str, payload: bytes, what: str) -> AsyncGenerator[Any, None]:
+    """The messages that reach a request's own inbox, until the caller stops, less those with a
+    reply subject: a consumer's delivery that someone aimed at the inbox (its name is listed by
+    the monitoring port's /connz). Raises BusUnavailable after 5 s with no answer (deliveries
+    do not count): a request the server refuses (permissions) is never answered."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    loop = asyncio.get_running_loop()
+    try:
+        await nc.publish(subject, payload, reply=inbox)
+        until = loop.time() + 5.0
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=max(until - loop.time(), 0.001))
+            except TimeoutError as exc:
+                raise BusUnavailable(
+                    f"the NATS server did not answer {what} within 5 s: this user may not make "
+                    "it (deploy/nats/nats.conf), or the server is overloaded"
+                ) from exc
+            if not msg.reply:
+                yield msg
+                until = loop.time() + 5.0
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def api_request(nc: NATS, subject: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One JetStream API call, read as the server answers: a JSON body with no headers and no
+    reply subject, where nats-py's request takes the first message to reach its inbox."""
+    answers = _answers(nc, subject, json.dumps(request).encode(), subject)
+    async with contextlib.aclosing(answers):
+        async for msg in answers:
+            if msg.headers:
+                continue
+            try:
+                answer = json.loads(msg.data)
+            except ValueError:
+                continue
+            if isinstance(answer, dict) and str(answer.get("type", "")).startswith("io.nats."):
+                return answer
+    raise AssertionError("unreachable: _answers ends only by raising")
+
+
+async def stream_info(nc: NATS, stream: str, request: dict[str, Any] | None = None) -> Any:
+    """`$JS.API.STREAM.INFO` through api_request; a missing stream raises NotFoundError."""
+    info = await api_request(nc, f"$JS.API.STREAM.INFO.{stream}", request or {})
+    if "error" in info:
+        raise NotFoundError(description=str(info["error"].get("description", info)))
+    return info
+
+
+async def kv_last(nc: NATS, bucket: str, key: str) -> tuple[int, bytes, bool] | None:
+    """(revision, value, deleted) of a key's last entry, or None when it has none: a direct
+    get by subject (no consumer). Only the server's answer for this stream and subject counts
+    (the checks of direct_get)."""
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key}"
+    answers = _answers(nc, f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", f"a read of {subject}")
+    async with contextlib.aclosing(answers):
+        async for msg in answers:
+            headers = msg.headers or {}
+            if headers.get("Status") == "404":
+                return None
+            if headers.get("Nats-Stream") != stream or headers.get("Nats-Subject") != subject:
+                continue
+            deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
+            return int(headers["Nats-Sequence"]), msg.data, deleted
+    raise AssertionError("unreachable: _answers ends only by raising")
 
 
 async def require_consumers(js: JetStreamContext, durables: Sequence[str]) -> None:
@@ -459,32 +524,21 @@ async def direct_get(
     """(sequence, subject, payload) of up to `batch` messages matching a filter from
     `start_seq` on, and how many more match after them: one batched direct get
     (`$JS.API.DIRECT.GET`), which needs no consumer, so readers need no right to create one."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
     found: list[tuple[int, str, bytes]] = []
-    pending = 0
-    try:
-        request = {"seq": start_seq, "next_by_subj": filter_subject, "batch": batch}
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except TimeoutError as exc:
-                # A read the server refuses (permissions) is never answered.
-                raise BusUnavailable(
-                    f"the NATS server did not answer a read of {stream} within 5 s: this user "
-                    "may not read it (deploy/nats/nats.conf), or the server is overloaded"
-                ) from exc
+    request = {"seq": start_seq, "next_by_subj": filter_subject, "batch": batch}
+    answers = _answers(
+        nc, f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), f"a read of {stream}"
+    )
+    async with contextlib.aclosing(answers):
+        async for msg in answers:
             headers = msg.headers or {}
             status = headers.get("Status")
-            # Not this read's answers: a consumer's delivery aimed at the inbox by someone else
-            # (it has an ack subject, and carries whatever headers were stored with it), or a
-            # message outside the filter from a direct get someone else asked to be answered
-            # here. The server's own answers have no reply subject and its Nats-Subject (review
-            # 13: a forged PROMOTED pushed into `deploy --wait`'s reads).
-            if msg.reply or (
-                status is None
-                and not subject_matches(headers.get("Nats-Subject", ""), filter_subject)
+            # Not this read's answers: a message outside the filter from a direct get someone
+            # else asked to be answered here (consumer deliveries aimed here, with their ack
+            # subject, _answers leaves out). The server's own answers carry its Nats-Subject
+            # (review 13: a forged PROMOTED pushed into `deploy --wait`'s reads).
+            if status is None and not subject_matches(
+                headers.get("Nats-Subject", ""), filter_subject
             ):
                 continue
             if status == "404":
@@ -497,9 +551,7 @@ async def direct_get(
                     )
                 return found, pending
             found.append((int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data))
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    raise AssertionError("unreachable: _answers ends only by raising")
 
 
 async def follow(

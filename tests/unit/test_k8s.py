@@ -409,6 +409,29 @@ def test_nats_runs_the_shared_config_with_jetstream_on_a_volume(resources: list[
     assert "js-enabled-only=true" in spec["livenessProbe"]["httpGet"]["path"]
 
 
+def test_only_keda_reaches_the_nats_monitoring_port(resources: list[Doc]) -> None:
+    """/connz names every connection's inboxes (review 13 froze the router's watch with them):
+    clients get the client port from anywhere, the monitoring port only KEDA's namespace."""
+    policy = of_kind(resources, "NetworkPolicy")["nats"]["spec"]
+    pod = of_kind(resources, "StatefulSet")["nats"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    ports = {
+        p["name"]: p["containerPort"]
+        for p in container(of_kind(resources, "StatefulSet")["nats"])["ports"]
+    }
+    opened = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            opened[port["port"]] = rule.get("from", "anywhere")
+    assert set(opened) == {"client", "monitor"} <= set(ports)
+    assert opened["client"] == "anywhere"
+    keda = {"kubernetes.io/metadata.name": "keda"}
+    assert opened["monitor"] == [{"namespaceSelector": {"matchLabels": keda}}]
+    scaler = of_kind(resources, "ScaledObject")["benchmarker"]["spec"]["triggers"][0]
+    assert scaler["metadata"]["natsServerMonitoringEndpoint"].endswith(f":{ports['monitor']}")
+
+
 # ---- KEDA ---------------------------------------------------------------------------------------
 
 
