@@ -282,15 +282,21 @@ class Policy(_Strict):
 REQUEST_DENIED: Final = (
     "validation.enabled",
     "validation.checks",
+    "benchmark.enabled",
+    "canary.enabled",
     "notify.webhook_url",
+    "notify.on",
     "canary.traffic",
 )
 """What a request may not change by default: the validator is the gate against hostile files
 (code that runs on load, leaked keys), and anyone who may publish a request would switch it off;
-the notifier signs what it posts to a webhook, and would post it anywhere (a request's own
-`notify.webhook_url` is held to PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead); the data plane and
-its options (a Kubernetes API URL the controller sends its token to, another team's object to
-patch with force, an xDS directory to write) are the operator's."""
+so are the benchmark and the canary: a request that turns off the gates deploys anything to all
+users at once. Which outcomes are announced (`notify.on`)
+is the operator's, or a deployment could go out silently. The notifier signs what it posts to a
+webhook, and would post it anywhere (a request's own `notify.webhook_url` is held to
+PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead); the data plane and its options (a Kubernetes API
+URL the controller sends its token to, another team's object to patch with force, an xDS
+directory to write) are the operator's."""
 
 REQUEST_MAX: Final[dict[str, float]] = {
     # Each of these holds a shared service for as long as it asks: one request with
@@ -301,6 +307,13 @@ REQUEST_MAX: Final[dict[str, float]] = {
     "benchmark.latency_runs": 100,
     "benchmark.latency_warmup_runs": 20,
     "benchmark.max_length": 2048,
+    # Gates a request may tighten but not open: at `max_error_rate: 1` a canary failing every
+    # request is promoted.
+    "benchmark.max_perplexity_increase": 0.25,
+    "canary.thresholds.max_error_rate": 0.05,
+    "canary.thresholds.max_p95_increase": 1.0,
+    "canary.thresholds.max_error_ratio": 10.0,
+    "canary.thresholds.max_ttft_p95_increase": 1.0,
 }
 """Ceilings on what a request's `policy_overrides` may set (the file's own layers are not held
 to them)."""

@@ -98,6 +98,19 @@ def test_a_disabled_stage_says_disabled_by_policy() -> None:
             "validation.time_limit_s: 86400 is above the ceiling of 120",
         ),
         ({"benchmark": {"stride": 1}}, "benchmark.stride: 1 is below the floor of 32"),
+        # Open the gates: no benchmark, no canary, a canary failing every request promoted,
+        # and nobody told.
+        ({"benchmark": {"enabled": False}}, "a request may not change benchmark.enabled"),
+        ({"canary": {"enabled": False}}, "a request may not change canary.enabled"),
+        (
+            {"canary": {"thresholds": {"max_error_rate": 1}}},
+            "canary.thresholds.max_error_rate: 1 is above the ceiling of 0.05",
+        ),
+        (
+            {"benchmark": {"max_perplexity_increase": 10}},
+            "benchmark.max_perplexity_increase: 10 is above the ceiling of 0.25",
+        ),
+        ({"notify": {"on": []}}, "a request may not change notify.on"),
         (
             {"notify": {"webhook_url": "http://169.254.169.254/latest/"}},
             "a request may not change notify.webhook_url",

@@ -125,3 +125,20 @@ def test_unknown_model_class_is_an_error() -> None:
     with pytest.raises(PolicyError, match="unknown model class 'huge'"):
         policy.model_class("huge")
     assert policy.canary_thresholds("default").max_error_rate == 0.01
+
+
+def test_a_request_may_tighten_the_gates_it_may_not_open() -> None:
+    strict = {
+        "canary": {"thresholds": {"max_error_rate": 0.001, "max_p95_increase": 0.05}},
+        "benchmark": {"on_failure": "block", "max_perplexity_increase": 0.01},
+    }
+    policy = PolicyFile().resolve(model="m", overrides=strict)
+    assert policy.canary.thresholds.max_error_rate == 0.001
+    assert policy.benchmark.on_failure == "block"
+    opened = PolicyFile(
+        request_overrides={"deny": [], "max": {"canary.thresholds.max_error_rate": None}}
+    )
+    loose = opened.resolve(
+        model="m", overrides={"canary": {"enabled": False, "thresholds": {"max_error_rate": 1}}}
+    )
+    assert not loose.canary.enabled  # the operator's file may open what the defaults close
