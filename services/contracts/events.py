@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -397,6 +397,18 @@ class ResumeDeployment(Command):
 
 
 # ---- data plane and failures -------------------------------------------------------------------
+
+
+VOTING_METHODS: Final = frozenset({"POST"})
+NOT_SERVED: Final = frozenset({404, 405, 501})
+
+
+def votes(method: str, status: int) -> bool:
+    """Whether a request is evidence about the model: an inference call (POST), to a path and
+    method the model serves. Review 13 diluted a canary failing 20% of completions to 0.5% with
+    1,500 `GET|HEAD|OPTIONS /favicon.ico` sent with a sticky value that lands on it. Routers
+    leave other requests out of the records (their Prometheus counters still count them)."""
+    return method.upper() in VOTING_METHODS and status not in NOT_SERVED
 
 
 class RequestRecord(Message):

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from services.contracts.events import RequestRecord
+from services.contracts.events import RequestRecord, votes
 from services.envoy.config import DEPLOYMENT_HEADER, PINNED_HEADER, ROLE_HEADER, VERSION_HEADER
 from services.router.routes import MODEL_HEADER
 
@@ -95,6 +95,19 @@ def error_kind(flags: Any, details: str) -> str | None:
     return kind
 
 
+_METHODS: Final = {
+    1: "GET",
+    2: "HEAD",
+    3: "POST",
+    4: "PUT",
+    5: "DELETE",
+    6: "CONNECT",
+    7: "OPTIONS",
+    8: "TRACE",
+    9: "PATCH",
+}
+"""envoy.config.core.v3.RequestMethod by number (0, METHOD_UNSPECIFIED, is absent)."""
+
 _Fields = tuple[int, int, str, str, str, str, float, float | None, int, str | None, bool]
 """What one entry says: start seconds, start nanos, deployment id, model, version, role,
 latency ms, ttfb ms, status, error kind, pinned."""
@@ -144,6 +157,12 @@ def read_entry(entry: Any) -> _Fields | Unmapped:
     status = code if from_upstream else 0
     if kind is None and status >= 500:
         kind = "http_5xx"
+    method = _METHODS.get(entry.request.request_method, "POST")  # unlogged: as before, it votes
+    if not votes(method, status):
+        return Unmapped(
+            "not_inference",
+            f"{method} answered {status}: not an inference call, so not evidence about the model",
+        )
     ttfb = (
         _seconds(common.time_to_first_upstream_rx_byte) * 1000.0
         if common.HasField("time_to_first_upstream_rx_byte")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from services.contracts.events import RequestRecord, Route
+from services.contracts.events import RequestRecord, Route, votes
 from services.router.metrics import MetricsPublisher
 from services.router.routes import (
     MODEL_HEADER,
@@ -118,6 +118,13 @@ class RouterMetrics:
             ["reason"],
             registry=registry,
         )
+        self.not_recorded = Counter(
+            "preflight_router_not_recorded",
+            "Proxied requests left out of the request records: not an inference call (not POST, "
+            "or a path or method the model does not serve: 404, 405, 501).",
+            ["model", "role"],
+            registry=registry,
+        )
         self.route_updates = Counter(
             "preflight_router_route_updates",
             "Route KV entries seen, by effect (applied, removed, malformed).",
@@ -207,12 +214,13 @@ class Proxy:
             headers["X-Forwarded-For"] = f"{prior}, {request.remote}" if prior else request.remote
         marks = {VERSION_HEADER: sel.version, ROLE_HEADER: sel.role}
         response: web.StreamResponse
+        upload = _Upload(request.content, self.clock) if request.body_exists else None
         try:
             async with self.session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=request.content if request.body_exists else None,
+                data=upload.chunks() if upload is not None else None,
                 allow_redirects=False,
             ) as upstream:
                 status = upstream.status
@@ -232,6 +240,8 @@ class Proxy:
                         headers=out_headers,
                         body=body,
                     )
+                    if request.transport is None or request.transport.is_closing():
+                        kind = kind or "client_closed"  # it left before its answer: not a 200
                 else:
                     response, ttfb, tokens, cut = await self._stream(
                         request, upstream, out_headers, t0
@@ -248,8 +258,13 @@ class Proxy:
                 role=sel.role,
             )
             response.headers.update(marks)
-        elapsed = self.clock() - t0
-        self._account(sel, started, elapsed, ttfb, status, kind, tokens)
+        # Timed from the end of the upload: a client that trickles its body in (review 13 made
+        # a healthy canary's p95 635 ms so) is not the model's latency.
+        since = max(t0, upload.done_at) if upload is not None and upload.done_at else t0
+        elapsed = self.clock() - since
+        if ttfb is not None:
+            ttfb = max(ttfb - (since - t0), 0.0)
+        self._account(sel, started, elapsed, ttfb, status, kind, tokens, request.method)
         return response
 
     async def _stream(
@@ -303,6 +318,7 @@ class Proxy:
         status: int,
         kind: str | None,
         tokens: TokenTiming = NO_TOKENS,
+        method: str = "POST",
     ) -> None:
         self.prom.requests.labels(sel.model, sel.role, str(status)).inc()
         self.prom.duration.labels(sel.model, sel.role).observe(elapsed)
@@ -312,6 +328,9 @@ class Proxy:
             self.prom.output_tokens.labels(sel.model, sel.role).inc(tokens.output_tokens)
         if kind is not None:
             self.prom.upstream_errors.labels(sel.model, sel.role, kind).inc()
+        if not votes(method, status):
+            self.prom.not_recorded.labels(sel.model, sel.role).inc()
+            return
         try:
             record = RequestRecord(
                 ts=started,
@@ -333,6 +352,19 @@ class Proxy:
             self.publisher.drop(1)
             return
         self.publisher.record(record)
+
+
+class _Upload:
+    """The client's request body as the upstream reads it, noting when its last byte came."""
+
+    def __init__(self, content: Any, clock: Callable[[], float]) -> None:
+        self.content, self.clock = content, clock
+        self.done_at: float | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.content.iter_any():
+            yield chunk
+        self.done_at = self.clock()
 
 
 def _small_fixed_body(method: str, upstream: aiohttp.ClientResponse) -> bool:

@@ -62,7 +62,7 @@ async def start_app(app: web.Application) -> Running:
 async def start_upstream(version: str, **knobs: Any) -> tuple[Running, Server]:
     server = Server(
         generator=SyntheticGenerator(),
-        knobs=Knobs(latency_ms=0, latency_jitter=0, **knobs),
+        knobs=Knobs(**{"latency_ms": 0, "latency_jitter": 0, **knobs}),
         version=version,
     )
     return await start_app(build_upstream(server)), server
@@ -676,3 +676,83 @@ async def test_the_service_entry_point_serves_and_flushes_on_sigterm(
     assert statuses == [200, 200, 200]
     batches = await read_batches(js, 3)
     assert [b.source for b, _ in batches] == ["entry"]
+
+
+# ---- what votes (review 13 F3) ----------------------------------------------------------------
+
+
+async def test_only_inference_calls_vote_and_the_upload_is_not_the_models_latency(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    """Review 13 diluted a failing canary with cheap GET/HEAD/OPTIONS requests to a path the
+    model does not serve, and poisoned a healthy one's p95 by trickling request bodies in."""
+    slow = {"stable": await start_upstream("1"), "canary": await start_upstream("2")}
+    sink = ListSink([])
+    try:
+        await put_route(js, route(slow, 100.0))
+        async with (
+            router(router_settings(settings), sink=sink) as (running, r),
+            aiohttp.ClientSession() as s,
+        ):
+            await eventually(lambda: weight_of(r) == 100.0)
+            for _ in range(4):
+                assert (await completion(s, running.url))[0] == 200
+            for method in ("GET", "HEAD", "OPTIONS"):  # not inference calls
+                for _ in range(3):
+                    async with s.request(method, f"{running.url}/favicon.ico") as resp:
+                        await resp.read()
+            for _ in range(3):  # a POST to a path the model does not serve: 404
+                async with s.post(f"{running.url}/favicon.ico", data=b"x") as resp:
+                    assert resp.status == 404
+
+            async def trickle() -> AsyncIterator[bytes]:
+                body = json.dumps({"prompt": "hi", "max_tokens": 3}).encode()
+                for i in range(0, len(body), 4):
+                    yield body[i : i + 4]
+                    await asyncio.sleep(0.05)
+
+            trickled = time.perf_counter()
+            async with s.post(f"{running.url}/v1/completions", data=trickle()) as resp:
+                assert resp.status == 200
+                await resp.read()
+            trickled = time.perf_counter() - trickled
+        await eventually(lambda: sum(len(b.records) for b in sink.batches) >= 5)
+    finally:
+        for running_upstream, _ in slow.values():
+            await running_upstream.stop()
+    records = [rec for b in sink.batches for rec in b.records]
+    assert len(records) == 5, [(rec.status, rec.latency_ms) for rec in records]
+    assert {rec.status for rec in records} == {200}
+    assert trickled > 0.3  # the client took that long to send its body
+    assert records[-1].latency_ms < 150, records[-1]  # the model answered at once
+
+
+async def test_a_request_the_client_abandoned_is_not_recorded_as_answered(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    pair = {
+        "stable": await start_upstream("1"),
+        "canary": await start_upstream("2", latency_ms=300),
+    }
+    sink = ListSink([])
+    try:
+        await put_route(js, route(pair, 100.0))
+        async with router(router_settings(settings), sink=sink) as (running, r):
+            await eventually(lambda: weight_of(r) == 100.0)
+            host, port = running.url.removeprefix("http://").split(":")
+            body = json.dumps({"prompt": "hi", "max_tokens": 3}).encode()
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()  # gone long before the model answers
+            await eventually(lambda: sum(len(b.records) for b in sink.batches) >= 1, 5)
+    finally:
+        for running_upstream, _ in pair.values():
+            await running_upstream.stop()
+    [record] = [rec for b in sink.batches for rec in b.records]
+    assert record.error_kind == "client_closed", record

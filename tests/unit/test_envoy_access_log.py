@@ -7,6 +7,7 @@ import json
 import random
 from typing import Any
 
+import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2  # type: ignore[import-untyped]
 
 from services.contracts.events import RequestMetricsBatch, RequestRecord
@@ -172,3 +173,20 @@ def test_a_batch_of_encoded_and_plain_records_is_a_valid_batch() -> None:
     assert batch.records[0].error_kind == "http_5xx"
     only_plain = batch_json("c" * 16, "r", [plain])
     assert RequestMetricsBatch.model_validate_json(only_plain).records == (plain,)
+
+
+@pytest.mark.parametrize(
+    ("method", "code", "votes"),
+    [(3, 200, True), (3, 500, True), (0, 200, True), (1, 200, False), (2, 200, False),
+     (7, 204, False), (3, 404, False), (3, 405, False)],
+)  # fmt: skip
+def test_only_inference_calls_become_records(method: int, code: int, votes: bool) -> None:
+    """Review 13: GET/HEAD/OPTIONS to a path the model does not serve diluted a failing canary
+    (an entry that does not say its method votes, as before)."""
+    e = entry(code=code)
+    e.request.request_method = method
+    found = same_answer(e)
+    if votes:
+        assert isinstance(found, RequestRecord)
+    else:
+        assert isinstance(found, Unmapped) and found.reason == "not_inference"
