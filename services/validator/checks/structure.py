@@ -259,6 +259,42 @@ def _least_per_layer(config: dict[str, Any], hidden: int) -> int:
     return least
 
 
+LEARNED_POSITIONS = frozenset(
+    {"opt", "gpt_neo", "bert", "roberta", "xlm-roberta", "distilbert", "electra", "biogpt"}
+)
+"""Model types whose `max_position_embeddings` is a table of learned weights (rotary and
+ALiBi models have none: there it only bounds the context)."""
+
+
+def _learned_positions(config: dict[str, Any]) -> int:
+    """Rows of a learned position table: GPT-2's `n_positions`, and `max_position_embeddings`
+    of the types above (review 14: `n_positions: 1e7` with no `wpe` tensor was built from
+    random numbers, gigabytes from a folder of kilobytes)."""
+    rows = _first(config, "n_positions")
+    if rows is None and config.get("model_type") in LEARNED_POSITIONS:
+        rows = _first(config, "max_position_embeddings")
+    return max(rows or 0, 0)
+
+
+def _towers(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The sub-models a config declares besides its text model (`vision_config`,
+    `audio_config`, ...): transformers builds each, from random numbers when the weights lack
+    it (review 14: a Gemma 3 vision tower of 2048 x 10 layers from a 300 KB folder)."""
+    return [
+        (key, value)
+        for key, value in config.items()
+        if key.endswith("_config") and key != "text_config" and isinstance(value, dict)
+    ]
+
+
+def _least_of_tower(tower: dict[str, Any]) -> int:
+    hidden = _first(tower, "hidden_size", "d_model", "embed_dim")
+    layers = _first(tower, "num_hidden_layers", "num_layers", "depth")
+    if not (hidden and layers and hidden > 0 and 0 < layers <= MAX_LAYERS):
+        return 0
+    return layers * _least_per_layer(tower, hidden)
+
+
 def _count(n: int, *, grouped: bool = True) -> str:
     """A count for a message; a config's 4,000-digit number cannot even be printed whole."""
     if n >= 10**18:
@@ -322,13 +358,21 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
         # embedding at all: what the weights hold against what the config makes the loader
         # build cannot. At least the attention's query and output projections per layer, and
         # the embedding once; 32x slack for packed quantized weights (4-bit packs 8 to an int32).
+        parts = [
+            f"{_count(layers, grouped=False)} layers of hidden size {_count(hidden, grouped=False)}"
+        ]
         declared = layers * _least_per_layer(config, hidden) + max(vocab or 0, 0) * hidden
+        if positions := _learned_positions(config):
+            declared += positions * hidden
+            parts.append(f"{_count(positions)} learned positions")
+        for name, tower in _towers(config):
+            if least := _least_of_tower(tower):
+                declared += least
+                parts.append(f"a {name} of at least {_count(least)}")
         held = sum(math.prod(shape) for shape in tensors.values())
         if held * PARAMETER_SLACK < declared:
             problems.append(
-                f"declares at least {_count(declared)} parameters ({_count(layers, grouped=False)} "
-                f"layers of hidden size {_count(hidden, grouped=False)}), the weights hold "
-                f"{_count(held)}: the loader "
-                "would build the rest from random numbers"
+                f"declares at least {_count(declared)} parameters ({', '.join(parts)}), the "
+                f"weights hold {_count(held)}: the loader would build the rest from random numbers"
             )
     return problems

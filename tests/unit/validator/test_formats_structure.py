@@ -421,6 +421,10 @@ def test_real_layouts_that_differ_from_the_simple_one_pass(tmp_path: Path, case:
         {"intermediate_size": 4096, "num_local_experts": 2000},
         {"num_attention_heads": 2, "head_dim": 4_000_000},
         {"n_layers": 40, "num_hidden_layers": None},  # MPT names its layer count n_layers
+        # GPT-2's learned position table, not in the weights: 10^7 rows of hidden size.
+        {"model_type": "gpt2", "n_positions": 10_000_000},
+        # A vision tower the weights lack (Gemma 3's SigLIP, 2048 x 10 layers).
+        {"vision_config": {"hidden_size": 2048, "num_hidden_layers": 10}},
     ],
 )
 def test_a_config_whose_other_sizes_outgrow_the_weights_fails(
