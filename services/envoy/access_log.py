@@ -168,6 +168,12 @@ def read_entry(entry: Any) -> _Fields | Unmapped:
         if common.HasField("time_to_first_upstream_rx_byte")
         else None
     )
+    if common.HasField("time_to_last_rx_byte"):
+        # Timed from the request's last byte, as the built-in router times it: a client that
+        # trickles its body in is not the model's latency (review 13).
+        uploaded = _seconds(common.time_to_last_rx_byte)
+        latency = max(latency - uploaded, 0.0)
+        ttfb = max(ttfb - uploaded * 1000.0, 0.0) if ttfb is not None else None
     start = common.start_time
     return (
         int(start.seconds),

@@ -65,7 +65,8 @@ class Upstream:
     runner: web.AppRunner | None = None
 
     async def start(self) -> Upstream:
-        async def answer(_: web.Request) -> web.Response:
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()  # as a model server does: the prompt first
             return web.json_response({"served_by": self.name}, status=self.status)
 
         app = web.Application()
@@ -352,6 +353,36 @@ async def test_weights_are_confirmed_from_envoy_and_the_split_follows_them(stack
     await until_confirmed(router, at[100.0])
     assert shares(await send(url, 100)) == {"canary": 100}
     print(f"\nenvoy: apply -> confirmed in {seconds * 1000:.1f} ms")
+
+
+async def test_only_inference_calls_vote_and_the_upload_is_not_latency(stack: Stack) -> None:
+    """Review 13, through a real Envoy: GET/HEAD/OPTIONS and paths the model does not serve
+    diluted a failing canary; a trickled upload counted as the model's latency."""
+    url, router = stack.envoy.listen_url, stack.router
+    everything = make_route(stack.stable.url, stack.canary.url, 100.0)
+    await router.apply(everything)
+    await until_confirmed(router, everything)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for piece in (b'{"prompt": ', b'"hi"', b"}"):
+            yield piece
+            await asyncio.sleep(0.2)
+
+    async with aiohttp.ClientSession(headers={MODEL_HDR: MODEL}) as session:
+        for method in ("GET", "HEAD", "OPTIONS"):
+            async with session.request(method, f"{url}/favicon.ico") as resp:
+                await resp.read()
+        started = time.monotonic()
+        async with session.post(f"{url}/v1/completions", data=trickle()) as resp:
+            assert resp.status == 200
+            await resp.read()
+        took = time.monotonic() - started
+    [record] = await stack.new_records(1, since=0)
+    await asyncio.sleep(0.5)  # the three others would have arrived by now
+    assert len(stack.records) == 1
+    assert stack.receiver.receiver.unmapped.get("not_inference") == 3
+    assert took > 0.35  # the client took that long to send its body
+    assert record.latency_ms < 150, record
 
 
 async def _apply_and_time(router: TrafficRouter, route: Route) -> float:

@@ -190,3 +190,14 @@ def test_only_inference_calls_become_records(method: int, code: int, votes: bool
         assert isinstance(found, RequestRecord)
     else:
         assert isinstance(found, Unmapped) and found.reason == "not_inference"
+
+
+def test_latency_is_timed_from_the_last_byte_of_the_upload() -> None:
+    """Review 13 poisoned a healthy canary's p95 by trickling request bodies in: Envoy's
+    duration starts at the first byte, so the upload is taken off, as the built-in router does."""
+    e = entry(latency_ns=650_000_000, ttfb_ns=640_000_000)
+    e.common_properties.time_to_last_rx_byte.FromNanoseconds(600_000_000)
+    found = same_answer(e)
+    assert isinstance(found, RequestRecord)
+    assert round(found.latency_ms, 3) == 50.0
+    assert found.ttfb_ms is not None and round(found.ttfb_ms, 3) == 40.0
