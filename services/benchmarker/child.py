@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -98,6 +99,35 @@ def run_job(job: Job, on_step: OnStep) -> tuple[StageReport, str | None]:
     )
 
 
+def _warm_up() -> None:
+    """What every job needs before its model: torch, transformers' auto classes (lazy modules,
+    resolved here), the measurement code and the evaluation text and prompts."""
+    import torch  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
+
+    from services.benchmarker import consistency, latency, perplexity  # noqa: F401
+    from services.benchmarker.corpus import DEFAULT_EVAL_DATASET, load_eval_text, load_prompts
+
+    load_eval_text(DEFAULT_EVAL_DATASET)
+    load_prompts()
+    # A first from_pretrained and generate in a process costs about 1.4 s here whatever the
+    # model (transformers' loading code, torch's kernels): paid on a tiny model of our own,
+    # outside the working directory, before the job.
+    from services.benchmarker.loading import load_model
+    from services.stack.samples import write_sample_model
+
+    with tempfile.TemporaryDirectory(prefix="preflight-warm-up-") as tmp:
+        tiny = write_sample_model(Path(tmp) / "m", layers=1, hidden=16, heads=2, vocab=32)
+        loaded = load_model(str(tiny), device="cpu")
+        inputs = loaded.tokenizer("a b", return_tensors="pt")
+        loaded.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
 def main() -> None:
     channel = _Channel(os.fdopen(os.dup(1), "w", encoding="utf-8"))
     os.dup2(2, 1)  # a library's print() lands on stderr, never in the protocol
@@ -110,9 +140,10 @@ def main() -> None:
         Path("/proc/self/oom_score_adj").write_text("1000")
     from services.benchmarker import loading
 
-    if loading.torch_available():  # the imports a spare child has done before its job comes
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+    if loading.torch_available():  # what a spare child has done before its job comes
+        root.setLevel(logging.WARNING)  # the warm-up's own lines are not the job's
+        _warm_up()
+        root.setLevel(logging.INFO)
     line = sys.stdin.readline()
     if not line.strip():
         return  # a spare the benchmarker no longer needs
