@@ -186,9 +186,11 @@ class CanaryPolicy(_Strict):
     )
     false_rollback_rate: float = Field(
         default=0.01,
-        gt=0,
+        ge=1e-9,
         lt=0.5,
-        description="Chance a healthy canary is rolled back over a whole rollout (all looks).",
+        description="Chance a healthy canary is rolled back over a whole rollout (all looks); "
+        "at least 1e-9: 1e-300 left the tests no level they could compute, and a failing canary "
+        "was never rolled back.",
     )
     max_step_extension_s: float = Field(
         default=300.0, ge=0, description="A step short of traffic runs this much longer, at most."
@@ -283,20 +285,26 @@ REQUEST_DENIED: Final = (
     "validation.enabled",
     "validation.checks",
     "benchmark.enabled",
+    "benchmark.perplexity",
+    "benchmark.latency",
+    "benchmark.consistency",
     "canary.enabled",
+    "model_classes",
     "notify.webhook_url",
     "notify.on",
     "canary.traffic",
 )
-"""What a request may not change by default: the validator is the gate against hostile files
-(code that runs on load, leaked keys), and anyone who may publish a request would switch it off;
-so are the benchmark and the canary: a request that turns off the gates deploys anything to all
-users at once. Which outcomes are announced (`notify.on`)
-is the operator's, or a deployment could go out silently. The notifier signs what it posts to a
-webhook, and would post it anywhere (a request's own `notify.webhook_url` is held to
-PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead); the data plane and its options (a Kubernetes API
-URL the controller sends its token to, another team's object to patch with force, an xDS
-directory to write) are the operator's."""
+"""What a request may not change by default: the validator is the gate against hostile files (code
+that runs on load, leaked keys), and anyone who may publish a request would switch it off; so
+are the benchmark (or each of its checks) and the canary: a request that turns off the gates
+deploys anything to all users at once. The model classes' thresholds are the operator's too: the
+canary judges by them, not by `canary.thresholds`, where a class gives its own (review 15 passed
+a canary failing every request through `model_classes.default.canary.max_error_rate: 1`). Which
+outcomes are announced (`notify.on`) is the operator's, or a deployment could go out silently.
+The notifier signs what it posts to a webhook, and would post it anywhere (a request's own
+`notify.webhook_url` is held to PREFLIGHT_REQUEST_WEBHOOK_PREFIXES instead); the data plane and
+its options (a Kubernetes API URL the controller sends its token to, another team's object to
+patch with force, an xDS directory to write) are the operator's."""
 
 REQUEST_MAX: Final[dict[str, float]] = {
     # Each of these holds a shared service for as long as it asks: one request with
@@ -377,6 +385,13 @@ class RequestLimits(_Strict):
             denied = next((d for d in self.deny if key == d or key.startswith(f"{d}.")), None)
             if denied is not None and value != _get(given, key):
                 found.append(f"{key}: a request may not change {denied} (request_overrides.deny)")
+                continue
+            if value is None and key in ceilings and _get(given, key) is not None:
+                # null switches a gate off (max_ttft_p95_increase: not gated): above any ceiling.
+                found.append(
+                    f"{key}: null lifts the ceiling of {_number(ceilings[key])} for a request "
+                    "(request_overrides.max)"
+                )
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue

@@ -55,8 +55,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def policy(**extra: object) -> Policy:
-    overrides = {"benchmark": {**FAST["benchmark"], **extra}}
-    return PolicyFile().resolve(model="m", overrides=overrides)
+    """The operator's file (a request may not switch checks off)."""
+    return PolicyFile(defaults={"benchmark": {**FAST["benchmark"], **extra}}).resolve(model="m")
 
 
 def test_a_good_model_passes_against_the_version_it_replaces(models: dict[str, Path]) -> None:
@@ -83,9 +83,8 @@ def test_a_regressed_model_is_degraded_with_its_numbers(models: dict[str, Path])
 
 
 def test_latency_over_the_class_threshold_degrades(models: dict[str, Path]) -> None:
-    strict = PolicyFile().resolve(
-        model="m",
-        overrides={
+    strict = PolicyFile(  # the operator's file: a request may not change model classes
+        defaults={
             **FAST,
             "model_classes": {
                 "tiny": {
@@ -97,7 +96,7 @@ def test_latency_over_the_class_threshold_degrades(models: dict[str, Path]) -> N
                 }
             },
         },
-    )
+    ).resolve(model="m")
     report, _ = run_benchmarks(str(models["good"]), None, strict, model_class="tiny")
     latency = next(c for c in report.checks if c.name == "latency")
     assert latency.status is Status.FAILED
@@ -270,6 +269,8 @@ async def test_a_benchmarker_killed_mid_run_leaves_its_deployment_to_another(
     doomed = benchmarkers.procs["doomed"]
     children = children_of(doomed.pid)  # the running benchmark's child and the spare
     assert children, "the benchmark runs in a child process"
+    workdirs = [os.readlink(f"/proc/{pid}/cwd") for pid in children]
+    assert all("preflight-benchmark-" in d for d in workdirs), workdirs
     doomed.send_signal(signal.SIGKILL)
     benchmarkers.start("survivor")
     [done] = await completed(js, 1, timeout=300)
@@ -277,10 +278,12 @@ async def test_a_benchmarker_killed_mid_run_leaves_its_deployment_to_another(
     assert done.report.service == "survivor"
     # The killed benchmarker's children end with it: nothing of it goes on measuring.
     assert not still_running(children)
+    assert not still_running(workdirs)  # nor their working directories
 
 
-def still_running(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+def still_running(found: list[int] | list[str]) -> list[object]:
+    """The processes (pids) or directories (paths) of `found` that still exist."""
+    return [x for x in found if os.path.exists(f"/proc/{x}" if isinstance(x, int) else x)]
 
 
 def children_of(pid: int) -> list[int]:

@@ -37,7 +37,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def consistency_only() -> Policy:
-    return PolicyFile().resolve(model="m", overrides=CONSISTENCY_ONLY)
+    return PolicyFile(defaults=CONSISTENCY_ONLY).resolve(model="m")  # the operator's file
 
 
 def test_the_nondeterministic_model_diverges_and_the_stage_names_where(

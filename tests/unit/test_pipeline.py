@@ -111,6 +111,17 @@ def test_a_disabled_stage_says_disabled_by_policy() -> None:
             "benchmark.max_perplexity_increase: 10 is above the ceiling of 0.25",
         ),
         ({"notify": {"on": []}}, "a request may not change notify.on"),
+        # Review 15: the same gates by other keys.
+        (
+            {"model_classes": {"default": {"canary": {"max_error_rate": 1}}}},
+            "a request may not change model_classes",
+        ),
+        ({"benchmark": {"perplexity": False}}, "a request may not change benchmark.perplexity"),
+        (
+            {"canary": {"thresholds": {"max_ttft_p95_increase": None}}},
+            "max_ttft_p95_increase: null lifts the ceiling of 1 for a request",
+        ),
+        ({"canary": {"false_rollback_rate": 1e-300}}, "greater than or equal to 0.000000001"),
         (
             {"notify": {"webhook_url": "http://169.254.169.254/latest/"}},
             "a request may not change notify.webhook_url",
