@@ -400,15 +400,19 @@ class ResumeDeployment(Command):
 
 
 VOTING_METHODS: Final = frozenset({"POST"})
-NOT_SERVED: Final = frozenset({404, 405, 501})
+NOT_SERVED: Final = frozenset({501})
 
 
 def votes(method: str, status: int) -> bool:
-    """Whether a request is evidence about the model: an inference call (POST), to a path and
-    method the model serves. Review 13 diluted a canary failing 20% of completions to 0.5% with
-    1,500 `GET|HEAD|OPTIONS /favicon.ico` sent with a sticky value that lands on it. Routers
-    leave other requests out of the records (their Prometheus counters still count them)."""
-    return method.upper() in VOTING_METHODS and status not in NOT_SERVED
+    """Whether a request is evidence about the model: an inference call (POST) that the model
+    answered as one (2xx, 3xx, 5xx; 0: no answer), not a request it refused as the client's
+    fault (4xx: a malformed body, a path or method it does not serve) nor 501. Review 13
+    diluted a canary failing 20% of completions to 0.5% with 1,500 `GET|HEAD|OPTIONS
+    /favicon.ico`, review 15 to 1.7% with 2,000 malformed POSTs answered 400, each sent with
+    a sticky value that lands on the canary. A 4xx was never an error, so leaving them out
+    hides no failure. Routers leave other requests out of the records (their Prometheus
+    counters still count them)."""
+    return method.upper() in VOTING_METHODS and not 400 <= status < 500 and status not in NOT_SERVED
 
 
 class RequestRecord(Message):

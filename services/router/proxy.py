@@ -121,7 +121,7 @@ class RouterMetrics:
         self.not_recorded = Counter(
             "preflight_router_not_recorded",
             "Proxied requests left out of the request records: not an inference call (not POST, "
-            "or a path or method the model does not serve: 404, 405, 501).",
+            "or an answer that is not one: 4xx, 501).",
             ["model", "role"],
             registry=registry,
         )

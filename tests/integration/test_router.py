@@ -704,6 +704,9 @@ async def test_only_inference_calls_vote_and_the_upload_is_not_the_models_latenc
             for _ in range(3):  # a POST to a path the model does not serve: 404
                 async with s.post(f"{running.url}/favicon.ico", data=b"x") as resp:
                     assert resp.status == 404
+            for _ in range(3):  # review 15: malformed bodies the model refuses at once
+                async with s.post(f"{running.url}/v1/completions", data=b"{") as resp:
+                    assert 400 <= resp.status < 500
 
             async def trickle() -> AsyncIterator[bytes]:
                 body = json.dumps({"prompt": "hi", "max_tokens": 3}).encode()

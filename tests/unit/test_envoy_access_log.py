@@ -178,7 +178,8 @@ def test_a_batch_of_encoded_and_plain_records_is_a_valid_batch() -> None:
 @pytest.mark.parametrize(
     ("method", "code", "votes"),
     [(3, 200, True), (3, 500, True), (0, 200, True), (1, 200, False), (2, 200, False),
-     (7, 204, False), (3, 404, False), (3, 405, False)],
+     (7, 204, False), (3, 404, False), (3, 405, False), (3, 400, False), (3, 422, False),
+     (3, 501, False), (3, 302, True)],
 )  # fmt: skip
 def test_only_inference_calls_become_records(method: int, code: int, votes: bool) -> None:
     """Review 13: GET/HEAD/OPTIONS to a path the model does not serve diluted a failing canary
