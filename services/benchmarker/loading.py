@@ -28,12 +28,17 @@ class LoadError(RuntimeError):
 
 
 class InflatedInput(RuntimeError):
-    """The tokenizer made far more tokens of a text than it has bytes."""
+    """The tokenizer made far more tokens of a text than it has bytes, or far fewer."""
 
 
 TOKENS_OVER_BYTES = 32
 """Tokens a text may have beyond one per byte: a tokenizer's special tokens (BOS, EOS, a
 chat prefix). Byte fallback, the worst real case, gives one token per byte."""
+BYTES_PER_TOKEN_MAX = 64
+"""Bytes of a long text one token may stand for, at most: real tokenizers give 3-8 on prose.
+Review 15's normalizer replaced the whole 47 KB evaluation text with "A B", and the benchmark
+passed on a perplexity of 1 token."""
+DEFLATION_CHECKED_FROM = 1024  # bytes: a short prompt may fairly be one or two tokens
 
 
 @dataclass
@@ -159,6 +164,13 @@ def encode(loaded: Loaded, text: str, what: str) -> Any:
             f"the tokenizer turned the {what} ({size:,} bytes) into {tokens:,} tokens, more than "
             f"one per byte plus {TOKENS_OVER_BYTES} special tokens: its normalizer, pre-tokenizer "
             "or post-processor (tokenizer.json) inflates what it encodes"
+        )
+    if size >= DEFLATION_CHECKED_FROM and tokens * BYTES_PER_TOKEN_MAX < size:
+        raise InflatedInput(
+            f"the tokenizer turned the {what} ({size:,} bytes) into {tokens:,} tokens, fewer than "
+            f"one per {BYTES_PER_TOKEN_MAX} bytes: its normalizer, pre-tokenizer or "
+            "post-processor (tokenizer.json) discards what it encodes, and nothing of the text "
+            "would be measured"
         )
     return inputs.to(loaded.device)
 

@@ -194,3 +194,47 @@ def test_a_relative_vocabulary_name_reads_nothing_from_the_benchmarkers_director
     assert "hunter2" in here.reason  # the exploit, in this process
     there, _ = Runner(Limits()).run(Job.of(str(model), None, policy, device="cpu"))
     assert "hunter2" not in there.model_dump_json()
+
+
+def test_a_tokenizer_that_throws_its_input_away_is_not_a_passed_benchmark(
+    tmp_path: Path,
+) -> None:
+    # Review 15: the whole 47 KB evaluation text became "a b", one token scored; the
+    # benchmark passed, perplexity compared as "-99.8%".
+    replace = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]+"}, "content": "a b"}
+    model = model_with_tokenizer(tmp_path / "m", normalizer=replace)
+    report, _ = Runner(Limits()).run(Job.of(str(model), None, fast_policy(), device="cpu"))
+    status, reason = by_name(report)["perplexity"]
+    assert report.status is Status.ERROR and status is Status.ERROR
+    assert "the tokenizer turned the evaluation text (47,627 bytes) into" in reason
+    assert "fewer than one per 64 bytes" in reason
+
+
+def test_closing_the_runner_stops_the_running_benchmark_at_once(tmp_path: Path) -> None:
+    """Review 15: a service shutting down waited for the running benchmark to end."""
+    import threading
+
+    model = write_sample_model(tmp_path / "m", layers=1, hidden=16, heads=2, vocab=32)
+    heavy = PolicyFile().resolve(model="m", overrides={"benchmark": {"latency_runs": 100}})
+    runner = Runner(Limits(), keep_spare=True)
+    answers: list[StageReport] = []
+    job = Job.of(str(model), None, heavy, device="cpu")
+    worker = threading.Thread(target=lambda: answers.append(runner.run(job)[0]))
+    worker.start()
+    for _ in range(300):  # until it measures
+        if runner._running is not None and by_name_running(runner):
+            break
+        time.sleep(0.1)
+    started = time.monotonic()
+    runner.close()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and time.monotonic() - started < 10
+    [report] = answers
+    assert report.status is Status.ERROR
+    assert "the benchmark process was stopped: the benchmarker is shutting down" in report.reason
+    assert runner._spare is None  # and no new spare after the close
+
+
+def by_name_running(runner: Runner) -> bool:
+    child = runner._running
+    return child is not None and child.alive()
