@@ -260,20 +260,38 @@ def _least_per_layer(config: dict[str, Any], hidden: int) -> int:
 
 
 LEARNED_POSITIONS = frozenset(
-    {"opt", "gpt_neo", "bert", "roberta", "xlm-roberta", "distilbert", "electra", "biogpt"}
-)
-"""Model types whose `max_position_embeddings` is a table of learned weights (rotary and
+    {
+        # learned tables
+        "opt", "gpt_neo", "bert", "roberta", "xlm-roberta", "distilbert", "electra", "biogpt",
+        "camembert", "ernie", "mpnet", "layoutlm", "megatron-bert", "data2vec-text", "xmod",
+        "bart", "mbart", "plbart", "mvp", "blenderbot", "blenderbot-small", "xlm", "flaubert",
+        # sinusoidal tables: computed, but allocated all the same
+        "marian", "pegasus", "m2m_100", "nllb-moe", "xglm", "speech_to_text", "trocr",
+    }
+)  # fmt: skip
+"""Model types whose `max_position_embeddings` is a table the loader allocates (rotary and
 ALiBi models have none: there it only bounds the context)."""
+POSITION_KEYS = (
+    "max_source_positions",  # Whisper, Speech2Text
+    "max_target_positions",
+    "max_encoder_position_embeddings",  # LED
+    "max_decoder_position_embeddings",
+)
 
 
 def _learned_positions(config: dict[str, Any]) -> int:
-    """Rows of a learned position table: GPT-2's `n_positions`, and `max_position_embeddings`
-    of the types above (review 14: `n_positions: 1e7` with no `wpe` tensor was built from
-    random numbers, gigabytes from a folder of kilobytes)."""
+    """Rows of position (and token type) tables: GPT-2's `n_positions`, `max_position_embeddings`
+    of the types above, the encoder's and decoder's tables where a config names both, and BERT's
+    `type_vocab_size` (review 14: `n_positions: 1e7` with no `wpe` tensor was built from random
+    numbers, gigabytes from a folder of kilobytes; review 15 the same with BART's positions and
+    BERT's token types)."""
     rows = _first(config, "n_positions")
     if rows is None and config.get("model_type") in LEARNED_POSITIONS:
         rows = _first(config, "max_position_embeddings")
-    return max(rows or 0, 0)
+    total = max(rows or 0, 0)
+    for key in (*POSITION_KEYS, "type_vocab_size"):
+        total += max(_first(config, key) or 0, 0)
+    return total
 
 
 def _towers(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -288,11 +306,17 @@ def _towers(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _least_of_tower(tower: dict[str, Any]) -> int:
+    """A sub-model's layers (however many: review 15's tower of 1,000,001 layers was not
+    counted at all) and its patch position table (image_size / patch_size, squared)."""
     hidden = _first(tower, "hidden_size", "d_model", "embed_dim")
     layers = _first(tower, "num_hidden_layers", "num_layers", "depth")
-    if not (hidden and layers and hidden > 0 and 0 < layers <= MAX_LAYERS):
+    if not (hidden and hidden > 0):
         return 0
-    return layers * _least_per_layer(tower, hidden)
+    least = layers * _least_per_layer(tower, hidden) if layers and layers > 0 else 0
+    image, patch = _first(tower, "image_size"), _first(tower, "patch_size")
+    if image and patch and image > 0 and patch > 0:
+        least += (image // patch) ** 2 * hidden
+    return least + _learned_positions(tower) * hidden
 
 
 def _count(n: int, *, grouped: bool = True) -> str:
@@ -364,7 +388,7 @@ def _config_consistency(config: dict[str, Any], tensors: dict[str, tuple[int, ..
         declared = layers * _least_per_layer(config, hidden) + max(vocab or 0, 0) * hidden
         if positions := _learned_positions(config):
             declared += positions * hidden
-            parts.append(f"{_count(positions)} learned positions")
+            parts.append(f"position and token-type tables of {_count(positions)} rows")
         for name, tower in _towers(config):
             if least := _least_of_tower(tower):
                 declared += least

@@ -425,6 +425,12 @@ def test_real_layouts_that_differ_from_the_simple_one_pass(tmp_path: Path, case:
         {"model_type": "gpt2", "n_positions": 10_000_000},
         # A vision tower the weights lack (Gemma 3's SigLIP, 2048 x 10 layers).
         {"vision_config": {"hidden_size": 2048, "num_hidden_layers": 10}},
+        # Review 15: more layers than the layer check counts, a patch position table, BART's
+        # positions, BERT's token types.
+        {"vision_config": {"hidden_size": 64, "num_hidden_layers": 1_000_001}},
+        {"vision_config": {"hidden_size": 2048, "image_size": 2000 * 14, "patch_size": 14}},
+        {"model_type": "bart", "max_position_embeddings": 4_000_000},
+        {"model_type": "bert", "type_vocab_size": 4_000_000},
     ],
 )
 def test_a_config_whose_other_sizes_outgrow_the_weights_fails(
