@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -58,11 +59,24 @@ class _Forward(logging.Handler):
             self.handleError(record)
 
 
+WORKDIR_PREFIX = "preflight-benchmark-"  # isolated._Child makes it
+
+
+def _remove_workdir() -> None:
+    """The empty working directory the benchmarker made for this process, if that is where it
+    runs: a benchmarker killed outright cannot remove it itself."""
+    here = Path.cwd()
+    temporary = Path(tempfile.gettempdir()).resolve()
+    if here.name.startswith(WORKDIR_PREFIX) and here.parent.resolve() == temporary:
+        shutil.rmtree(here, ignore_errors=True)
+
+
 def _orphan_watch(parent: int) -> None:
     """End this process when the benchmarker that started it is gone (killed, crashed)."""
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
+            _remove_workdir()
             os._exit(3)
 
 

@@ -9,10 +9,10 @@ into the stage's answer: `could not run` while loading, the running check `error
 measuring, with the checks already done kept.
 
 The parent watches the child's resident memory (PREFLIGHT_BENCHMARK_MEMORY_LIMIT) and a hard
-deadline per phase: loading (PREFLIGHT_BENCHMARK_LOAD_TIME_LIMIT_S; a remote fetch is not
-counted, it logs progress) and measuring (PREFLIGHT_BENCHMARK_TIME_LIMIT_S plus a grace: the
-child stops itself between steps at the limit, and is stopped only when one step never
-returns). The child runs from an empty working directory of its own, so a relative file name
+deadline per phase: fetching a remote model (PREFLIGHT_BENCHMARK_FETCH_TIME_LIMIT_S), loading
+one (PREFLIGHT_BENCHMARK_LOAD_TIME_LIMIT_S) and measuring (PREFLIGHT_BENCHMARK_TIME_LIMIT_S plus
+a grace: the child stops itself between steps at the limit, and is stopped only when one step
+never returns). The child runs from an empty working directory of its own, so a relative file name
 in a model's configuration resolves to nothing of the service's.
 
 A service keeps one spare child started (torch and transformers imported: about 3 s here), so
@@ -93,6 +93,7 @@ def _absolute(location: str) -> str:
 @dataclass(frozen=True)
 class Limits:
     load_s: float | None = None
+    fetch_s: float | None = None
     memory_bytes: int | None = None
     grace_s: float | None = None
     """Past the job's time limit before the child is stopped; None: max(60 s, 10%)."""
@@ -155,19 +156,23 @@ class _Child:
     """One started child: its process, what it says (a queue) and the tail of its stderr."""
 
     def __init__(self, python: str) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="preflight-benchmark-")
+        self.workdir = tempfile.mkdtemp(prefix="preflight-benchmark-")  # child.WORKDIR_PREFIX
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # importable from the empty workdir
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.process = subprocess.Popen(
-            [python, "-m", "services.benchmarker.child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.workdir,
-            env=env,
-            start_new_session=True,  # its own process group: stopped whole, never by a ^C
-        )
+        try:
+            self.process = subprocess.Popen(
+                [python, "-m", "services.benchmarker.child"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,  # its own process group: stopped whole, never by a ^C
+            )
+        except OSError:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.stderr: deque[str] = deque(maxlen=STDERR_KEPT)
         self._readers = [
@@ -205,11 +210,12 @@ class _Child:
         self.process.stdin.close()
 
     def stop(self) -> int | None:
-        """Kill the child's process group; its exit status (negative: the signal)."""
-        if self.alive():
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except OSError:
+        """Kill the child's process group, whatever of it is left (anything the child started
+        too); the child's exit status (negative: the signal)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:  # the group is gone: the child exited and left nothing behind
+            if self.alive():
                 self.process.kill()
         try:
             code = self.process.wait(timeout=30)
@@ -258,7 +264,7 @@ class _Watch:
             return
         self.phase, self.name = step.phase, step.name
         if step.phase == "fetching":
-            self.deadline = None  # bounded by the store's own timeouts; it logs progress
+            self._limit(now, self.limits.fetch_s, "PREFLIGHT_BENCHMARK_FETCH_TIME_LIMIT_S")
         elif step.phase == "loading":
             self._limit(now, self.limits.load_s, "PREFLIGHT_BENCHMARK_LOAD_TIME_LIMIT_S")
         elif self.measuring_since is None:  # measuring: one limit for all the measurements
@@ -306,15 +312,23 @@ class Runner:
         self.keep_spare = keep_spare
         self.python = python
         self._spare: _Child | None = None
+        self._running: _Child | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start the spare now (a service at start), not at its first deployment."""
         with self._lock:
-            if self.keep_spare and self._spare is None:
+            if self.keep_spare and self._spare is None and not self._closed:
                 self._spare = _Child(self.python)
 
     def close(self) -> None:
+        """Stop the running benchmark's child, if any (its job ends as `could not run`), and
+        the spare; a service shutting down does not wait for a benchmark of half an hour."""
+        self._closed = True
+        running = self._running
+        if running is not None:
+            running.stop()
         with self._lock:
             if self._spare is not None:
                 self._spare.stop()
@@ -328,13 +342,22 @@ class Runner:
                 self._spare.stop()  # a spare that died while waiting: a fresh one
             self._spare = None
             watch = _Watch(job, self.limits)
-            child = child or _Child(self.python)
+            try:
+                child = child or _Child(self.python)
+            except OSError as exc:  # no process, or no temporary directory, to be had
+                reason = f"could not start the benchmark process: {exc}"
+                return watch.stopped(reason), None
+            self._running = child
             try:
                 return self._watch(child, watch)
             finally:
+                self._running = None
                 child.stop()
-                if self.keep_spare:
-                    self._spare = _Child(self.python)
+                if self.keep_spare and not self._closed:
+                    try:
+                        self._spare = _Child(self.python)
+                    except OSError as exc:  # the next job tries again, and says so
+                        log.warning("could not start a spare benchmark process: %s", exc)
 
     def _watch(self, child: _Child, watch: _Watch) -> tuple[StageReport, str | None]:
         with contextlib.suppress(OSError):  # it died starting: its exit status says how
@@ -413,6 +436,8 @@ class Runner:
         else:
             how = f"exited with status {code} and no result"
         said = child.last_words()
+        if self._closed:  # close() stopped it
+            how, said = "was stopped: the benchmarker is shutting down", ""
         reason = f"the benchmark process {how} {watch.during()}" + (f": {said}" if said else "")
         log.warning("%s (%s)", reason, watch.job.location)
         return watch.stopped(reason)
@@ -422,6 +447,7 @@ def limits(settings: Settings) -> Limits:
     """The service's limits; raises ValueError for a memory limit that does not parse."""
     return Limits(
         load_s=settings.benchmark_load_time_limit_s,
+        fetch_s=settings.benchmark_fetch_time_limit_s,
         memory_bytes=memory_limit(settings.benchmark_memory_limit),
     )
 

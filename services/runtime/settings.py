@@ -163,6 +163,16 @@ class Settings(BaseSettings):
             "previous version) and the measurements' limit should fit in max_handler_s."
         ),
     )
+    benchmark_fetch_time_limit_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "Hard limit on fetching one remote model into the model cache for the benchmark "
+            "(s3://, hf://, https://): past it the child process is stopped and the benchmark "
+            "says `could not run`. The stores' timeouts bound each read, not a server that "
+            "answers a byte at a time."
+        ),
+    )
     benchmark_memory_limit: str | None = Field(
         default=None,
         description=(

@@ -13,7 +13,11 @@ def test_the_hard_deadline_follows_the_childs_phases() -> None:
     watch = _Watch(Job.of("/m", None, Policy()), Limits(load_s=100, grace_s=5))
     assert watch.limit_name == "the start of the benchmark process"
     watch.step(Step("fetching", "s3://b/m"))
-    assert watch.deadline is None and watch.during() == "while fetching s3://b/m"
+    assert watch.deadline is None and watch.during() == "while fetching s3://b/m"  # no limit set
+    fetching = _Watch(Job.of("/m", None, Policy()), Limits(fetch_s=50))
+    fetching.step(Step("fetching", "s3://b/m"))
+    assert fetching.limit_s == 50
+    assert fetching.limit_name == "PREFLIGHT_BENCHMARK_FETCH_TIME_LIMIT_S"
     watch.step(Step("loading", "s3://b/m"))
     assert watch.limit_s == 100 and watch.limit_name == "PREFLIGHT_BENCHMARK_LOAD_TIME_LIMIT_S"
     assert watch.stopped("stopped").reason.startswith("could not run: stopped")
@@ -41,3 +45,13 @@ def test_a_relative_location_is_made_absolute_for_the_child() -> None:
     job = Job.of("models/m", "s3://b/m", Policy())
     assert job.location == os.path.join(os.getcwd(), "models/m")
     assert job.baseline_location == "s3://b/m"
+
+
+def test_a_benchmark_process_that_cannot_start_is_the_stages_answer() -> None:
+    from services.benchmarker.isolated import Runner
+    from services.contracts.events import Status
+
+    runner = Runner(Limits(), python="/nonexistent/python")
+    report, device = runner.run(Job.of("/m", None, Policy()))
+    assert report.status is Status.ERROR and device is None
+    assert report.reason.startswith("could not run: could not start the benchmark process:")
