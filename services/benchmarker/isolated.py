@@ -313,6 +313,8 @@ class Runner:
         self.python = python
         self._spare: _Child | None = None
         self._running: _Child | None = None
+        self.current: _Watch | None = None
+        """What the running job's child last said it does (its phase), for status and tests."""
         self._closed = False
         self._lock = threading.Lock()
 
@@ -347,11 +349,11 @@ class Runner:
             except OSError as exc:  # no process, or no temporary directory, to be had
                 reason = f"could not start the benchmark process: {exc}"
                 return watch.stopped(reason), None
-            self._running = child
+            self._running, self.current = child, watch
             try:
                 return self._watch(child, watch)
             finally:
-                self._running = None
+                self._running, self.current = None, None
                 child.stop()
                 if self.keep_spare and not self._closed:
                     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ FAST = {
 }
 
 
+@pytest.fixture(scope="module")
+def runner() -> Iterator[Runner]:
+    """One runner with a spare, as the service has: each job after the first finds a warm
+    child (the cold start is what the other tests' own runners pay)."""
+    shared = Runner(Limits(), keep_spare=True)
+    shared.start()
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
 def fast_policy() -> Policy:
     return PolicyFile().resolve(model="m", overrides={"benchmark": FAST})
 
@@ -44,10 +57,12 @@ def by_name(report: StageReport) -> dict[str, tuple[Status, str]]:
     return {c.name: (c.status, c.reason) for c in report.checks}
 
 
-def test_in_a_child_a_benchmark_reports_what_it_reports_in_process(tmp_path: Path) -> None:
+def test_in_a_child_a_benchmark_reports_what_it_reports_in_process(
+    tmp_path: Path, runner: Runner
+) -> None:
     model = write_sample_model(tmp_path / "m", layers=1, hidden=16, heads=2, vocab=32)
     here, device = run_benchmarks(str(model), str(model), fast_policy(), device="cpu")
-    there, child_device = Runner(Limits()).run(
+    there, child_device = runner.run(
         Job.of(str(model), str(model), fast_policy(), device="cpu", service="b-1")
     )
     assert there.status == here.status == Status.PASSED, there.reason
@@ -155,13 +170,13 @@ def test_one_tokenizer_call_that_never_returns_is_stopped_at_the_hard_limit(
 
 
 def test_a_tokenizer_that_inflates_the_prompt_is_refused_before_a_forward_pass(
-    tmp_path: Path,
+    tmp_path: Path, runner: Runner
 ) -> None:
     # Review 14 b04: only the latency prompt grows (to 40,000 tokens here; 600,000 held one
     # prefill for minutes); perplexity and consistency are measured as usual.
     replace = {"type": "Replace", "pattern": {"String": LATENCY_PROMPT}, "content": "x" * 40_000}
     model = model_with_tokenizer(tmp_path / "m", normalizer=replace)
-    report, _ = Runner(Limits()).run(Job.of(str(model), None, fast_policy(), device="cpu"))
+    report, _ = runner.run(Job.of(str(model), None, fast_policy(), device="cpu"))
     checks = by_name(report)
     status, reason = checks["latency"]
     assert status is Status.ERROR
@@ -171,7 +186,7 @@ def test_a_tokenizer_that_inflates_the_prompt_is_refused_before_a_forward_pass(
 
 
 def test_a_relative_vocabulary_name_reads_nothing_from_the_benchmarkers_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner: Runner
 ) -> None:
     # Review 14 F3: tokenizer_config.json names vocab.json/merges.txt, files the folder has,
     # and the tokenizer opened them against the working directory: a host file's content
@@ -192,18 +207,18 @@ def test_a_relative_vocabulary_name_reads_nothing_from_the_benchmarkers_director
     policy = fast_policy()
     here, _ = run_benchmarks(str(model), None, policy, device="cpu")
     assert "hunter2" in here.reason  # the exploit, in this process
-    there, _ = Runner(Limits()).run(Job.of(str(model), None, policy, device="cpu"))
+    there, _ = runner.run(Job.of(str(model), None, policy, device="cpu"))
     assert "hunter2" not in there.model_dump_json()
 
 
 def test_a_tokenizer_that_throws_its_input_away_is_not_a_passed_benchmark(
-    tmp_path: Path,
+    tmp_path: Path, runner: Runner
 ) -> None:
     # Review 15: the whole 47 KB evaluation text became "a b", one token scored; the
     # benchmark passed, perplexity compared as "-99.8%".
     replace = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]+"}, "content": "a b"}
     model = model_with_tokenizer(tmp_path / "m", normalizer=replace)
-    report, _ = Runner(Limits()).run(Job.of(str(model), None, fast_policy(), device="cpu"))
+    report, _ = runner.run(Job.of(str(model), None, fast_policy(), device="cpu"))
     status, reason = by_name(report)["perplexity"]
     assert report.status is Status.ERROR and status is Status.ERROR
     assert "the tokenizer turned the evaluation text (47,627 bytes) into" in reason
@@ -221,8 +236,8 @@ def test_closing_the_runner_stops_the_running_benchmark_at_once(tmp_path: Path) 
     job = Job.of(str(model), None, heavy, device="cpu")
     worker = threading.Thread(target=lambda: answers.append(runner.run(job)[0]))
     worker.start()
-    for _ in range(300):  # until it measures
-        if runner._running is not None and by_name_running(runner):
+    for _ in range(600):  # until it measures
+        if runner.current is not None and runner.current.phase == "measuring":
             break
         time.sleep(0.1)
     started = time.monotonic()
@@ -231,10 +246,7 @@ def test_closing_the_runner_stops_the_running_benchmark_at_once(tmp_path: Path) 
     assert not worker.is_alive() and time.monotonic() - started < 10
     [report] = answers
     assert report.status is Status.ERROR
-    assert "the benchmark process was stopped: the benchmarker is shutting down" in report.reason
+    assert "the benchmark process was stopped: the benchmarker is shutting down during" in (
+        report.reason
+    )
     assert runner._spare is None  # and no new spare after the close
-
-
-def by_name_running(runner: Runner) -> bool:
-    child = runner._running
-    return child is not None and child.alive()
