@@ -156,7 +156,12 @@ def main() -> None:
 
     if loading.torch_available():  # what a spare child has done before its job comes
         root.setLevel(logging.WARNING)  # the warm-up's own lines are not the job's
-        _warm_up()
+        try:
+            _warm_up()
+        except Exception:  # the job still runs, only colder; the parent's log says why
+            logging.getLogger("preflight.benchmarker").warning(
+                "benchmark process warm-up failed", exc_info=True
+            )
         root.setLevel(logging.INFO)
     line = sys.stdin.readline()
     if not line.strip():
