@@ -259,7 +259,7 @@ class Proxy:
             )
             response.headers.update(marks)
         # Timed from the end of the upload: a client that trickles its body in (review 13 made
-        # a healthy canary's p95 635 ms so) is not the model's latency.
+        # a healthy canary's p95 631 ms so) is not the model's latency.
         since = max(t0, upload.done_at) if upload is not None and upload.done_at else t0
         elapsed = self.clock() - since
         if ttfb is not None:
