@@ -73,13 +73,11 @@ def build(settings: Settings) -> ServiceApp:
             settings.max_handler_s,
         )
 
-    async def start_spare() -> None:
-        await asyncio.to_thread(runner.start)
-
     async def stop_children() -> None:
         await asyncio.to_thread(runner.close)
 
-    svc.app.on_startup(start_spare)
+    # The spare is started after the first deployment, not at start: a benchmarker that
+    # never benchmarks (most of an embedded stack's life) does not spend seconds of CPU on one.
     svc.app.on_shutdown(stop_children)
 
     @svc.consume(subjects.BENCHMARKER_DURABLE, ValidationCompleted, one_at_a_time=True)

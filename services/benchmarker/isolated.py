@@ -15,8 +15,8 @@ a grace: the child stops itself between steps at the limit, and is stopped only 
 never returns). The child runs from an empty working directory of its own, so a relative file name
 in a model's configuration resolves to nothing of the service's.
 
-A service keeps one spare child started (torch and transformers imported: about 3 s here), so
-a deployment does not wait for the imports.
+A service keeps one spare child started after its first deployment (imports and a warm-up on a
+tiny model: about 3.4 s here), so a deployment does not wait for them (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -267,7 +267,7 @@ async def test_a_benchmarker_killed_mid_run_leaves_its_deployment_to_another(
         pytest.fail("the benchmarker never took the message")
     await asyncio.sleep(3)  # well into the run, past one in-progress heartbeat
     doomed = benchmarkers.procs["doomed"]
-    children = children_of(doomed.pid)  # the running benchmark's child and the spare
+    children = children_of(doomed.pid)  # the running benchmark's child
     assert children, "the benchmark runs in a child process"
     workdirs = [os.readlink(f"/proc/{pid}/cwd") for pid in children]
     assert all("preflight-benchmark-" in d for d in workdirs), workdirs
