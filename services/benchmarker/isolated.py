@@ -251,7 +251,6 @@ class _Watch:
     deadline: float | None = field(default_factory=lambda: time.monotonic() + START_LIMIT_S)
     limit_s: float = START_LIMIT_S
     limit_name: str = "the start of the benchmark process"
-    measuring_since: float | None = None
 
     def step(self, step: Step) -> None:
         now = time.monotonic()
@@ -262,13 +261,13 @@ class _Watch:
         if step.phase == "loaded":
             self.device = step.name
             return
+        first_measurement = step.phase == "measuring" and self.phase != "measuring"
         self.phase, self.name = step.phase, step.name
         if step.phase == "fetching":
             self._limit(now, self.limits.fetch_s, "PREFLIGHT_BENCHMARK_FETCH_TIME_LIMIT_S")
         elif step.phase == "loading":
             self._limit(now, self.limits.load_s, "PREFLIGHT_BENCHMARK_LOAD_TIME_LIMIT_S")
-        elif self.measuring_since is None:  # measuring: one limit for all the measurements
-            self.measuring_since = now
+        elif first_measurement:  # one limit for all the measurements
             self._limit(
                 now,
                 self.limits.measuring_s(self.job.time_limit_s),

@@ -126,7 +126,7 @@ class RouteWatcher:
     def _apply(self, key: str, value: bytes | None, revision: int, operation: Any) -> None:
         self.seen = max(self.seen, revision)
         self.revisions[key] = max(self.revisions.get(key, 0), revision)
-        deleted = operation in (KV_DEL, KV_PURGE, "DEL", "PURGE")
+        deleted = operation in (KV_DEL, KV_PURGE)
         update = self.table.apply(key, value, deleted=deleted)
         if update.change is Change.MALFORMED:
             log.warning(
@@ -169,7 +169,7 @@ class RouteWatcher:
             found = await bus.kv_last(nc, self.bucket, key)
             if found is not None and found[0] != self.revisions.get(key):
                 revision, value, deleted = found
-                self._apply(key, value, revision, "DEL" if deleted else None)
+                self._apply(key, value, revision, KV_DEL if deleted else None)
                 missed.append(f"{key} at revision {revision}")
         for key in set(self.table.routes) - set(keys):
             self.table.apply(key, None, deleted=True)
